@@ -1,0 +1,144 @@
+"""The client-facing cache API: what an engine calls, in-process or against the daemon.
+
+An engine's request goes through the cache in four steps::
+
+    result = cache.lookup(tokens)                 # longest cached prefix; leases its pages
+    handle = cache.load(result, device_pages)     # L2 -> engine pool, layer by layer
+    for layer in range(num_layers):
+        handle.wait_layer(layer)                  # just before that layer's attention
+        ...
+    cache.store(tokens, device_pages)             # new full pages go down to L2 (and L3)
+    cache.release(result)                         # ends the lease taken by lookup
+
+The same abstract class is served by the embedded controller (no daemon) and,
+later, by the daemon's client library, so engines are written once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from kvstore.layout import KVLayout
+from kvstore.page_keys import PageKey
+
+
+class CacheError(RuntimeError):
+    """A cache operation was refused; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """The cached prefix of one token sequence, leased until ``release``.
+
+    ``keys[:num_l2_pages]`` were in host memory (L2) when looked up; the next
+    ``num_l3_pages`` were only in an L3 store and have been brought into L2 by
+    the lookup. Either way every page in ``keys`` stays readable until release.
+    """
+
+    lease_id: int
+    keys: tuple[PageKey, ...]
+    page_size: int
+    num_l2_pages: int
+    num_l3_pages: int
+
+    @property
+    def num_hit_pages(self) -> int:
+        return len(self.keys)
+
+    @property
+    def num_hit_tokens(self) -> int:
+        return len(self.keys) * self.page_size
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What a ``store`` call added."""
+
+    num_pages: int
+    """Full pages in the stored tokens."""
+    num_new_pages: int
+    """Pages that were not cached before and were written to L2."""
+    num_skipped_pages: int = 0
+    """Pages that could not be placed (host pool full of leased pages); never an error."""
+
+
+class LoadHandle(ABC):
+    """Progress of one load into the engine's device pool.
+
+    Pages are readable in the device pool at layer ``i`` only after
+    ``wait_layer(i)`` returns.
+    """
+
+    @abstractmethod
+    def wait_layer(self, layer: int) -> None:
+        """Block until layer ``layer`` of every loaded page is in the device pool."""
+
+    @abstractmethod
+    def wait_all(self) -> None:
+        """Make every layer readable by the engine (as wait_layer does for one)."""
+
+    def synchronize(self) -> None:
+        """Block the host until the copy has finished reading its source pages."""
+        self.wait_all()
+
+
+class CacheClient(ABC):
+    """An engine's handle on the cache. Not thread-safe: one engine thread calls it."""
+
+    layout: KVLayout
+
+    @abstractmethod
+    def lookup(self, tokens: Sequence[int] | np.ndarray) -> LookupResult:
+        """Find the longest cached prefix of ``tokens`` (whole pages only) and lease it.
+
+        Pages found only in L3 are read into L2 before this returns. Changes no
+        cached data; takes a lease that the caller must end with ``release``.
+        """
+
+    @abstractmethod
+    def load(self, result: LookupResult, device_pages: Sequence[int]) -> LoadHandle:
+        """Copy the leased pages of ``result`` into the engine pool.
+
+        ``device_pages[i]`` receives ``result.keys[i]``; it must have exactly
+        ``result.num_hit_pages`` entries. Raises CacheError if the lease has ended.
+        """
+
+    @abstractmethod
+    def store(self, tokens: Sequence[int] | np.ndarray, device_pages: Sequence[int]) -> StoreResult:
+        """Cache the full pages of ``tokens`` whose KV sits in ``device_pages``.
+
+        ``device_pages[i]`` holds tokens ``[i*P, (i+1)*P)``; a partial last page
+        is ignored. Pages already cached are not copied again.
+        """
+
+    @abstractmethod
+    def release(self, result: LookupResult) -> None:
+        """End the lease of ``result``; its pages become evictable again. Idempotent."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release everything this client holds and stop its background work."""
+
+    def __enter__(self) -> "CacheClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class CacheStats:
+    """Counters of one controller, since it started."""
+
+    num_lookups: int = 0
+    num_lookup_pages: int = 0
+    num_l2_hit_pages: int = 0
+    num_l3_hit_pages: int = 0
+    num_stored_pages: int = 0
+    num_evicted_pages: int = 0
+    num_spilled_pages: int = 0
+    extra: dict[str, int] = field(default_factory=dict)

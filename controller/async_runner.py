@@ -1,0 +1,43 @@
+"""AsyncRunner: one asyncio loop on a daemon thread, for a synchronous caller's async I/O.
+
+The engine thread stays synchronous; L3 connectors are async. The runner owns
+the loop they run on, so their connections live on one loop for their whole
+life, and ``run`` blocks the caller until a coroutine finishes (or times out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from typing import Awaitable, TypeVar
+
+T = TypeVar("T")
+
+
+class AsyncRunner:
+    def __init__(self, name: str = "kvstore-io") -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Awaitable[T], timeout_s: float | None = None) -> T:
+        """Run ``coro`` on the loop and return its result; raises TimeoutError after ``timeout_s``."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"L3 call did not finish within {timeout_s} s") from None
+
+    def submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
+        """Start ``coro`` without waiting; the caller keeps the future."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def close(self) -> None:
+        """Stop the loop after the work already queued; idempotent."""
+        if self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()

@@ -1,0 +1,223 @@
+"""EmbeddedController: the whole cache in the engine's process (no daemon).
+
+It owns the L2 host store and the L3 connector, and implements CacheClient for
+one engine's device pool. Data paths::
+
+    store:   device pool --copy op--> L2 slot (--put--> L3 when write_through)
+    evict:   L2 slot --put--> L3 (write_back) --> slot freed
+    lookup:  L2 match, then L3 exists + get_into free L2 slots (pages come back up)
+    load:    L2 slot --copy op--> device pool, layer by layer
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from controller.api import CacheClient, CacheError, CacheStats, LoadHandle, LookupResult, StoreResult
+from controller.async_runner import AsyncRunner
+from controller.config import ControllerConfig
+from controller.load_handle import CompletedLoad, CudaStreamLoad, LazyLayerLoad
+from kvstore.copy_ops import copy_backend_for
+from kvstore.host_pool import HostPool
+from kvstore.host_store import HostStore
+from kvstore.layout import KVLayout
+from kvstore.page_keys import KeyNamespace, PageKey, page_keys
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedController(CacheClient):
+    def __init__(
+        self,
+        config: ControllerConfig,
+        namespace: KeyNamespace,
+        device_pool: torch.Tensor,
+    ) -> None:
+        self.config = config
+        self.layout: KVLayout = namespace.layout
+        self.layout.check_pool(device_pool, "device pool")
+        self._device_pool = device_pool
+        self._ns_digest = namespace.digest()
+        self._copy = copy_backend_for(device_pool.device, config.copy_backend)
+        self._stream = torch.cuda.Stream(device_pool.device) if device_pool.is_cuda else None
+        self.stats = CacheStats()
+        self._leases: dict[int, LookupResult] = {}
+        self._loads: dict[int, LoadHandle] = {}  # lease id -> load that may still be in flight
+        self._lease_ids = itertools.count(1)
+        self._runner: AsyncRunner | None = None
+        self._l3 = None
+        self._host = HostStore(
+            HostPool(self.layout, config.host_pool_pages),
+            policy=config.eviction_policy,
+            on_evict=self._on_evict,
+        )
+        if config.l3.connector is not None:
+            self._open_l3()
+
+    def _open_l3(self) -> None:
+        from connectors import open_connector
+
+        self._runner = AsyncRunner()
+        options = dict(self.config.l3.options)
+        options.setdefault("fingerprint", self.layout.fingerprint())
+        self._l3 = open_connector(self.config.l3.connector, **options)
+
+    def _l3_call(self, coro):
+        return self._runner.run(coro, self.config.l3.timeout_s)
+
+    @property
+    def host_store(self) -> HostStore:
+        return self._host
+
+    # ---- lookup ---------------------------------------------------------------
+    def lookup(self, tokens: Sequence[int] | np.ndarray) -> LookupResult:
+        keys = page_keys(self._ns_digest, tokens, self.layout.page_size)
+        num_l2 = self._host.match_prefix(keys)
+        self._host.lease(keys[:num_l2])
+        num_l3 = 0
+        if self._l3 is not None and num_l2 < len(keys):
+            num_l3 = self._fetch_from_l3(keys, num_l2)
+        hit = keys[: num_l2 + num_l3]
+        self._host.touch(hit)
+        result = LookupResult(next(self._lease_ids), tuple(hit), self.layout.page_size, num_l2, num_l3)
+        self._leases[result.lease_id] = result
+        self.stats.num_lookups += 1
+        self.stats.num_lookup_pages += len(keys)
+        self.stats.num_l2_hit_pages += num_l2
+        self.stats.num_l3_hit_pages += num_l3
+        return result
+
+    def _fetch_from_l3(self, keys: list[PageKey], start: int) -> int:
+        """Bring the pages after ``keys[:start]`` that L3 holds into L2, leased.
+
+        Returns how many consecutive pages arrived; stops at the first miss, since
+        a page after a gap is of no use to a prefix."""
+        try:
+            num_present = self._l3_call(self._l3.exists(keys[start:]))
+        except Exception as exc:  # noqa: BLE001 - an L3 outage is a miss, not an engine failure
+            log.warning("L3 exists() failed, treating as miss: %s", exc)
+            return 0
+        wanted = keys[start : start + min(num_present, self._host.capacity)]
+        slots = self._reserve_up_to(len(wanted))
+        if not slots:
+            return 0
+        wanted = wanted[: len(slots)]
+        buffers = [self._host.pool.slot_view(s) for s in slots]
+        try:
+            found = self._l3_call(self._l3.get_into(wanted, buffers))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("L3 get_into() failed, treating as miss: %s", exc)
+            found = [False] * len(wanted)
+        del buffers
+        num_ok = next((i for i, ok in enumerate(found) if not ok), len(found))
+        self._host.abort(slots[num_ok:])
+        parent = keys[start - 1] if start else None
+        self._host.commit(wanted[:num_ok], slots[:num_ok], parent)
+        self._host.lease(wanted[:num_ok])
+        return num_ok
+
+    def _reserve_up_to(self, n: int) -> list[int]:
+        """As many slots as possible up to ``n`` (some may be leased away)."""
+        while n > 0:
+            slots = self._host.reserve(n)
+            if slots is not None:
+                return slots
+            n //= 2
+        return []
+
+    # ---- load -------------------------------------------------------------------
+    def load(self, result: LookupResult, device_pages: Sequence[int]) -> LoadHandle:
+        if self._leases.get(result.lease_id) is not result:
+            raise CacheError(f"lease {result.lease_id} has ended: lookup() again before load()")
+        if len(device_pages) != result.num_hit_pages:
+            raise CacheError(
+                f"load() needs one device page per hit page: got {len(device_pages)} "
+                f"for {result.num_hit_pages} hit pages"
+            )
+        if not result.num_hit_pages:
+            return CompletedLoad()
+        slots = self._host.slots_of(result.keys)
+        host = self._host.pool
+
+        def copy_layer(layer: int, stream: object) -> None:
+            self._copy.copy_pages(
+                host.tensor, host.layout, slots, self._device_pool, self.layout,
+                list(device_pages), layer=layer, stream=stream,
+            )
+
+        if self._stream is not None:
+            handle: LoadHandle = CudaStreamLoad(self.layout.num_layers, copy_layer, self._stream)
+        else:
+            handle = LazyLayerLoad(self.layout.num_layers, copy_layer)
+        self._loads[result.lease_id] = handle
+        return handle
+
+    # ---- store --------------------------------------------------------------------
+    def store(self, tokens: Sequence[int] | np.ndarray, device_pages: Sequence[int]) -> StoreResult:
+        keys = page_keys(self._ns_digest, tokens, self.layout.page_size)
+        if len(device_pages) < len(keys):
+            raise CacheError(
+                f"store() got {len(device_pages)} device pages for {len(keys)} full pages of tokens"
+            )
+        num_cached = self._host.match_prefix(keys)
+        self._host.touch(keys[:num_cached])
+        new_keys = keys[num_cached:]
+        slots = self._reserve_up_to(len(new_keys)) if new_keys else []
+        placed = new_keys[: len(slots)]
+        if placed:
+            self._copy.copy_pages(
+                self._device_pool, self.layout, list(device_pages[num_cached : num_cached + len(placed)]),
+                self._host.pool.tensor, self._host.pool.layout, slots,
+            )
+            if self._device_pool.is_cuda:
+                torch.cuda.current_stream(self._device_pool.device).synchronize()
+            self._host.commit(placed, slots, keys[num_cached - 1] if num_cached else None)
+            self.stats.num_stored_pages += len(placed)
+            if self._l3 is not None and self.config.l3.write_policy == "write_through":
+                self._put_to_l3(placed, slots)
+        return StoreResult(len(keys), len(placed), len(new_keys) - len(placed))
+
+    # ---- L3 writes ------------------------------------------------------------------
+    def _on_evict(self, keys: list[PageKey], slots: list[int]) -> None:
+        self.stats.num_evicted_pages += len(keys)
+        if self._l3 is not None and self.config.l3.write_policy == "write_back":
+            self._put_to_l3(keys, slots)
+
+    def _put_to_l3(self, keys: list[PageKey], slots: list[int]) -> None:
+        values = [self._host.pool.slot_view(s) for s in slots]
+        try:
+            stored = self._l3_call(self._l3.put(keys, values))
+            self.stats.num_spilled_pages += sum(bool(ok) for ok in stored)
+        except Exception as exc:  # noqa: BLE001 - losing a cached page is allowed, crashing is not
+            log.warning("L3 put() of %d pages failed, pages dropped: %s", len(keys), exc)
+
+    # ---- leases and life cycle ---------------------------------------------------------
+    def release(self, result: LookupResult) -> None:
+        if self._leases.pop(result.lease_id, None) is None:
+            return
+        handle = self._loads.pop(result.lease_id, None)
+        if handle is not None:
+            # The slots may be rewritten once unleased: the copy out of them must be over.
+            handle.synchronize()
+        self._host.release(result.keys)
+
+    def check_integrity(self) -> None:
+        self._host.check_integrity()
+
+    def close(self) -> None:
+        for result in list(self._leases.values()):
+            self.release(result)
+        if self._l3 is not None:
+            try:
+                self._l3_call(self._l3.close())
+            finally:
+                self._l3 = None
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+        self._host.pool.close()

@@ -1,0 +1,48 @@
+"""The eviction policy interface: a policy orders candidates, the index does the removing.
+
+A policy is told about every insert, access and removal of a cached page and,
+when asked, names victims. It never frees anything itself (mechanism stays in
+the index and pool, see vLLM's block pool for the same split).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, ClassVar
+
+from kvstore.page_keys import PageKey
+
+
+class EvictionPolicy(ABC):
+    """Orders the pages of one tier for eviction.
+
+    Contract, held by tests/kvstore/test_eviction.py for every registered policy:
+    - ``on_insert`` is called once per key, before any ``on_access`` of it, and
+      ``on_remove`` once when it leaves the tier; a key is never inserted twice
+      without a removal between.
+    - ``choose_victims(n, is_evictable)`` returns exactly ``n`` distinct keys for
+      which ``is_evictable`` is true, or ``[]`` when fewer than ``n`` exist. It
+      changes no policy state: the index calls ``on_remove`` for each victim it
+      actually removes.
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def on_insert(self, key: PageKey, parent: PageKey | None) -> None:
+        """``key`` entered the tier; ``parent`` is the previous page of its chain, if cached."""
+
+    @abstractmethod
+    def on_access(self, key: PageKey) -> None:
+        """``key`` was hit (or stored again)."""
+
+    @abstractmethod
+    def on_remove(self, key: PageKey) -> None:
+        """``key`` left the tier (evicted or deleted)."""
+
+    @abstractmethod
+    def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
+        """``n`` keys to evict, best first, or ``[]``; changes no state."""
+
+    def __len__(self) -> int:  # pragma: no cover - every policy overrides
+        raise NotImplementedError

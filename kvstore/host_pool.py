@@ -1,0 +1,198 @@
+"""HostPool: fixed-size page slots in one POSIX shared-memory segment (the L2 tier's memory).
+
+Each slot holds one whole page (every layer, K and V) in ``page_first`` order,
+so a slot is one contiguous run of ``layout.page_bytes``: that is what the L3
+stores read and write, and what another process maps by the segment's name.
+
+Slot life cycle (the pool only does mechanism; the tier index decides what to evict)::
+
+    FREE --try_reserve--> RESERVED --mark_ready--> READY --free--> FREE
+                               \\------------free (abort)-------------/
+
+A slot with a lease (``lease_count > 0``) can't be freed, so it is never reused
+while a reader holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from multiprocessing import shared_memory
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from kvstore.layout import KVLayout
+
+log = logging.getLogger(__name__)
+
+FREE, RESERVED, READY = 0, 1, 2
+_STATE_NAMES = {FREE: "free", RESERVED: "reserved", READY: "ready"}
+
+
+class HostPoolError(RuntimeError):
+    """A slot operation broke the pool's rules (e.g. freeing a leased slot)."""
+
+
+def unique_shm_name(prefix: str = "kvstore") -> str:
+    """A segment name no other pool on this host uses (two daemons never collide)."""
+    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+class HostPool:
+    """Page slots in shared memory, pinned for DMA when CUDA is present."""
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        num_slots: int,
+        name: str | None = None,
+        pin: bool | None = None,
+    ) -> None:
+        if num_slots <= 0:
+            raise ValueError(f"HostPool needs num_slots > 0, got {num_slots}")
+        self.layout = layout.with_arrangement("page_first")
+        self.num_slots = num_slots
+        self.slot_bytes = self.layout.page_bytes
+        self._shm = shared_memory.SharedMemory(
+            name=name or unique_shm_name(), create=True, size=num_slots * self.slot_bytes
+        )
+        self.name = self._shm.name
+        self._bytes = np.ndarray((num_slots * self.slot_bytes,), dtype=np.uint8, buffer=self._shm.buf)
+        self.tensor = (
+            torch.from_numpy(self._bytes)
+            .view(self.layout.torch_dtype)
+            .view(self.layout.pool_shape(num_slots))
+        )
+        self._states = np.zeros(num_slots, dtype=np.uint8)
+        self._leases = np.zeros(num_slots, dtype=np.int32)
+        # Stack of free slots; low slots are handed out first (reversed order).
+        self._free_stack: list[int] = list(range(num_slots - 1, -1, -1))
+        self.is_pinned = False
+        if pin if pin is not None else torch.cuda.is_available():
+            self._pin()
+
+    # ---- memory -------------------------------------------------------------
+    def _pin(self) -> None:
+        """Page-lock the segment so device copies run as DMA (cudaHostRegister)."""
+        cudart = torch.cuda.cudart()
+        size = self.num_slots * self.slot_bytes
+        err = cudart.cudaHostRegister(self.tensor.data_ptr(), size, 0)
+        if int(err) != 0:
+            raise HostPoolError(
+                f"cudaHostRegister of {size} bytes failed with error {int(err)}; "
+                "lower the host pool size or raise the memlock limit (ulimit -l)"
+            )
+        self.is_pinned = True
+
+    def slot_view(self, slot: int) -> memoryview:
+        """Writable bytes of one slot (what L3 stores read into and write from)."""
+        start = slot * self.slot_bytes
+        return self._shm.buf[start : start + self.slot_bytes]
+
+    def slot_array(self, slot: int) -> np.ndarray:
+        start = slot * self.slot_bytes
+        return self._bytes[start : start + self.slot_bytes]
+
+    # ---- slot states --------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self._free_stack)
+
+    def state(self, slot: int) -> str:
+        return _STATE_NAMES[int(self._states[slot])]
+
+    def try_reserve(self, n: int) -> list[int] | None:
+        """Take ``n`` free slots for writing, or None (and change nothing) if fewer are free."""
+        if n > len(self._free_stack):
+            return None
+        slots = [self._free_stack.pop() for _ in range(n)]
+        self._states[slots] = RESERVED
+        return slots
+
+    def mark_ready(self, slots: Sequence[int]) -> None:
+        """A reserved slot's bytes are complete: readers may use it from now on."""
+        self._require_state(slots, RESERVED, "mark_ready")
+        self._states[list(slots)] = READY
+
+    def free(self, slots: Sequence[int]) -> None:
+        """Return slots to the free list. Raises if any is free already or leased."""
+        slots = list(slots)
+        if not slots:
+            return
+        idx = np.asarray(slots)
+        if (self._states[idx] == FREE).any():
+            raise HostPoolError(f"free() of a slot that is already free: {slots}")
+        if (self._leases[idx] > 0).any():
+            leased = [s for s in slots if self._leases[s] > 0]
+            raise HostPoolError(f"free() of leased slots {leased}: release their leases first")
+        if len(set(slots)) != len(slots):
+            raise HostPoolError(f"free() got a slot twice: {slots}")
+        self._states[idx] = FREE
+        self._free_stack.extend(slots)
+
+    def lease(self, slots: Iterable[int]) -> None:
+        """Pin ready slots for a reader; they can't be freed until unleased."""
+        slots = list(slots)
+        self._require_state(slots, READY, "lease")
+        np.add.at(self._leases, slots, 1)
+
+    def unlease(self, slots: Iterable[int]) -> None:
+        slots = list(slots)
+        if slots and (self._leases[slots] <= 0).any():
+            raise HostPoolError(f"unlease() of slots without a lease: {slots}")
+        np.subtract.at(self._leases, slots, 1)
+
+    def lease_count(self, slot: int) -> int:
+        return int(self._leases[slot])
+
+    def _require_state(self, slots: Sequence[int], state: int, op: str) -> None:
+        if len(slots) and (self._states[list(slots)] != state).any():
+            found = {s: self.state(s) for s in slots if self._states[s] != state}
+            raise HostPoolError(f"{op}() needs {_STATE_NAMES[state]} slots, found {found}")
+
+    def check_integrity(self) -> None:
+        """Raise HostPoolError if the free list and the slot states disagree."""
+        free_set = set(self._free_stack)
+        if len(free_set) != len(self._free_stack):
+            raise HostPoolError("free list holds a slot twice")
+        marked_free = set(np.flatnonzero(self._states == FREE).tolist())
+        if free_set != marked_free:
+            raise HostPoolError(
+                f"free list {sorted(free_set)[:8]}... disagrees with states {sorted(marked_free)[:8]}..."
+            )
+        if (self._leases < 0).any() or (self._leases[self._states != READY] != 0).any():
+            raise HostPoolError("a lease is held on a slot that is not ready")
+
+    # ---- life cycle ---------------------------------------------------------
+    def close(self) -> None:
+        """Unpin, unmap and remove the segment. Idempotent."""
+        shm = getattr(self, "_shm", None)
+        if shm is None:
+            return
+        if self.is_pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self.is_pinned = False
+        del self.tensor, self._bytes
+        self._shm = None
+        try:
+            shm.close()
+        except BufferError:
+            # Someone still holds a view (a tensor handed out earlier); the
+            # mapping goes when they do, the name goes now.
+            log.warning("host pool %s closed while views of it were alive", shm.name)
+        shm.unlink()
+
+    def __enter__(self) -> "HostPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finaliser at interpreter exit
+            pass

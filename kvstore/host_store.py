@@ -1,0 +1,100 @@
+"""HostStore: the L2 tier -- a HostPool's slots named by a TierIndex.
+
+The pool owns bytes and slot states, the index owns names, leases and the
+eviction order. This class keeps the two in step: an indexed page always sits
+in a READY slot, a leased page's slot is leased in the pool too, and a slot
+leaves the index before it goes back to the free list.
+
+What happens to an evicted page's bytes (spill to L3, or nothing) is the
+caller's ``on_evict`` hook, run while the slots still hold the data.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from kvstore.host_pool import HostPool
+from kvstore.page_keys import PageKey
+from kvstore.tier_index import TierIndex, TierIndexError
+
+EvictHook = Callable[[list[PageKey], list[int]], None]
+
+
+def _drop_pages(keys: list[PageKey], slots: list[int]) -> None:
+    """The default eviction hook: evicted pages are simply gone."""
+
+
+class HostStore:
+    def __init__(self, pool: HostPool, policy: str = "lru", on_evict: EvictHook = _drop_pages) -> None:
+        self.pool = pool
+        self.index = TierIndex(pool.num_slots, policy)
+        self.on_evict = on_evict
+
+    @property
+    def capacity(self) -> int:
+        return self.pool.num_slots
+
+    def match_prefix(self, keys: Sequence[PageKey]) -> int:
+        """Leading keys held in L2. Changes nothing."""
+        return self.index.match_prefix(keys)
+
+    def slots_of(self, keys: Sequence[PageKey]) -> list[int]:
+        """Slots of present keys; raises KeyError for an absent one."""
+        return self.index.slots_of(keys)
+
+    def reserve(self, n: int) -> list[int] | None:
+        """``n`` slots to write into, evicting unleased pages if needed; None if that
+        can't free enough (every other page is leased). Evicted pages pass through
+        ``on_evict`` before their slots are reused."""
+        shortfall = n - self.pool.num_free
+        if shortfall > 0:
+            victims = self.index.evict(shortfall)
+            if not victims:
+                return None
+            keys = [k for k, _ in victims]
+            slots = [s for _, s in victims]
+            self.on_evict(keys, slots)
+            self.pool.free(slots)
+        return self.pool.try_reserve(n)
+
+    def commit(self, keys: Sequence[PageKey], slots: Sequence[int], parent: PageKey | None) -> None:
+        """Publish written slots under ``keys`` (a run of one chain, ``parent`` before it)."""
+        self.pool.mark_ready(slots)
+        for key, slot in zip(keys, slots):
+            self.index.insert(key, slot, parent)
+            parent = key
+
+    def abort(self, slots: Sequence[int]) -> None:
+        """Give back reserved slots whose write failed."""
+        self.pool.free(slots)
+
+    def touch(self, keys: Sequence[PageKey]) -> None:
+        self.index.touch(keys)
+
+    def lease(self, keys: Sequence[PageKey]) -> list[int]:
+        """Protect pages from eviction and slot reuse; returns their slots."""
+        self.index.lease(keys)
+        slots = self.slots_of(keys)
+        self.pool.lease(slots)
+        return slots
+
+    def release(self, keys: Sequence[PageKey]) -> None:
+        slots = self.slots_of(keys)
+        self.index.release(keys)
+        self.pool.unlease(slots)
+
+    def check_integrity(self) -> None:
+        """Raise if the pool, the index and the leases disagree."""
+        self.pool.check_integrity()
+        self.index.check_integrity()
+        slots = [slot for _, slot in self.index.items()]
+        if len(set(slots)) != len(slots):
+            raise TierIndexError("two keys share a slot")
+        for key, slot in self.index.items():
+            if self.pool.state(slot) != "ready":
+                raise TierIndexError(f"indexed slot {slot} is {self.pool.state(slot)}, not ready")
+            leased = self.index.lease_count(key)
+            if self.pool.lease_count(slot) != leased:
+                raise TierIndexError(
+                    f"slot {slot} has {self.pool.lease_count(slot)} pool leases, index says {leased}"
+                )

@@ -1,0 +1,133 @@
+import pytest
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from kvstore.tier_index import TierIndex, TierIndexError
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+def filled(capacity: int, n: int) -> TierIndex:
+    index = TierIndex(capacity, "lru")
+    for i in range(n):
+        index.insert(key(i), i, key(i - 1) if i else None)
+    return index
+
+
+def test_match_prefix_stops_at_the_first_gap():
+    index = filled(8, 4)
+    index.remove(key(2))
+    assert index.match_prefix([key(0), key(1), key(2), key(3)]) == 2
+    assert index.match_prefix([key(5)]) == 0
+    assert index.match_prefix([]) == 0
+
+
+def test_lru_evicts_the_least_recently_used_first():
+    index = filled(4, 4)
+    index.touch([key(0)])
+    assert index.evict(2) == [(key(1), 1), (key(2), 2)]
+    index.check_integrity()
+
+
+def test_evict_frees_n_or_nothing_and_skips_leased_pages():
+    index = filled(3, 3)
+    index.lease([key(0), key(1)])
+    assert index.evict(2) == []
+    assert len(index) == 3
+    assert index.evict(1) == [(key(2), 2)]
+    index.release([key(0)])
+    assert index.evict(1) == [(key(0), 0)]
+
+
+def test_capacity_is_never_exceeded():
+    index = filled(2, 2)
+    with pytest.raises(TierIndexError, match="full"):
+        index.insert(key(9), 9)
+    with pytest.raises(TierIndexError, match="already"):
+        index.insert(key(0), 0)
+
+
+def test_leases_nest_and_guard_removal():
+    index = filled(2, 1)
+    index.lease([key(0)])
+    index.lease([key(0)])
+    index.release([key(0)])
+    with pytest.raises(TierIndexError, match="leased"):
+        index.remove(key(0))
+    index.release([key(0)])
+    with pytest.raises(TierIndexError, match="no lease"):
+        index.release([key(0)])
+    with pytest.raises(TierIndexError, match="not in the index"):
+        index.lease([key(7)])
+    assert index.remove(key(0)) == 0
+
+
+def test_unknown_policy_lists_the_known_ones():
+    with pytest.raises(ValueError, match="lru"):
+        TierIndex(4, "no-such-policy")
+
+
+class LRUIndexMachine(RuleBasedStateMachine):
+    """The index against a plain list model of LRU order, with leases."""
+
+    def __init__(self):
+        super().__init__()
+        self.index = TierIndex(5, "lru")
+        self.order: list[int] = []  # least recent first
+        self.leases: dict[int, int] = {}
+
+    @rule(i=st.integers(0, 9))
+    def insert_or_touch(self, i):
+        if i in self.order:
+            self.index.touch([key(i)])
+            self.order.remove(i)
+        else:
+            if len(self.order) == 5:
+                victims = self.index.evict(1)
+                unleased = [k for k in self.order if k not in self.leases]
+                if not unleased:
+                    assert victims == []
+                    return
+                assert victims == [(key(unleased[0]), unleased[0])]
+                self.order.remove(unleased[0])
+            self.index.insert(key(i), i)
+        self.order.append(i)
+
+    @precondition(lambda self: self.order)
+    @rule(data=st.data())
+    def lease(self, data):
+        i = data.draw(st.sampled_from(self.order))
+        self.index.lease([key(i)])
+        self.leases[i] = self.leases.get(i, 0) + 1
+
+    @precondition(lambda self: self.leases)
+    @rule(data=st.data())
+    def release(self, data):
+        i = data.draw(st.sampled_from(sorted(self.leases)))
+        self.index.release([key(i)])
+        self.leases[i] -= 1
+        if not self.leases[i]:
+            del self.leases[i]
+
+    @rule(n=st.integers(1, 3))
+    def evict(self, n):
+        unleased = [k for k in self.order if k not in self.leases]
+        victims = self.index.evict(n)
+        if len(unleased) < n:
+            assert victims == []
+        else:
+            assert [s for _, s in victims] == unleased[:n]
+            for v in unleased[:n]:
+                self.order.remove(v)
+
+    @invariant()
+    def consistent(self):
+        self.index.check_integrity()
+        assert sorted(self.index.slots_of(key(i) for i in self.order)) == sorted(self.order)
+        assert len(self.index) == len(self.order) <= 5
+
+
+TestLRUIndexMachine = LRUIndexMachine.TestCase
+TestLRUIndexMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
