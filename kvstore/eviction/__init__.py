@@ -1,0 +1,36 @@
+"""Eviction policies, chosen by name in config.
+
+``make_policy("lru")`` builds one. A policy module is imported only when its
+name is asked for; adding a policy means adding a module and a line to
+``_POLICIES``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from kvstore.eviction.base import EvictionPolicy
+
+# name -> "module:Class", imported lazily.
+_POLICIES: dict[str, str] = {
+    "lru": "kvstore.eviction.lru:LRUPolicy",
+}
+
+DEFAULT_POLICY = "lru"
+
+
+def policy_names() -> list[str]:
+    return sorted(_POLICIES)
+
+
+def make_policy(name: str, **options: object) -> EvictionPolicy:
+    """A new policy instance of the given name; unknown names list the known ones."""
+    target = _POLICIES.get(name)
+    if target is None:
+        raise ValueError(f"unknown eviction policy {name!r}; choose one of {policy_names()}")
+    module_name, class_name = target.split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(**options)
+
+
+__all__ = ["EvictionPolicy", "make_policy", "policy_names", "DEFAULT_POLICY"]
