@@ -34,7 +34,7 @@ class CacheError(RuntimeError):
 class LookupResult:
     """The cached prefix of one token sequence, leased until ``release``.
 
-    ``keys[:num_l2_pages]`` were in host memory (L2) when looked up; the next
+    Of the ``keys``, ``num_l2_pages`` were in host memory (L2) when looked up and
     ``num_l3_pages`` were only in an L3 store and have been brought into L2 by
     the lookup. Either way every page in ``keys`` stays readable until release.
     """

@@ -77,36 +77,47 @@ class EmbeddedController(CacheClient):
     # ---- lookup ---------------------------------------------------------------
     def lookup(self, tokens: Sequence[int] | np.ndarray) -> LookupResult:
         keys = page_keys(self._ns_digest, tokens, self.layout.page_size)
-        num_l2 = self._host.match_prefix(keys)
-        self._host.lease(keys[:num_l2])
-        num_l3 = 0
-        if self._l3 is not None and num_l2 < len(keys):
-            num_l3 = self._fetch_from_l3(keys, num_l2)
-        hit = keys[: num_l2 + num_l3]
+        in_l2 = [self._host.index.get(k) is not None for k in keys]
+        # Lease every L2 page of the chain first, so filling a gap from L3 can't
+        # evict a later page of the same chain.
+        self._host.lease([k for k, held in zip(keys, in_l2) if held])
+        num_hit, num_l3 = 0, 0
+        while num_hit < len(keys):
+            if in_l2[num_hit]:
+                num_hit += 1
+                continue
+            gap_end = next((j for j in range(num_hit, len(keys)) if in_l2[j]), len(keys))
+            fetched = self._fetch_from_l3(keys, num_hit, gap_end) if self._l3 is not None else 0
+            num_hit += fetched
+            num_l3 += fetched
+            if num_hit < gap_end:
+                break
+        self._host.release([k for k, held in zip(keys[num_hit:], in_l2[num_hit:]) if held])
+        hit = keys[:num_hit]
         self._host.touch(hit)
-        result = LookupResult(next(self._lease_ids), tuple(hit), self.layout.page_size, num_l2, num_l3)
+        result = LookupResult(next(self._lease_ids), tuple(hit), self.layout.page_size,
+                              num_hit - num_l3, num_l3)
         self._leases[result.lease_id] = result
         self.stats.num_lookups += 1
         self.stats.num_lookup_pages += len(keys)
-        self.stats.num_l2_hit_pages += num_l2
+        self.stats.num_l2_hit_pages += num_hit - num_l3
         self.stats.num_l3_hit_pages += num_l3
         return result
 
-    def _fetch_from_l3(self, keys: list[PageKey], start: int) -> int:
-        """Bring the pages after ``keys[:start]`` that L3 holds into L2, leased.
+    def _fetch_from_l3(self, keys: list[PageKey], start: int, end: int) -> int:
+        """Bring ``keys[start:end]`` (absent from L2) from L3 into L2, leased.
 
         Returns how many consecutive pages arrived; stops at the first miss, since
         a page after a gap is of no use to a prefix."""
         try:
-            num_present = self._l3_call(self._l3.exists(keys[start:]))
+            num_present = self._l3_call(self._l3.exists(keys[start:end]))
         except Exception as exc:  # noqa: BLE001 - an L3 outage is a miss, not an engine failure
             log.warning("L3 exists() failed, treating as miss: %s", exc)
             return 0
-        wanted = keys[start : start + min(num_present, self._host.capacity)]
-        slots = self._reserve_up_to(len(wanted))
+        slots = self._reserve_up_to(num_present)
         if not slots:
             return 0
-        wanted = wanted[: len(slots)]
+        wanted = keys[start : start + len(slots)]
         buffers = [self._host.pool.slot_view(s) for s in slots]
         try:
             found = self._l3_call(self._l3.get_into(wanted, buffers))
@@ -116,13 +127,12 @@ class EmbeddedController(CacheClient):
         del buffers
         num_ok = next((i for i, ok in enumerate(found) if not ok), len(found))
         self._host.abort(slots[num_ok:])
-        parent = keys[start - 1] if start else None
-        self._host.commit(wanted[:num_ok], slots[:num_ok], parent)
+        self._host.commit(wanted[:num_ok], slots[:num_ok], keys[start - 1] if start else None)
         self._host.lease(wanted[:num_ok])
         return num_ok
 
     def _reserve_up_to(self, n: int) -> list[int]:
-        """As many slots as possible up to ``n`` (some may be leased away)."""
+        """As many slots as possible up to ``n`` (leased pages can't be evicted for them)."""
         while n > 0:
             slots = self._host.reserve(n)
             if slots is not None:

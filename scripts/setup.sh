@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Prepare this checkout: a virtual environment in .venv with kvstore installed (editable).
+#
+#   bash scripts/setup.sh          # what the demo needs
+#   bash scripts/setup.sh test     # plus test tools, redis-server and the Mooncake store
+#
+# torch: the venv sees the interpreter's own packages, so a torch that is already
+# installed (a CUDA or NPU build, say) is kept; only when none is found does this
+# install the CPU build 2.13.0.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-run}
+python=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $($python --version)"
+    "$python" -m venv --system-site-packages .venv
+fi
+venv_python=.venv/bin/python
+
+if ! "$venv_python" -c "import torch" 2>/dev/null; then
+    echo "setup: no torch found, installing the CPU build torch==2.13.0"
+    "$venv_python" -m pip install -q torch==2.13.0
+fi
+
+extras=""
+if [ "$mode" = test ]; then
+    extras="[test,mooncake]"
+    # Test servers come from Debian's packages: redis-server (and redis-cli for the
+    # cluster tests) and libibverbs1, which the Mooncake store loads even over TCP.
+    if ! command -v redis-server >/dev/null || ! ldconfig -p | grep -q libibverbs.so.1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "setup: installing redis-server and libibverbs1 with apt-get"
+            DEBIAN_FRONTEND=noninteractive apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server libibverbs1 >/dev/null
+        else
+            echo "setup: install redis-server and libibverbs1 (as root: apt-get install redis-server libibverbs1);" \
+                 "tests that need them are skipped until then" >&2
+        fi
+    fi
+fi
+echo "setup: installing kvstore${extras} into .venv"
+"$venv_python" -m pip install -q -e ".${extras}"
+echo "setup: done"
