@@ -1,0 +1,273 @@
+"""ReferenceEngine: prefill and greedy decode of one request at a time over a paged KV pool.
+
+With a cache, a request goes::
+
+    allocate device pages for prompt + output
+    result = cache.lookup(prompt)                       # cached prefix, leased
+    handle = cache.load(result, pages[:hit pages])      # into the engine's pool
+    prefill the rest, one page per chunk; chunk 1 waits per layer on handle.wait_layer
+    cache.store(full prompt pages)                      # only KV computed by prefill
+    cache.release(result)
+    greedy decode, one token per step; free the pages
+
+Prefill always runs in chunks of exactly one page on the absolute page grid,
+with or without a cache::
+
+    positions  0 .. P-1 | P .. 2P-1 | ... | kP .. prompt_len-1
+    chunk          0    |     1     | ... |   k (may be partial)
+
+so a page loaded from the cache holds the bits that recomputing it would write,
+and the suffix is computed by the very same calls: tokens and logits with the
+cache on equal those with it off, exactly. Decode-produced KV (one token per
+call) is never stored, since a later prefill would compute those positions in
+page-sized chunks and could differ in the last bit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from controller.api import CacheClient, LoadHandle, LookupResult
+from kvstore.layout import KVLayout
+
+from .model import ReferenceDecoder
+
+
+class EngineError(RuntimeError):
+    """A request cannot run on this engine; the message says why."""
+
+
+@dataclass
+class GenerationResult:
+    """One request's output and where its prompt's KV came from."""
+
+    prompt_len: int
+    tokens: list[int]
+    """Generated token ids (not the prompt), ``max_new_tokens`` of them."""
+    logits: torch.Tensor
+    """float32 CPU [max_new_tokens, vocab]: row i produced ``tokens[i]``."""
+    ttft_s: float
+    """Prompt in -> first token out (lookup, load and prefill included), seconds."""
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV was loaded from the cache (L2 + L3)."""
+    num_l2_tokens: int = 0
+    num_l3_tokens: int = 0
+    num_computed_tokens: int = 0
+    """Prompt tokens prefilled by the model: prompt_len - num_cached_tokens."""
+    total_s: float = 0.0
+    """Prompt in -> last token out, seconds."""
+
+    @property
+    def output_tokens(self) -> list[int]:
+        return self.tokens
+
+
+class PageAllocator:
+    """A free list of device page ids. Order is LIFO: recently freed pages are reused first."""
+
+    __slots__ = ("num_pages", "_free", "_is_used")
+
+    def __init__(self, num_pages: int) -> None:
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out 0, 1, 2, ... first
+        self._is_used = np.zeros(num_pages, dtype=bool)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, num: int) -> list[int]:
+        """Take ``num`` pages; raise EngineError (and take none) if fewer are free."""
+        if num > len(self._free):
+            raise EngineError(
+                f"need {num} device pages, {len(self._free)} of {self.num_pages} are free; "
+                f"raise num_device_pages or shorten the request"
+            )
+        pages = [self._free.pop() for _ in range(num)]
+        self._is_used[pages] = True
+        return pages
+
+    def free(self, pages: Sequence[int]) -> None:
+        """Return pages taken by ``allocate``; raise EngineError on a page that is not in use."""
+        for page in pages:
+            if not self._is_used[page]:
+                raise EngineError(f"device page {page} is freed but was not allocated")
+            self._is_used[page] = False
+            self._free.append(page)
+
+    def check_integrity(self) -> None:
+        free = np.zeros(self.num_pages, dtype=bool)
+        free[self._free] = True
+        if len(set(self._free)) != len(self._free) or np.any(free == self._is_used):
+            raise AssertionError("PageAllocator: free list and used map disagree")
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    """The part of a prompt served by the cache in one request."""
+
+    num_pages: int = 0
+    num_l2_pages: int = 0
+    num_l3_pages: int = 0
+
+
+class ReferenceEngine:
+    """One model, one device KV pool, an optional cache; one request at a time."""
+
+    def __init__(
+        self, model: ReferenceDecoder, layout: KVLayout, num_device_pages: int,
+        cache: CacheClient | None = None,
+    ) -> None:
+        model.check_layout(layout)
+        if not isinstance(num_device_pages, int) or num_device_pages <= 0:
+            raise EngineError(f"num_device_pages must be a positive int, got {num_device_pages!r}")
+        self.model = model
+        self.layout = layout
+        self.kv_pool = torch.zeros(
+            layout.pool_shape(num_device_pages), dtype=layout.torch_dtype, device=model.device
+        )
+        self.allocator = PageAllocator(num_device_pages)
+        self.cache: CacheClient | None = None
+        self.attach_cache(cache)
+
+    def attach_cache(self, cache: CacheClient | None) -> None:
+        """Use ``cache`` from the next request on (None: no cache). A cache that copies
+        into this engine's pool needs ``self.kv_pool``, so it may be connected after
+        the engine is built and attached here."""
+        cache_layout = getattr(cache, "layout", None)
+        if cache_layout is not None and cache_layout.fingerprint() != self.layout.fingerprint():
+            raise EngineError(
+                f"the cache's layout {cache_layout.fingerprint()} differs from the engine's "
+                f"{self.layout.fingerprint()}"
+            )
+        self.cache = cache
+
+    def generate(self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int) -> GenerationResult:
+        """Prefill ``prompt`` (loading its cached prefix) and decode ``max_new_tokens`` greedily."""
+        tokens = self._check_request(prompt, max_new_tokens)
+        prompt_len, P = len(tokens), self.layout.page_size
+        # KV is written for every position that is fed: the prompt and all outputs but the last.
+        num_pages = -(-(prompt_len + max_new_tokens - 1) // P)
+        start = time.perf_counter()
+        pages = self.allocator.allocate(num_pages)
+        try:
+            page_table = torch.tensor(pages, dtype=torch.long, device=self.model.device)
+            last_logits, prefix = self._prefill_with_cache(tokens, pages, page_table)
+            out_tokens, out_logits = [int(last_logits.argmax())], [last_logits]
+            self._synchronize()
+            ttft = time.perf_counter() - start
+            for step in range(1, max_new_tokens):
+                fed = torch.tensor(out_tokens[-1:], dtype=torch.long, device=self.model.device)
+                logits = self.model.forward_chunk(
+                    fed, prompt_len + step - 1, self.kv_pool, self.layout, page_table
+                )[0]
+                out_tokens.append(int(logits.argmax()))
+                out_logits.append(logits)
+            self._synchronize()
+            total = time.perf_counter() - start
+        finally:
+            self.allocator.free(pages)
+        cached = prefix.num_pages * P
+        return GenerationResult(
+            prompt_len=prompt_len,
+            tokens=out_tokens,
+            logits=torch.stack(out_logits).float().cpu(),
+            ttft_s=ttft,
+            num_cached_tokens=cached,
+            num_l2_tokens=prefix.num_l2_pages * P,
+            num_l3_tokens=prefix.num_l3_pages * P,
+            num_computed_tokens=prompt_len - cached,
+            total_s=total,
+        )
+
+    # ---- prefill -------------------------------------------------------------
+    def _prefill_with_cache(
+        self, tokens: list[int], pages: list[int], page_table: torch.Tensor
+    ) -> tuple[torch.Tensor, _Prefix]:
+        """Load the cached prefix, prefill the rest, store the prompt's full pages.
+
+        Returns the logits of the last prompt position and what the cache served.
+        """
+        if self.cache is None:
+            return self._prefill(tokens, 0, page_table, None), _Prefix()
+        cache, P = self.cache, self.layout.page_size
+        result = cache.lookup(tokens)
+        try:
+            prefix = _used_prefix(result, len(tokens), P)
+            handle: LoadHandle | None = None
+            if result.num_hit_pages:
+                # load wants every leased page; a dropped last page is loaded and then
+                # overwritten by its recompute with the same bits (after wait_layer).
+                handle = cache.load(result, pages[: result.num_hit_pages])
+            wait = handle.wait_layer if handle is not None else None
+            last_logits = self._prefill(tokens, prefix.num_pages, page_table, wait)
+            if handle is not None:
+                handle.wait_all()
+            num_full = len(tokens) // P
+            if num_full:
+                cache.store(tokens[: num_full * P], pages[:num_full])
+        finally:
+            cache.release(result)
+        return last_logits, prefix
+
+    def _prefill(
+        self, tokens: list[int], first_page: int, page_table: torch.Tensor,
+        before_layer: Callable[[int], None] | None,
+    ) -> torch.Tensor:
+        """Prefill pages ``first_page ..`` one page per chunk; return the last position's logits."""
+        P = self.layout.page_size
+        prompt = torch.tensor(tokens, dtype=torch.long, device=self.model.device)
+        hidden = None
+        for chunk_start in range(first_page * P, len(tokens), P):
+            chunk = prompt[chunk_start : chunk_start + P]
+            hidden = self.model.forward_hidden(
+                chunk, chunk_start, self.kv_pool, self.layout, page_table, before_layer
+            )
+            before_layer = None  # the first chunk's waits cover every layer
+        if hidden is None:
+            raise EngineError("internal: prefill computed no chunk (the last page is always recomputed)")
+        # Only the last row is projected; always so, so cache on and off stay bit-equal.
+        return self.model.compute_logits(hidden[-1:])[0]
+
+    # ---- helpers -------------------------------------------------------------
+    def _check_request(self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int) -> list[int]:
+        tokens = [int(t) for t in np.asarray(prompt).reshape(-1)]
+        config = self.model.config
+        if not tokens:
+            raise EngineError("prompt must hold at least one token")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise EngineError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if min(tokens) < 0 or max(tokens) >= config.vocab_size:
+            raise EngineError(
+                f"token ids must be in [0, {config.vocab_size}), got [{min(tokens)}, {max(tokens)}]"
+            )
+        if len(tokens) + max_new_tokens > config.max_positions:
+            raise EngineError(
+                f"prompt ({len(tokens)}) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"max_positions ({config.max_positions})"
+            )
+        return tokens
+
+    def _synchronize(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+
+
+def _used_prefix(result: LookupResult, prompt_len: int, page_size: int) -> _Prefix:
+    """The cached pages this request uses: all hits, less the last one when they cover the
+    whole prompt (its last page is recomputed so that there are logits for token 1)."""
+    num_hit = result.num_hit_pages
+    if result.page_size != page_size:
+        raise EngineError(f"cache pages hold {result.page_size} tokens, the engine's {page_size}")
+    if num_hit * page_size > prompt_len:
+        raise EngineError(
+            f"cache returned {num_hit} pages of {result.page_size} for a prompt of {prompt_len} tokens"
+        )
+    num_used = num_hit - 1 if num_hit and num_hit * page_size == prompt_len else num_hit
+    num_l2 = min(result.num_l2_pages, num_used)
+    return _Prefix(num_pages=num_used, num_l2_pages=num_l2, num_l3_pages=num_used - num_l2)

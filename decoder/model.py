@@ -1,0 +1,267 @@
+"""ReferenceDecoder: a small Llama-style model whose attention reads a paged KV pool.
+
+RMSNorm, RoPE (rotate-half), grouped-query attention, SwiGLU MLP; weights drawn
+from ``config.seed`` on a CPU generator and then moved, so CPU and CUDA models
+start from bit-identical weights.
+
+Bit-exactness contract (what the cache relies on): for fixed weights, the K/V
+written and the logits returned by ``forward_chunk`` depend only on the chunk's
+tokens, ``start_pos`` and the K/V already in the pool at positions
+``0..start_pos-1``; not on the pool's arrangement, the page numbers in
+``page_table``, or what else sits in the pool. Every op has shapes fixed by
+(chunk length, context length), attention is explicit matmuls with a float32
+softmax (no fused-kernel selection), and the chunk's own K/V is read back from
+the pool like any cached page. Callers that want equal results from cached and
+recomputed pages must therefore cut prefill into the same chunks both times
+(the engine uses one page per chunk on the absolute page grid).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvstore.layout import KVLayout
+
+from .config import DecoderConfig
+
+
+class DecoderShapeError(ValueError):
+    """An argument of ``forward_chunk`` does not fit the model or the pool."""
+
+
+def _randn(gen: torch.Generator, *shape: int, std: float) -> nn.Parameter:
+    """Weights come from one CPU generator in a fixed order: same seed, same bits, any device."""
+    return nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float32) * std,
+                        requires_grad=False)
+
+
+def _norm_weight(gen: torch.Generator, size: int) -> nn.Parameter:
+    return nn.Parameter(1.0 + 0.1 * torch.randn(size, generator=gen, dtype=torch.float32),
+                        requires_grad=False)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, returned in x's dtype."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rope_tables(config: DecoderConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, [max_positions, head_dim] float32, built on CPU in float64."""
+    half = config.head_dim // 2
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float64) * 2 / config.head_dim))
+    angles = torch.outer(torch.arange(config.max_positions, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [n, heads, head_dim] with cos/sin [n, head_dim], in float32."""
+    x32 = x.float()
+    half = x32.shape[-1] // 2
+    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+    out = x32 * cos[:, None, :] + rotated * sin[:, None, :]
+    return out.to(x.dtype)
+
+
+def pool_view(kv_pool: torch.Tensor, layout: KVLayout, layer: int, kv: int) -> torch.Tensor:
+    """A view [num_pages, page_size, kv_heads, head_dim] of one layer's K (kv=0) or V (kv=1).
+
+    layer_first pool [layer][kv][page][token][head][dim] -> pool[layer, kv]       (contiguous)
+    page_first  pool [page][layer][kv][token][head][dim] -> pool[:, layer, kv]    (strided)
+    Writes through the view land in the pool.
+    """
+    if layout.arrangement == "layer_first":
+        return kv_pool[layer, kv]
+    return kv_pool[:, layer, kv]
+
+
+class DecoderLayer(nn.Module):
+    """One block: attention over the paged pool, then a SwiGLU MLP, both pre-norm."""
+
+    def __init__(self, config: DecoderConfig, gen: torch.Generator) -> None:
+        super().__init__()
+        c = config
+        q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.attn_norm = _norm_weight(gen, c.hidden_size)
+        self.wq = _randn(gen, q_width, c.hidden_size, std=c.hidden_size ** -0.5)
+        self.wk = _randn(gen, kv_width, c.hidden_size, std=c.hidden_size ** -0.5)
+        self.wv = _randn(gen, kv_width, c.hidden_size, std=c.hidden_size ** -0.5)
+        self.wo = _randn(gen, c.hidden_size, q_width, std=q_width ** -0.5)
+        self.mlp_norm = _norm_weight(gen, c.hidden_size)
+        self.w_gate = _randn(gen, c.intermediate_size, c.hidden_size, std=c.hidden_size ** -0.5)
+        self.w_up = _randn(gen, c.intermediate_size, c.hidden_size, std=c.hidden_size ** -0.5)
+        self.w_down = _randn(gen, c.hidden_size, c.intermediate_size, std=c.intermediate_size ** -0.5)
+        self.config = config
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(h, self.mlp_norm, self.config.rms_eps)
+        return F.linear(F.silu(F.linear(x, self.w_gate)) * F.linear(x, self.w_up), self.w_down)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Causal GQA attention in float32 with explicit matmuls.
+
+    q [n, heads, d]; k, v [L, kv_heads, d]; allowed [n, L] bool. Query head h
+    uses kv head h // group. Returns [n, heads * d] float32.
+    """
+    n, num_heads, d = q.shape
+    num_kv = k.shape[1]
+    group = num_heads // num_kv
+    # [n, kv, group, d] -> [kv, group * n, d]: one bmm per kv head over its whole group
+    qg = q.float().view(n, num_kv, group, d).permute(1, 2, 0, 3).reshape(num_kv, group * n, d)
+    kt = k.float().permute(1, 0, 2).contiguous()  # [kv, L, d]
+    vt = v.float().permute(1, 0, 2).contiguous()  # [kv, L, d]
+    scores = torch.bmm(qg * (1.0 / math.sqrt(d)), kt.transpose(1, 2)).view(num_kv, group, n, -1)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(num_kv, group * n, -1)
+    out = torch.bmm(probs, vt).view(num_kv, group, n, d)
+    return out.permute(2, 0, 1, 3).reshape(n, num_heads * d)
+
+
+class ReferenceDecoder(nn.Module):
+    """The reference model. Stateless between calls: all sequence state is in the KV pool."""
+
+    def __init__(
+        self, config: DecoderConfig, device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        self.config = config
+        gen = torch.Generator(device="cpu").manual_seed(config.seed)
+        # Draw order is part of the weights' identity: embed, layers in order, norm, lm_head.
+        self.embed = _randn(gen, config.vocab_size, config.hidden_size, std=1.0)
+        self.layers = nn.ModuleList(DecoderLayer(config, gen) for _ in range(config.num_layers))
+        self.norm = _norm_weight(gen, config.hidden_size)
+        self.lm_head = (
+            None if config.tie_embeddings
+            else _randn(gen, config.vocab_size, config.hidden_size, std=config.hidden_size ** -0.5)
+        )
+        cos, sin = rope_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.to(device=device)
+        for p in self.parameters():
+            p.data = p.data.to(dtype)
+        self.dtype = dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def check_layout(self, layout: KVLayout) -> None:
+        """Raise DecoderShapeError unless ``layout`` describes this model's K/V."""
+        c = self.config
+        expected = (c.num_layers, c.num_kv_heads, c.head_dim)
+        got = (layout.num_layers, layout.num_kv_heads, layout.head_dim)
+        if layout.is_mla or got != expected:
+            raise DecoderShapeError(
+                f"layout (layers, kv heads, head dim, mla) = {(*got, layout.is_mla)} does not fit "
+                f"the model's {(*expected, False)}; build it with config.kv_layout(page_size)"
+            )
+
+    def forward_chunk(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int,
+        kv_pool: torch.Tensor,
+        layout: KVLayout,
+        page_table: torch.Tensor,
+        before_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Run tokens at positions ``start_pos .. start_pos+n-1``; return logits [n, vocab] float32.
+
+        Writes their K/V into ``kv_pool`` (position p goes to page
+        ``page_table[p // P]``, slot ``p % P``), then attends causally over
+        positions ``0 .. start_pos+n-1`` read back from the pool through
+        ``page_table``. Positions before ``start_pos`` must already be in the pool.
+        ``before_layer(i)`` is called at layer i before its K/V is written or
+        read (the cache's per-layer wait). Changes only the pool slots of the
+        chunk's positions. ``tokens`` and ``page_table`` are moved to the model's
+        device if needed. Same as ``compute_logits(forward_hidden(...))``.
+        """
+        hidden = self.forward_hidden(tokens, start_pos, kv_pool, layout, page_table, before_layer)
+        return self.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def forward_hidden(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int,
+        kv_pool: torch.Tensor,
+        layout: KVLayout,
+        page_table: torch.Tensor,
+        before_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """``forward_chunk`` without the output projection: the final-normed hidden
+        states [n, hidden] in the model's dtype. Prefill uses it to project only the
+        rows it needs (the vocab projection is ~15% of the small preset's prefill)."""
+        n, end, tokens, page_table = self._check_chunk(tokens, start_pos, kv_pool, layout, page_table)
+        c, P = self.config, layout.page_size
+        positions = torch.arange(start_pos, end, device=self.device)
+        write_pages, write_slots = page_table[positions // P], positions % P
+        read_pages = page_table[: (end + P - 1) // P]
+        # allowed[i, j]: query i (position start_pos + i) sees key position j <= start_pos + i
+        allowed = torch.arange(end, device=self.device)[None, :] <= positions[:, None]
+        cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
+
+        h = self.embed[tokens]
+        for i, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.attn_norm, c.rms_eps)
+            q = apply_rope(F.linear(x, layer.wq).view(n, c.num_heads, c.head_dim), cos, sin)
+            k = apply_rope(F.linear(x, layer.wk).view(n, c.num_kv_heads, c.head_dim), cos, sin)
+            v = F.linear(x, layer.wv).view(n, c.num_kv_heads, c.head_dim)
+            if before_layer is not None:
+                before_layer(i)
+            k_pages, v_pages = pool_view(kv_pool, layout, i, 0), pool_view(kv_pool, layout, i, 1)
+            k_pages[write_pages, write_slots] = k.to(kv_pool.dtype)
+            v_pages[write_pages, write_slots] = v.to(kv_pool.dtype)
+            # Gather whole pages in page_table order, then cut to the context: [end, kv, d]
+            keys = k_pages[read_pages].flatten(0, 1)[:end]
+            values = v_pages[read_pages].flatten(0, 1)[:end]
+            out = attention(q, keys, values, allowed).to(h.dtype)
+            h = h + F.linear(out, layer.wo)
+            h = h + layer.mlp(h)
+        return rms_norm(h, self.norm, c.rms_eps)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Project final-normed hidden states [n, hidden] to logits [n, vocab] float32."""
+        head = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(hidden, head).float()
+
+    def _check_chunk(
+        self, tokens: torch.Tensor, start_pos: int, kv_pool: torch.Tensor,
+        layout: KVLayout, page_table: torch.Tensor,
+    ) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        """Check the arguments; return (n, end, tokens, page_table), both on the model's device."""
+        if tokens.dim() != 1 or tokens.numel() == 0 or tokens.dtype != torch.long:
+            raise DecoderShapeError(
+                f"tokens must be a non-empty 1-D LongTensor, got {tokens.dtype} {tuple(tokens.shape)}"
+            )
+        n = tokens.numel()
+        end = start_pos + n
+        if start_pos < 0 or end > self.config.max_positions:
+            raise DecoderShapeError(
+                f"positions {start_pos}..{end - 1} are outside [0, max_positions="
+                f"{self.config.max_positions}); raise DecoderConfig.max_positions"
+            )
+        self.check_layout(layout)
+        layout.check_pool(kv_pool, "kv_pool")
+        if kv_pool.device != self.device:
+            raise DecoderShapeError(f"kv_pool is on {kv_pool.device}, the model on {self.device}")
+        num_ctx_pages = (end + layout.page_size - 1) // layout.page_size
+        if page_table.dim() != 1 or page_table.numel() < num_ctx_pages:
+            raise DecoderShapeError(
+                f"page_table must be 1-D with at least {num_ctx_pages} pages for positions "
+                f"0..{end - 1}, got shape {tuple(page_table.shape)}"
+            )
+        return n, end, tokens.to(self.device), page_table.to(device=self.device, dtype=torch.long)
