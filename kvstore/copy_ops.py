@@ -15,7 +15,16 @@ empty; ``dst_pages`` must not repeat a page.
 
 ``TorchCopyBackend`` is the reference that defines these semantics and runs
 everywhere; device backends (cuda_ops, npu_ops) must equal it bit for bit.
-``copy_backend_for(device)`` picks the backend, once, by device type and config.
+``copy_backend_for(device, name)`` picks the backend, once, by device type and config:
+
+    name          device  module                      what moves the bytes
+    torch         any     kvstore.copy_ops            torch indexing (the reference)
+    runs          any     kvstore.copy_runs           coalesced byte runs, torch copies (NPU executor)
+    cuda          cuda    kvstore.copy_cuda           auto: select_cuda_path() per copy (default)
+    cuda_sm       cuda    kvstore.copy_cuda           bounded-grid gather/scatter kernel (UVA)
+    cuda_dma      cuda    kvstore.copy_cuda           cudaMemcpyBatchAsync of coalesced runs
+    cuda_staged   cuda    kvstore.copy_cuda           device regroup kernel + page-sized DMA runs
+    npu           npu     kvstore.copy_npu            torch_npu non-blocking copies of runs (default)
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from kvstore.layout import KVLayout, LayoutError
@@ -53,8 +63,11 @@ def _as_index(pages: PageIndex, what: str) -> torch.Tensor:
             raise CopyArgumentError(
                 f"{what} must be a 1-D int32/int64 tensor, got {pages.dtype} shape {tuple(pages.shape)}"
             )
-        return pages.to(device="cpu", dtype=torch.int64)
-    return torch.as_tensor(list(pages), dtype=torch.int64)
+        return pages.to(device="cpu", dtype=torch.int64).contiguous()
+    arr = np.asarray(pages, dtype=np.int64)
+    if arr.ndim != 1:
+        raise CopyArgumentError(f"{what} must be a flat sequence of page ids, got shape {arr.shape}")
+    return torch.from_numpy(arr)
 
 
 def plan_copy(
@@ -82,13 +95,16 @@ def plan_copy(
         raise CopyArgumentError(
             f"src_pages has {src_idx.numel()} entries, dst_pages {dst_idx.numel()}: they must match"
         )
-    for idx, n, what in ((src_idx, src_n, "src_pages"), (dst_idx, dst_n, "dst_pages")):
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+    # numpy on the CPU index tensors (zero-copy views): small torch ops cost far more.
+    for idx, n, what in ((src_idx.numpy(), src_n, "src_pages"), (dst_idx.numpy(), dst_n, "dst_pages")):
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
             raise CopyArgumentError(
                 f"{what} holds pages in [{int(idx.min())}, {int(idx.max())}], the pool has {n}"
             )
-    if dst_idx.numel() and torch.unique(dst_idx).numel() != dst_idx.numel():
-        raise CopyArgumentError("dst_pages repeats a page; each destination page may be written once")
+    if dst_idx.numel() > 1:
+        ordered = np.sort(dst_idx.numpy())
+        if (ordered[1:] == ordered[:-1]).any():
+            raise CopyArgumentError("dst_pages repeats a page; each destination page may be written once")
     num_layers = src_layout.num_layers
     if layer is None:
         layers = range(num_layers)
@@ -155,7 +171,9 @@ class TorchCopyBackend(CopyBackend):
             for layer in plan.layers:
                 chunk = layer_view(src, src_layout, layer).index_select(1, src_idx)
                 view = layer_view(dst, dst_layout, layer)
-                view[:, dst_idx] = chunk.to(dst.device, non_blocking=True)
+                # A non-blocking copy into host memory could be read by the CPU scatter
+                # below before it lands, so the device->host leg is synchronous.
+                view[:, dst_idx] = chunk.to(dst.device, non_blocking=dst.device.type != "cpu")
 
 
 def _stream_context(stream: Any):
@@ -170,10 +188,86 @@ def _stream_context(stream: Any):
 # name -> (device type, "module:factory"); device modules are imported only when chosen.
 _BACKENDS: dict[str, tuple[str, str]] = {
     "torch": ("any", "kvstore.copy_ops:TorchCopyBackend"),
+    "runs": ("any", "kvstore.copy_runs:RunCopyBackend"),
+    "cuda": ("cuda", "kvstore.copy_cuda:CudaCopyBackend"),
+    "cuda_sm": ("cuda", "kvstore.copy_cuda:make_sm"),
+    "cuda_dma": ("cuda", "kvstore.copy_cuda:make_dma"),
+    "cuda_staged": ("cuda", "kvstore.copy_cuda:make_staged"),
+    "npu": ("npu", "kvstore.copy_npu:NpuCopyBackend"),
 }
 # What ``copy_backend_for`` picks when config names no backend, by device type.
-_DEFAULT_BY_DEVICE: dict[str, str] = {}
+_DEFAULT_BY_DEVICE: dict[str, str] = {"cuda": "cuda", "npu": "npu"}
 _cache: dict[str, CopyBackend] = {}
+
+CUDA_PATHS: tuple[str, ...] = ("auto", "sm", "dma", "staged")
+
+
+@dataclass(frozen=True)
+class CudaPathPolicy:
+    """How the CUDA backend moves pages (see kvstore.copy_cuda for the three paths)."""
+
+    path: str = "auto"
+    """'auto' (``select_cuda_path`` decides per copy), or always 'sm', 'dma' or 'staged'."""
+    dma_min_run_bytes: int = 128 * 1024
+    """auto: copy-engine runs straight between the pools when each page moves in contiguous
+    pieces of at least this many bytes (see ``select_cuda_path``)."""
+    staged_min_bytes: int = 16 << 20
+    """auto: below this many bytes in one copy, small pieces still go by 'dma', not 'staged'."""
+    sm_blocks: int = 4
+    """Grid of the SM path: thread blocks (each holds one SM while the copy runs). Bounded
+    so a concurrent model keeps the rest of the GPU."""
+    sm_launch_bytes: int = 8 << 20
+    """SM path: bytes per kernel launch (0: one launch per copy). Short launches free their
+    SMs often, so a concurrent GEMM waits less for them (H100, 4 blocks: 16% -> 2-6% slowdown)."""
+    sm_threads: int = 256
+    """Threads per block of the SM and staging kernels (a multiple of 32, at most 512)."""
+    staged_blocks: int = 16
+    """Grid of the staged path's device-to-device regrouping kernel."""
+    staging_bytes: int = 32 << 20
+    """Device bytes of each of the staged path's two staging buffers."""
+    dma_submit: str = "batch"
+    """How runs go to the copy engines: 'batch' (cudaMemcpyBatchAsync), 'batch_overlap' (the
+    same with the PreferOverlapWithCompute hint) or 'per_run' (one cudaMemcpyAsync each)."""
+    dma_streams: int = 1
+    """Streams the runs of one copy are split over (each fenced to the caller's stream)."""
+
+    def __post_init__(self) -> None:
+        if self.path not in CUDA_PATHS:
+            raise ValueError(f"CudaPathPolicy.path {self.path!r} is unknown; use one of {CUDA_PATHS}")
+        if self.dma_submit not in ("batch", "batch_overlap", "per_run"):
+            raise ValueError(f"CudaPathPolicy.dma_submit {self.dma_submit!r} is unknown; use batch, batch_overlap or per_run")
+        if self.sm_launch_bytes < 0:
+            raise ValueError(f"CudaPathPolicy.sm_launch_bytes must be >= 0, got {self.sm_launch_bytes}")
+        for name in ("dma_min_run_bytes", "staged_min_bytes", "sm_blocks", "staged_blocks", "staging_bytes",
+                     "dma_streams"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"CudaPathPolicy.{name} must be positive, got {getattr(self, name)}")
+        if self.sm_threads % 32 or not 32 <= self.sm_threads <= 512:
+            raise ValueError(f"CudaPathPolicy.sm_threads must be a multiple of 32 in [32, 512], got {self.sm_threads}")
+
+
+def select_cuda_path(policy: CudaPathPolicy, page_span_bytes: int, total_bytes: int) -> str:
+    """The one place that picks a CUDA copy path.
+
+    A fixed ``policy.path`` wins. Under 'auto' (measured on an H100, bench/kernels.py):
+
+    - each page moves in contiguous pieces of at least ``dma_min_run_bytes`` in both pools
+      (``copy_runs.page_span_bytes``: page_first pools, or 64-token chunks) -> 'dma': such
+      runs reach the memcpy rate on the copy engines, with no SM and no staging memory;
+    - smaller pieces (a layer_first engine pool with 16-token pages: 32 KiB chunks, each a
+      copy-engine job costing ~1 us of driver time) and at least ``staged_min_bytes`` in
+      all -> 'staged': a short device kernel regroups the pages so the PCIe leg is one
+      copy-engine run per page;
+    - smaller pieces in a small copy -> 'dma' again: staging's fixed costs outweigh it there.
+
+    The SM path is never chosen automatically: its blocks hold SMs while they copy and
+    slow a concurrent GEMM (configure ``path='sm'`` for the lowest latency of small copies).
+    """
+    if policy.path != "auto":
+        return policy.path
+    if page_span_bytes >= policy.dma_min_run_bytes or total_bytes < policy.staged_min_bytes:
+        return "dma"
+    return "staged"
 
 
 def copy_backend_names() -> list[str]:
@@ -181,8 +275,9 @@ def copy_backend_names() -> list[str]:
 
 
 def copy_backend_for(device: torch.device | str, name: str | None = None) -> CopyBackend:
-    """The backend that moves pages for ``device``: ``name`` if given, else the device's
-    default, else the torch reference. Built once and cached."""
+    """The backend that moves pages for ``device`` (the engine pool's device): ``name`` if
+    given, else the device's default ("cuda" for CUDA, "npu" for Ascend), else the torch
+    reference. Built once and cached; device modules are imported only here."""
     device = torch.device(device)
     chosen = name or _DEFAULT_BY_DEVICE.get(device.type, "torch")
     if chosen not in _BACKENDS:

@@ -29,6 +29,7 @@ from kvstore.layout import KVLayout
 log = logging.getLogger(__name__)
 
 FREE, RESERVED, READY = 0, 1, 2
+_HOST_REGISTER_PORTABLE, _HOST_REGISTER_MAPPED = 0x01, 0x02  # cudaHostRegister flags
 _STATE_NAMES = {FREE: "free", RESERVED: "reserved", READY: "ready"}
 
 
@@ -79,7 +80,10 @@ class HostPool:
         """Page-lock the segment so device copies run as DMA (cudaHostRegister)."""
         cudart = torch.cuda.cudart()
         size = self.num_slots * self.slot_bytes
-        err = cudart.cudaHostRegister(self.tensor.data_ptr(), size, 0)
+        # Portable: pinned for every device of the process, not only the current one.
+        # Mapped: device-addressable, so SM copy kernels can read and write it (UVA).
+        flags = _HOST_REGISTER_PORTABLE | _HOST_REGISTER_MAPPED
+        err = cudart.cudaHostRegister(self.tensor.data_ptr(), size, flags)
         if int(err) != 0:
             raise HostPoolError(
                 f"cudaHostRegister of {size} bytes failed with error {int(err)}; "

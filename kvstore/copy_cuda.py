@@ -1,0 +1,249 @@
+"""CUDA copy backends: the contract of kvstore.copy_ops on cuda_ops' kernels.
+
+Three paths, one signature (the path is chosen in ``copy_ops.select_cuda_path``):
+
+- ``sm``: launches of a bounded-grid gather/scatter kernel (``sm_blocks`` blocks, at most
+  ``sm_launch_bytes`` each) that read and write pinned host memory directly (UVA), 16-byte
+  accesses. Lowest latency for small copies; holds ``sm_blocks`` SMs while it copies.
+- ``dma``: copy-engine copies of the coalesced runs, one batched submission. Takes
+  no SMs; as fast as a memcpy once runs are large (>= ~128 KiB).
+- ``staged``: the engine pool's chunks are regrouped on the device into a compact
+  page_first staging buffer by a short device-to-device kernel, and the PCIe leg is a
+  DMA of whole pages (a page's slice of the selected layers is one run on both sides)::
+
+      D2H:  pool --kernel (stream)--> staging[j%2] --DMA (side stream)--> host slots
+      H2D:  host slots --DMA (side)--> staging[j%2] --kernel (stream)--> pool
+
+  Pieces of at most ``staging_bytes`` alternate between two buffers, so the kernel
+  of piece j+1 overlaps the DMA of piece j; events order the two streams and the
+  caller's stream ends after the last piece.
+
+Host tensors must be pinned or registered (HostPool pins its segment); a pageable
+host tensor is refused before anything moves.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+import cuda_ops
+from kvstore.copy_ops import CopyArgumentError, CopyBackend, CopyPlan, CudaPathPolicy, select_cuda_path
+from kvstore.copy_runs import CopyRuns, chunk_indices, page_span_bytes, plan_runs
+from kvstore.layout import KVLayout
+
+
+class CudaCopyBackend(CopyBackend):
+    """Pages between CUDA pools and pinned host pools; ``policy.path`` fixes the path or
+    leaves it to the selector ("auto")."""
+
+    name = "cuda"
+
+    def __init__(self, policy: CudaPathPolicy | None = None) -> None:
+        self.policy = policy or CudaPathPolicy()
+        self._side: dict[int, list[torch.cuda.Stream]] = {}
+        self._staging_bufs: dict[int, list[torch.Tensor]] = {}
+        self._staging_free: dict[int, torch.cuda.Event] = {}
+        self._lock = threading.Lock()
+        self.last_path: str | None = None
+        """The path the last copy took (for tests and metrics)."""
+
+    # ---- entry ----------------------------------------------------------------
+    def _copy(self, src, src_layout, dst, dst_layout, plan: CopyPlan, stream: Any) -> None:
+        device = self._check_devices(src, dst)
+        stream = stream if stream is not None else torch.cuda.current_stream(device)
+        if not isinstance(stream, torch.cuda.Stream) or stream.device != device:
+            raise CopyArgumentError(f"stream must be a torch.cuda.Stream on {device}, got {stream!r}")
+        total = plan.src_pages.numel() * len(plan.layers) * src_layout.num_kv * src_layout.chunk_bytes
+        path = select_cuda_path(self.policy, page_span_bytes(src_layout, dst_layout, plan.layers), total)
+        self.last_path = path
+        with torch.cuda.device(device):
+            if path == "dma":
+                self._dma(src, dst, plan_runs(src_layout, dst_layout, plan), stream)
+            elif path == "sm":
+                self._sm(src, src_layout, dst, dst_layout, plan, stream)
+            else:
+                with self._lock:
+                    self._staged(src, src_layout, dst, dst_layout, plan, stream)
+
+    @staticmethod
+    def _check_devices(src: torch.Tensor, dst: torch.Tensor) -> torch.device:
+        cuda = [t.device for t in (src, dst) if t.device.type == "cuda"]
+        if not cuda:
+            raise CopyArgumentError("a CUDA copy backend needs at least one pool on a CUDA device")
+        if len(set(cuda)) > 1:
+            raise CopyArgumentError(f"pools on two CUDA devices {cuda[0]} and {cuda[1]}; copy within one device")
+        for t, what in ((src, "source"), (dst, "destination")):
+            if t.device.type == "cpu" and t.numel() and not cuda_ops.is_device_visible(t.data_ptr()):
+                raise CopyArgumentError(
+                    f"the {what} host pool is pageable: pin it (HostPool(pin=True) registers its "
+                    "segment with cudaHostRegister; or tensor.pin_memory())"
+                )
+            if t.device.type not in ("cpu", "cuda"):
+                raise CopyArgumentError(f"the {what} pool is on {t.device}; a CUDA backend moves cuda<->cpu")
+        return cuda[0]
+
+    # ---- paths ----------------------------------------------------------------
+    def _sm(self, src, src_layout, dst, dst_layout, plan: CopyPlan, stream) -> None:
+        with torch.cuda.stream(stream):
+            idx = torch.stack([plan.src_pages, plan.dst_pages]).pin_memory().to(stream.device, non_blocking=True)
+        n = plan.src_pages.numel()
+        page_bytes = len(plan.layers) * src_layout.num_kv * src_layout.chunk_bytes
+        step = max(1, self.policy.sm_launch_bytes // page_bytes) if self.policy.sm_launch_bytes else n
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            cuda_ops.copy_chunks(
+                _space(src, src_layout, plan.src_num_pages, plan.layers.start, idx[0, a:b]),
+                _space(dst, dst_layout, plan.dst_num_pages, plan.layers.start, idx[1, a:b]),
+                b - a, len(plan.layers), src_layout.num_kv, src_layout.chunk_bytes,
+                stream, self.policy.sm_blocks, self.policy.sm_threads,
+            )
+
+    def _dma(self, src, dst, runs: CopyRuns, stream) -> None:
+        srcs = src.data_ptr() + runs.src_offsets.astype(np.uint64)
+        dsts = dst.data_ptr() + runs.dst_offsets.astype(np.uint64)
+        self._memcpy(dsts, srcs, runs.sizes, stream)
+
+    def _memcpy(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream) -> None:
+        """Runs onto the copy engines, split over ``policy.dma_streams`` streams. A part that
+        can't go on ``stream`` itself (all of them, for the legacy default stream, which the
+        batch API refuses) goes on a side stream that waits for ``stream`` and that ``stream``
+        then waits for."""
+        mode = self.policy.dma_submit
+        num = max(1, min(self.policy.dma_streams, sizes.size))
+        on_stream = 0 if (stream.cuda_stream == 0 and mode != "per_run") else 1
+        parts = np.array_split(np.arange(sizes.size), num)
+        sides = self._side_streams(stream.device, num - on_stream, skip=stream)
+        for side in sides:
+            side.wait_stream(stream)
+        for part, s in zip(parts, ([stream] if on_stream else []) + sides):
+            cuda_ops.memcpy_runs(dsts[part], srcs[part], sizes[part], s, mode)
+        for side in sides:
+            stream.wait_stream(side)
+
+    def _staged(self, src, src_layout, dst, dst_layout, plan: CopyPlan, stream) -> None:
+        to_host = dst.device.type == "cpu"
+        dev_pool, dev_layout = (src, src_layout) if to_host else (dst, dst_layout)
+        host_pool, host_layout = (dst, dst_layout) if to_host else (src, src_layout)
+        dev_pages, host_pages = (plan.src_pages, plan.dst_pages) if to_host else (plan.dst_pages, plan.src_pages)
+        dev_n, host_n = (plan.src_num_pages, plan.dst_num_pages) if to_host else (plan.dst_num_pages, plan.src_num_pages)
+        layers = plan.layers
+        stage_layout = KVLayout(len(layers), src_layout.num_kv_heads, src_layout.head_dim, src_layout.page_size,
+                                src_layout.dtype, "page_first", src_layout.is_mla)
+        page_bytes = stage_layout.page_bytes  # one staged page: the selected layers, K and V
+        # Where each page's staged bytes go in (come from) the host pool: one run per page,
+        # since a page_first host slot holds consecutive layers contiguously.
+        host_off = chunk_indices(host_layout, host_n, host_pages, range(layers.start, layers.start + 1))[:, 0, 0]
+        host_off = host_off * src_layout.chunk_bytes + host_pool.data_ptr()
+        n = host_off.size
+        per_piece = max(1, self.policy.staging_bytes // page_bytes)
+        side = self._side_stream(stream.device)
+        with torch.cuda.stream(stream):
+            dev_idx = dev_pages.pin_memory().to(stream.device, non_blocking=True)
+        bufs = self._staging(stream, side, max(per_piece * page_bytes, self.policy.staging_bytes))
+        side.wait_stream(stream)
+        freed: list[torch.cuda.Event] = []
+        for j, a in enumerate(range(0, n, per_piece)):
+            b = min(n, a + per_piece)
+            stage = _Stage(bufs[j % 2].data_ptr(), stage_layout, b - a)
+            runs = _page_runs(host_off[a:b], stage.base, page_bytes)
+            if j >= 2:  # buffer j % 2 is free once piece j - 2 has left it
+                (stream if to_host else side).wait_event(freed[j - 2])
+            if to_host:
+                self._stage_kernel(dev_pool, dev_layout, dev_n, layers, dev_idx[a:b], stage, True, stream)
+                side.wait_event(_record(stream))
+                self._memcpy(runs[1], runs[0], runs[2], side)
+                freed.append(_record(side))
+            else:
+                self._memcpy(runs[0], runs[1], runs[2], side)
+                stream.wait_event(_record(side))
+                self._stage_kernel(dev_pool, dev_layout, dev_n, layers, dev_idx[a:b], stage, False, stream)
+                freed.append(_record(stream))
+        stream.wait_stream(side)
+        self._staging_free[stream.device.index] = _record(stream)
+
+    def _staging(self, stream: torch.cuda.Stream, side: torch.cuda.Stream, nbytes: int) -> list[torch.Tensor]:
+        """The two staging buffers of ``stream``'s device, kept across copies (allocating them
+        per copy made the caching allocator call cudaMalloc, which synchronises). Their use
+        is ordered after the previous staged copy, on whatever stream that ran; staged
+        copies are enqueued under ``self._lock``."""
+        key = stream.device.index
+        bufs = self._staging_bufs.get(key)
+        if bufs is None or bufs[0].numel() < nbytes:
+            bufs = [torch.empty(nbytes, dtype=torch.uint8, device=stream.device) for _ in range(2)]
+            self._staging_bufs[key] = bufs  # the old ones are freed once their streams are done
+        if key in self._staging_free:
+            stream.wait_event(self._staging_free[key])
+        for buf in bufs:
+            buf.record_stream(stream)
+            buf.record_stream(side)
+        return bufs
+
+    def _stage_kernel(self, pool, layout, num_pages, layers, pages, stage: "_Stage", to_stage: bool, stream) -> None:
+        pool_space = _space(pool, layout, num_pages, layers.start, pages)
+        s_layer, s_kv, s_page = stage.layout.chunk_strides(stage.num_pages)
+        stage_space = cuda_ops.ChunkSpace(stage.base, None, s_layer, s_kv, s_page)
+        src, dst = (pool_space, stage_space) if to_stage else (stage_space, pool_space)
+        cuda_ops.copy_chunks(src, dst, stage.num_pages, len(layers), layout.num_kv, layout.chunk_bytes,
+                             stream, self.policy.staged_blocks, self.policy.sm_threads)
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        return self._side_streams(device, 1)[0]
+
+    def _side_streams(self, device: torch.device, num: int, skip=None) -> list[torch.cuda.Stream]:
+        """``num`` long-lived side streams of ``device`` (never ``skip``)."""
+        key = device.index if device.index is not None else torch.cuda.current_device()
+        pool = self._side.setdefault(key, [])
+        while len(pool) < num + 1:
+            pool.append(torch.cuda.Stream(device=key))
+        skip_handle = skip.cuda_stream if skip is not None else None
+        return [s for s in pool if s.cuda_stream != skip_handle][:num]
+
+
+def _page_runs(host_addrs: np.ndarray, stage_base: int, page_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(stage addresses, host addresses, sizes) of one piece: page i of the piece is
+    ``page_bytes`` at ``stage_base + i * page_bytes``; pages whose host slots follow each
+    other merge into one run."""
+    n = host_addrs.size
+    starts_run = np.ones(n, dtype=bool)
+    starts_run[1:] = host_addrs[1:] != host_addrs[:-1] + page_bytes
+    first = np.flatnonzero(starts_run)
+    sizes = np.diff(np.append(first, n)) * page_bytes
+    stage = (stage_base + first * page_bytes).astype(np.uint64)
+    return stage, host_addrs[first].astype(np.uint64), sizes
+
+
+class _Stage:
+    """A compact page_first staging buffer of ``num_pages`` pages of ``layout`` at ``base``."""
+
+    __slots__ = ("base", "layout", "num_pages")
+
+    def __init__(self, base: int, layout: KVLayout, num_pages: int) -> None:
+        self.base, self.layout, self.num_pages = base, layout, num_pages
+
+
+def _record(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
+
+
+def _space(pool: torch.Tensor, layout: KVLayout, num_pages: int, layer0: int, pages: torch.Tensor) -> cuda_ops.ChunkSpace:
+    s_layer, s_kv, s_page = layout.chunk_strides(num_pages)
+    base = pool.data_ptr() + layer0 * s_layer * layout.chunk_bytes
+    return cuda_ops.ChunkSpace(base, pages, s_layer, s_kv, s_page)
+
+
+def make_sm() -> CudaCopyBackend:
+    return CudaCopyBackend(CudaPathPolicy(path="sm"))
+
+
+def make_dma() -> CudaCopyBackend:
+    return CudaCopyBackend(CudaPathPolicy(path="dma"))
+
+
+def make_staged() -> CudaCopyBackend:
+    return CudaCopyBackend(CudaPathPolicy(path="staged"))
