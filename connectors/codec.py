@@ -1,0 +1,312 @@
+"""The L3 value format: a checked, optionally compressed frame around one page.
+
+Every value an L3 store holds is one frame::
+
+    offset  size  field
+    0       4     magic b"KVL3"
+    4       1     format version (1)
+    5       1     codec id (CODECS)
+    6       1     element size the byte shuffle used (1 = no shuffle)
+    7       1     checksum kind (1 = XXH3-64)
+    8       8     raw length: bytes of the page once decoded
+    16      8     payload length: bytes that follow the header
+    24      8     fingerprint digest (blake2b-64 of the layout fingerprint)
+    32      8     XXH3-64 of header bytes [0, 32) followed by the payload
+    40      ...   payload (the page, encoded by the codec)
+
+All integers are little-endian. Bytes read back from a store are untrusted:
+`decode_into` checks magic, version, codec, both lengths, the fingerprint and
+the checksum *before* any decompressor runs, bounds the decompressor's output
+by the raw length, and checks the decoded length again. Any mismatch raises
+`FrameError` (or `FingerprintMismatch`), which the connector turns into a
+counted miss; a bad frame is never returned as KV.
+
+Why XXH3-64 (the xxhash package): measured at ~58 GB/s per core on the dev
+box, against 4.3 GB/s for zlib's CRC-32, 3.6 for Adler-32 and 0.9 for
+BLAKE2b. CRC-32 was the first choice (standard library) but it was slower than
+loopback Redis itself (~3.4 GB/s for one 2 MiB SET), so it cost a put more
+than half its speed; XXH3 makes the check cost ~1/15 of a memcpy. A 64-bit
+hash misses a random corruption with probability 2**-64. It is an integrity
+check, not a MAC: the store is trusted not to be malicious, only not to be
+perfect (and never pickled: the payload is raw page bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+from dataclasses import dataclass
+
+import lz4.block
+import numpy as np
+import xxhash
+import zstandard
+
+MAGIC = b"KVL3"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<4sBBBBQQ8sQ")
+HEADER_LEN = _HEADER.size  # 40
+_SUM_OFFSET = HEADER_LEN - 8
+CHECKSUM_XXH3_64 = 1
+
+# name -> wire id. Ids are part of the stored format: never renumber.
+CODECS: dict[str, int] = {
+    "none": 0,
+    "lz4": 1,
+    "shuffle_lz4": 2,
+    "zstd": 3,
+    "shuffle_zstd": 4,
+}
+_CODEC_NAMES = {v: k for k, v in CODECS.items()}
+_SHUFFLED = {CODECS["shuffle_lz4"], CODECS["shuffle_zstd"]}
+ZSTD_LEVEL = 1
+
+
+class FrameError(ValueError):
+    """A stored value is not a valid frame (corrupt, truncated, wrong size)."""
+
+
+class FingerprintMismatch(FrameError):
+    """A valid frame written for another layout fingerprint."""
+
+
+class SizeMismatch(FrameError):
+    """A valid frame whose page length differs from the caller's buffer."""
+
+
+@dataclass(frozen=True, slots=True)
+class FrameHeader:
+    """The decoded header of one frame (see the module docstring)."""
+
+    codec: int
+    elem_size: int
+    raw_len: int
+    payload_len: int
+    fingerprint: bytes
+    checksum: int
+
+
+def fingerprint_digest(fingerprint: str) -> bytes:
+    """The 8-byte digest of a layout fingerprint stored in every header."""
+    return hashlib.blake2b(fingerprint.encode(), digest_size=8).digest()
+
+
+def codec_id(name: str) -> int:
+    """Wire id of a codec name; raises ValueError naming the valid ones."""
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown codec {name!r}; use one of {sorted(CODECS)}") from None
+
+
+def checksum(head, payload) -> int:
+    """XXH3-64 of the first 32 header bytes followed by the payload."""
+    h = xxhash.xxh3_64(head[:_SUM_OFFSET])
+    h.update(payload)
+    return h.intdigest()
+
+
+# ---------------------------------------------------------------- shuffle
+def _shuffle(raw: memoryview, elem_size: int) -> np.ndarray:
+    """Byte-transpose: all first bytes of each element, then all second bytes...
+
+    raw   = a0 a1 | b0 b1 | c0 c1 | t        (elem_size 2, tail t unshuffled)
+    out   = a0 b0 c0 | a1 b1 c1 | t
+    For bf16 this puts the sign+exponent bytes together, which compress.
+    (Column copies: numpy's strided 2-D transpose is ~10x slower.)
+    """
+    src = np.frombuffer(raw, dtype=np.uint8)
+    n = len(src) // elem_size
+    out = np.empty(len(src), dtype=np.uint8)
+    if elem_size == 2:   # the bf16/fp16 fast path: two vector ops over uint16
+        words = src[: 2 * n].view("<u2")
+        np.bitwise_and(words, 0xFF, out=out[:n], casting="unsafe")
+        np.right_shift(words, 8, out=out[n: 2 * n], casting="unsafe")
+    else:
+        cols = src[: n * elem_size].reshape(n, elem_size)
+        for j in range(elem_size):
+            out[j * n:(j + 1) * n] = cols[:, j]
+    out[n * elem_size:] = src[n * elem_size:]
+    return out
+
+
+def _unshuffle_into(src: bytes, dst: memoryview, elem_size: int) -> None:
+    s = np.frombuffer(src, dtype=np.uint8)
+    d = np.frombuffer(dst, dtype=np.uint8)
+    n = len(s) // elem_size
+    if elem_size == 2:
+        words = d[: 2 * n].view("<u2")
+        np.left_shift(s[n: 2 * n], 8, out=words, dtype=np.uint16)
+        np.bitwise_or(words, s[:n], out=words, casting="unsafe")
+    else:
+        cols = d[: n * elem_size].reshape(n, elem_size)
+        for j in range(elem_size):
+            cols[:, j] = s[j * n:(j + 1) * n]
+    d[n * elem_size:] = s[n * elem_size:]
+
+
+# ---------------------------------------------------------------- codecs
+_tls = threading.local()  # zstd contexts are not thread-safe: one per thread
+
+
+def _zstd_c() -> zstandard.ZstdCompressor:
+    c = getattr(_tls, "zc", None)
+    if c is None:
+        c = _tls.zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return c
+
+
+def _zstd_d() -> zstandard.ZstdDecompressor:
+    d = getattr(_tls, "zd", None)
+    if d is None:
+        d = _tls.zd = zstandard.ZstdDecompressor()
+    return d
+
+
+def _compress(codec: int, data) -> bytes:
+    if codec in (CODECS["lz4"], CODECS["shuffle_lz4"]):
+        return lz4.block.compress(data, store_size=False)
+    return _zstd_c().compress(data)
+
+
+def _decompress(codec: int, payload, raw_len: int) -> bytes:
+    """Decompress with the output bounded by raw_len; FrameError on any fault."""
+    try:
+        if codec in (CODECS["lz4"], CODECS["shuffle_lz4"]):
+            out = lz4.block.decompress(payload, uncompressed_size=raw_len)
+        else:
+            if zstandard.frame_content_size(payload) != raw_len:
+                raise FrameError("zstd frame content size != raw length")
+            out = _zstd_d().decompress(payload, max_output_size=raw_len)
+    except FrameError:
+        raise
+    except Exception as exc:  # lz4/zstd raise their own types on bad input
+        raise FrameError(f"payload does not decompress: {exc}") from None
+    if len(out) != raw_len:
+        raise FrameError(f"decoded {len(out)} bytes, header says {raw_len}")
+    return out
+
+
+# ---------------------------------------------------------------- frames
+class Frame:
+    """One encoded value as two parts, so a backend that can send or write
+    pieces never copies the page: `head` (the header) then `payload` (for
+    codec none, a view of the caller's page itself)."""
+
+    __slots__ = ("head", "payload")
+
+    def __init__(self, head, payload) -> None:
+        self.head, self.payload = head, payload
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.payload)
+
+    def tobytes(self) -> bytes:
+        """The whole frame as one new bytes object (one copy)."""
+        return b"".join((self.head, self.payload))
+
+    @classmethod
+    def of(cls, data) -> "Frame":
+        """Wrap already-framed (or arbitrary, for tests) bytes."""
+        return cls(b"", data)
+
+
+def encode(raw, codec: int, fingerprint: bytes, elem_size: int = 2) -> Frame:
+    """Frame one page without joining header and payload (see Frame).
+
+    The payload is `raw` itself for codec none (no copy): it must not change
+    until the frame is stored (if it does, the checksum makes the stored value
+    a miss, never wrong KV). For the shuffling codecs `elem_size` is the dtype
+    width (2 for bf16/fp16); other codecs ignore it.
+    """
+    raw = memoryview(raw).cast("B")
+    if codec == CODECS["none"]:
+        payload, elem_size = raw, 1
+    elif codec in _SHUFFLED:
+        payload = _compress(codec, _shuffle(raw, elem_size))
+    elif codec in _CODEC_NAMES:
+        payload, elem_size = _compress(codec, raw), 1
+    else:
+        raise ValueError(f"unknown codec id {codec}")
+    if not 1 <= elem_size <= 255:
+        raise ValueError(f"elem_size must be in 1..255, got {elem_size}")
+    head = _HEADER.pack(MAGIC, FORMAT_VERSION, codec, elem_size, CHECKSUM_XXH3_64,
+                        len(raw), len(payload), fingerprint, 0)
+    return Frame(head[:_SUM_OFFSET] + checksum(head, payload).to_bytes(8, "little"), payload)
+
+
+def encode_frame(raw, codec: int, fingerprint: bytes, elem_size: int = 2) -> bytes:
+    """One contiguous frame (header + payload) for one page."""
+    return encode(raw, codec, fingerprint, elem_size).tobytes()
+
+
+def parse_header(frame, frame_len: int | None = None) -> FrameHeader:
+    """Check the header of an untrusted frame (not the checksum).
+
+    `frame` may hold only the header when `frame_len` gives the whole length.
+    """
+    view = memoryview(frame).cast("B")
+    if frame_len is None:
+        frame_len = len(view)
+    if len(view) < HEADER_LEN or frame_len < HEADER_LEN:
+        raise FrameError(f"value of {len(view)} bytes is shorter than a header")
+    magic, ver, codec, es, kind, raw_len, pay_len, fp, crc = _HEADER.unpack_from(view)
+    if magic != MAGIC:
+        raise FrameError("bad magic: not a kvstore L3 value")
+    if ver != FORMAT_VERSION:
+        raise FrameError(f"format version {ver}, this reader knows {FORMAT_VERSION}")
+    if codec not in _CODEC_NAMES or kind != CHECKSUM_XXH3_64 or es == 0:
+        raise FrameError(f"bad codec {codec} / elem size {es} / checksum kind {kind}")
+    if pay_len != frame_len - HEADER_LEN:
+        raise FrameError(f"payload is {frame_len - HEADER_LEN} bytes, header says {pay_len}")
+    if codec == CODECS["none"] and pay_len != raw_len:
+        raise FrameError("codec none with payload length != raw length")
+    return FrameHeader(codec, es, raw_len, pay_len, fp, crc)
+
+
+def check_frame(frame, fingerprint: bytes, max_raw_len: int) -> tuple[FrameHeader, memoryview]:
+    """Verify everything but the decode; returns the header and payload view."""
+    head = parse_header(frame)
+    view = memoryview(frame).cast("B")
+    if head.raw_len > max_raw_len:
+        raise FrameError(f"raw length {head.raw_len} exceeds the limit {max_raw_len}")
+    payload = view[HEADER_LEN:]
+    if checksum(view, payload) != head.checksum:
+        raise FrameError("checksum mismatch")
+    if head.fingerprint != fingerprint:
+        raise FingerprintMismatch("value was written for another layout fingerprint")
+    return head, payload
+
+
+def decode_into(frame, out: memoryview, fingerprint: bytes, max_raw_len: int) -> None:
+    """Decode an untrusted frame into `out`, whose length must be the raw length.
+
+    Raises FrameError / FingerprintMismatch; `out` is then unspecified.
+    """
+    out = memoryview(out).cast("B")
+    head, payload = check_frame(frame, fingerprint, max_raw_len)
+    if head.raw_len != len(out):
+        raise SizeMismatch(f"page is {head.raw_len} bytes, buffer is {len(out)}")
+    if head.codec == CODECS["none"]:
+        out[:] = payload
+        return
+    data = _decompress(head.codec, payload, head.raw_len)
+    if head.codec in _SHUFFLED:
+        _unshuffle_into(data, out, head.elem_size)
+    else:
+        out[:] = data
+
+
+def decode(frame, fingerprint: bytes, max_raw_len: int) -> bytes:
+    """Decode an untrusted frame into new bytes (see `decode_into`)."""
+    head, payload = check_frame(frame, fingerprint, max_raw_len)
+    if head.codec == CODECS["none"]:
+        return bytes(payload)
+    data = _decompress(head.codec, payload, head.raw_len)
+    if head.codec not in _SHUFFLED or head.elem_size == 1:
+        return data
+    out = bytearray(head.raw_len)
+    _unshuffle_into(data, memoryview(out), head.elem_size)
+    return bytes(out)
