@@ -29,6 +29,7 @@ class TierIndex:
             raise ValueError(f"TierIndex capacity must be > 0 pages, got {capacity}")
         self.capacity = capacity
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self.policy.set_capacity(capacity)
         self._slots: dict[PageKey, int] = {}
         self._leases: dict[PageKey, int] = {}  # only keys with a lease > 0
 

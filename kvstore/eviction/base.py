@@ -22,11 +22,20 @@ class EvictionPolicy(ABC):
       without a removal between.
     - ``choose_victims(n, is_evictable)`` returns exactly ``n`` distinct keys for
       which ``is_evictable`` is true, or ``[]`` when fewer than ``n`` exist. It
-      changes no policy state: the index calls ``on_remove`` for each victim it
-      actually removes.
+      adds and forgets no key and decides nothing by itself: the index calls
+      ``on_remove`` for each victim it actually removes. A policy whose
+      eviction reorders its own queues (S3-FIFO promotes, CLOCK advances its
+      hand) may do that reordering here, but a second call with nothing
+      between returns the same victims.
+    - ``set_capacity`` is called once by the index before any other call;
+      policies that size internal queues or ghost lists by the tier's
+      capacity use it, others ignore it.
     """
 
     name: ClassVar[str]
+
+    def set_capacity(self, capacity: int) -> None:
+        """The tier holds at most ``capacity`` pages. Optional hook; the default ignores it."""
 
     @abstractmethod
     def on_insert(self, key: PageKey, parent: PageKey | None) -> None:
@@ -42,7 +51,7 @@ class EvictionPolicy(ABC):
 
     @abstractmethod
     def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
-        """``n`` keys to evict, best first, or ``[]``; changes no state."""
+        """``n`` keys to evict, best first, or ``[]``; removes nothing (see the class contract)."""
 
     def __len__(self) -> int:  # pragma: no cover - every policy overrides
         raise NotImplementedError

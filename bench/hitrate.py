@@ -1,0 +1,62 @@
+"""Hit-rate bench: both workloads, every registered policy, Belady, four capacities.
+
+    python bench/hitrate.py [--trace PATH] [--out bench/results] [--no-plot]
+
+Writes ``hitrate.json`` (one object per workload, each as
+``kvstore bench hitrate --json`` prints it) and ``hitrate.png`` (one panel
+per workload) under ``--out``. The conversation trace is Mooncake's, found
+beside the checkout in ../shared/data/traces/ unless ``--trace`` says
+otherwise; the agent workload is generated (seed 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from kvstore.eviction import DEFAULT_POLICY, policy_names
+from kvstore.replay import AgentWorkload, agent_trace, capacity_curves, format_curves, load_trace
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TRACE = ROOT.parent / "shared" / "data" / "traces" / "conversation_trace.jsonl"
+CAPACITIES = (1000, 5000, 10000, 50000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.trace.exists():
+        print(f"trace {args.trace} not found; pass --trace PATH", file=sys.stderr)
+        return 2
+    policies = policy_names()
+    show = sys.stderr.isatty()
+    reports = []
+    for trace in (load_trace(args.trace), agent_trace(AgentWorkload(seed=0))):
+        start = time.perf_counter()
+        report = capacity_curves(trace, CAPACITIES, policies, show_progress=show)
+        print(format_curves(report))
+        print(f"({time.perf_counter() - start:.1f} s)\n")
+        reports.append(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {"default_policy": DEFAULT_POLICY, "capacities": list(CAPACITIES),
+           "workloads": [r.to_json() for r in reports]}
+    (args.out / "hitrate.json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {args.out / 'hitrate.json'}")
+    if not args.no_plot:
+        from kvstore.replay import PlotUnavailable, plot_curves
+
+        try:
+            print(f"wrote {plot_curves(reports, args.out / 'hitrate.png')}")
+        except PlotUnavailable as e:
+            print(f"no plot: {e}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
