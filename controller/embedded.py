@@ -65,7 +65,16 @@ class EmbeddedController(CacheClient):
         self._runner = AsyncRunner()
         options = dict(self.config.l3.options)
         options.setdefault("fingerprint", self.layout.fingerprint())
-        self._l3 = open_connector(self.config.l3.connector, **options)
+
+        async def open_on_loop():
+            # A connector belongs to the loop it is created on; create it on the runner's.
+            return open_connector(self.config.l3.connector, **options)
+
+        try:
+            self._l3 = self._l3_call(open_on_loop())
+        except BaseException:
+            self._runner.close()
+            raise
 
     def _l3_call(self, coro):
         return self._runner.run(coro, self.config.l3.timeout_s)

@@ -126,3 +126,30 @@ def test_config_errors_name_the_field():
         ControllerConfig(eviction_policy="random")
     with pytest.raises(ConfigError, match="write_policy"):
         L3Config(connector="disk", write_policy="sometimes")
+
+
+def test_unknown_l3_connector_is_refused_with_the_choices(tmp_path):
+    from connectors import ConnectorError
+
+    with pytest.raises(ConnectorError, match="disk"):
+        EmbeddedController(ControllerConfig(l3=L3Config("tape")), NAMESPACE,
+                           torch.zeros(LAYOUT.pool_shape(4)))
+
+
+def test_an_unreachable_l3_turns_into_misses_not_errors(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a loopback port that nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = ControllerConfig(host_pool_pages=2, l3=L3Config(
+        "redis", {"host": "127.0.0.1", "port": port, "timeout_s": 0.5}, write_policy="write_through"))
+    pool = torch.zeros(LAYOUT.pool_shape(NUM_DEVICE_PAGES))
+    ctl = EmbeddedController(config, NAMESPACE, pool)
+    assert ctl.store(list(range(16)), [0, 1, 2, 3]).num_new_pages == 2  # L2 holds 2, puts fail
+    assert ctl.stats.num_spilled_pages == 0
+    result = ctl.lookup(list(range(16)))
+    assert (result.num_l2_pages, result.num_l3_pages) == (2, 0)  # the rest never reached L3
+    ctl.release(result)
+    ctl.check_integrity()
+    ctl.close()
