@@ -136,7 +136,8 @@ class EmbeddedController(CacheClient):
         del buffers
         num_ok = next((i for i, ok in enumerate(found) if not ok), len(found))
         self._host.abort(slots[num_ok:])
-        self._host.commit(wanted[:num_ok], slots[:num_ok], keys[start - 1] if start else None)
+        parents = [keys[i - 1] if i else None for i in range(start, start + num_ok)]
+        self._host.commit(wanted[:num_ok], slots[:num_ok], parents)
         self._host.lease(wanted[:num_ok])
         return num_ok
 
@@ -183,23 +184,24 @@ class EmbeddedController(CacheClient):
             raise CacheError(
                 f"store() got {len(device_pages)} device pages for {len(keys)} full pages of tokens"
             )
-        num_cached = self._host.match_prefix(keys)
-        self._host.touch(keys[:num_cached])
-        new_keys = keys[num_cached:]
-        slots = self._reserve_up_to(len(new_keys)) if new_keys else []
-        placed = new_keys[: len(slots)]
+        index = self._host.index
+        absent = [i for i, key in enumerate(keys) if key not in index]
+        self._host.touch([key for key in keys if key in index])
+        slots = self._reserve_up_to(len(absent)) if absent else []
+        placed = absent[: len(slots)]
         if placed:
             self._copy.copy_pages(
-                self._device_pool, self.layout, list(device_pages[num_cached : num_cached + len(placed)]),
+                self._device_pool, self.layout, [device_pages[i] for i in placed],
                 self._host.pool.tensor, self._host.pool.layout, slots,
             )
             if self._device_pool.is_cuda:
                 torch.cuda.current_stream(self._device_pool.device).synchronize()
-            self._host.commit(placed, slots, keys[num_cached - 1] if num_cached else None)
+            placed_keys = [keys[i] for i in placed]
+            self._host.commit(placed_keys, slots, [keys[i - 1] if i else None for i in placed])
             self.stats.num_stored_pages += len(placed)
             if self._l3 is not None and self.config.l3.write_policy == "write_through":
-                self._put_to_l3(placed, slots)
-        return StoreResult(len(keys), len(placed), len(new_keys) - len(placed))
+                self._put_to_l3(placed_keys, slots)
+        return StoreResult(len(keys), len(placed), len(absent) - len(placed))
 
     # ---- L3 writes ------------------------------------------------------------------
     def _on_evict(self, keys: list[PageKey], slots: list[int]) -> None:

@@ -57,12 +57,18 @@ class HostStore:
             self.pool.free(slots)
         return self.pool.try_reserve(n)
 
-    def commit(self, keys: Sequence[PageKey], slots: Sequence[int], parent: PageKey | None) -> None:
-        """Publish written slots under ``keys`` (a run of one chain, ``parent`` before it)."""
+    def commit(
+        self, keys: Sequence[PageKey], slots: Sequence[int], parents: Sequence[PageKey | None]
+    ) -> None:
+        """Publish written slots under ``keys``; ``parents[i]`` is the page before ``keys[i]``
+        in its chain (None for a chain's first page)."""
         self.pool.mark_ready(slots)
-        for key, slot in zip(keys, slots):
+        for key, slot, parent in zip(keys, slots, parents):
             self.index.insert(key, slot, parent)
-            parent = key
+
+    def discard(self, keys: Sequence[PageKey]) -> None:
+        """Drop present, unleased pages without passing them to ``on_evict``."""
+        self.pool.free([self.index.remove(k) for k in keys])
 
     def abort(self, slots: Sequence[int]) -> None:
         """Give back reserved slots whose write failed."""

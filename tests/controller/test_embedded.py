@@ -153,3 +153,25 @@ def test_an_unreachable_l3_turns_into_misses_not_errors(tmp_path):
     ctl.release(result)
     ctl.check_integrity()
     ctl.close()
+
+
+def test_store_fills_a_gap_in_the_middle_of_a_cached_chain(tmp_path):
+    ctl, pool = make_controller(tmp_path, l3=None)
+    tokens = list(range(16))
+    fill_pages(pool, range(4), seed=3)
+    ctl.store(tokens, [0, 1, 2, 3])
+    result = ctl.lookup(tokens)
+    ctl.release(result)
+    ctl.host_store.discard([result.keys[1]])
+    result = ctl.lookup(tokens)
+    assert result.num_hit_pages == 1  # the chain breaks at the gap
+    ctl.release(result)
+    stored = ctl.store(tokens, [0, 1, 2, 3])
+    assert (stored.num_new_pages, stored.num_skipped_pages) == (1, 0)
+    result = ctl.lookup(tokens)
+    assert result.num_hit_pages == 4
+    ctl.load(result, [8, 9, 10, 11]).wait_all()
+    assert pages_equal(pool, [0, 1, 2, 3], [8, 9, 10, 11])
+    ctl.release(result)
+    ctl.check_integrity()
+    ctl.close()

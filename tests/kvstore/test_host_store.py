@@ -30,7 +30,7 @@ def write(store, keys, value):
     assert slots is not None
     for slot in slots:
         store.pool.tensor[slot].fill_(value)
-    store.commit(keys, slots, None)
+    store.commit(keys, slots, [None] * len(keys))
     return slots
 
 
@@ -68,13 +68,19 @@ class HostStoreMachine(RuleBasedStateMachine):
         new = [key(k) for k in keys if key(k) not in self.store.index]
         slots = self.store.reserve(len(new))
         if slots is not None:
-            self.store.commit(new, slots, None)
+            self.store.commit(new, slots, [None] * len(new))
 
     @rule(keys=st.lists(st.integers(0, 12), min_size=1, max_size=3, unique=True))
     def lease_present(self, keys):
         present = [key(k) for k in keys if key(k) in self.store.index]
         self.store.lease(present)
         self.held.append(present)
+
+    @rule(keys=st.lists(st.integers(0, 12), min_size=1, max_size=3, unique=True))
+    def discard_unleased(self, keys):
+        gone = [key(k) for k in keys if key(k) in self.store.index and not self.store.index.is_leased(key(k))]
+        self.store.discard(gone)
+        assert all(k not in self.store.index for k in gone)
 
     @rule()
     def release_oldest(self):
