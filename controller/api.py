@@ -70,7 +70,8 @@ class LoadHandle(ABC):
     """Progress of one load into the engine's device pool.
 
     Pages are readable in the device pool at layer ``i`` only after
-    ``wait_layer(i)`` returns.
+    ``wait_layer(i)`` returns. Waits are valid only while the lease of the
+    lookup is held: after ``release`` they raise CacheError.
     """
 
     @abstractmethod
@@ -80,10 +81,6 @@ class LoadHandle(ABC):
     @abstractmethod
     def wait_all(self) -> None:
         """Make every layer readable by the engine (as wait_layer does for one)."""
-
-    def synchronize(self) -> None:
-        """Block the host until the copy has finished reading its source pages."""
-        self.wait_all()
 
 
 class CacheClient(ABC):
@@ -95,8 +92,9 @@ class CacheClient(ABC):
     def lookup(self, tokens: Sequence[int] | np.ndarray) -> LookupResult:
         """Find the longest cached prefix of ``tokens`` (whole pages only) and lease it.
 
-        Pages found only in L3 are read into L2 before this returns. Changes no
-        cached data; takes a lease that the caller must end with ``release``.
+        Pages found only in L3 are read into L2 before this returns (which may
+        evict other, unleased L2 pages). Takes a lease that the caller must end
+        with ``release``.
         """
 
     @abstractmethod

@@ -22,12 +22,16 @@ class AsyncRunner:
         self._thread.start()
 
     def run(self, coro: Awaitable[T], timeout_s: float | None = None) -> T:
-        """Run ``coro`` on the loop and return its result; raises TimeoutError after ``timeout_s``."""
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        """Run ``coro`` on the loop and return its result; raises TimeoutError after ``timeout_s``.
+
+        The timeout is applied on the loop and this call returns only once the
+        coroutine has really stopped: a timed-out read can't go on writing into
+        buffers that the caller reuses after the error.
+        """
+        future = asyncio.run_coroutine_threadsafe(_bounded(coro, timeout_s), self._loop)
         try:
-            return future.result(timeout_s)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
+            return future.result()
+        except asyncio.TimeoutError:
             raise TimeoutError(f"L3 call did not finish within {timeout_s} s") from None
 
     def submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
@@ -40,4 +44,11 @@ class AsyncRunner:
             return
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            # A call is stuck in a blocking step; closing a running loop would raise.
+            return
         self._loop.close()
+
+
+async def _bounded(coro: Awaitable[T], timeout_s: float | None) -> T:
+    return await asyncio.wait_for(coro, timeout_s)

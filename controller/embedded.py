@@ -21,7 +21,7 @@ import torch
 from controller.api import CacheClient, CacheError, CacheStats, LoadHandle, LookupResult, StoreResult
 from controller.async_runner import AsyncRunner
 from controller.config import ControllerConfig
-from controller.load_handle import CompletedLoad, CudaStreamLoad, LazyLayerLoad
+from controller.load_handle import CompletedLoad, ControllerLoad, CudaStreamLoad, LazyLayerLoad
 from kvstore.copy_ops import copy_backend_for
 from kvstore.host_pool import HostPool
 from kvstore.host_store import HostStore
@@ -47,17 +47,18 @@ class EmbeddedController(CacheClient):
         self._stream = torch.cuda.Stream(device_pool.device) if device_pool.is_cuda else None
         self.stats = CacheStats()
         self._leases: dict[int, LookupResult] = {}
-        self._loads: dict[int, LoadHandle] = {}  # lease id -> load that may still be in flight
+        self._loads: dict[int, list[ControllerLoad]] = {}  # lease id -> its loads
         self._lease_ids = itertools.count(1)
         self._runner: AsyncRunner | None = None
         self._l3 = None
-        self._host = HostStore(
-            HostPool(self.layout, config.host_pool_pages),
-            policy=config.eviction_policy,
-            on_evict=self._on_evict,
-        )
+        pool = HostPool(self.layout, config.host_pool_pages)
+        self._host = HostStore(pool, policy=config.eviction_policy, on_evict=self._on_evict)
         if config.l3.connector is not None:
-            self._open_l3()
+            try:
+                self._open_l3()
+            except BaseException:
+                pool.close()
+                raise
 
     def _open_l3(self) -> None:
         from connectors import open_connector
@@ -91,16 +92,21 @@ class EmbeddedController(CacheClient):
         # evict a later page of the same chain.
         self._host.lease([k for k, held in zip(keys, in_l2) if held])
         num_hit, num_l3 = 0, 0
-        while num_hit < len(keys):
-            if in_l2[num_hit]:
-                num_hit += 1
-                continue
-            gap_end = next((j for j in range(num_hit, len(keys)) if in_l2[j]), len(keys))
-            fetched = self._fetch_from_l3(keys, num_hit, gap_end) if self._l3 is not None else 0
-            num_hit += fetched
-            num_l3 += fetched
-            if num_hit < gap_end:
-                break
+        try:
+            while num_hit < len(keys):
+                if in_l2[num_hit]:
+                    num_hit += 1
+                    continue
+                gap_end = next((j for j in range(num_hit, len(keys)) if in_l2[j]), len(keys))
+                fetched = self._fetch_from_l3(keys, num_hit, gap_end) if self._l3 is not None else 0
+                num_hit += fetched
+                num_l3 += fetched
+                if num_hit < gap_end:
+                    break
+        except BaseException:
+            self._host.release([k for k, held in zip(keys, in_l2) if held] + [
+                k for k, held in zip(keys[:num_hit], in_l2[:num_hit]) if not held])
+            raise
         self._host.release([k for k, held in zip(keys[num_hit:], in_l2[num_hit:]) if held])
         hit = keys[:num_hit]
         self._host.touch(hit)
@@ -171,10 +177,10 @@ class EmbeddedController(CacheClient):
             )
 
         if self._stream is not None:
-            handle: LoadHandle = CudaStreamLoad(self.layout.num_layers, copy_layer, self._stream)
+            handle: ControllerLoad = CudaStreamLoad(self.layout.num_layers, copy_layer, self._stream)
         else:
             handle = LazyLayerLoad(self.layout.num_layers, copy_layer)
-        self._loads[result.lease_id] = handle
+        self._loads.setdefault(result.lease_id, []).append(handle)
         return handle
 
     # ---- store --------------------------------------------------------------------
@@ -184,24 +190,35 @@ class EmbeddedController(CacheClient):
             raise CacheError(
                 f"store() got {len(device_pages)} device pages for {len(keys)} full pages of tokens"
             )
+        self._check_device_pages(device_pages[: len(keys)])
         index = self._host.index
         absent = [i for i, key in enumerate(keys) if key not in index]
         self._host.touch([key for key in keys if key in index])
         slots = self._reserve_up_to(len(absent)) if absent else []
         placed = absent[: len(slots)]
         if placed:
-            self._copy.copy_pages(
-                self._device_pool, self.layout, [device_pages[i] for i in placed],
-                self._host.pool.tensor, self._host.pool.layout, slots,
-            )
-            if self._device_pool.is_cuda:
-                torch.cuda.current_stream(self._device_pool.device).synchronize()
+            try:
+                self._copy.copy_pages(
+                    self._device_pool, self.layout, [device_pages[i] for i in placed],
+                    self._host.pool.tensor, self._host.pool.layout, slots,
+                )
+                if self._device_pool.is_cuda:
+                    torch.cuda.current_stream(self._device_pool.device).synchronize()
+            except BaseException:
+                self._host.abort(slots)
+                raise
             placed_keys = [keys[i] for i in placed]
             self._host.commit(placed_keys, slots, [keys[i - 1] if i else None for i in placed])
             self.stats.num_stored_pages += len(placed)
             if self._l3 is not None and self.config.l3.write_policy == "write_through":
                 self._put_to_l3(placed_keys, slots)
         return StoreResult(len(keys), len(placed), len(absent) - len(placed))
+
+    def _check_device_pages(self, pages: Sequence[int]) -> None:
+        num_pages = self._device_pool.shape[2 if self.layout.arrangement == "layer_first" else 0]
+        bad = [p for p in pages if not 0 <= int(p) < num_pages]
+        if bad:
+            raise CacheError(f"device pages {bad[:4]} are outside the engine pool of {num_pages} pages")
 
     # ---- L3 writes ------------------------------------------------------------------
     def _on_evict(self, keys: list[PageKey], slots: list[int]) -> None:
@@ -219,26 +236,34 @@ class EmbeddedController(CacheClient):
 
     # ---- leases and life cycle ---------------------------------------------------------
     def release(self, result: LookupResult) -> None:
-        if self._leases.pop(result.lease_id, None) is None:
+        held = self._leases.get(result.lease_id)
+        if held is None:
             return
-        handle = self._loads.pop(result.lease_id, None)
-        if handle is not None:
-            # The slots may be rewritten once unleased: the copy out of them must be over.
-            handle.synchronize()
-        self._host.release(result.keys)
+        if held != result:
+            raise CacheError(f"release() got a result that is not lease {result.lease_id} of this cache")
+        del self._leases[result.lease_id]
+        for handle in self._loads.pop(result.lease_id, ()):
+            # The slots may be rewritten once unleased: copies out of them must be over.
+            handle.finish()
+        self._host.release(held.keys)
 
-    def check_integrity(self) -> None:
-        self._host.check_integrity()
+    def check_integrity(self, quiescent: bool = False) -> None:
+        """Raise if L2's pool, index and leases disagree (``quiescent``: and nothing is held)."""
+        self._host.check_integrity(quiescent)
 
     def close(self) -> None:
-        for result in list(self._leases.values()):
-            self.release(result)
-        if self._l3 is not None:
+        """Release every lease, close L3, stop the I/O thread and remove the host pool,
+        each even if an earlier step fails."""
+        try:
+            for result in list(self._leases.values()):
+                self.release(result)
+            if self._l3 is not None:
+                l3, self._l3 = self._l3, None
+                self._l3_call(l3.close())
+        finally:
             try:
-                self._l3_call(self._l3.close())
+                if self._runner is not None:
+                    self._runner.close()
+                    self._runner = None
             finally:
-                self._l3 = None
-        if self._runner is not None:
-            self._runner.close()
-            self._runner = None
-        self._host.pool.close()
+                self._host.pool.close()

@@ -13,12 +13,26 @@ from typing import Callable
 
 import torch
 
-from controller.api import LoadHandle
+from controller.api import CacheError, LoadHandle
 
 CopyLayer = Callable[[int, object], None]  # (layer, stream) -> enqueue that layer's copy
 
 
-class CompletedLoad(LoadHandle):
+class ControllerLoad(LoadHandle):
+    """A load the controller can end when its lease is released."""
+
+    _is_finished = False
+
+    def finish(self) -> None:
+        """Return once nothing reads the source slots any more; later waits raise."""
+        self._is_finished = True
+
+    def _check_live(self) -> None:
+        if self._is_finished:
+            raise CacheError("this load's lease was released; lookup() and load() again")
+
+
+class CompletedLoad(ControllerLoad):
     """A load with nothing to move (no hit pages)."""
 
     def wait_layer(self, layer: int) -> None:
@@ -28,7 +42,7 @@ class CompletedLoad(LoadHandle):
         return None
 
 
-class LazyLayerLoad(LoadHandle):
+class LazyLayerLoad(ControllerLoad):
     """Copies layers in order on the caller's thread as they are waited on."""
 
     def __init__(self, num_layers: int, copy_layer: CopyLayer) -> None:
@@ -39,6 +53,8 @@ class LazyLayerLoad(LoadHandle):
     def wait_layer(self, layer: int) -> None:
         if not 0 <= layer < self._num_layers:
             raise ValueError(f"layer must be in [0, {self._num_layers}), got {layer}")
+        if self._num_done <= layer:
+            self._check_live()  # the slots may hold another page by now
         while self._num_done <= layer:
             self._copy_layer(self._num_done, None)
             self._num_done += 1
@@ -46,11 +62,8 @@ class LazyLayerLoad(LoadHandle):
     def wait_all(self) -> None:
         self.wait_layer(self._num_layers - 1)
 
-    def synchronize(self) -> None:
-        """Nothing runs in the background: layers not yet waited on are simply not copied."""
 
-
-class CudaStreamLoad(LoadHandle):
+class CudaStreamLoad(ControllerLoad):
     """All layers enqueued on a side stream, one event per layer."""
 
     def __init__(self, num_layers: int, copy_layer: CopyLayer, stream: torch.cuda.Stream) -> None:
@@ -65,10 +78,12 @@ class CudaStreamLoad(LoadHandle):
             self._events.append(event)
 
     def wait_layer(self, layer: int) -> None:
+        self._check_live()
         torch.cuda.current_stream().wait_event(self._events[layer])
 
     def wait_all(self) -> None:
         self.wait_layer(len(self._events) - 1)
 
-    def synchronize(self) -> None:
+    def finish(self) -> None:
         self._events[-1].synchronize()
+        super().finish()

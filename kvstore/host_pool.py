@@ -105,6 +105,11 @@ class HostPool:
     def num_free(self) -> int:
         return len(self._free_stack)
 
+    @property
+    def num_reserved(self) -> int:
+        """Slots being written (reserved, not yet ready)."""
+        return int(np.count_nonzero(self._states == RESERVED))
+
     def state(self, slot: int) -> str:
         return _STATE_NAMES[int(self._states[slot])]
 

@@ -11,6 +11,7 @@ caller's ``on_evict`` hook, run while the slots still hold the data.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable, Sequence
 
 from kvstore.host_pool import HostPool
@@ -53,8 +54,10 @@ class HostStore:
                 return None
             keys = [k for k, _ in victims]
             slots = [s for _, s in victims]
-            self.on_evict(keys, slots)
-            self.pool.free(slots)
+            try:
+                self.on_evict(keys, slots)
+            finally:
+                self.pool.free(slots)  # the pages left the index; their slots must come back
         return self.pool.try_reserve(n)
 
     def commit(
@@ -67,7 +70,13 @@ class HostStore:
             self.index.insert(key, slot, parent)
 
     def discard(self, keys: Sequence[PageKey]) -> None:
-        """Drop present, unleased pages without passing them to ``on_evict``."""
+        """Drop present, unleased pages without passing them to ``on_evict``.
+        Raises (and changes nothing) if any is absent, leased or named twice."""
+        if len(set(keys)) != len(keys):
+            raise TierIndexError("discard() got a key twice")
+        for key in keys:
+            if key not in self.index or self.index.is_leased(key):
+                raise TierIndexError(f"discard() of key {key.hex()} that is absent or leased")
         self.pool.free([self.index.remove(k) for k in keys])
 
     def abort(self, slots: Sequence[int]) -> None:
@@ -85,12 +94,18 @@ class HostStore:
         return slots
 
     def release(self, keys: Sequence[PageKey]) -> None:
+        """End one lease on each key. Raises (and changes nothing) if a key holds fewer
+        leases than it is named here."""
+        for key, count in Counter(keys).items():
+            if self.index.lease_count(key) < count:
+                raise TierIndexError(f"release() of key {key.hex()} that holds no lease")
         slots = self.slots_of(keys)
         self.index.release(keys)
         self.pool.unlease(slots)
 
-    def check_integrity(self) -> None:
-        """Raise if the pool, the index and the leases disagree."""
+    def check_integrity(self, quiescent: bool = False) -> None:
+        """Raise if the pool, the index and the leases disagree. ``quiescent``: also
+        require that no slot is mid-write and no lease is held (between requests)."""
         self.pool.check_integrity()
         self.index.check_integrity()
         slots = [slot for _, slot in self.index.items()]
@@ -104,3 +119,8 @@ class HostStore:
                 raise TierIndexError(
                     f"slot {slot} has {self.pool.lease_count(slot)} pool leases, index says {leased}"
                 )
+        num_ready = self.pool.num_slots - self.pool.num_free - self.pool.num_reserved
+        if num_ready != len(slots):
+            raise TierIndexError(f"{num_ready} ready slots but {len(slots)} indexed pages: a slot leaked")
+        if quiescent and (self.pool.num_reserved or any(self.index.lease_count(k) for k, _ in self.index.items())):
+            raise TierIndexError("slots are reserved or leased while the store should be idle")

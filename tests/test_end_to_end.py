@@ -42,7 +42,7 @@ def run_pair(tmp_path, device: str, arrangement: str, host_pages: int):
         totals["l2"] += a.num_l2_tokens
         totals["l3"] += a.num_l3_tokens
         history[session] = prompt + a.tokens
-        cache.check_integrity()
+        cache.check_integrity(quiescent=True)
     cache.close()
     return totals
 

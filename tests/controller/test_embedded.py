@@ -1,5 +1,7 @@
 """The embedded controller with a CPU 'device' pool: store, lookup, load, spill to L3 and back."""
 
+import os
+
 import pytest
 import torch
 
@@ -49,7 +51,7 @@ def test_store_then_lookup_and_load_round_trip(tmp_path):
         handle.wait_layer(layer)
     ctl.release(result)
     assert pages_equal(pool, [0, 1, 2, 3], [10, 11, 12, 13])
-    ctl.check_integrity()
+    ctl.check_integrity(quiescent=True)
     ctl.close()
 
 
@@ -77,7 +79,7 @@ def test_evicted_pages_spill_to_disk_and_come_back(tmp_path):
     ctl.load(result, [20, 21, 22, 23]).wait_all()
     ctl.release(result)
     assert pages_equal(pool, [0, 1, 2, 3], [20, 21, 22, 23])
-    ctl.check_integrity()
+    ctl.check_integrity(quiescent=True)
     ctl.close()
 
 
@@ -87,9 +89,11 @@ def test_leased_pages_are_not_evicted_and_full_pools_skip(tmp_path):
     held = ctl.lookup(list(range(16)))
     stored = ctl.store(list(range(200, 208)), [4, 5])
     assert (stored.num_new_pages, stored.num_skipped_pages) == (0, 2)
-    assert ctl.lookup(list(range(16))).num_l2_pages == 4
+    again = ctl.lookup(list(range(16)))
+    assert again.num_l2_pages == 4
+    ctl.release(again)
     ctl.release(held)
-    ctl.check_integrity()
+    ctl.check_integrity(quiescent=True)
     ctl.close()
 
 
@@ -128,12 +132,18 @@ def test_config_errors_name_the_field():
         L3Config(connector="disk", write_policy="sometimes")
 
 
+def shm_segments() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith(f"kvstore-{os.getpid()}-")}
+
+
 def test_unknown_l3_connector_is_refused_with_the_choices(tmp_path):
     from connectors import ConnectorError
 
+    before = shm_segments()
     with pytest.raises(ConnectorError, match="disk"):
         EmbeddedController(ControllerConfig(l3=L3Config("tape")), NAMESPACE,
                            torch.zeros(LAYOUT.pool_shape(4)))
+    assert shm_segments() == before  # the host pool made before the failure is gone
 
 
 def test_an_unreachable_l3_turns_into_misses_not_errors(tmp_path):
@@ -151,7 +161,7 @@ def test_an_unreachable_l3_turns_into_misses_not_errors(tmp_path):
     result = ctl.lookup(list(range(16)))
     assert (result.num_l2_pages, result.num_l3_pages) == (2, 0)  # the rest never reached L3
     ctl.release(result)
-    ctl.check_integrity()
+    ctl.check_integrity(quiescent=True)
     ctl.close()
 
 
@@ -173,5 +183,45 @@ def test_store_fills_a_gap_in_the_middle_of_a_cached_chain(tmp_path):
     ctl.load(result, [8, 9, 10, 11]).wait_all()
     assert pages_equal(pool, [0, 1, 2, 3], [8, 9, 10, 11])
     ctl.release(result)
-    ctl.check_integrity()
+    ctl.check_integrity(quiescent=True)
     ctl.close()
+
+
+def test_waiting_on_a_load_after_release_is_refused(tmp_path):
+    ctl, pool = make_controller(tmp_path, l3=None)
+    fill_pages(pool, range(2), seed=4)
+    ctl.store(list(range(8)), [0, 1])
+    result = ctl.lookup(list(range(8)))
+    handle = ctl.load(result, [5, 6])
+    handle.wait_layer(0)
+    ctl.release(result)
+    handle.wait_layer(0)  # already copied: still fine
+    with pytest.raises(CacheError, match="released"):
+        handle.wait_layer(1)  # the slots may hold other pages by now
+    ctl.close()
+
+
+def test_a_store_with_bad_device_pages_changes_nothing(tmp_path):
+    ctl, pool = make_controller(tmp_path, host_pages=2, l3=None)
+    for _ in range(3):
+        with pytest.raises(CacheError, match="outside the engine pool"):
+            ctl.store(list(range(100, 108)), [0, NUM_DEVICE_PAGES + 5])
+    ctl.check_integrity(quiescent=True)
+    assert ctl.store(list(range(8)), [0, 1]).num_new_pages == 2
+    ctl.close()
+
+
+def test_release_of_a_result_from_another_cache_is_refused(tmp_path):
+    a, _ = make_controller(tmp_path, l3=None)
+    b, _ = make_controller(tmp_path, l3=None)
+    a.store(list(range(8)), [0, 1])
+    b.store(list(range(100, 108)), [0, 1])
+    ra, rb = a.lookup(list(range(8))), b.lookup(list(range(100, 108)))
+    assert ra.lease_id == rb.lease_id
+    with pytest.raises(CacheError, match="not lease"):
+        a.release(rb)
+    a.release(ra)
+    b.release(rb)
+    a.check_integrity(quiescent=True)
+    a.close()
+    b.close()

@@ -6,6 +6,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from kvstore.host_pool import HostPool
 from kvstore.host_store import HostStore
 from kvstore.layout import KVLayout
+from kvstore.tier_index import TierIndexError
 
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, page_size=2, dtype="float32")
 
@@ -52,6 +53,34 @@ def test_leased_pages_survive_and_a_full_leased_store_refuses(store):
     assert store.reserve(1) == [slots[1]]
     store.abort([slots[1]])
     store.check_integrity()
+
+
+def test_a_failing_eviction_hook_still_frees_the_slots():
+    pool = HostPool(LAYOUT, 2)
+
+    def broken_spill(keys, slots):
+        raise OSError("disk gone")
+
+    store = HostStore(pool, "lru", on_evict=broken_spill)
+    write(store, [key(0), key(1)], 1.0)
+    with pytest.raises(OSError):
+        store.reserve(1)
+    store.check_integrity()
+    assert store.reserve(1) is not None  # the slot came back
+    pool.close()
+
+
+def test_refused_release_and_discard_change_nothing(store):
+    write(store, [key(0), key(1)], 1.0)
+    store.lease([key(0)])
+    with pytest.raises(TierIndexError, match="no lease"):
+        store.release([key(0), key(0)])
+    with pytest.raises(TierIndexError, match="absent or leased"):
+        store.discard([key(1), key(0)])
+    store.check_integrity()
+    assert key(1) in store.index and store.index.lease_count(key(0)) == 1
+    store.release([key(0)])
+    store.check_integrity(quiescent=True)
 
 
 class HostStoreMachine(RuleBasedStateMachine):
