@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, Mapping
 
+from kvstore.copy_ops import copy_backend_names
 from kvstore.eviction import DEFAULT_POLICY, policy_names
 
 WritePolicy = Literal["write_back", "write_through"]
@@ -54,9 +55,15 @@ class ControllerConfig:
     """Copy op for L1<->L2 moves; None picks the best one for the engine's device."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.host_pool_pages, int) or self.host_pool_pages <= 0:
+        if (not isinstance(self.host_pool_pages, int) or isinstance(self.host_pool_pages, bool)
+                or self.host_pool_pages <= 0):
             raise ConfigError(
                 f"ControllerConfig.host_pool_pages must be a positive int, got {self.host_pool_pages!r}"
+            )
+        if self.copy_backend is not None and self.copy_backend not in copy_backend_names():
+            raise ConfigError(
+                f"ControllerConfig.copy_backend {self.copy_backend!r} is unknown; use None (pick by "
+                f"device) or one of {copy_backend_names()}"
             )
         if self.eviction_policy not in policy_names():
             raise ConfigError(

@@ -128,6 +128,10 @@ def test_config_errors_name_the_field():
         ControllerConfig(host_pool_pages=0)
     with pytest.raises(ConfigError, match="eviction_policy"):
         ControllerConfig(eviction_policy="random")
+    with pytest.raises(ConfigError, match="host_pool_pages"):
+        ControllerConfig(host_pool_pages=True)
+    with pytest.raises(ConfigError, match="copy_backend"):
+        ControllerConfig(copy_backend="teleport")
     with pytest.raises(ConfigError, match="write_policy"):
         L3Config(connector="disk", write_policy="sometimes")
 
