@@ -72,6 +72,7 @@ class S3FIFOPolicy(EvictionPolicy):
     def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
         victims: list[PageKey] = []
         chosen: set[PageKey] = set()
+        leased_small: set[PageKey] = set()  # passed over this call; no longer counted as small
         num_small_chosen = 0
         small_target = max(1, int(self._size() * self._small_fraction))
         # Each page can be passed over (promoted, reinserted, leased) a bounded
@@ -79,10 +80,10 @@ class S3FIFOPolicy(EvictionPolicy):
         budget = (_MAX_FREQ + 2) * (len(self._freq) + 1)
         while len(victims) < n and budget > 0:
             budget -= 1
-            small_left = len(self._small) - num_small_chosen
+            small_left = len(self._small) - num_small_chosen - len(leased_small)
             main_left = len(self._main) - (len(victims) - num_small_chosen)
             if small_left > 0 and (small_left >= small_target or main_left <= 0):
-                key = self._step_small(chosen, is_evictable)
+                key = self._step_small(chosen, leased_small, is_evictable)
                 num_small_chosen += key is not None
             elif main_left > 0:
                 key = self._step_main(chosen, is_evictable)
@@ -99,15 +100,19 @@ class S3FIFOPolicy(EvictionPolicy):
                 return key
         raise RuntimeError("S3-FIFO queue has no unchosen key")  # callers check counts
 
-    def _step_small(self, chosen: set[PageKey], is_evictable: Callable[[PageKey], bool]) -> PageKey | None:
+    def _step_small(
+        self, chosen: set[PageKey], leased: set[PageKey], is_evictable: Callable[[PageKey], bool]
+    ) -> PageKey | None:
         """Look at the oldest page of the small queue: promote it, skip it, or name it."""
-        key = self._oldest(self._small, chosen)
+        key = self._oldest(self._small, chosen | leased)
         if self._freq[key] > 0:
             del self._small[key]
             self._main[key] = None
             self._freq[key] = 0
             return None
         if not is_evictable(key):
+            # Skipped for the rest of this call, so the main queue gets its turn.
+            leased.add(key)
             self._small.move_to_end(key)
             return None
         return key
