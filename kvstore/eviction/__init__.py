@@ -20,6 +20,7 @@ _POLICIES: dict[str, str] = {
     "prefix-lru": "kvstore.eviction.prefix_lru:PrefixLRUPolicy",
     "prefix-lfuda": "kvstore.eviction.prefix_lfuda:PrefixLFUDAPolicy",
     "prefix-slru": "kvstore.eviction.prefix_slru:PrefixSLRUPolicy",
+    "prefix-lhd": "kvstore.eviction.prefix_lhd:PrefixLHDPolicy",
 }
 
 # The service's default: on both bench workloads (bench/hitrate.py) it is at or

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
+from kvstore.eviction import prefix_lhd
+from kvstore.replay import replay, trace_from_block_ids
 from kvstore.tier_index import TierIndex
 
 ANY = lambda k: True  # noqa: E731
@@ -120,4 +126,73 @@ def test_prefix_slru_protection_expires_after_two_idle_lifetimes() -> None:
             assert victim != key(1) or k == 22
         index.insert(key(k), k)
     assert key(1) not in index  # demoted when it went stale, then evicted like any page
+    index.check_integrity()
+
+
+# ---- prefix-lhd ---------------------------------------------------------------
+E8, E9, E40 = 2 ** (9 / 4), 2 ** (10 / 4), 2 ** (41 / 4)  # upper edges of buckets 8, 9, 40
+
+
+def lhd_counts(**buckets: int) -> list[float]:
+    """An interval histogram with ``b<bucket>=count`` entries, e.g. lhd_counts(b8=2)."""
+    counts = [0.0] * prefix_lhd._NUM_BUCKETS
+    for name, count in buckets.items():
+        counts[int(name[1:])] = float(count)
+    return counts
+
+
+def test_prefix_lhd_hull_steps_charge_each_interval_its_age_cap() -> None:
+    # One reuse at L <= E8, one at L <= E40. Keeping until E8 earns 1 hit and
+    # costs E8 for it plus E8 for the page still waiting; going on to E40 earns
+    # the second hit for E40 - E8 more.
+    steps = prefix_lhd._hull_steps(lhd_counts(b8=1, b40=1), censored=0.0)
+    assert steps == [(pytest.approx(2 * E8), 1.0, E8), (pytest.approx(E40 - E8), 1.0, E40)]
+    # A step that pays less than a longer one is skipped (upper concave hull):
+    # 1 hit at E8 among 9 pages (1 per 9 x E8), then the other 8 at E9, just
+    # after: stopping at E8 is never worth it.
+    (step,) = prefix_lhd._hull_steps(lhd_counts(b8=1, b9=8), censored=0.0)
+    assert step == (pytest.approx(E8 + 8 * E9), 9.0, E9)
+
+
+def test_prefix_lhd_spends_the_budget_on_the_best_hits_per_page_reference() -> None:
+    # Class 0: 1 of 10 pages reused after <= E8 (the other 9 never): 1 hit for
+    # 10 x E8. Class 1: both pages reused after <= E8: 2 hits for 2 x E8.
+    counts = [lhd_counts(b8=1), lhd_counts(b8=2)]
+    censored = [9.0, 0.0]
+    assert prefix_lhd.fit_retention(counts, censored, budget=100.0) == [E8, E8]
+    # Budget 2 x E8 + 5 x E8: class 1 first (10x the hits per cost), then half
+    # of class 0's step: its pages are kept half as long.
+    retention = prefix_lhd.fit_retention(counts, censored, budget=7 * E8)
+    assert retention == [pytest.approx(E8 / 2), E8]
+    assert prefix_lhd.fit_retention(counts, censored, budget=E8) == [0.0, pytest.approx(E8 / 2)]
+
+
+def test_prefix_lhd_with_one_class_is_prefix_lru() -> None:
+    rng = random.Random(7)
+    requests = [[0] + [rng.randrange(1, 60) * 100 + j for j in range(rng.randrange(1, 6))]
+                for _ in range(3000)]
+    trace = trace_from_block_ids("random", requests)
+    lhd = replay(trace, 40, prefix_lhd.PrefixLHDPolicy(num_classes=1))
+    assert lhd.num_hits == replay(trace, 40, "prefix-lru").num_hits
+
+
+def test_prefix_lhd_learns_to_give_up_new_pages_first() -> None:
+    # Capacity 16. Four hot pages are used every 20 references; every other
+    # reference is a new page never seen again. LRU keeps each page ~16
+    # references, too short for the hot ones. After some fits, prefix-lhd
+    # keeps first-seen pages (class 0) a short time and reused ones long.
+    index = TierIndex(16, "prefix-lhd")
+    policy, fresh = index.policy, 10_000
+    for step in range(3000):
+        hot = key(step % 20) if step % 20 < 4 else None
+        k = hot or key(fresh + step)
+        if k in index:
+            index.touch((k,))
+            continue
+        if index.num_free == 0:
+            index.evict(1)
+        index.insert(k, step)
+    t_new, t_reused = policy.retention[0], policy.retention[1]
+    assert t_new < 20 <= t_reused
+    assert all(key(h) in index for h in range(4))
     index.check_integrity()
