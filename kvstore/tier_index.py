@@ -22,7 +22,7 @@ class TierIndexError(RuntimeError):
 class TierIndex:
     """Key -> slot map of one tier with leases, prefix matching and policy-driven eviction."""
 
-    __slots__ = ("capacity", "policy", "_slots", "_leases")
+    __slots__ = ("capacity", "policy", "_slots", "_leases", "_parent_of", "_waiting")
 
     def __init__(self, capacity: int, policy: EvictionPolicy | str = "lru") -> None:
         if capacity <= 0:
@@ -32,6 +32,11 @@ class TierIndex:
         self.policy.set_capacity(capacity)
         self._slots: dict[PageKey, int] = {}
         self._leases: dict[PageKey, int] = {}  # only keys with a lease > 0
+        # A page inserted while its parent is absent (the parent was evicted, or
+        # arrives later from L3) is linked to the parent when the parent comes:
+        # child -> its absent parent, and absent parent -> those children.
+        self._parent_of: dict[PageKey, PageKey] = {}
+        self._waiting: dict[PageKey, set[PageKey]] = {}
 
     # ---- queries (change nothing) -------------------------------------------
     def __len__(self) -> int:
@@ -85,7 +90,14 @@ class TierIndex:
         if len(self._slots) >= self.capacity:
             raise TierIndexError(f"index is full ({self.capacity} pages): evict() before insert()")
         self._slots[key] = slot
-        self.policy.on_insert(key, parent if parent in self._slots else None)
+        if parent is not None and parent not in self._slots:
+            self._parent_of[key] = parent
+            self._waiting.setdefault(parent, set()).add(key)
+            parent = None
+        self.policy.on_insert(key, parent)
+        for child in self._waiting.pop(key, ()):
+            del self._parent_of[child]
+            self.policy.on_link(child, key)
 
     def remove(self, key: PageKey) -> int:
         """Drop ``key`` and return its slot. Raises if it is absent or leased."""
@@ -93,6 +105,12 @@ class TierIndex:
             raise TierIndexError(f"key {key.hex()} is leased; release it before removing")
         slot = self._slots.pop(key)
         self.policy.on_remove(key)
+        parent = self._parent_of.pop(key, None)
+        if parent is not None:
+            waiting = self._waiting[parent]
+            waiting.discard(key)
+            if not waiting:
+                del self._waiting[parent]
         return slot
 
     def evict(self, n: int) -> list[tuple[PageKey, int]]:
@@ -136,6 +154,9 @@ class TierIndex:
             raise TierIndexError(f"{len(stray)} leases on keys not in the index")
         if any(c <= 0 for c in self._leases.values()):
             raise TierIndexError("a lease count is not positive")
+        if any(k not in self._slots for k in self._parent_of) or any(
+                p in self._slots for p in self._waiting):
+            raise TierIndexError("a child waits for a parent that is cached, or is gone itself")
         if len(self.policy) != len(self._slots):
             raise TierIndexError(
                 f"policy tracks {len(self.policy)} pages, index holds {len(self._slots)}"

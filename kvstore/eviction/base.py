@@ -41,6 +41,11 @@ class EvictionPolicy(ABC):
     def on_insert(self, key: PageKey, parent: PageKey | None) -> None:
         """``key`` entered the tier; ``parent`` is the previous page of its chain, if cached."""
 
+    def on_link(self, child: PageKey, parent: PageKey) -> None:
+        """``parent`` just entered the tier and ``child``, cached since before, is the next
+        page of its chain (the child came first: its parent had been evicted, or is
+        back from L3). Optional; policies that ignore chains ignore it."""
+
     @abstractmethod
     def on_access(self, key: PageKey) -> None:
         """``key`` was hit (or stored again)."""

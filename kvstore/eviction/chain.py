@@ -70,6 +70,12 @@ class ChainPolicy(EvictionPolicy):
         prio = self._prio[key] = self._inserted(key)
         heapq.heappush(self._heap, (prio, key))
 
+    def on_link(self, child: PageKey, parent: PageKey) -> None:
+        # The child stops being a root; the parent, just inserted as a leaf, stops
+        # being one (its heap entry goes stale: choose_victims skips non-leaves).
+        self._parent[child] = (parent, self._serial[parent])
+        self._num_children[parent] = self._num_children.get(parent, 0) + 1
+
     def on_access(self, key: PageKey) -> None:
         prio = self._prio[key] = self._accessed(key, self._prio[key])
         if key not in self._num_children:  # a leaf: push; a parent is pushed when it becomes one

@@ -2,6 +2,7 @@ import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from kvstore.eviction import policy_names
 from kvstore.tier_index import TierIndex, TierIndexError
 
 
@@ -131,3 +132,24 @@ class LRUIndexMachine(RuleBasedStateMachine):
 
 TestLRUIndexMachine = LRUIndexMachine.TestCase
 TestLRUIndexMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+@pytest.mark.parametrize("policy", [p for p in policy_names()
+                                    if p.startswith("prefix-")])
+def test_a_parent_that_arrives_after_its_child_is_linked_to_it(policy):
+    index = TierIndex(8, policy)
+    index.insert(key(0), 0)
+    index.insert(key(2), 2, parent=key(1))  # key(1) is not cached (yet)
+    index.insert(key(1), 1, parent=key(0))  # the gap is filled, e.g. from L3
+    index.touch([key(2)])  # the child is the most recent page, but the only leaf
+    assert index.evict(1) == [(key(2), 2)]
+    index.check_integrity()
+
+
+def test_a_child_waiting_for_its_parent_can_leave_first():
+    index = TierIndex(8, "prefix-slru")
+    index.insert(key(2), 2, parent=key(1))
+    index.remove(key(2))
+    index.insert(key(1), 1)
+    index.check_integrity()
+    assert index.evict(1) == [(key(1), 1)]
