@@ -240,7 +240,11 @@ class Connector(ABC):
 
         async def one(lo: int, hi: int) -> None:
             stored = await self._call(self._raw_put_many, keys[lo:hi], frames[lo:hi])
-            if stored is not None:
+            if stored is not None and _length(stored) != hi - lo:   # a backend bug
+                self._stats.errors += 1
+                log.warning("%s: _raw_put_many returned %s results for %d keys; all failed",
+                            type(self).__name__, _length(stored), hi - lo)
+            elif stored is not None:
                 result[lo:hi] = [bool(s) for s in stored]
 
         await run_ranges(split_ranges([len(f) for f in frames], self._max_keys, self._max_bytes),
@@ -293,16 +297,31 @@ class Connector(ABC):
             frames = await self._call(self._raw_get_many, keys[lo:hi])
             if frames is None:
                 return
-            jobs, found, sizes = [], [], 0
+            if _length(frames) != hi - lo:   # a backend bug: no frame can be matched to its key
+                self._stats.errors += 1
+                log.warning("%s: _raw_get_many returned %s values for %d keys; all missed",
+                            type(self).__name__, _length(frames), hi - lo)
+                return
+            jobs, found, sizes, statuses = [], [], 0, {}
             for i, frame in enumerate(frames, start=lo):
-                if frame is not None:
-                    jobs.append(self._guarded(decode, i, frame))
-                    found.append(i)
-                    if len(frame) > _CODEC_BYTE and frame[_CODEC_BYTE] != _codec.CODECS["none"]:
-                        sizes += len(frame)
-                    self._stats.bytes_in += len(frame)
+                if frame is None:
+                    continue
+                try:
+                    n = len(frame)
+                    heavy = n > _CODEC_BYTE and frame[_CODEC_BYTE] != _codec.CODECS["none"]
+                except Exception:   # not bytes-like: a corrupt value
+                    log.warning("%s: corrupt value dropped: %s value", type(self).__name__,
+                                type(frame).__name__)
+                    statuses[i] = "corrupt"
+                    continue
+                jobs.append(self._guarded(decode, i, frame))
+                found.append(i)
+                if heavy:
+                    sizes += n
+                self._stats.bytes_in += n
+            statuses.update(zip(found, await self._run_coding(jobs, sizes)))
             failed = []
-            for i, status in zip(found, await self._run_coding(jobs, sizes)):
+            for i, status in sorted(statuses.items()):
                 if status == "corrupt":
                     self._stats.corrupt += 1
                     failed.append(keys[i])
@@ -318,7 +337,8 @@ class Connector(ABC):
         await run_ranges(ranges, one, self._max_inflight)
 
     def _guarded(self, decode: Callable[[int, Any], None], i: int, frame) -> Callable[[], str | None]:
-        """A job that decodes one frame: None, "fingerprint" or "corrupt".
+        """A job that decodes one frame: None, "fingerprint", "size" or "corrupt"
+        (any exception is a corrupt value: a store fault never raises).
         (Runs on worker threads: it reports, the loop thread counts.)"""
         def job() -> str | None:
             try:
@@ -328,8 +348,9 @@ class Connector(ABC):
             except _codec.SizeMismatch as exc:
                 log.warning("%s: get_into buffer does not fit: %s", type(self).__name__, exc)
                 return "size"
-            except _codec.FrameError as exc:
-                log.warning("%s: corrupt value dropped: %s", type(self).__name__, exc)
+            except Exception as exc:   # FrameError, or a value no frame could be
+                log.warning("%s: corrupt value dropped: %s: %s", type(self).__name__,
+                            type(exc).__name__, exc)
                 return "corrupt"
             return None
         return job
@@ -391,8 +412,8 @@ class Connector(ABC):
         futs = [loop.run_in_executor(self._pool, job) for job in jobs]
         try:
             return list(await asyncio.shield(asyncio.gather(*futs)))
-        except asyncio.CancelledError:
-            await asyncio.wait(futs)
+        except BaseException:   # cancelled, or a job raised while others still run
+            await _wait_all(futs)
             raise
 
 
@@ -423,6 +444,30 @@ async def run_ranges(ranges: list[tuple[int, int]], one: Callable[[int, int], Aw
             await one(lo, hi)
 
     await asyncio.gather(*(limited(lo, hi) for lo, hi in ranges))
+
+
+async def _wait_all(futs: list[asyncio.Future]) -> None:
+    """Wait until every future is done, even through repeated cancellation
+    (which is re-raised afterwards)."""
+    cancelled = False
+    while True:
+        try:
+            await asyncio.wait(futs)
+            break
+        except asyncio.CancelledError:
+            cancelled = True
+    for f in futs:   # mark failures retrieved; the caller raises its own
+        if not f.cancelled():
+            f.exception()
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+def _length(values: Any) -> int | None:
+    try:
+        return len(values)
+    except Exception:
+        return None
 
 
 def _readable_view(value: Any, max_value: int) -> memoryview:

@@ -9,9 +9,14 @@ A put writes a temp file and renames it over the final name, so a crash never
 leaves a half page under a page's name (a temp file is deleted at the next
 open). Without fsync (the default) a power loss may still leave a renamed file
 with garbage: the frame checksum turns it into a miss, and the file is
-removed when read. On open the index is rebuilt from the directory, oldest
-modification time first (LRU order is approximated by write time across
-restarts); files whose size does not match their header are removed.
+removed when read (so is a file whose size is not the indexed one, before
+it is read). A put that times out or is cancelled cannot stop its file job
+(a worker thread): once that ends, the temp file and the page's file are
+removed and the reserved capacity is given back. On open the index is
+rebuilt from the directory, oldest modification time first (LRU order is
+approximated by write time across restarts); files whose size does not match
+their header, or whose name is not exactly the lower-case hex of a key, are
+removed.
 
 The connector owns the directory: two live connectors on one path are not
 supported (each would keep its own index and capacity).
@@ -60,6 +65,11 @@ class DiskConnector(Connector):
         self._index: OrderedDict[bytes, int] = OrderedDict()
         self._used = 0          # bytes in the index + bytes reserved by writes in flight
         self._locks: dict[bytes, asyncio.Lock] = {}
+        # key -> task undoing a cancelled write of it once its file job ends
+        self._finishing: dict[bytes, asyncio.Task] = {}
+        # largest frame file accepted: max_value_bytes of page, its header,
+        # and the worst-case growth of the lz4/zstd codecs on random data
+        self._max_frame_bytes = _codec.HEADER_LEN + self._max_value + (self._max_value >> 7) + 4096
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as exc:
@@ -90,6 +100,12 @@ class DiskConnector(Connector):
                 num += 1
         return num
 
+    async def _close(self):
+        """Wait for abandoned (timed-out, cancelled) writes to be undone, for
+        at most timeout_s + 5 s: a hung file system must not hang close."""
+        if self._finishing:
+            await asyncio.wait(list(self._finishing.values()), timeout=self.timeout_s + 5.0)
+
     async def _on_corrupt(self, keys):
         for k in keys:
             if k in self._index:
@@ -106,16 +122,29 @@ class DiskConnector(Connector):
 
     async def _read(self, key: bytes):
         self._check_disk_key(key)
-        if key not in self._index:
+        size = self._index.get(key)
+        if size is None:
             return None
         self._index.move_to_end(key)
+        path = self._file(key)
         try:
-            async with aiofiles.open(self._file(key), "rb") as f:
-                return await f.read()
+            async with aiofiles.open(path, "rb") as f:
+                # Size first: a file that is not the frame we indexed (replaced,
+                # grown, or larger than any value we accept) is never read whole.
+                on_disk = os.fstat(f.fileno()).st_size
+                if on_disk != size or on_disk > self._max_frame_bytes:
+                    if self._index.get(key) != size:   # rewritten meanwhile: not corrupt
+                        return None
+                    log.warning("disk store: %s is %d bytes, indexed %d (limit %d): dropped",
+                                path, on_disk, size, self._max_frame_bytes)
+                    self._stats.corrupt += 1
+                    await self._drop(key)
+                    return None
+                return await f.read(size)
         except FileNotFoundError:   # removed behind our back: forget it
             self._forget(key)
         except OSError as exc:
-            log.warning("disk store: cannot read %s: %s", self._file(key), exc)
+            log.warning("disk store: cannot read %s: %s", path, exc)
         return None
 
     async def _write(self, key: bytes, frame) -> bool:
@@ -129,33 +158,75 @@ class DiskConnector(Connector):
                 del self._locks[key]
 
     async def _write_locked(self, key: bytes, frame) -> bool:
+        finishing = self._finishing.get(key)
+        if finishing is not None:   # a cancelled write of this key is still on disk
+            await asyncio.shield(finishing)
         had_old = key in self._index
         self._forget(key)    # the rename below replaces the old file atomically
-        if not await self._reserve(len(frame)):
-            if had_old:
-                await _remove_quietly(self._file(key))
-            return False
         final = self._file(key)
-        tmp = os.path.join(os.path.dirname(final),
-                           f".{os.path.basename(final)}.{secrets.token_hex(4)}.tmp")
+        size = len(frame)
         try:
-            await aiofiles.os.makedirs(os.path.dirname(final), exist_ok=True)
-            async with aiofiles.open(tmp, "wb") as f:
-                await f.write(frame.head)
-                await f.write(frame.payload)
-                if self._fsync:
-                    await f.flush()
-                    await asyncio.to_thread(os.fsync, f.fileno())
-            await aiofiles.os.replace(tmp, final)
-        except OSError as exc:   # disk full, I/O error, permissions: this page is not stored
-            self._used -= len(frame)
-            log.warning("disk store: cannot write %s: %s", final, exc)
-            await _remove_quietly(tmp)
+            reserved = await self._reserve(size)
+        except BaseException:   # cancelled while evicting: nothing reserved yet
+            if had_old:
+                _unlink_quietly(final)
+            raise
+        if not reserved:
             if had_old:
                 await _remove_quietly(final)
             return False
-        self._index[key] = len(frame)
+        tmp = os.path.join(os.path.dirname(final),
+                           f".{os.path.basename(final)}.{secrets.token_hex(4)}.tmp")
+        # The file I/O is one job on a worker thread. A thread cannot be
+        # stopped, so a timed-out or cancelled put leaves it running: the
+        # reservation is given back and the files removed only once it is done
+        # (see _finish_later), and the next put of this key waits for that.
+        job = asyncio.get_running_loop().run_in_executor(
+            None, self._write_file, tmp, final, frame)
+        try:
+            await asyncio.shield(job)
+        except OSError as exc:   # disk full, I/O error, permissions: this page is not stored
+            self._used -= size
+            log.warning("disk store: cannot write %s: %s", final, exc)
+            _unlink_quietly(tmp)
+            if had_old:
+                _unlink_quietly(final)
+            return False
+        except BaseException:    # cancelled (timeout) or worse: undo once the job is over
+            self._finish_later(key, job, tmp, final, size)
+            raise
+        self._index[key] = size
         return True
+
+    def _write_file(self, tmp: str, final: str, frame) -> None:
+        """Write a frame to tmp and rename it over final (on a worker thread)."""
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(frame.head)
+            f.write(frame.payload)
+            if self._fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, final)
+
+    def _finish_later(self, key: bytes, job: asyncio.Future, tmp: str, final: str, size: int) -> None:
+        """After an abandoned write's job ends: give back its reservation and
+        remove its temp file and whatever it (or an old value) left at final;
+        the key is not indexed, so nothing there is reachable."""
+        async def finish() -> None:
+            try:
+                await asyncio.wait([job])
+            finally:
+                if job.done() and not job.cancelled():
+                    job.exception()     # retrieved: a failed abandoned write is expected
+                self._used -= size
+                _unlink_quietly(tmp)
+                _unlink_quietly(final)
+                if self._finishing.get(key) is task:
+                    del self._finishing[key]
+
+        task = asyncio.get_running_loop().create_task(finish())
+        self._finishing[key] = task
 
     async def _reserve(self, size: int) -> bool:
         """Make room for `size` bytes by evicting least recently used files."""
@@ -210,11 +281,18 @@ class DiskConnector(Connector):
             return None
         try:
             key = bytes.fromhex(entry.name)
+        except ValueError:
+            return None
+        # fromhex also takes upper case and spaces: only the exact name that
+        # _file(key) builds is the key's file, anything else is never reached
+        if not key or len(key) > _MAX_DISK_KEY_LEN or entry.name != key.hex():
+            return None
+        if entry.name[:2] != os.path.basename(os.path.dirname(entry.path)):
+            return None
+        try:
             with open(entry.path, "rb") as f:
                 _codec.parse_header(f.read(_codec.HEADER_LEN), entry.stat().st_size)
         except (ValueError, OSError):   # FrameError is a ValueError
-            return None
-        if not key or entry.name[:2] != os.path.basename(os.path.dirname(entry.path)):
             return None
         return key
 

@@ -17,6 +17,7 @@ next call after that, so a restarted server is picked up by itself.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 
 import redis
@@ -84,6 +85,43 @@ def _set_chunks(keys: list[bytes], frames, ttl_ms: int | None) -> list:
     return chunks
 
 
+def _release(node, conn) -> None:
+    """node.release(conn); ClusterNode has it since redis-py 6.2, before that
+    a free connection just goes back on its queue."""
+    release = getattr(node, "release", None)
+    if release is not None:
+        release(conn)
+    else:
+        node._free.append(conn)
+
+
+async def _aclose(client) -> None:
+    """client.aclose(); redis-py 5.0.0 has only the older close()."""
+    close = getattr(client, "aclose", None) or client.close
+    await close()
+
+
+_GET_CONNECTION_ARGS: dict[type, tuple] = {}
+
+
+def _get_connection_args(pool) -> tuple:
+    """Arguments for pool.get_connection(): redis-py 5.0.0-5.2.x require a
+    command name (unused by the pool); 5.3.0 made it optional and later
+    versions warn when it is passed. Checked once per pool class."""
+    args = _GET_CONNECTION_ARGS.get(type(pool))
+    if args is None:
+        try:
+            params = list(inspect.signature(pool.get_connection).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        needs_name = bool(params) and params[0].kind in (
+            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) \
+            and params[0].default is inspect.Parameter.empty
+        args = ("SET",) if needs_name else ()
+        _GET_CONNECTION_ARGS[type(pool)] = args
+    return args
+
+
 def _ok(reply) -> bool:
     return reply in (b"OK", "OK", True)
 
@@ -126,7 +164,7 @@ class RedisConnector(Connector):
         caller's buffer to the socket without a joined copy (redis-py would
         need header + payload as one bytes object)."""
         pool = self._r.connection_pool
-        conn = await pool.get_connection()
+        conn = await pool.get_connection(*_get_connection_args(pool))
         try:
             replies = await _send_packed(conn, _set_chunks(self._k(keys), frames, self._ttl_ms), len(keys))
         finally:
@@ -148,7 +186,7 @@ class RedisConnector(Connector):
         await self._r.delete(*self._k(keys))
 
     async def _close(self):
-        await self._r.aclose()
+        await _aclose(self._r)
 
 
 class RedisClusterConnector(Connector):
@@ -189,18 +227,21 @@ class RedisClusterConnector(Connector):
         resharding) makes the client reload its slot map next call."""
         await self._r.initialize()
         prefixed = [self._prefix + k for k in keys]
-        groups: dict = {}
+        groups: dict = {}    # node name -> key indexes (ClusterNode is unhashable in redis-py <= 7.1)
+        nodes: dict = {}
         for i, k in enumerate(prefixed):
-            groups.setdefault(self._r.get_node_from_key(k), []).append(i)
+            node = self._r.get_node_from_key(k)
+            nodes.setdefault(node.name, node)
+            groups.setdefault(node.name, []).append(i)
 
         async def one(node, idx: list[int]) -> list:
             conn = node.acquire_connection()
             try:
                 return await _send_packed(conn, pack(conn, [prefixed[i] for i in idx], idx), len(idx))
             finally:
-                node.release(conn)
+                _release(node, conn)
 
-        results = await asyncio.gather(*(one(n, idx) for n, idx in groups.items()),
+        results = await asyncio.gather(*(one(nodes[name], idx) for name, idx in groups.items()),
                                        return_exceptions=True)
         return self._merge(len(keys), list(groups.values()), results)
 
@@ -245,4 +286,4 @@ class RedisClusterConnector(Connector):
         await self._raw_delete_many(keys)
 
     async def _close(self):
-        await self._r.aclose()
+        await _aclose(self._r)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
+import time
 
+import aiofiles.os
 import pytest
 
+from connectors import disk as disk_mod
 from connectors import open_connector
 from connectors.codec import HEADER_LEN
 from l3_util import keys_of, run
@@ -96,3 +100,165 @@ def test_full_disk_is_a_counted_put_failure(tmp_path):
         run(scenario())
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.fixture
+def slow_rename(monkeypatch):
+    """slow_rename(delay_s) makes every rename of a page file onto its name
+    take delay_s (a slow or hung disk), so a put times out in the middle of
+    it; slow_rename(0) ends that. The rename runs on a worker thread either way."""
+    real = os.replace
+
+    def install(delay_s: float) -> None:
+        if not delay_s:
+            monkeypatch.undo()
+            return
+
+        def replace(src, dst, *a, **kw):
+            time.sleep(delay_s)
+            return real(src, dst, *a, **kw)
+
+        async def areplace(src, dst, *a, **kw):   # what aiofiles.os.replace would do
+            return await asyncio.get_running_loop().run_in_executor(None, replace, src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(aiofiles.os, "replace", areplace)
+
+    return install
+
+
+async def _until(cond, timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not cond():
+        assert loop.time() < end, "timed out waiting"
+        await asyncio.sleep(0.02)
+
+
+def _tmp_files(path) -> list[str]:
+    return [f for f in _files(path) if f.endswith(".tmp")]
+
+
+def test_timed_out_put_gives_back_capacity_and_leaves_no_files(tmp_path, slow_rename):
+    ks = keys_of(16, b"tmo")
+
+    async def scenario():
+        async with _open(tmp_path, capacity=16 * FRAME, timeout_s=0.1) as c:
+            assert await c.put(ks[:1], [os.urandom(PAGE)]) == [True]   # an old value of key 0
+            slow_rename(0.3)
+            assert await c.put(ks, [os.urandom(PAGE) for _ in ks]) == [False] * 16
+            assert c.stats().timeouts == 1
+            # once the abandoned renames end, all is given back
+            await _until(lambda: c.used_bytes == 0 and not _files(tmp_path), 6.0)
+            assert sum(c._index.values()) == 0
+            slow_rename(0)
+            await asyncio.sleep(0.25)         # past error_backoff_s
+            pages = [os.urandom(PAGE) for _ in ks]
+            assert await c.put(ks, pages) == [True] * 16      # the whole capacity is usable
+            assert await c.get(ks) == pages
+
+    run(scenario())
+
+
+def test_cancelled_put_is_undone_and_next_put_of_key_waits(tmp_path, slow_rename):
+    k = keys_of(1, b"cnc")
+
+    async def scenario():
+        async with _open(tmp_path, capacity=2 * FRAME) as c:
+            slow_rename(0.3)
+            put = asyncio.ensure_future(c.put(k, [os.urandom(PAGE)]))
+            await asyncio.sleep(0.1)
+            put.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await put
+            assert _tmp_files(tmp_path)       # the rename is still running
+            slow_rename(0)
+            page = os.urandom(PAGE)
+            assert await c.put(k, [page]) == [True]   # after the cancelled write is undone
+            assert await c.get(k) == [page]
+            await asyncio.sleep(0.4)
+            assert await c.get(k) == [page]           # not replaced by the stale write
+            assert c.used_bytes == sum(c._index.values()) == FRAME
+            assert _tmp_files(tmp_path) == []
+        async with _open(tmp_path, capacity=2 * FRAME) as c:
+            assert await c.get(k) == [page]
+
+    run(scenario())
+
+
+def test_close_waits_for_abandoned_writes(tmp_path, slow_rename):
+    ks = keys_of(3, b"cls")
+
+    async def scenario():
+        async with _open(tmp_path, timeout_s=0.05) as c:
+            slow_rename(0.3)
+            assert await c.put(ks, [os.urandom(PAGE)] * 3) == [False] * 3
+            assert c.stats().timeouts == 1
+        assert _files(tmp_path) == []
+
+    run(scenario())
+
+
+def test_oversize_file_is_never_read_whole(tmp_path, monkeypatch):
+    k = keys_of(1, b"huge")
+
+    async def scenario():
+        async with _open(tmp_path, capacity=1 << 30, max_value_bytes=PAGE) as c:
+            assert await c.put(k, [os.urandom(PAGE)]) == [True]
+            with open(c._file(k[0]), "ab") as f:
+                f.write(b"\0" * (8 << 20))
+            c._index[k[0]] = os.path.getsize(c._file(k[0]))   # even if the index agrees
+            c._used = c._index[k[0]]
+            sizes = []
+            real_open = disk_mod.aiofiles.open
+
+            class Spy:
+                def __init__(self, cm):
+                    self.cm = cm
+
+                async def __aenter__(self):
+                    f = await self.cm.__aenter__()
+                    real = f.read
+
+                    async def read(n=-1):
+                        data = await real(n)
+                        sizes.append(len(data))
+                        return data
+                    f.read = read
+                    return f
+
+                async def __aexit__(self, *exc):
+                    return await self.cm.__aexit__(*exc)
+
+            monkeypatch.setattr(disk_mod.aiofiles, "open", lambda *a, **kw: Spy(real_open(*a, **kw)))
+            assert await c.get(k) == [None]
+            assert sizes == [] and c.stats().corrupt == 1
+            assert c.used_bytes == 0 and _files(tmp_path) == []
+
+    run(scenario())
+
+
+def test_rebuild_ignores_names_that_are_not_the_key_hex(tmp_path):
+    k = b"\x12\xab\xcd" + bytes(13)
+
+    async def write():
+        async with _open(tmp_path) as c:
+            assert await c.put([k], [os.urandom(PAGE)]) == [True]
+            return c._file(k)
+
+    path = run(write())
+    shard = os.path.dirname(path)
+    name = os.path.basename(path)
+    upper = os.path.join(shard, name.upper())             # "12ABCD...": fromhex accepts it
+    spaced = os.path.join(shard, name[:2] + " " + name[2:])   # "12 abcd...": so does this
+    os.rename(path, upper)
+    with open(upper, "rb") as src, open(spaced, "wb") as dst:
+        dst.write(src.read())
+
+    async def reopen():
+        async with _open(tmp_path) as c:
+            assert c.used_bytes == 0 and len(c._index) == 0
+            assert await c.get([k]) == [None]
+
+    run(reopen())
+    assert _files(tmp_path) == []        # both foreign names removed at open

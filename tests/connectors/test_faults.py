@@ -6,6 +6,7 @@ Each test starts its own servers (it kills them), on free loopback ports.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import time
@@ -13,7 +14,9 @@ import time
 import l3_servers as servers
 import pytest
 
+from connectors import codec as codec_mod
 from connectors import open_connector
+from connectors.base import Connector
 from l3_util import keys_of, run
 
 PAGE = 256 * 1024
@@ -159,3 +162,165 @@ def test_mooncake_storage_or_master_killed_gives_misses_not_errors_raised():
                 assert st.misses >= len(ks) and st.put_failures == 1
 
         run(scenario())
+
+
+# ---------------------------------------------------------------- backend bugs
+class _Scripted(Connector):
+    """A backend whose raw get returns script(keys): values no correct
+    store returns (wrong types, wrong counts)."""
+
+    def __init__(self, script, **kw) -> None:
+        super().__init__(**kw)
+        self.script = script
+        self.dropped: list[bytes] = []
+
+    async def _raw_get_many(self, keys):
+        return self.script(keys)
+
+    async def _raw_put_many(self, keys, frames):
+        return [True] * len(keys)
+
+    async def _raw_exists_many(self, keys):
+        return [True] * len(keys)
+
+    async def _raw_delete_many(self, keys):
+        return 0
+
+    async def _on_corrupt(self, keys):
+        self.dropped += keys
+
+
+def _frame(page: bytes, codec: str = "none") -> bytes:
+    return codec_mod.encode_frame(page, codec_mod.codec_id(codec), codec_mod.fingerprint_digest(""))
+
+
+def test_non_bytes_values_are_counted_corrupt_misses():
+    ks = keys_of(4, b"types")
+    page = os.urandom(1000)
+
+    async def scenario():
+        c = _Scripted(lambda keys: [12345, "a str, not a frame" * 3, [1, 2, 3], _frame(page)])
+        async with c:
+            assert await c.get(ks) == [None, None, None, page]
+            bufs = [bytearray(1000) for _ in ks]
+            assert await c.get_into(ks, [memoryview(b) for b in bufs]) == [False, False, False, True]
+            assert bufs[3] == page
+            st = c.stats()
+            assert st.corrupt == 6 and st.hits == 2 and st.misses == 6
+            assert c.dropped == ks[:3] * 2
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("extra", [1, -1])
+def test_wrong_number_of_values_is_an_error_all_missed(extra):
+    ks = keys_of(3, b"count")
+    page = os.urandom(100)
+
+    async def scenario():
+        async with _Scripted(lambda keys: [_frame(page)] * (len(keys) + extra)) as c:
+            assert await c.get(ks) == [None] * 3
+            bufs = [memoryview(bytearray(100)) for _ in ks]
+            assert await c.get_into(ks, bufs) == [False] * 3
+            st = c.stats()
+            assert st.errors == 2 and st.misses == 6 and st.hits == 0
+
+    run(scenario())
+
+
+def test_bad_value_in_a_worker_decoded_batch_is_a_miss():
+    ks = keys_of(4, b"wrk")
+    pages = [os.urandom(1 << 20) for _ in range(3)]     # > 1 MiB compressed: decoded on workers
+    frames = [_frame(p, "zstd") for p in pages] + ["x" * (2 << 20)]
+
+    async def scenario():
+        async with _Scripted(lambda keys: frames, codec="zstd") as c:
+            bufs = [bytearray(1 << 20) for _ in ks]
+            assert await c.get_into(ks, [memoryview(b) for b in bufs]) == [True, True, True, False]
+            assert bufs[:3] == pages
+            assert await c.get(ks) == pages + [None]
+            assert c.stats().corrupt == 2
+
+    run(scenario())
+
+
+class _Abort(BaseException):
+    pass
+
+
+def test_no_worker_writes_into_buffers_after_get_into_raises(monkeypatch):
+    ks = keys_of(4, b"late")
+    pages = [os.urandom(1 << 20) for _ in ks]
+    frames = [_frame(p, "zstd") for p in pages]
+    real = codec_mod.decode_into
+
+    def decode_into(frame, out, fp, max_raw):
+        if frame is frames[0]:
+            raise _Abort()          # not an Exception: it escapes the job
+        time.sleep(0.2)
+        real(frame, out, fp, max_raw)
+
+    async def scenario():
+        async with _Scripted(lambda keys: frames, codec="zstd", codec_threads=4) as c:
+            bufs = [bytearray(1 << 20) for _ in ks]
+            monkeypatch.setattr(codec_mod, "decode_into", decode_into)
+            with pytest.raises(_Abort):
+                await c.get_into(ks, [memoryview(b) for b in bufs])
+            after = [bytes(b) for b in bufs]
+            await asyncio.sleep(0.4)
+            assert [bytes(b) for b in bufs] == after      # nothing wrote after the return
+
+    run(scenario())
+
+
+def test_redis_put_with_a_pool_that_needs_a_command_name(own_redis):
+    """redis-py 5.0.0-5.2.x: ConnectionPool.get_connection(command_name, ...)."""
+    ks = keys_of(2, b"b12")
+
+    async def scenario():
+        async with _redis(own_redis) as c:
+            pool = c._r.connection_pool
+            base_needs_name = inspect.signature(
+                type(pool).get_connection).parameters["command_name"].default is inspect.Parameter.empty
+
+            class OldPool(type(pool)):
+                async def get_connection(self, command_name, *keys, **options):
+                    assert isinstance(command_name, str)
+                    if base_needs_name:      # running on redis-py 5.0-5.2 itself
+                        return await super().get_connection(command_name, *keys, **options)
+                    return await super().get_connection()
+
+            pool.__class__ = OldPool      # only the put's own call: redis-py 8 calls it bare
+            try:
+                assert await c.put(ks, [b"a", b"b"]) == [True, True]
+            finally:
+                pool.__class__ = OldPool.__base__
+            assert await c.get(ks) == [b"a", b"b"]
+
+    run(scenario())
+
+
+def test_cluster_helpers_work_with_older_redis_py_nodes():
+    """redis-py < 6.2: ClusterNode has no release(); <= 7.1: it is unhashable."""
+    from collections import deque
+
+    from connectors import redis_store
+
+    class OldNode:
+        __hash__ = None
+
+        def __init__(self):
+            self._free = deque()
+
+    node, conn = OldNode(), object()
+    redis_store._release(node, conn)
+    assert list(node._free) == [conn]
+
+    class OldClient:
+        closed = False
+
+        async def close(self):
+            OldClient.closed = True
+
+    run(redis_store._aclose(OldClient()))
+    assert OldClient.closed
