@@ -61,7 +61,9 @@ def _arch() -> str:
 def library_path() -> Path:
     nvcc = find_nvcc()
     arch = _arch()
-    digest = hashlib.sha256(SOURCE.read_bytes() + f"{arch}:{nvcc}".encode()).hexdigest()[:16]
+    # The toolkit's version is part of the key: an upgraded nvcc at the same path rebuilds.
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    digest = hashlib.sha256(SOURCE.read_bytes() + f"{arch}:{nvcc}:{version}".encode()).hexdigest()[:16]
     root = Path(os.environ.get("KVSTORE_CUDA_CACHE", Path.home() / ".cache" / "kvstore" / "cuda_ops"))
     return root / f"libkvcopy-sm{arch}-{digest}.so"
 

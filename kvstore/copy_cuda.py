@@ -59,6 +59,11 @@ class CudaCopyBackend(CopyBackend):
             raise CopyArgumentError(f"stream must be a torch.cuda.Stream on {device}, got {stream!r}")
         total = plan.src_pages.numel() * len(plan.layers) * src_layout.num_kv * src_layout.chunk_bytes
         path = select_cuda_path(self.policy, page_span_bytes(src_layout, dst_layout, plan.layers), total)
+        host_layout = dst_layout if dst.device.type == "cpu" else src_layout
+        if path == "staged" and host_layout.arrangement != "page_first":
+            # Staging moves one run per page, which only a page_first host pool holds
+            # contiguously; any other host arrangement goes run by run.
+            path = "dma"
         self.last_path = path
         with torch.cuda.device(device):
             if path == "dma":
@@ -143,7 +148,9 @@ class CudaCopyBackend(CopyBackend):
         side = self._side_stream(stream.device)
         with torch.cuda.stream(stream):
             dev_idx = dev_pages.pin_memory().to(stream.device, non_blocking=True)
-        bufs = self._staging(stream, side, max(per_piece * page_bytes, self.policy.staging_bytes))
+            # Allocated on ``stream``, so the allocator never hands out a block that
+            # another stream's kernels may still be using.
+            bufs = self._staging(stream, side, max(per_piece * page_bytes, self.policy.staging_bytes))
         side.wait_stream(stream)
         freed: list[torch.cuda.Event] = []
         for j, a in enumerate(range(0, n, per_piece)):

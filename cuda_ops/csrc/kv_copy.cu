@@ -89,6 +89,13 @@ int kv_is_device_visible(void* p) {
   return err == cudaSuccess ? 1 : 0;
 }
 
+// A failed runtime call also leaves the runtime's last-error set; clear it so the next
+// launch check (ours or torch's) does not report this error again.
+static cudaError_t cleared(cudaError_t err) {
+  if (err != cudaSuccess) cudaGetLastError();
+  return err;
+}
+
 // The SM path: one launch of a bounded grid. strides = {src s_layer, s_kv, s_page, dst s_layer, s_kv, s_page}.
 int kv_copy_chunks(void* src_base, const int64_t* src_pages, void* dst_base, const int64_t* dst_pages,
                    const int64_t* strides, int64_t num_pages, int num_layers, int num_kv, int64_t chunk_bytes,
@@ -97,9 +104,9 @@ int kv_copy_chunks(void* src_base, const int64_t* src_pages, void* dst_base, con
   PoolDesc src{nullptr, src_pages, strides[0], strides[1], strides[2]};
   PoolDesc dst{nullptr, dst_pages, strides[3], strides[4], strides[5]};
   cudaError_t err = device_address(src_base, &src.base);
-  if (err != cudaSuccess) return err;
+  if (err != cudaSuccess) return cleared(err);
   err = device_address(dst_base, &dst.base);
-  if (err != cudaSuccess) return err;
+  if (err != cudaSuccess) return cleared(err);
   switch (vec_bytes) {
     case 16: return launch<uint4>(src, dst, num_pages, num_layers, num_kv, chunk_bytes, num_blocks, num_threads, stream);
     case 8: return launch<uint2>(src, dst, num_pages, num_layers, num_kv, chunk_bytes, num_blocks, num_threads, stream);
@@ -122,16 +129,16 @@ int kv_memcpy_runs(void** dsts, void** srcs, size_t* sizes, size_t count, int mo
     attr.flags = mode == 2 ? cudaMemcpyFlagPreferOverlapWithCompute : cudaMemcpyFlagDefault;
     size_t attr_idx = 0;
 #if CUDART_VERSION >= 13000
-    return cudaMemcpyBatchAsync((const void**)dsts, (const void**)srcs, sizes, count, &attr, &attr_idx, 1, stream);
+    return cleared(cudaMemcpyBatchAsync((const void**)dsts, (const void**)srcs, sizes, count, &attr, &attr_idx, 1, stream));
 #else
     size_t fail_idx = 0;
-    return cudaMemcpyBatchAsync(dsts, srcs, sizes, count, &attr, &attr_idx, 1, &fail_idx, stream);
+    return cleared(cudaMemcpyBatchAsync(dsts, srcs, sizes, count, &attr, &attr_idx, 1, &fail_idx, stream));
 #endif
   }
 #endif
   for (size_t i = 0; i < count; ++i) {
     cudaError_t err = cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyDefault, stream);
-    if (err != cudaSuccess) return err;
+    if (err != cudaSuccess) return cleared(err);
   }
   return cudaSuccess;
 }
