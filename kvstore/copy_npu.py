@@ -5,8 +5,12 @@ NOT YET RUN ON ASCEND HARDWARE (see README). The plan and the run coalescing are
 ``npu_ops.move_runs``: one non-blocking ``copy_`` per coalesced run on the caller's
 NPU stream. The host side is page-locked once per buffer with the CANN runtime
 (``aclrtHostRegisterV2``, the counterpart of cudaHostRegister) unless torch_npu
-already pinned it, so the copies are asynchronous DMA. A layer-wise load issues one
-``copy_pages(layer=i)`` per layer and records a ``torch.npu.Event`` after each.
+already pinned it, so the copies can run as asynchronous DMA (whether torch_npu's
+``copy_(non_blocking=True)`` treats ACL-registered memory as pinned, and whether
+``aclrtHostRegisterV2`` accepts a shared-memory mapping, is to be checked on
+hardware). ``HostPool.close`` unregisters the segment. The controller loads NPU
+pools layer by layer on the engine's stream as each layer is waited on; a side
+stream with an event per layer, as on CUDA, is not written yet.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ everywhere; device backends (cuda_ops, npu_ops) must equal it bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -108,7 +109,8 @@ def plan_copy(
     num_layers = src_layout.num_layers
     if layer is None:
         layers = range(num_layers)
-    elif isinstance(layer, int) and 0 <= layer < num_layers:
+    elif isinstance(layer, (int, np.integer)) and not isinstance(layer, bool) and 0 <= layer < num_layers:
+        layer = int(layer)
         layers = range(layer, layer + 1)
     else:
         raise CopyArgumentError(f"layer must be None (all) or in [0, {num_layers}), got {layer!r}")
@@ -123,7 +125,9 @@ def layer_view(pool: torch.Tensor, layout: KVLayout, layer: int) -> torch.Tensor
 
 
 class CopyBackend(ABC):
-    """Moves pages between pools on one device type. Stateless apart from cached kernels."""
+    """Moves pages between pools on one device type. ``copy_backend_for`` shares one
+    instance per process; a backend may keep device resources (kernels, staging
+    buffers, side streams) across calls."""
 
     name: str
 
@@ -177,11 +181,15 @@ class TorchCopyBackend(CopyBackend):
 
 
 def _stream_context(stream: Any):
-    if stream is not None and isinstance(stream, torch.cuda.Stream):
-        return torch.cuda.stream(stream)
-    import contextlib
-
-    return contextlib.nullcontext()
+    """Make ``stream`` current for the copy: a CUDA stream, or another device's (an NPU
+    stream through ``torch.npu``); None leaves the current stream."""
+    if stream is None:
+        return contextlib.nullcontext()
+    device_type = getattr(getattr(stream, "device", None), "type", None)
+    module = getattr(torch, device_type, None) if isinstance(device_type, str) else None
+    if module is None or not hasattr(module, "stream"):
+        raise CopyArgumentError(f"stream {stream!r} is not a device stream that torch can make current")
+    return module.stream(stream)
 
 
 # ---- backend choice ---------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import uuid
 from multiprocessing import shared_memory
 from typing import Iterable, Sequence
@@ -184,6 +185,9 @@ class HostPool:
         if self.is_pinned:
             torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
             self.is_pinned = False
+        npu_ops = sys.modules.get("npu_ops")  # registered on first NPU copy, if one ran
+        if npu_ops is not None and npu_ops.is_registered(self.tensor.data_ptr()):
+            npu_ops.unregister_host_memory(self.tensor.data_ptr())
         del self.tensor, self._bytes
         self._shm = None
         try:

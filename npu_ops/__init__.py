@@ -68,12 +68,16 @@ def _acl_lib() -> ctypes.CDLL:
 
 def register_host_memory(address: int, size: int) -> None:
     """Page-lock ``size`` bytes of host memory at ``address`` (4 KiB aligned) for NPU DMA.
-    Idempotent per address; raises NpuOpsError with the runtime's error code."""
+    Idempotent per address (a larger range at the same address is registered anew);
+    raises NpuOpsError with the runtime's error code."""
     if address % 4096:
         raise NpuOpsError(f"host range at {address:#x} is not 4 KiB aligned; aclrtHostRegisterV2 needs it")
     with _lock:
-        if address in _registered:
+        if _registered.get(address, -1) >= size:
             return
+        if address in _registered:  # a smaller range at the same address (a stale mapping)
+            _acl_lib().aclrtHostUnregister(ctypes.c_void_p(address))
+            del _registered[address]
         err = _acl_lib().aclrtHostRegisterV2(ctypes.c_void_p(address), size, ACL_HOST_REG_PINNED)
         if err != 0:
             raise NpuOpsError(f"aclrtHostRegisterV2 of {size} bytes failed with aclError {err}")
