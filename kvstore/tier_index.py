@@ -22,7 +22,7 @@ class TierIndexError(RuntimeError):
 class TierIndex:
     """Key -> slot map of one tier with leases, prefix matching and policy-driven eviction."""
 
-    __slots__ = ("capacity", "policy", "_slots", "_leases", "_parent_of", "_waiting")
+    __slots__ = ("capacity", "policy", "_slots", "_leases", "_parent_of", "_children")
 
     def __init__(self, capacity: int, policy: EvictionPolicy | str = "lru") -> None:
         if capacity <= 0:
@@ -32,11 +32,11 @@ class TierIndex:
         self.policy.set_capacity(capacity)
         self._slots: dict[PageKey, int] = {}
         self._leases: dict[PageKey, int] = {}  # only keys with a lease > 0
-        # A page inserted while its parent is absent (the parent was evicted, or
-        # arrives later from L3) is linked to the parent when the parent comes:
-        # child -> its absent parent, and absent parent -> those children.
+        # The chain links of cached pages, whether or not the parent is cached, so a
+        # parent that arrives after its children (they were fetched first, or it was
+        # evicted and comes back) is linked to them: child -> parent, parent -> children.
         self._parent_of: dict[PageKey, PageKey] = {}
-        self._waiting: dict[PageKey, set[PageKey]] = {}
+        self._children: dict[PageKey, set[PageKey]] = {}
 
     # ---- queries (change nothing) -------------------------------------------
     def __len__(self) -> int:
@@ -90,13 +90,11 @@ class TierIndex:
         if len(self._slots) >= self.capacity:
             raise TierIndexError(f"index is full ({self.capacity} pages): evict() before insert()")
         self._slots[key] = slot
-        if parent is not None and parent not in self._slots:
+        if parent is not None:
             self._parent_of[key] = parent
-            self._waiting.setdefault(parent, set()).add(key)
-            parent = None
-        self.policy.on_insert(key, parent)
-        for child in self._waiting.pop(key, ()):
-            del self._parent_of[child]
+            self._children.setdefault(parent, set()).add(key)
+        self.policy.on_insert(key, parent if parent in self._slots else None)
+        for child in self._children.get(key, ()):
             self.policy.on_link(child, key)
 
     def remove(self, key: PageKey) -> int:
@@ -107,10 +105,10 @@ class TierIndex:
         self.policy.on_remove(key)
         parent = self._parent_of.pop(key, None)
         if parent is not None:
-            waiting = self._waiting[parent]
-            waiting.discard(key)
-            if not waiting:
-                del self._waiting[parent]
+            siblings = self._children[parent]
+            siblings.discard(key)
+            if not siblings:
+                del self._children[parent]
         return slot
 
     def evict(self, n: int) -> list[tuple[PageKey, int]]:
@@ -155,8 +153,8 @@ class TierIndex:
         if any(c <= 0 for c in self._leases.values()):
             raise TierIndexError("a lease count is not positive")
         if any(k not in self._slots for k in self._parent_of) or any(
-                p in self._slots for p in self._waiting):
-            raise TierIndexError("a child waits for a parent that is cached, or is gone itself")
+                c not in self._slots for children in self._children.values() for c in children):
+            raise TierIndexError("a chain link names a page that is not cached")
         if len(self.policy) != len(self._slots):
             raise TierIndexError(
                 f"policy tracks {len(self.policy)} pages, index holds {len(self._slots)}"

@@ -153,3 +153,18 @@ def test_a_child_waiting_for_its_parent_can_leave_first():
     index.insert(key(1), 1)
     index.check_integrity()
     assert index.evict(1) == [(key(1), 1)]
+
+
+@pytest.mark.parametrize("policy", [p for p in policy_names() if p.startswith("prefix-")])
+def test_a_parent_that_leaves_and_comes_back_is_linked_again(policy):
+    index = TierIndex(3, policy)
+    index.insert(key(1), 1)
+    index.insert(key(2), 2, parent=key(1))
+    index.remove(key(1))  # e.g. discarded; key(2) stays cached
+    index.insert(key(1), 1)
+    index.touch([key(2)])
+    index.touch([key(2)])
+    index.insert(key(3), 3)
+    victims = index.evict(1)
+    assert victims and victims[0][0] != key(1)  # key(1) has a cached child again
+    index.check_integrity()
