@@ -36,6 +36,16 @@ DEFAULT_CAPACITIES = "1000,5000,10000,50000"
 WORKLOADS = ("agent",)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _positive_ints(text: str) -> list[int]:
     try:
         values = [int(v.replace("_", "")) for v in text.split(",") if v.strip()]
@@ -80,9 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="generate a synthetic workload instead (kvstore/replay/generator.py)")
     parser.add_argument("--format", choices=TRACE_FORMATS, default="auto",
                         help="trace format (default: detected from the first line)")
-    parser.add_argument("--page-size", type=int, default=512, metavar="TOKENS",
+    parser.add_argument("--page-size", type=_positive_int, default=512, metavar="TOKENS",
                         help="page size for token-level traces (default 512)")
-    parser.add_argument("--max-requests", type=int, metavar="N",
+    parser.add_argument("--max-requests", type=_positive_int, metavar="N",
                         help="replay only the first N requests")
     parser.add_argument("--seed", type=int, default=0, help="seed of a generated workload")
     parser.add_argument("--capacity", type=_positive_ints, default=_positive_ints(DEFAULT_CAPACITIES),

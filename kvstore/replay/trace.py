@@ -82,8 +82,8 @@ class Trace:
 
 def block_id_key(block_id: int) -> PageKey:
     """The 16-byte page key of a Mooncake block id (little-endian, zero-padded)."""
-    if block_id < 0:
-        raise TraceFormatError(f"hash_ids must be non-negative ints, got {block_id}")
+    if not 0 <= block_id < 2 ** (8 * KEY_BYTES):
+        raise TraceFormatError(f"hash_ids must be ints in [0, 2**{8 * KEY_BYTES}), got {block_id}")
     return block_id.to_bytes(KEY_BYTES, "little")
 
 

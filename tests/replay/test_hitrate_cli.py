@@ -81,7 +81,7 @@ def test_plot_is_written(trace_path, tmp_path, capsys) -> None:
 
 @pytest.mark.parametrize("argv", [
     ["--capacity", "0"], ["--capacity", "ten"], ["--policy", "nope"], ["--tiers", "L2=5"],
-    ["--tiers", "L1=5,L3=6"],
+    ["--tiers", "L1=5,L3=6"], ["--max-requests", "-5"], ["--max-requests", "0"], ["--page-size", "x"],
 ])
 def test_bad_arguments_are_usage_errors(trace_path, argv) -> None:
     with pytest.raises(SystemExit) as e:
@@ -92,6 +92,14 @@ def test_bad_arguments_are_usage_errors(trace_path, argv) -> None:
 def test_missing_trace_file(tmp_path, capsys) -> None:
     assert cli("--trace", str(tmp_path / "none.jsonl")) == 2
     assert "none.jsonl" in capsys.readouterr().err
+
+
+def test_a_block_id_wider_than_a_key_is_a_clear_error(tmp_path, capsys) -> None:
+    path = tmp_path / "wide.jsonl"
+    path.write_text(json.dumps({"timestamp": 0, "input_length": 5, "output_length": 1,
+                                "hash_ids": [2**128]}) + "\n")
+    assert cli("--trace", str(path)) == 2
+    assert "2**128" in capsys.readouterr().err
 
 
 def test_add_arguments_mounts_on_any_parser() -> None:
