@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -24,6 +25,8 @@ def main() -> None:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "page_keys.json"))
+    parser.add_argument("--machine", default=f"{platform.machine()}, {os.cpu_count()} cores",
+                        help="label of the machine in the results")
     args = parser.parse_args()
     layout = KVLayout(32, 8, 128, args.page_size, "bfloat16")
     digest = KeyNamespace("bench-model", layout).digest()
@@ -36,7 +39,7 @@ def main() -> None:
         times.append(time.perf_counter() - start)
     result = {
         "bench": "page_keys",
-        "machine": f"{platform.machine()}, 2-core dev box (no GPU)",
+        "machine": args.machine,
         "python": platform.python_version(),
         "tokens": args.tokens,
         "page_size": args.page_size,
