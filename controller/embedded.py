@@ -90,7 +90,8 @@ class EmbeddedController(CacheClient):
         in_l2 = [self._host.index.get(k) is not None for k in keys]
         # Lease every L2 page of the chain first, so filling a gap from L3 can't
         # evict a later page of the same chain.
-        self._host.lease([k for k, held in zip(keys, in_l2) if held])
+        held = [k for k, present in zip(keys, in_l2) if present]
+        self._host.lease(held)
         num_hit, num_l3 = 0, 0
         try:
             while num_hit < len(keys):
@@ -104,10 +105,10 @@ class EmbeddedController(CacheClient):
                 if num_hit < gap_end:
                     break
         except BaseException:
-            self._host.release([k for k, held in zip(keys, in_l2) if held] + [
-                k for k, held in zip(keys[:num_hit], in_l2[:num_hit]) if not held])
+            fetched = [k for k, present in zip(keys[:num_hit], in_l2) if not present]
+            self._host.release(held + fetched)
             raise
-        self._host.release([k for k, held in zip(keys[num_hit:], in_l2[num_hit:]) if held])
+        self._host.release([k for k, present in zip(keys[num_hit:], in_l2[num_hit:]) if present])
         hit = keys[:num_hit]
         self._host.touch(hit)
         result = LookupResult(next(self._lease_ids), tuple(hit), self.layout.page_size,
