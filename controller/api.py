@@ -17,7 +17,7 @@ later, by the daemon's client library, so engines are written once.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -139,4 +139,3 @@ class CacheStats:
     num_stored_pages: int = 0
     num_evicted_pages: int = 0
     num_spilled_pages: int = 0
-    extra: dict[str, int] = field(default_factory=dict)

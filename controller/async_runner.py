@@ -8,7 +8,6 @@ life, and ``run`` blocks the caller until a coroutine finishes (or times out).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import threading
 from typing import Awaitable, TypeVar
 
@@ -33,10 +32,6 @@ class AsyncRunner:
             return future.result()
         except asyncio.TimeoutError:
             raise TimeoutError(f"L3 call did not finish within {timeout_s} s") from None
-
-    def submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
-        """Start ``coro`` without waiting; the caller keeps the future."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def close(self) -> None:
         """Stop the loop after the work already queued; idempotent."""

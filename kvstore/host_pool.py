@@ -97,10 +97,6 @@ class HostPool:
         start = slot * self.slot_bytes
         return self._shm.buf[start : start + self.slot_bytes]
 
-    def slot_array(self, slot: int) -> np.ndarray:
-        start = slot * self.slot_bytes
-        return self._bytes[start : start + self.slot_bytes]
-
     # ---- slot states --------------------------------------------------------
     @property
     def num_free(self) -> int:
