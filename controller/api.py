@@ -159,6 +159,9 @@ class CacheStats:
     """Pages due to L3 that left L2 without being written there (L3 refused or failed)."""
     num_l3_errors: int = 0
     """L3 calls that failed or timed out (each one a miss or a dropped write)."""
+    num_l3_bad_values: int = 0
+    """L3 values read back that failed their checks (corrupt, under another key, another
+    layout, another size): misses, never served."""
     num_l2_pages: int = 0
     """Pages in L2 now."""
     num_due_pages: int = 0

@@ -285,6 +285,12 @@ class CacheCore:
         snapshot = CacheStats(**vars(self._stats))
         snapshot.num_l2_pages = len(self.host.index)
         snapshot.num_due_pages = len(self._due)
+        if self._l3 is not None:
+            # The connector turns store faults into misses and refused puts; its
+            # counters are where they show.
+            l3 = self._l3.stats()
+            snapshot.num_l3_errors += l3.errors + l3.timeouts
+            snapshot.num_l3_bad_values = l3.corrupt + l3.wrong_key + l3.wrong_fingerprint + l3.wrong_size
         return snapshot
 
     def check_integrity(self, quiescent: bool = False) -> None:
