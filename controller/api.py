@@ -45,6 +45,9 @@ class LookupResult:
     page_size: int
     num_l2_pages: int
     num_l3_pages: int
+    num_pending_pages: int = 0
+    """Pages after the hit that a prefetch is still reading from L3 when this returned
+    (``best_effort`` and ``timeout``): a later lookup may find them in L2."""
 
     @property
     def num_hit_pages(self) -> int:
@@ -84,6 +87,46 @@ class LoadHandle(ABC):
         """Make every layer readable by the engine (as wait_layer does for one)."""
 
 
+class PrefetchTicket(ABC):
+    """Progress of one background read of L3 pages into L2 (``CacheClient.prefetch``, or
+    the one a lookup starts). Pages arrive in chain order; only the contiguous ready
+    prefix is of use, so reading stops at the first page L3 does not return.
+    Ready pages are ordinary L2 pages: a lookup finds them (it does not need the ticket)."""
+
+    @property
+    @abstractmethod
+    def num_pages(self) -> int:
+        """Pages L3 said it holds (after the existence check; 0 before)."""
+
+    @property
+    @abstractmethod
+    def num_ready(self) -> int:
+        """Pages read into L2 so far (a contiguous run from where the prefetch started)."""
+
+    @property
+    @abstractmethod
+    def num_failed(self) -> int:
+        """Pages that L3 listed but did not return (miss, corrupt, error) or that were cancelled."""
+
+    @property
+    def num_pending(self) -> int:
+        """Pages still being read."""
+        return max(0, self.num_pages - self.num_ready - self.num_failed)
+
+    @property
+    @abstractmethod
+    def is_done(self) -> bool:
+        """True once nothing more will arrive (finished, failed or cancelled)."""
+
+    @abstractmethod
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until done or ``timeout_s`` passed; returns ``is_done``."""
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """Stop reading; returns once no read writes into a reserved slot any more."""
+
+
 class CacheClient(ABC):
     """An engine's handle on the cache. Not thread-safe: one engine thread calls it."""
 
@@ -93,10 +136,18 @@ class CacheClient(ABC):
     def lookup(self, tokens: Sequence[int] | np.ndarray) -> LookupResult:
         """Find the longest cached prefix of ``tokens`` (whole pages only) and lease it.
 
-        Pages found only in L3 are read into L2 before this returns (which may
-        evict other, unleased L2 pages). Takes a lease that the caller must end
-        with ``release``.
+        Pages found only in L3 are read into L2 by a prefetch (which may evict other,
+        unleased L2 pages); how long this waits for them is the prefetch policy's
+        choice (``PrefetchConfig.policy``): ``wait_complete`` (the default) and ``sync``
+        until they are in, ``timeout`` up to a budget, ``best_effort`` not at all.
+        Takes a lease that the caller must end with ``release``.
         """
+
+    def prefetch(self, tokens: Sequence[int] | np.ndarray) -> PrefetchTicket:
+        """Start reading the pages of ``tokens`` that are in L3 but not in L2, in the
+        background (a hint, e.g. for an agent session that will come back after a tool
+        call). Never waits on L3 and takes no lease."""
+        raise CacheError(f"{type(self).__name__} does not prefetch")
 
     @abstractmethod
     def load(self, result: LookupResult, device_pages: Sequence[int]) -> LoadHandle:

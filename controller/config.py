@@ -9,8 +9,8 @@ from typing import Any, Literal, Mapping
 from kvstore.copy_ops import copy_backend_names
 from kvstore.eviction import DEFAULT_POLICY, policy_names
 
-WritePolicy = Literal["write_back", "write_through"]
-WRITE_POLICIES: tuple[str, ...] = ("write_back", "write_through")
+WritePolicy = Literal["write_back", "write_through", "write_through_selective"]
+WRITE_POLICIES: tuple[str, ...] = ("write_back", "write_through", "write_through_selective")
 
 
 class ConfigError(ValueError):
@@ -27,7 +27,14 @@ class L3Config:
     """Connector options, e.g. {"path": "/var/cache/kvstore", "capacity_bytes": 64 << 30}."""
     write_policy: WritePolicy = "write_back"
     """``write_back``: a page goes to L3 when L2 evicts it. ``write_through``: every new
-    page goes to L3 as soon as it is stored in L2."""
+    page goes to L3 as soon as it is stored in L2. ``write_through_selective``: a page
+    goes to L3 once it has had ``selective_hits`` lookup hits (and at eviction, so
+    nothing is lost). Writes go through a background queue either way."""
+    selective_hits: int = 2
+    """``write_through_selective``: lookup hits after which a page is written to L3."""
+    backup_queue_bytes: int = 256 << 20
+    """Memory for pages evicted from L2 before their L3 write ran (write_back copies them
+    out so the slot can be reused); a page that does not fit is dropped and counted."""
     timeout_s: float = 30.0
     """Longest wait for one batched L3 call before it counts as failed."""
     close_flush_s: float = 60.0
@@ -42,8 +49,47 @@ class L3Config:
             )
         if self.timeout_s <= 0:
             raise ConfigError(f"L3Config.timeout_s must be > 0 seconds, got {self.timeout_s}")
+        for name in ("selective_hits", "backup_queue_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"L3Config.{name} must be a positive int, got {value!r}")
         if not isinstance(self.close_flush_s, (int, float)) or self.close_flush_s < 0:
             raise ConfigError(f"L3Config.close_flush_s must be >= 0 seconds, got {self.close_flush_s!r}")
+
+
+PREFETCH_POLICIES: tuple[str, ...] = ("wait_complete", "best_effort", "timeout", "sync")
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    """How L3 pages come back up into L2 (the prefetch pipeline)."""
+
+    policy: str = "wait_complete"
+    """What ``lookup`` does about pages that are only in L3. ``wait_complete``: start a
+    prefetch and wait for it. ``best_effort``: start it and return the L2 hit at once
+    (a later lookup finds what has arrived). ``timeout``: wait at most
+    ``timeout_base_s + timeout_per_1k_tokens_s * tokens / 1000``. ``sync``: read them on
+    the caller's call in one batch, unpipelined (the behaviour before prefetch)."""
+    timeout_base_s: float = 0.002
+    """``timeout`` policy: the fixed part of the wait."""
+    timeout_per_1k_tokens_s: float = 0.001
+    """``timeout`` policy: the wait added per 1,000 prompt tokens."""
+    batch_pages: int = 32
+    """Pages per L3 read; reads of a prefetch run one batch after another."""
+    max_inflight_bytes: int = 256 << 20
+    """Bytes of all prefetch reads in flight at once (bounds reserved L2 slots)."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in PREFETCH_POLICIES:
+            raise ConfigError(f"PrefetchConfig.policy {self.policy!r} is unknown; use one of {PREFETCH_POLICIES}")
+        for name in ("timeout_base_s", "timeout_per_1k_tokens_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"PrefetchConfig.{name} must be a number of seconds >= 0, got {value!r}")
+        for name in ("batch_pages", "max_inflight_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"PrefetchConfig.{name} must be a positive int, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -58,6 +104,8 @@ class ControllerConfig:
     """The L3 store behind L2."""
     copy_backend: str | None = None
     """Copy op for L1<->L2 moves; None picks the best one for the engine's device."""
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    """How pages that are only in L3 come back up (see PrefetchConfig)."""
 
     def __post_init__(self) -> None:
         if (not isinstance(self.host_pool_pages, int) or isinstance(self.host_pool_pages, bool)
