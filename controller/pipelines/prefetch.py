@@ -128,6 +128,7 @@ class Prefetcher:
         self._running: dict[PageKey, Prefetch] = {}      # first missing key -> prefetch
         self.num_inflight_batches = 0
         self.idle = asyncio.Event()                        # set while no batch is in flight
+        self.idle.set()
 
     def find(self, keys: Sequence[PageKey], start: int) -> Prefetch | None:
         """A running prefetch of this chain from ``start``; call under the core lock."""
