@@ -35,48 +35,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_pages_stored_by_one_process_are_loaded_by_others(tmp_path):
-    with running_daemon(tmp_path) as daemon:
-        stored = run_worker(daemon, "store", "7", "6")
-        assert stored.returncode == 0, stored.stderr
-        assert json.loads(stored.stdout)["num_new_pages"] == 6
-        again = run_worker(daemon, "store", "7", "6")  # a second engine: nothing new to write
-        assert json.loads(again.stdout)["num_new_pages"] == 0
-
-        writer_pool = device_pool(16, seed=7)  # what the worker's pool held
-        pool = device_pool(32)
-        with daemon.client(pool) as cache:
-            result = cache.lookup(tokens(7, 6) + [1, 2])
-            assert (result.num_l2_pages, result.num_l3_pages) == (6, 0)
-            handle = cache.load(result, list(range(20, 26)))
-            for layer in range(LAYOUT.num_layers):
-                handle.wait_layer(layer)
-            assert pages_equal(writer_pool, range(6), pool, range(20, 26))
-            cache.release(result)
-            cache.check_integrity(quiescent=True)
+METRICS_PORT = free_port()
 
 
-@pytest.mark.parametrize("other", [
-    KeyNamespace("another-model", LAYOUT),
-    KeyNamespace("daemon-test-model", LAYOUT, tp_rank=1, tp_size=2),
-    KeyNamespace("daemon-test-model", LAYOUT, lora_id="adapter-1"),
-    KeyNamespace("daemon-test-model", LAYOUT, cache_salt="tenant-b"),
-])
-def test_another_namespace_never_hits(tmp_path, other):
-    with running_daemon(tmp_path) as daemon:
-        with daemon.client(device_pool(16, seed=1)) as mine, daemon.client(device_pool(16), other) as theirs:
-            assert mine.store(tokens(1, 4), range(4)).num_new_pages == 4
-            assert theirs.lookup(tokens(1, 4)).num_hit_pages == 0
-            assert mine.lookup(tokens(1, 4)).num_hit_pages == 4
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    """One daemon for the scenarios that need no config of their own (each uses its own
+    token seeds); starting one costs seconds (torch import) on the 2-core CI machine."""
+    with running_daemon(tmp_path_factory.mktemp("shared"), args=["--metrics-port", str(METRICS_PORT)]) as d:
+        yield d
+    assert d.proc is None
 
 
-def test_a_client_with_another_layout_is_refused(tmp_path):
+def test_pages_stored_by_one_process_are_loaded_by_others(daemon):
+    stored = run_worker(daemon, "store", "7", "6")
+    assert stored.returncode == 0, stored.stderr
+    assert json.loads(stored.stdout)["num_new_pages"] == 6
+    again = run_worker(daemon, "store", "7", "6")  # a second engine: nothing new to write
+    assert json.loads(again.stdout)["num_new_pages"] == 0
+
+    writer_pool = device_pool(16, seed=7)  # what the worker's pool held
+    pool = device_pool(32)
+    with daemon.client(pool) as cache:
+        result = cache.lookup(tokens(7, 6) + [1, 2])
+        assert (result.num_l2_pages, result.num_l3_pages) == (6, 0)
+        handle = cache.load(result, list(range(20, 26)))
+        for layer in range(LAYOUT.num_layers):
+            handle.wait_layer(layer)
+        assert pages_equal(writer_pool, range(6), pool, range(20, 26))
+        cache.release(result)
+        cache.check_integrity(quiescent=True)
+
+
+@pytest.mark.parametrize("seed, other", [
+    (101, KeyNamespace("another-model", LAYOUT)),
+    (102, KeyNamespace("daemon-test-model", LAYOUT, tp_rank=1, tp_size=2)),
+    (103, KeyNamespace("daemon-test-model", LAYOUT, lora_id="adapter-1")),
+    (104, KeyNamespace("daemon-test-model", LAYOUT, cache_salt="tenant-b")),
+], ids=["model", "tp-rank", "lora", "salt"])
+def test_another_namespace_never_hits(daemon, seed, other):
+    with daemon.client(device_pool(16, seed=1)) as mine, daemon.client(device_pool(16), other) as theirs:
+        assert mine.store(tokens(seed, 4), range(4)).num_new_pages == 4
+        assert theirs.lookup(tokens(seed, 4)).num_hit_pages == 0
+        assert mine.lookup(tokens(seed, 4)).num_hit_pages == 4
+
+
+def test_a_client_with_another_layout_is_refused(daemon):
     from kvstore.layout import KVLayout
 
     other = KVLayout(num_layers=2, num_kv_heads=2, head_dim=4, page_size=4, dtype="float32")
-    with running_daemon(tmp_path) as daemon:
-        with pytest.raises(CacheError, match="bad_layout"):
-            DaemonClient(daemon.address, KeyNamespace("m", other), torch.zeros(other.pool_shape(4)))
+    with pytest.raises(CacheError, match="bad_layout"):
+        DaemonClient(daemon.address, KeyNamespace("m", other), torch.zeros(other.pool_shape(4)))
 
 
 def test_killed_client_leases_and_reservations_are_reclaimed(tmp_path):
@@ -156,19 +165,17 @@ def test_sigterm_writes_back_to_disk_and_cleans_up(tmp_path):
         daemon.stop()
 
 
-def test_a_second_daemon_on_the_same_address_is_refused(tmp_path):
-    with running_daemon(tmp_path) as daemon:
-        second = subprocess.run(daemon.cmd, env=daemon.env, capture_output=True, text=True, timeout=60)
-        assert second.returncode == 3
-        assert "already serving" in second.stderr
-        daemon.stats()  # the first one is unharmed
+def test_a_second_daemon_on_the_same_address_is_refused(daemon):
+    second = subprocess.run(daemon.cmd, env=daemon.env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 3
+    assert "already serving" in second.stderr
+    daemon.stats()  # the first one is unharmed
 
 
-def test_ipc_directory_and_socket_are_private(tmp_path):
-    with running_daemon(tmp_path) as daemon:
-        sock = Path(daemon.address[len("ipc://"):])
-        assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
-        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+def test_ipc_directory_and_socket_are_private(daemon):
+    sock = Path(daemon.address[len("ipc://"):])
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
 
 
 def test_tcp_needs_credentials_to_start(tmp_path):
@@ -196,23 +203,26 @@ def test_tcp_refuses_missing_or_wrong_token(tmp_path):
         assert stats["num_clients"] == 1  # the stats session itself; refused ones never got one
 
 
-def test_metrics_endpoint_and_status_command(tmp_path):
-    port = free_port()
-    with running_daemon(tmp_path, args=["--metrics-port", str(port)]) as daemon:
-        with daemon.client(device_pool(16, seed=4)) as cache:
-            cache.store(tokens(4, 3), range(3))
-            cache.release(cache.lookup(tokens(4, 3) + tokens(5, 2)))
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        assert 'kvstore_lookup_pages_total{tier="l2"} 3.0' in text
-        assert 'kvstore_lookup_pages_total{tier="miss"} 2.0' in text
-        for name in ("kvstore_lookup_seconds_bucket", "kvstore_refused_connections",
-                     "kvstore_bad_messages", "kvstore_clients", "kvstore_leases", "kvstore_pool_slots"):
-            assert name in text
-        status = subprocess.run([sys.executable, "-m", "controller.cli", "status", "--address",
-                                 daemon.address], env=child_env(), capture_output=True, text=True,
-                                timeout=60)
-        assert status.returncode == 0, status.stderr
-        assert "3/64 slots used" in status.stdout and "page hit rate 60.0%" in status.stdout
+def test_metrics_endpoint_and_status_command(daemon):
+    before = daemon.stats()
+    with daemon.client(device_pool(16, seed=4)) as cache:
+        cache.store(tokens(4, 3), range(3))
+        cache.release(cache.lookup(tokens(4, 3) + tokens(5, 2)))
+    after = daemon.stats()
+    assert after["num_l2_hit_pages"] - before["num_l2_hit_pages"] == 3
+    assert after["num_lookup_pages"] - before["num_lookup_pages"] == 5
+    url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert 'kvstore_lookup_pages_total{tier="l2"}' in text
+    assert 'kvstore_lookup_pages_total{tier="miss"}' in text
+    for name in ("kvstore_lookup_seconds_bucket", "kvstore_refused_connections",
+                 "kvstore_bad_messages", "kvstore_clients", "kvstore_leases", "kvstore_pool_slots"):
+        assert name in text
+    status = subprocess.run([sys.executable, "-m", "controller.cli", "status", "--address",
+                             daemon.address], env=child_env(), capture_output=True, text=True,
+                            timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert "slots used" in status.stdout and "page hit rate" in status.stdout
 
 
 def test_status_without_a_daemon_fails_clearly(tmp_path):
@@ -222,12 +232,11 @@ def test_status_without_a_daemon_fails_clearly(tmp_path):
     assert status.returncode == 1 and "no reply" in status.stderr
 
 
-def test_a_closed_client_refuses_every_call(tmp_path):
-    with running_daemon(tmp_path) as daemon:
-        cache = daemon.client(device_pool(8))
-        cache.close()
-        cache.close()
-        for call in (lambda: cache.lookup(tokens(1, 1)), lambda: cache.store(tokens(1, 1), [0]),
-                     cache.stats):
-            with pytest.raises(CacheError, match="closed"):
-                call()
+def test_a_closed_client_refuses_every_call(daemon):
+    cache = daemon.client(device_pool(8))
+    cache.close()
+    cache.close()
+    for call in (lambda: cache.lookup(tokens(1, 1)), lambda: cache.store(tokens(1, 1), [0]),
+                 cache.stats):
+        with pytest.raises(CacheError, match="closed"):
+            call()
