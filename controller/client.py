@@ -69,6 +69,8 @@ class Channel:
         self._context = context
         self._ids = itertools.count(1)
         self._socket: zmq.Socket | None = None
+        self.num_timeouts = 0
+        """Requests that got no reply within their deadline."""
 
     def _open(self) -> zmq.Socket:
         sock = self._context.socket(zmq.DEALER)
@@ -106,6 +108,7 @@ class Channel:
             self.reset()
             raise CacheError(f"the daemon at {self.address} sent a bad reply: {exc}") from None
         self.reset()  # queued requests must not reach whoever listens here next
+        self.num_timeouts += 1
         raise DaemonUnavailable(f"no reply from the kvstore daemon at {self.address} within "
                                 f"{timeout_s:.1f} s (is `kvstore serve` running?)")
 

@@ -47,6 +47,7 @@ _HARD_MAX_FRAME = 64 << 20
 """zmq drops peers sending more than this; frames between MAX_FRAME_BYTES and this get an error."""
 _MAX_BATCH = 256
 _DRAIN_S = 1.0
+_MAX_SESSIONS = 4096
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -277,6 +278,9 @@ class DaemonServer:
             self._refuse("bad_layout")
             return p.ErrorReply("bad_layout", f"this daemon serves layout {fingerprint}, the client "
                                 f"has {msg.layout_fingerprint}; start a daemon for that layout")
+        if len(self.sessions.sessions) >= _MAX_SESSIONS:
+            self._refuse("too_many_clients")
+            return p.ErrorReply("limit", f"{_MAX_SESSIONS} clients are attached; try again later")
         session = self.sessions.open(msg.client_name, msg.pid)
         pool, cfg = self.core.pool, self.config
         log.info("client %r (pid %d) attached", msg.client_name, msg.pid)

@@ -80,6 +80,7 @@ def stress(address: str, seconds: float, worker_id: int) -> int:
             counts["release"] += 1
     for result in held:
         cache.release(result)
+    counts["timeouts"] = cache._session.channel.num_timeouts
     cache.close()
     print(json.dumps(counts), flush=True)
     return 0
