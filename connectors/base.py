@@ -49,9 +49,11 @@ class ConnectorStats:
     """Counters since the connector was opened (a snapshot; safe to keep).
 
     Keys: `hits + misses` = keys asked for by get/get_into. Every miss is
-    counted once in `misses`; `corrupt`, `wrong_fingerprint` and `wrong_size`
-    (a get_into buffer of another length than the stored page) say why some
-    of them missed; only corrupt values are dropped from the store. Operations: `errors` and `timeouts` count failed raw batch
+    counted once in `misses`; `corrupt`, `wrong_fingerprint`, `wrong_key` (a
+    valid value stored under another key than it was written for) and
+    `wrong_size` (a get_into buffer of another length than the stored page)
+    say why some of them missed; corrupt and wrong-key values are dropped from
+    the store (no reader can use them). Operations: `errors` and `timeouts` count failed raw batch
     calls (each failing every key of its sub-batch), including calls refused
     fast while the store is in its error back-off.
     Bytes: `bytes_in/out` are framed bytes moved from/to the store,
@@ -62,6 +64,7 @@ class ConnectorStats:
     misses: int = 0
     corrupt: int = 0
     wrong_fingerprint: int = 0
+    wrong_key: int = 0
     wrong_size: int = 0
     puts: int = 0
     put_failures: int = 0
@@ -196,7 +199,7 @@ class Connector(ABC):
         out: list[bytes | None] = [None] * len(keys)
 
         def decode(i: int, frame) -> None:
-            out[i] = _codec.decode(frame, self._fp, self._max_value)
+            out[i] = _codec.decode(frame, self._fp, self._max_value, keys[i])
 
         await self._fetch(keys, decode)
         found = [v for v in out if v is not None]
@@ -215,7 +218,7 @@ class Connector(ABC):
         ok = [False] * len(keys)
 
         def decode(i: int, frame) -> None:
-            _codec.decode_into(frame, views[i], self._fp, self._max_value)
+            _codec.decode_into(frame, views[i], self._fp, self._max_value, keys[i])
             ok[i] = True
 
         await self._fetch(keys, decode)
@@ -234,8 +237,8 @@ class Connector(ABC):
         raws = [_readable_view(v, self._max_value) for v in values]
         heavy = 0 if self._codec_id == _codec.CODECS["none"] else sum(len(r) for r in raws)
         frames = await self._run_coding(
-            [lambda r=r: _codec.encode(r, self._codec_id, self._fp, self._elem_size)
-             for r in raws], heavy)
+            [lambda r=r, k=k: _codec.encode(r, self._codec_id, self._fp, self._elem_size, key=k)
+             for r, k in zip(raws, keys)], heavy)
         result = [False] * len(keys)
 
         async def one(lo: int, hi: int) -> None:
@@ -325,6 +328,9 @@ class Connector(ABC):
                 if status == "corrupt":
                     self._stats.corrupt += 1
                     failed.append(keys[i])
+                elif status == "key":
+                    self._stats.wrong_key += 1
+                    failed.append(keys[i])
                 elif status == "fingerprint":
                     self._stats.wrong_fingerprint += 1
                 elif status == "size":
@@ -337,7 +343,7 @@ class Connector(ABC):
         await run_ranges(ranges, one, self._max_inflight)
 
     def _guarded(self, decode: Callable[[int, Any], None], i: int, frame) -> Callable[[], str | None]:
-        """A job that decodes one frame: None, "fingerprint", "size" or "corrupt"
+        """A job that decodes one frame: None, "fingerprint", "key", "size" or "corrupt"
         (any exception is a corrupt value: a store fault never raises).
         (Runs on worker threads: it reports, the loop thread counts.)"""
         def job() -> str | None:
@@ -345,6 +351,9 @@ class Connector(ABC):
                 decode(i, frame)
             except _codec.FingerprintMismatch:
                 return "fingerprint"
+            except _codec.KeyMismatch:
+                log.warning("%s: value stored under the wrong key dropped", type(self).__name__)
+                return "key"
             except _codec.SizeMismatch as exc:
                 log.warning("%s: get_into buffer does not fit: %s", type(self).__name__, exc)
                 return "size"

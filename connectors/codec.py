@@ -11,15 +11,21 @@ Every value an L3 store holds is one frame::
     8       8     raw length: bytes of the page once decoded
     16      8     payload length: bytes that follow the header
     24      8     fingerprint digest (blake2b-64 of the layout fingerprint)
-    32      8     XXH3-64 of header bytes [0, 32) followed by the payload
-    40      ...   payload (the page, encoded by the codec)
+    32      8     key digest (XXH3-64 of the key the value is stored under)
+    40      8     XXH3-64 of header bytes [0, 40) followed by the payload
+    48      ...   payload (the page, encoded by the codec)
 
 All integers are little-endian. Bytes read back from a store are untrusted:
-`decode_into` checks magic, version, codec, both lengths, the fingerprint and
-the checksum *before* any decompressor runs, bounds the decompressor's output
+`decode_into` checks magic, version, codec, both lengths, the checksum, the
+fingerprint and the key *before* any decompressor runs, bounds the decompressor's output
 by the raw length, and checks the decoded length again. Any mismatch raises
 `FrameError` (or `FingerprintMismatch`), which the connector turns into a
 counted miss; a bad frame is never returned as KV.
+
+The key digest is why a value copied, renamed or written under the wrong key
+(two swapped disk files, a writer that mixes keys up in a shared Redis) reads
+as a miss (`KeyMismatch`) instead of another page's KV. Version 1 frames had
+no key digest and are refused as an old format.
 
 Why XXH3-64 (the xxhash package): measured at ~58 GB/s per core on the dev
 box, against 4.3 GB/s for zlib's CRC-32, 3.6 for Adler-32 and 0.9 for
@@ -44,9 +50,9 @@ import xxhash
 import zstandard
 
 MAGIC = b"KVL3"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct("<4sBBBBQQ8sQ")
-HEADER_LEN = _HEADER.size  # 40
+FORMAT_VERSION = 2
+_HEADER = struct.Struct("<4sBBBBQQ8sQQ")
+HEADER_LEN = _HEADER.size  # 48
 _SUM_OFFSET = HEADER_LEN - 8
 CHECKSUM_XXH3_64 = 1
 
@@ -71,6 +77,10 @@ class FingerprintMismatch(FrameError):
     """A valid frame written for another layout fingerprint."""
 
 
+class KeyMismatch(FrameError):
+    """A valid frame stored under another key than the one it was written for."""
+
+
 class SizeMismatch(FrameError):
     """A valid frame whose page length differs from the caller's buffer."""
 
@@ -84,12 +94,18 @@ class FrameHeader:
     raw_len: int
     payload_len: int
     fingerprint: bytes
+    key_digest: int
     checksum: int
 
 
 def fingerprint_digest(fingerprint: str) -> bytes:
     """The 8-byte digest of a layout fingerprint stored in every header."""
     return hashlib.blake2b(fingerprint.encode(), digest_size=8).digest()
+
+
+def key_digest(key: bytes) -> int:
+    """The 64-bit digest of a store key written into every header."""
+    return xxhash.xxh3_64_intdigest(key)
 
 
 def codec_id(name: str) -> int:
@@ -102,7 +118,7 @@ def codec_id(name: str) -> int:
 
 
 def checksum(head, payload) -> int:
-    """XXH3-64 of the first 32 header bytes followed by the payload."""
+    """XXH3-64 of the first 40 header bytes followed by the payload."""
     h = xxhash.xxh3_64(head[:_SUM_OFFSET])
     h.update(payload)
     return h.intdigest()
@@ -213,13 +229,14 @@ class Frame:
         return cls(b"", data)
 
 
-def encode(raw, codec: int, fingerprint: bytes, elem_size: int = 2) -> Frame:
+def encode(raw, codec: int, fingerprint: bytes, elem_size: int = 2, *, key: bytes = b"") -> Frame:
     """Frame one page without joining header and payload (see Frame).
 
     The payload is `raw` itself for codec none (no copy): it must not change
     until the frame is stored (if it does, the checksum makes the stored value
     a miss, never wrong KV). For the shuffling codecs `elem_size` is the dtype
-    width (2 for bf16/fp16); other codecs ignore it.
+    width (2 for bf16/fp16); other codecs ignore it. `key` is the store key
+    the frame will be stored under (see the module docstring).
     """
     raw = memoryview(raw).cast("B")
     if codec == CODECS["none"]:
@@ -233,13 +250,13 @@ def encode(raw, codec: int, fingerprint: bytes, elem_size: int = 2) -> Frame:
     if not 1 <= elem_size <= 255:
         raise ValueError(f"elem_size must be in 1..255, got {elem_size}")
     head = _HEADER.pack(MAGIC, FORMAT_VERSION, codec, elem_size, CHECKSUM_XXH3_64,
-                        len(raw), len(payload), fingerprint, 0)
+                        len(raw), len(payload), fingerprint, key_digest(key), 0)
     return Frame(head[:_SUM_OFFSET] + checksum(head, payload).to_bytes(8, "little"), payload)
 
 
-def encode_frame(raw, codec: int, fingerprint: bytes, elem_size: int = 2) -> bytes:
+def encode_frame(raw, codec: int, fingerprint: bytes, elem_size: int = 2, *, key: bytes = b"") -> bytes:
     """One contiguous frame (header + payload) for one page."""
-    return encode(raw, codec, fingerprint, elem_size).tobytes()
+    return encode(raw, codec, fingerprint, elem_size, key=key).tobytes()
 
 
 def parse_header(frame, frame_len: int | None = None) -> FrameHeader:
@@ -252,7 +269,7 @@ def parse_header(frame, frame_len: int | None = None) -> FrameHeader:
         frame_len = len(view)
     if len(view) < HEADER_LEN or frame_len < HEADER_LEN:
         raise FrameError(f"value of {len(view)} bytes is shorter than a header")
-    magic, ver, codec, es, kind, raw_len, pay_len, fp, crc = _HEADER.unpack_from(view)
+    magic, ver, codec, es, kind, raw_len, pay_len, fp, kd, crc = _HEADER.unpack_from(view)
     if magic != MAGIC:
         raise FrameError("bad magic: not a kvstore L3 value")
     if ver != FORMAT_VERSION:
@@ -263,10 +280,11 @@ def parse_header(frame, frame_len: int | None = None) -> FrameHeader:
         raise FrameError(f"payload is {frame_len - HEADER_LEN} bytes, header says {pay_len}")
     if codec == CODECS["none"] and pay_len != raw_len:
         raise FrameError("codec none with payload length != raw length")
-    return FrameHeader(codec, es, raw_len, pay_len, fp, crc)
+    return FrameHeader(codec, es, raw_len, pay_len, fp, kd, crc)
 
 
-def check_frame(frame, fingerprint: bytes, max_raw_len: int) -> tuple[FrameHeader, memoryview]:
+def check_frame(frame, fingerprint: bytes, max_raw_len: int,
+                key: bytes = b"") -> tuple[FrameHeader, memoryview]:
     """Verify everything but the decode; returns the header and payload view."""
     head = parse_header(frame)
     view = memoryview(frame).cast("B")
@@ -277,16 +295,19 @@ def check_frame(frame, fingerprint: bytes, max_raw_len: int) -> tuple[FrameHeade
         raise FrameError("checksum mismatch")
     if head.fingerprint != fingerprint:
         raise FingerprintMismatch("value was written for another layout fingerprint")
+    if head.key_digest != key_digest(key):
+        raise KeyMismatch("value was written under another key (misplaced or swapped)")
     return head, payload
 
 
-def decode_into(frame, out: memoryview, fingerprint: bytes, max_raw_len: int) -> None:
+def decode_into(frame, out: memoryview, fingerprint: bytes, max_raw_len: int,
+                key: bytes = b"") -> None:
     """Decode an untrusted frame into `out`, whose length must be the raw length.
 
     Raises FrameError / FingerprintMismatch; `out` is then unspecified.
     """
     out = memoryview(out).cast("B")
-    head, payload = check_frame(frame, fingerprint, max_raw_len)
+    head, payload = check_frame(frame, fingerprint, max_raw_len, key)
     if head.raw_len != len(out):
         raise SizeMismatch(f"page is {head.raw_len} bytes, buffer is {len(out)}")
     if head.codec == CODECS["none"]:
@@ -299,9 +320,9 @@ def decode_into(frame, out: memoryview, fingerprint: bytes, max_raw_len: int) ->
         out[:] = data
 
 
-def decode(frame, fingerprint: bytes, max_raw_len: int) -> bytes:
+def decode(frame, fingerprint: bytes, max_raw_len: int, key: bytes = b"") -> bytes:
     """Decode an untrusted frame into new bytes (see `decode_into`)."""
-    head, payload = check_frame(frame, fingerprint, max_raw_len)
+    head, payload = check_frame(frame, fingerprint, max_raw_len, key)
     if head.codec == CODECS["none"]:
         return bytes(payload)
     data = _decompress(head.codec, payload, head.raw_len)

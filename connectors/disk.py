@@ -2,8 +2,21 @@
 
 Layout on disk (one file per page, 256 shard directories)::
 
+    <path>/KVSTORE_DISK                                  marker: format version, owner
     <path>/<first 2 hex digits of key>/<key hex>          a complete frame
     <path>/<shard>/.<key hex>.<random>.tmp                being written
+
+Ownership: the store keeps its files in a directory it owns. It takes a new or
+empty directory and writes the marker there; it refuses a directory that holds
+anything else without a marker (the user's files are never touched), a marker
+of another format version, a directory it cannot write, and a directory that
+another live connector holds (an exclusive ``flock`` on the marker, held until
+close: each process counts only its own writes, so two owners would exceed the
+capacity together). Engines that should share one disk tier attach to one
+daemon (``kvstore serve``), which owns the directory. Even inside its own
+directory it removes only files it could have written: temp files by their
+exact name, page files whose name is a key and whose header starts with the
+frame's magic.
 
 A put writes a temp file and renames it over the final name, so a crash never
 leaves a half page under a page's name (a temp file is deleted at the next
@@ -14,19 +27,17 @@ it is read). A put that times out or is cancelled cannot stop its file job
 (a worker thread): once that ends, the temp file and the page's file are
 removed and the reserved capacity is given back. On open the index is
 rebuilt from the directory, oldest modification time first (LRU order is
-approximated by write time across restarts); files whose size does not match
-their header, or whose name is not exactly the lower-case hex of a key, are
-removed.
-
-The connector owns the directory: two live connectors on one path are not
-supported (each would keep its own index and capacity).
+approximated by write time across restarts).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import json
 import logging
 import os
+import re
 import secrets
 from collections import OrderedDict
 
@@ -39,6 +50,9 @@ from connectors.base import Connector, ConnectorError
 log = logging.getLogger(__name__)
 
 _MAX_DISK_KEY_LEN = 100  # hex file names must stay under NAME_MAX (255)
+MARKER_NAME = "KVSTORE_DISK"
+DISK_FORMAT_VERSION = 1
+_TEMP_NAME = re.compile(r"\.([0-9a-f]{2,200})\.[0-9a-f]{8}\.tmp")
 
 
 class DiskConnector(Connector):
@@ -70,11 +84,12 @@ class DiskConnector(Connector):
         # largest frame file accepted: max_value_bytes of page, its header,
         # and the worst-case growth of the lz4/zstd codecs on random data
         self._max_frame_bytes = _codec.HEADER_LEN + self._max_value + (self._max_value >> 7) + 4096
+        self._marker_fd = _claim_directory(self.path)
         try:
-            os.makedirs(self.path, exist_ok=True)
-        except OSError as exc:
-            raise ConnectorError(f"cannot create disk store directory {self.path!r}: {exc}") from exc
-        self._rebuild_index()
+            self._rebuild_index()
+        except BaseException:
+            os.close(self._marker_fd)
+            raise
 
     @property
     def used_bytes(self) -> int:
@@ -102,9 +117,15 @@ class DiskConnector(Connector):
 
     async def _close(self):
         """Wait for abandoned (timed-out, cancelled) writes to be undone, for
-        at most timeout_s + 5 s: a hung file system must not hang close."""
-        if self._finishing:
-            await asyncio.wait(list(self._finishing.values()), timeout=self.timeout_s + 5.0)
+        at most timeout_s + 5 s: a hung file system must not hang close; then
+        give up the directory (its lock)."""
+        try:
+            if self._finishing:
+                await asyncio.wait(list(self._finishing.values()), timeout=self.timeout_s + 5.0)
+        finally:
+            if self._marker_fd is not None:
+                os.close(self._marker_fd)   # closing the descriptor drops the flock
+                self._marker_fd = None
 
     async def _on_corrupt(self, keys):
         for k in keys:
@@ -251,18 +272,21 @@ class DiskConnector(Connector):
 
     # ------------------------------------------------------------ restart
     def _rebuild_index(self) -> None:
-        """Index every complete page file; delete temp and malformed files."""
+        """Index every complete page file; delete our own temp and broken files.
+        Anything else (a file this store could not have written) is left alone."""
         found = []
         for shard in os.scandir(self.path):
-            if not (shard.is_dir() and len(shard.name) == 2):
+            if not (shard.is_dir(follow_symlinks=False) and _is_shard_name(shard.name)):
                 continue
             for entry in os.scandir(shard.path):
-                key = self._valid_file(entry)
-                if key is None:
+                kind = _classify(entry, shard.name)
+                if kind == "page":
+                    st = entry.stat()
+                    found.append((st.st_mtime_ns, bytes.fromhex(entry.name), st.st_size))
+                elif kind == "own-broken":
                     _unlink_quietly(entry.path)
                 else:
-                    st = entry.stat()
-                    found.append((st.st_mtime_ns, key, st.st_size))
+                    log.warning("disk store: %s was not written by kvstore; left alone", entry.path)
         found.sort()
         for _, key, size in found:
             self._index[key] = size
@@ -274,27 +298,107 @@ class DiskConnector(Connector):
         if found:
             log.info("disk store %s: %d pages, %d bytes reloaded", self.path, len(self._index), self._used)
 
-    @staticmethod
-    def _valid_file(entry: os.DirEntry) -> bytes | None:
-        """The key of a complete-looking page file, or None (temp, foreign, truncated)."""
-        if not entry.is_file() or entry.name.startswith("."):
-            return None
-        try:
-            key = bytes.fromhex(entry.name)
-        except ValueError:
-            return None
-        # fromhex also takes upper case and spaces: only the exact name that
-        # _file(key) builds is the key's file, anything else is never reached
-        if not key or len(key) > _MAX_DISK_KEY_LEN or entry.name != key.hex():
-            return None
-        if entry.name[:2] != os.path.basename(os.path.dirname(entry.path)):
-            return None
-        try:
-            with open(entry.path, "rb") as f:
-                _codec.parse_header(f.read(_codec.HEADER_LEN), entry.stat().st_size)
-        except (ValueError, OSError):   # FrameError is a ValueError
-            return None
-        return key
+
+def _is_shard_name(name: str) -> bool:
+    return len(name) == 2 and all(c in "0123456789abcdef" for c in name)
+
+
+def _classify(entry: os.DirEntry, shard: str) -> str:
+    """"page" (a complete page file of ours), "own-broken" (a temp file of ours,
+    or a page file of ours that is truncated or of an old format) or "foreign"."""
+    if not entry.is_file(follow_symlinks=False):
+        return "foreign"
+    temp = _TEMP_NAME.fullmatch(entry.name)
+    if temp is not None:
+        return "own-broken" if temp.group(1)[:2] == shard and len(temp.group(1)) % 2 == 0 else "foreign"
+    name = entry.name
+    # only the exact name that _file(key) builds is a key's file
+    if not (2 <= len(name) <= 2 * _MAX_DISK_KEY_LEN and len(name) % 2 == 0 and name[:2] == shard
+            and all(c in "0123456789abcdef" for c in name)):
+        return "foreign"
+    try:
+        with open(entry.path, "rb") as f:
+            head = f.read(_codec.HEADER_LEN)
+    except OSError:
+        return "foreign"
+    if not head.startswith(_codec.MAGIC):
+        return "foreign"
+    try:
+        _codec.parse_header(head, entry.stat().st_size)
+    except ValueError:   # FrameError: ours, but truncated or of an older format
+        return "own-broken"
+    return "page"
+
+
+def _claim_directory(path: str) -> int:
+    """Make `path` this store's directory and lock it; returns the locked marker's fd.
+
+    Raises ConnectorError, saying what to do, for a directory that holds other
+    files, another format, cannot be written, or is held by another connector.
+    """
+    try:
+        os.makedirs(path, exist_ok=True)
+        entries = os.listdir(path)
+    except OSError as exc:
+        raise ConnectorError(f"cannot create disk store directory {path!r}: {exc}; "
+                             "choose a path this user may create and write") from exc
+    marker = os.path.join(path, MARKER_NAME)
+    if MARKER_NAME not in entries and entries:
+        raise ConnectorError(
+            f"disk store directory {path!r} holds files kvstore did not write "
+            f"({', '.join(sorted(entries)[:3])}...) and has no {MARKER_NAME} marker; "
+            "give the disk tier a new or empty directory of its own")
+    try:
+        fd = os.open(marker, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConnectorError(f"cannot write the disk store directory {path!r}: {exc}; "
+                             "choose a directory on a writable file system") from exc
+    try:
+        _lock_and_check_marker(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _lock_and_check_marker(fd: int, path: str) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConnectorError(
+            f"disk store directory {path!r} is in use by another kvstore process or connector "
+            f"({_read_marker(fd).get('pid', 'unknown pid')}); give each its own directory, or run "
+            "one daemon (kvstore serve) and attach the engines to it") from None
+    except OSError as exc:
+        raise ConnectorError(f"cannot lock the disk store directory {path!r}: {exc}") from exc
+    info = _read_marker(fd)
+    if info and info.get("format") != DISK_FORMAT_VERSION:
+        raise ConnectorError(
+            f"disk store directory {path!r} has format {info.get('format')!r}, this kvstore "
+            f"writes format {DISK_FORMAT_VERSION}; give it a new directory")
+    record = json.dumps({"format": DISK_FORMAT_VERSION, "owner": "kvstore", "pid": os.getpid()})
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode() + b"\n", 0)
+        os.fsync(fd)
+    except OSError as exc:
+        raise ConnectorError(f"cannot write the disk store directory {path!r}: {exc}; "
+                             "choose a directory on a writable file system") from exc
+
+
+def _read_marker(fd: int) -> dict:
+    """The marker's record, {} if it is empty (new); a foreign marker raises."""
+    data = os.pread(fd, 4096, 0)
+    if not data.strip():
+        return {}
+    try:
+        info = json.loads(data)
+    except ValueError:
+        info = None
+    if not isinstance(info, dict) or info.get("owner") != "kvstore":
+        raise ConnectorError(f"{MARKER_NAME} marker is not one kvstore wrote; give the disk "
+                             "tier a new or empty directory of its own")
+    return info
 
 
 async def _remove_quietly(path: str) -> None:

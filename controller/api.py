@@ -10,8 +10,9 @@ An engine's request goes through the cache in four steps::
     cache.store(tokens, device_pages)             # new full pages go down to L2 (and L3)
     cache.release(result)                         # ends the lease taken by lookup
 
-The same abstract class is served by the embedded controller (no daemon) and,
-later, by the daemon's client library, so engines are written once.
+The same abstract class is served by the embedded controller (no daemon) and
+by the daemon's client library, so engines are written once. Every call on a
+closed client raises CacheError.
 """
 
 from __future__ import annotations
@@ -109,8 +110,11 @@ class CacheClient(ABC):
     def store(self, tokens: Sequence[int] | np.ndarray, device_pages: Sequence[int]) -> StoreResult:
         """Cache the full pages of ``tokens`` whose KV sits in ``device_pages``.
 
-        ``device_pages[i]`` holds tokens ``[i*P, (i+1)*P)``; a partial last page
-        is ignored. Pages already cached are not copied again.
+        ``device_pages[i]`` is the engine-pool page holding tokens ``[i*P, (i+1)*P)``
+        (P = ``layout.page_size``); there must be one per full page (extra entries,
+        e.g. the partial last page's, are ignored). Pages already cached are not
+        copied again. Device page ids must be distinct ints inside the pool, else
+        CacheError, before anything is copied.
         """
 
     @abstractmethod
@@ -118,8 +122,16 @@ class CacheClient(ABC):
         """End the lease of ``result``; its pages become evictable again. Idempotent."""
 
     @abstractmethod
+    def stats(self) -> "CacheStats":
+        """A snapshot of this cache's counters (hits per tier, L3 writes, errors)."""
+
+    @abstractmethod
     def close(self) -> None:
-        """Release everything this client holds and stop its background work."""
+        """Release everything this client holds and stop its background work.
+
+        With an L3 store, pages not yet written there (write_back) are written
+        first, within ``L3Config.close_flush_s``; how many could not be is logged
+        and counted in ``stats().num_l3_dropped_pages``. Idempotent."""
 
     def __enter__(self) -> "CacheClient":
         return self
@@ -130,12 +142,27 @@ class CacheClient(ABC):
 
 @dataclass
 class CacheStats:
-    """Counters of one controller, since it started."""
+    """Counters of one cache since it started (a snapshot; safe to keep)."""
 
     num_lookups: int = 0
     num_lookup_pages: int = 0
+    """Full pages asked for by lookups; misses = this - L2 hits - L3 hits."""
     num_l2_hit_pages: int = 0
     num_l3_hit_pages: int = 0
+    """Pages found only in L3 and brought back into L2 by a lookup."""
     num_stored_pages: int = 0
+    """Pages written into L2 by stores."""
     num_evicted_pages: int = 0
-    num_spilled_pages: int = 0
+    num_l3_written_pages: int = 0
+    """Pages written to L3 (write_through, eviction under write_back, close)."""
+    num_l3_dropped_pages: int = 0
+    """Pages due to L3 that left L2 without being written there (L3 refused or failed)."""
+    num_l3_errors: int = 0
+    """L3 calls that failed or timed out (each one a miss or a dropped write)."""
+    num_l3_bad_values: int = 0
+    """L3 values read back that failed their checks (corrupt, under another key, another
+    layout, another size): misses, never served."""
+    num_l2_pages: int = 0
+    """Pages in L2 now."""
+    num_due_pages: int = 0
+    """Pages in L2 not yet written to L3 now (what close() would write)."""

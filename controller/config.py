@@ -30,6 +30,9 @@ class L3Config:
     page goes to L3 as soon as it is stored in L2."""
     timeout_s: float = 30.0
     """Longest wait for one batched L3 call before it counts as failed."""
+    close_flush_s: float = 60.0
+    """At close (and daemon shutdown), how long to spend writing the pages that L3
+    does not hold yet (write_back keeps them in L2 only); 0 writes none."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
@@ -39,6 +42,8 @@ class L3Config:
             )
         if self.timeout_s <= 0:
             raise ConfigError(f"L3Config.timeout_s must be > 0 seconds, got {self.timeout_s}")
+        if not isinstance(self.close_flush_s, (int, float)) or self.close_flush_s < 0:
+            raise ConfigError(f"L3Config.close_flush_s must be >= 0 seconds, got {self.close_flush_s!r}")
 
 
 @dataclass(frozen=True)

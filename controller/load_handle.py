@@ -36,10 +36,10 @@ class CompletedLoad(ControllerLoad):
     """A load with nothing to move (no hit pages)."""
 
     def wait_layer(self, layer: int) -> None:
-        return None
+        self._check_live()
 
     def wait_all(self) -> None:
-        return None
+        self._check_live()
 
 
 class LazyLayerLoad(ControllerLoad):
@@ -53,8 +53,7 @@ class LazyLayerLoad(ControllerLoad):
     def wait_layer(self, layer: int) -> None:
         if not 0 <= layer < self._num_layers:
             raise ValueError(f"layer must be in [0, {self._num_layers}), got {layer}")
-        if self._num_done <= layer:
-            self._check_live()  # the slots may hold another page by now
+        self._check_live()  # after release the slots may hold another page
         while self._num_done <= layer:
             self._copy_layer(self._num_done, None)
             self._num_done += 1

@@ -92,7 +92,8 @@ class DecoderConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: object) -> "DecoderConfig":
-        """A named size: "tiny" (unit tests), "small" (the demo). ``overrides`` replace fields."""
+        """A named size: "tiny" (unit tests), "small" (the demo), "llama3-8b" (the GPU bench:
+        Llama-3-8B's shapes, random weights). ``overrides`` replace fields."""
         if name not in PRESETS:
             raise DecoderConfigError(
                 f"unknown DecoderConfig preset {name!r}; use one of {sorted(PRESETS)}"
@@ -147,5 +148,18 @@ PRESETS: dict[str, dict[str, object]] = {
         head_dim=64,
         intermediate_size=1408,
         max_positions=8192,
+    ),
+    # Llama-3-8B's shapes (8.03e9 parameters, 16 GB in bf16): only for a GPU, with
+    # weights drawn there (ReferenceDecoder(..., draw_on="device")).
+    "llama3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=14336,
+        rope_theta=500000.0,
+        max_positions=131072,
     ),
 }

@@ -18,7 +18,18 @@ with or without a cache::
 
 so a page loaded from the cache holds the bits that recomputing it would write,
 and the suffix is computed by the very same calls: tokens and logits with the
-cache on equal those with it off, exactly. Decode-produced KV (one token per
+cache on equal those with it off, exactly.
+
+A GPU engine passes ``prefill_chunk_len`` (a multiple of the page size, e.g.
+8192) and prefills in chunks of that many tokens, counted from the first
+position it computes::
+
+    cache hit ends at B:   [0 .. B) loaded | [B .. B+C) | [B+C .. B+2C) | ... (last may be short)
+    cache off, split_at=B: [0 .. C) | ... | [.. B) | [B .. B+C) | ...      (same cuts after B)
+
+Chunk shapes then depend on where the cache hit ends, so exactness holds against
+a cache-off run that is split at the same position (``generate(..., split_at=B)``)
+and whose pages [0, B) were stored by a run that computed them the same way. Decode-produced KV (one token per
 call) is never stored, since a later prefill would compute those positions in
 page-sized chunks and could differ in the last bit.
 """
@@ -121,11 +132,20 @@ class ReferenceEngine:
 
     def __init__(
         self, model: ReferenceDecoder, layout: KVLayout, num_device_pages: int,
-        cache: CacheClient | None = None,
+        cache: CacheClient | None = None, prefill_chunk_len: int | None = None,
     ) -> None:
+        """``prefill_chunk_len``: tokens per prefill chunk, a multiple of the page size;
+        None is one page per chunk (the bit-exact default, see the module doc)."""
         model.check_layout(layout)
         if not isinstance(num_device_pages, int) or num_device_pages <= 0:
             raise EngineError(f"num_device_pages must be a positive int, got {num_device_pages!r}")
+        chunk = layout.page_size if prefill_chunk_len is None else prefill_chunk_len
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0 or chunk % layout.page_size:
+            raise EngineError(
+                f"prefill_chunk_len must be a positive multiple of the page size "
+                f"({layout.page_size}), got {prefill_chunk_len!r}"
+            )
+        self.prefill_chunk_len = chunk
         self.model = model
         self.layout = layout
         self.kv_pool = torch.zeros(
@@ -147,17 +167,24 @@ class ReferenceEngine:
             )
         self.cache = cache
 
-    def generate(self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int) -> GenerationResult:
-        """Prefill ``prompt`` (loading its cached prefix) and decode ``max_new_tokens`` greedily."""
+    def generate(
+        self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int, split_at: int = 0,
+    ) -> GenerationResult:
+        """Prefill ``prompt`` (loading its cached prefix) and decode ``max_new_tokens`` greedily.
+
+        ``split_at`` (a multiple of the page size) also starts a prefill chunk there: a
+        cache-off run that reproduces a cache run whose hit ended at ``split_at``."""
         tokens = self._check_request(prompt, max_new_tokens)
         prompt_len, P = len(tokens), self.layout.page_size
+        if not isinstance(split_at, int) or split_at < 0 or split_at % P:
+            raise EngineError(f"split_at must be a multiple of the page size ({P}), got {split_at!r}")
         # KV is written for every position that is fed: the prompt and all outputs but the last.
         num_pages = -(-(prompt_len + max_new_tokens - 1) // P)
         start = time.perf_counter()
         pages = self.allocator.allocate(num_pages)
         try:
             page_table = torch.tensor(pages, dtype=torch.long, device=self.model.device)
-            last_logits, prefix = self._prefill_with_cache(tokens, pages, page_table)
+            last_logits, prefix = self._prefill_with_cache(tokens, pages, page_table, split_at)
             out_tokens, out_logits = [int(last_logits.argmax())], [last_logits]
             self._synchronize()
             ttft = time.perf_counter() - start
@@ -187,14 +214,14 @@ class ReferenceEngine:
 
     # ---- prefill -------------------------------------------------------------
     def _prefill_with_cache(
-        self, tokens: list[int], pages: list[int], page_table: torch.Tensor
+        self, tokens: list[int], pages: list[int], page_table: torch.Tensor, split_at: int = 0,
     ) -> tuple[torch.Tensor, _Prefix]:
         """Load the cached prefix, prefill the rest, store the prompt's full pages.
 
         Returns the logits of the last prompt position and what the cache served.
         """
         if self.cache is None:
-            return self._prefill(tokens, 0, page_table, None), _Prefix()
+            return self._prefill(tokens, 0, page_table, None, split_at), _Prefix()
         cache, P = self.cache, self.layout.page_size
         result = cache.lookup(tokens)
         try:
@@ -205,7 +232,7 @@ class ReferenceEngine:
                 # overwritten by its recompute with the same bits (after wait_layer).
                 handle = cache.load(result, pages[: result.num_hit_pages])
             wait = handle.wait_layer if handle is not None else None
-            last_logits = self._prefill(tokens, prefix.num_pages, page_table, wait)
+            last_logits = self._prefill(tokens, prefix.num_pages, page_table, wait, split_at)
             if handle is not None:
                 handle.wait_all()
             num_full = len(tokens) // P
@@ -217,14 +244,14 @@ class ReferenceEngine:
 
     def _prefill(
         self, tokens: list[int], first_page: int, page_table: torch.Tensor,
-        before_layer: Callable[[int], None] | None,
+        before_layer: Callable[[int], None] | None, split_at: int = 0,
     ) -> torch.Tensor:
-        """Prefill pages ``first_page ..`` one page per chunk; return the last position's logits."""
-        P = self.layout.page_size
+        """Prefill pages ``first_page ..`` in chunks (module doc); return the last position's logits."""
         prompt = torch.tensor(tokens, dtype=torch.long, device=self.model.device)
         hidden = None
-        for chunk_start in range(first_page * P, len(tokens), P):
-            chunk = prompt[chunk_start : chunk_start + P]
+        first = first_page * self.layout.page_size
+        for chunk_start, chunk_end in chunk_bounds(first, len(tokens), self.prefill_chunk_len, split_at):
+            chunk = prompt[chunk_start:chunk_end]
             hidden = self.model.forward_hidden(
                 chunk, chunk_start, self.kv_pool, self.layout, page_table, before_layer
             )
@@ -256,6 +283,17 @@ class ReferenceEngine:
     def _synchronize(self) -> None:
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
+
+
+def chunk_bounds(first: int, end: int, chunk_len: int, split_at: int = 0) -> list[tuple[int, int]]:
+    """Prefill chunks [start, stop) covering ``first .. end``: ``chunk_len`` tokens each, counted
+    from ``first`` and again from ``split_at`` when it falls inside (see the module doc)."""
+    cuts = [first] + ([split_at] if first < split_at < end else []) + [end]
+    return [
+        (start, min(start + chunk_len, stop))
+        for lo, stop in zip(cuts, cuts[1:])
+        for start in range(lo, stop, chunk_len)
+    ]
 
 
 def _used_prefix(result: LookupResult, prompt_len: int, page_size: int) -> _Prefix:

@@ -14,35 +14,58 @@ softmax (no fused-kernel selection), and the chunk's own K/V is read back from
 the pool like any cached page. Callers that want equal results from cached and
 recomputed pages must therefore cut prefill into the same chunks both times
 (the engine uses one page per chunk on the absolute page grid).
+
+The fast path (``attention="sdpa"``, bf16, big chunks) is for GPUs, where the
+recompute baseline must be as fast as the decoder can go: attention is PyTorch's
+scaled_dot_product_attention (flash or memory-efficient kernels), whose result
+may depend on the chunking, so exactness there holds only between runs that cut
+prefill at the same positions. ``draw_on="device"`` draws the weights with a
+seeded generator on the model's device (an 8B model never passes through host
+memory); such weights are reproducible on that kind of device, not across kinds.
 """
 
 from __future__ import annotations
 
 import math
+import logging
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from kvstore.layout import KVLayout
 
 from .config import DecoderConfig
 
 
+log = logging.getLogger(__name__)
+
+ATTENTION_KINDS: tuple[str, ...] = ("explicit", "sdpa")
+DRAW_ON: tuple[str, ...] = ("cpu", "device")
+
+
 class DecoderShapeError(ValueError):
     """An argument of ``forward_chunk`` does not fit the model or the pool."""
 
 
-def _randn(gen: torch.Generator, *shape: int, std: float) -> nn.Parameter:
-    """Weights come from one CPU generator in a fixed order: same seed, same bits, any device."""
-    return nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float32) * std,
-                        requires_grad=False)
+class _Draw:
+    """Where weights are drawn (the generator's device) and the dtype they are kept in.
 
+    Each weight is drawn in float32 and cast at once, so an 8B model on a GPU never
+    holds more than one float32 tensor at a time."""
 
-def _norm_weight(gen: torch.Generator, size: int) -> nn.Parameter:
-    return nn.Parameter(1.0 + 0.1 * torch.randn(size, generator=gen, dtype=torch.float32),
-                        requires_grad=False)
+    def __init__(self, gen: torch.Generator, dtype: torch.dtype) -> None:
+        self.gen, self.dtype = gen, dtype
+
+    def randn(self, *shape: int, std: float) -> nn.Parameter:
+        x = torch.randn(shape, generator=self.gen, dtype=torch.float32, device=self.gen.device)
+        return nn.Parameter(x.mul_(std).to(self.dtype), requires_grad=False)
+
+    def norm(self, size: int) -> nn.Parameter:
+        x = torch.randn(size, generator=self.gen, dtype=torch.float32, device=self.gen.device)
+        return nn.Parameter((1.0 + 0.1 * x).to(self.dtype), requires_grad=False)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -85,19 +108,19 @@ def pool_view(kv_pool: torch.Tensor, layout: KVLayout, layer: int, kv: int) -> t
 class DecoderLayer(nn.Module):
     """One block: attention over the paged pool, then a SwiGLU MLP, both pre-norm."""
 
-    def __init__(self, config: DecoderConfig, gen: torch.Generator) -> None:
+    def __init__(self, config: DecoderConfig, draw: _Draw) -> None:
         super().__init__()
         c = config
         q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        self.attn_norm = _norm_weight(gen, c.hidden_size)
-        self.wq = _randn(gen, q_width, c.hidden_size, std=c.hidden_size ** -0.5)
-        self.wk = _randn(gen, kv_width, c.hidden_size, std=c.hidden_size ** -0.5)
-        self.wv = _randn(gen, kv_width, c.hidden_size, std=c.hidden_size ** -0.5)
-        self.wo = _randn(gen, c.hidden_size, q_width, std=q_width ** -0.5)
-        self.mlp_norm = _norm_weight(gen, c.hidden_size)
-        self.w_gate = _randn(gen, c.intermediate_size, c.hidden_size, std=c.hidden_size ** -0.5)
-        self.w_up = _randn(gen, c.intermediate_size, c.hidden_size, std=c.hidden_size ** -0.5)
-        self.w_down = _randn(gen, c.hidden_size, c.intermediate_size, std=c.intermediate_size ** -0.5)
+        self.attn_norm = draw.norm(c.hidden_size)
+        self.wq = draw.randn(q_width, c.hidden_size, std=c.hidden_size ** -0.5)
+        self.wk = draw.randn(kv_width, c.hidden_size, std=c.hidden_size ** -0.5)
+        self.wv = draw.randn(kv_width, c.hidden_size, std=c.hidden_size ** -0.5)
+        self.wo = draw.randn(c.hidden_size, q_width, std=q_width ** -0.5)
+        self.mlp_norm = draw.norm(c.hidden_size)
+        self.w_gate = draw.randn(c.intermediate_size, c.hidden_size, std=c.hidden_size ** -0.5)
+        self.w_up = draw.randn(c.intermediate_size, c.hidden_size, std=c.hidden_size ** -0.5)
+        self.w_down = draw.randn(c.hidden_size, c.intermediate_size, std=c.intermediate_size ** -0.5)
         self.config = config
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
@@ -125,33 +148,61 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.
     return out.permute(2, 0, 1, 3).reshape(n, num_heads * d)
 
 
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal GQA attention with PyTorch's fused kernels, in the inputs' dtype.
+
+    q [n, heads, d] holds the last n of the L positions in k, v [L, kv_heads, d]:
+    query i sees keys 0 .. L-n+i (the lower-right causal mask; the plain causal
+    flag when n == L). Returns [n, heads * d].
+    """
+    n, num_heads, d = q.shape
+    end = k.shape[0]
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, len, d]
+    mask = None if n == end else causal_lower_right(n, end)
+    try:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=True)
+    except RuntimeError as exc:
+        # A backend without native GQA for this mask: repeat each KV head for its group.
+        log.warning("SDPA with enable_gqa failed (%s); repeating KV heads", exc)
+        group = num_heads // k.shape[1]
+        kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None)
+    return out[0].transpose(0, 1).reshape(n, num_heads * d)
+
+
 class ReferenceDecoder(nn.Module):
     """The reference model. Stateless between calls: all sequence state is in the KV pool."""
 
     def __init__(
         self, config: DecoderConfig, device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float32, attention: str = "explicit", draw_on: str = "cpu",
     ) -> None:
+        """``attention``: "explicit" (float32 matmuls, the bit-exact reference) or "sdpa"
+        (fused kernels, the fast path). ``draw_on``: "cpu" (same weights on every device)
+        or "device" (drawn on ``device``; what a GPU-sized model needs)."""
         super().__init__()
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        self.config = config
-        gen = torch.Generator(device="cpu").manual_seed(config.seed)
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+        if draw_on not in DRAW_ON:
+            raise ValueError(f"draw_on must be one of {DRAW_ON}, got {draw_on!r}")
+        self.config, self.dtype, self.attention = config, dtype, attention
+        gen = torch.Generator(device="cpu" if draw_on == "cpu" else device).manual_seed(config.seed)
+        draw = _Draw(gen, dtype)
         # Draw order is part of the weights' identity: embed, layers in order, norm, lm_head.
-        self.embed = _randn(gen, config.vocab_size, config.hidden_size, std=1.0)
-        self.layers = nn.ModuleList(DecoderLayer(config, gen) for _ in range(config.num_layers))
-        self.norm = _norm_weight(gen, config.hidden_size)
+        self.embed = draw.randn(config.vocab_size, config.hidden_size, std=1.0)
+        self.layers = nn.ModuleList(DecoderLayer(config, draw) for _ in range(config.num_layers))
+        self.norm = draw.norm(config.hidden_size)
         self.lm_head = (
             None if config.tie_embeddings
-            else _randn(gen, config.vocab_size, config.hidden_size, std=config.hidden_size ** -0.5)
+            else draw.randn(config.vocab_size, config.hidden_size, std=config.hidden_size ** -0.5)
         )
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.to(device=device)
-        for p in self.parameters():
-            p.data = p.data.to(dtype)
-        self.dtype = dtype
 
     @property
     def device(self) -> torch.device:
@@ -209,8 +260,7 @@ class ReferenceDecoder(nn.Module):
         positions = torch.arange(start_pos, end, device=self.device)
         write_pages, write_slots = page_table[positions // P], positions % P
         read_pages = page_table[: (end + P - 1) // P]
-        # allowed[i, j]: query i (position start_pos + i) sees key position j <= start_pos + i
-        allowed = torch.arange(end, device=self.device)[None, :] <= positions[:, None]
+        attend = self._attention_fn(positions, end)
         cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
 
         h = self.embed[tokens]
@@ -227,10 +277,20 @@ class ReferenceDecoder(nn.Module):
             # Gather whole pages in page_table order, then cut to the context: [end, kv, d]
             keys = k_pages[read_pages].flatten(0, 1)[:end]
             values = v_pages[read_pages].flatten(0, 1)[:end]
-            out = attention(q, keys, values, allowed).to(h.dtype)
+            out = attend(q, keys, values).to(h.dtype)
             h = h + F.linear(out, layer.wo)
             h = h + layer.mlp(h)
         return rms_norm(h, self.norm, c.rms_eps)
+
+    def _attention_fn(
+        self, positions: torch.Tensor, end: int
+    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The chunk's attention: explicit with a [n, end] mask (built once per chunk), or SDPA."""
+        if self.attention == "sdpa":
+            return sdpa_attention
+        # allowed[i, j]: query i (position start_pos + i) sees key position j <= start_pos + i
+        allowed = torch.arange(end, device=self.device)[None, :] <= positions[:, None]
+        return lambda q, k, v: attention(q, k, v, allowed)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ while a reader holds it.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -41,6 +42,25 @@ class HostPoolError(RuntimeError):
 def unique_shm_name(prefix: str = "kvstore") -> str:
     """A segment name no other pool on this host uses (two daemons never collide)."""
     return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _close_mapping(shm: shared_memory.SharedMemory) -> None:
+    """Unmap a segment. Views that only reference cycles still hold (the frames of
+    finished L3 coroutines) are collected first; if a live view remains, the
+    mapping stays until it goes, without an error at interpreter exit."""
+    try:
+        shm.close()
+        return
+    except BufferError:
+        gc.collect()
+    try:
+        shm.close()
+    except BufferError:
+        log.warning("host pool %s closed while views of it were alive", shm.name)
+        _views_alive.append(shm)   # SharedMemory.__del__ would raise BufferError again
+
+
+_views_alive: list[shared_memory.SharedMemory] = []
 
 
 class HostPool:
@@ -187,12 +207,9 @@ class HostPool:
         del self.tensor, self._bytes
         self._shm = None
         try:
-            shm.close()
-        except BufferError:
-            # Someone still holds a view (a tensor handed out earlier); the
-            # mapping goes when they do, the name goes now.
-            log.warning("host pool %s closed while views of it were alive", shm.name)
-        shm.unlink()
+            _close_mapping(shm)
+        finally:
+            shm.unlink()
 
     def __enter__(self) -> "HostPool":
         return self

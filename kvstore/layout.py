@@ -158,13 +158,30 @@ class KVLayout:
         page_dim = 2 if self.arrangement == "layer_first" else 0
         num_pages = pool.shape[page_dim]
         if tuple(pool.shape) != self.pool_shape(num_pages):
-            raise LayoutError(
-                f"{what} has shape {tuple(pool.shape)}, a {self.arrangement} pool of "
-                f"{num_pages} pages must be {self.pool_shape(num_pages)}"
-            )
+            raise LayoutError(self._shape_mismatch(tuple(pool.shape), what))
         if not pool.is_contiguous():
             raise LayoutError(f"{what} must be contiguous (call .contiguous() once at setup)")
         return num_pages
+
+    def _shape_mismatch(self, shape: tuple[int, ...], what: str) -> str:
+        """Say which shape was expected and what the given one is (if it is a pool of
+        the other arrangement, name that and its page count)."""
+        other = "page_first" if self.arrangement == "layer_first" else "layer_first"
+        as_other = self.with_arrangement(other)
+        other_pages = shape[2 if other == "layer_first" else 0]
+        if shape == as_other.pool_shape(other_pages):
+            return (f"{what} has shape {shape}: that is a {other} pool of {other_pages} pages, but "
+                    f"the layout says {self.arrangement}, whose pool of {other_pages} pages has "
+                    f"shape {self.pool_shape(other_pages)}; give KVLayout(arrangement={other!r}) "
+                    f"or pass the pool in {self.arrangement} order")
+        return (f"{what} has shape {shape}; a {self.arrangement} pool of N pages must have shape "
+                f"{self._shape_pattern()}")
+
+    def _shape_pattern(self) -> str:
+        """The pool shape with the page count left as N, e.g. (2, 2, N, 16, 8, 128)."""
+        dims = [str(d) for d in self.pool_shape(1)]
+        dims[2 if self.arrangement == "layer_first" else 0] = "N"
+        return "(" + ", ".join(dims) + ")"
 
     def fingerprint(self) -> str:
         """Stable text that names everything here that makes bytes differ (not the arrangement

@@ -53,6 +53,10 @@ class TierIndex:
         """The slot of ``key``, or None if this tier does not hold it."""
         return self._slots.get(key)
 
+    def get_many(self, keys: Iterable[PageKey]) -> list[int | None]:
+        """The slot of each key (None where absent), in one pass without a Python loop."""
+        return list(map(self._slots.get, keys))
+
     def match_prefix(self, keys: Sequence[PageKey]) -> int:
         """How many leading keys of a chain this tier holds. Changes nothing."""
         slots = self._slots

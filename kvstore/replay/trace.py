@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -103,9 +104,17 @@ def _records(path: Path) -> Iterator[tuple[int, dict]]:
 
 def _timestamp(record: dict, where: str, default: float) -> float:
     ts = record.get("timestamp", default)
-    if not isinstance(ts, (int, float)) or isinstance(ts, bool):
-        raise TraceFormatError(f"{where}: 'timestamp' must be a number of ms, got {ts!r}")
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not 0 <= ts < math.inf:
+        raise TraceFormatError(f"{where}: 'timestamp' must be a finite number of ms >= 0, got {ts!r}")
     return float(ts)
+
+
+def _check_lengths(record: dict, where: str) -> None:
+    """Mooncake's optional token counts: ints >= 0 when present."""
+    for name in ("input_length", "output_length"):
+        n = record.get(name)
+        if n is not None and (type(n) is not int or n < 0):
+            raise TraceFormatError(f"{where}: '{name}' must be an int >= 0, got {n!r}")
 
 
 def mooncake_requests(records: Iterable[tuple[int, dict]], where: str) -> list[TraceRequest]:
@@ -116,11 +125,15 @@ def mooncake_requests(records: Iterable[tuple[int, dict]], where: str) -> list[T
         ids = record.get("hash_ids")
         if not isinstance(ids, list) or not all(type(i) is int for i in ids):
             raise TraceFormatError(f"{where}:{line_no}: 'hash_ids' must be a list of ints")
+        _check_lengths(record, f"{where}:{line_no}")
         keys = []
         for i in ids:
             key = cache.get(i)
             if key is None:
-                key = cache[i] = block_id_key(i)
+                try:
+                    key = cache[i] = block_id_key(i)
+                except TraceFormatError as e:
+                    raise TraceFormatError(f"{where}:{line_no}: {e}") from None
             keys.append(key)
         requests.append(TraceRequest(_timestamp(record, f"{where}:{line_no}", line_no), tuple(keys)))
     return requests

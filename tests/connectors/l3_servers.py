@@ -78,8 +78,13 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
+def _which(name: str) -> str | None:
+    """A program on PATH or beside this interpreter (a venv's bin/ is often not on PATH)."""
+    return shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
+
+
 def _require_binary(name: str, install: str) -> str:
-    path = shutil.which(name)
+    path = _which(name)
     if path is None:
         pytest.skip(f"{name} not installed ({install})")
     return path
@@ -206,7 +211,7 @@ class MooncakeCluster:
 
     def start(self) -> "MooncakeCluster":
         self.rpc_port = free_port()
-        master = [shutil.which("mooncake_master"), f"--rpc_port={self.rpc_port}",
+        master = [_which("mooncake_master"), f"--rpc_port={self.rpc_port}",
                   f"--rpc_address={HOST}", f"--metrics_host={HOST}",
                   f"--metrics_port={free_port()}", "--enable_http_metadata_server=false"]
         self.procs.append(self._spawn(master, "master.log"))

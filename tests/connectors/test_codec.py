@@ -72,9 +72,9 @@ def test_forged_zstd_content_size_is_refused():
     other = codec.encode_frame(b"a" * 2000, CODECS["zstd"], FP)
     forged_payload = other[codec.HEADER_LEN:]
     forged = bytearray(head[:8]) + len(raw).to_bytes(8, "little") + \
-        len(forged_payload).to_bytes(8, "little") + FP
+        len(forged_payload).to_bytes(8, "little") + FP + codec.key_digest(b"").to_bytes(8, "little")
     forged += b"\0" * 8
-    frame = bytes(forged[:32]) + codec.checksum(forged, forged_payload).to_bytes(8, "little") \
+    frame = bytes(forged[:40]) + codec.checksum(forged, forged_payload).to_bytes(8, "little") \
         + bytes(forged_payload)
     with pytest.raises(FrameError, match="content size"):
         codec.decode(frame, FP, LIMIT)

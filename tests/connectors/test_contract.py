@@ -137,6 +137,27 @@ def test_wrong_fingerprint_is_a_miss(make_conn):
     run(scenario())
 
 
+def test_values_swapped_between_keys_are_counted_misses(make_conn):
+    """Two valid frames stored under each other's key never serve the other page's bytes."""
+    ks = keys_of(3, b"swap")
+    pages = [os.urandom(3000) for _ in ks]
+
+    async def scenario():
+        async with make_conn() as c:
+            assert await c.put(ks, pages) == [True] * 3
+            a, b = await c._raw_get_many(ks[:2])
+            await c._raw_delete_many(ks[:2])
+            assert await c._raw_put_many(ks[:2], [Frame.of(bytes(b)), Frame.of(bytes(a))]) == [True] * 2
+            assert await c.get(ks) == [None, None, pages[2]]
+            buf = memoryview(bytearray(3000))
+            assert await c.get_into(ks[2:], [buf]) == [True] and bytes(buf) == pages[2]
+            st = c.stats()
+            assert (st.wrong_key, st.corrupt, st.hits, st.misses) == (2, 0, 2, 2)
+            assert await c.exists(ks[:1]) == 0    # a misplaced value is dropped
+
+    run(scenario())
+
+
 @pytest.mark.parametrize("how", ["flip", "truncate", "header"])
 def test_corrupt_value_is_a_counted_miss(make_conn, how):
     ks = keys_of(3, how.encode())

@@ -190,8 +190,9 @@ class _Scripted(Connector):
         self.dropped += keys
 
 
-def _frame(page: bytes, codec: str = "none") -> bytes:
-    return codec_mod.encode_frame(page, codec_mod.codec_id(codec), codec_mod.fingerprint_digest(""))
+def _frame(page: bytes, codec: str = "none", key: bytes = b"") -> bytes:
+    return codec_mod.encode_frame(page, codec_mod.codec_id(codec), codec_mod.fingerprint_digest(""),
+                                  key=key)
 
 
 def test_non_bytes_values_are_counted_corrupt_misses():
@@ -199,7 +200,7 @@ def test_non_bytes_values_are_counted_corrupt_misses():
     page = os.urandom(1000)
 
     async def scenario():
-        c = _Scripted(lambda keys: [12345, "a str, not a frame" * 3, [1, 2, 3], _frame(page)])
+        c = _Scripted(lambda keys: [12345, "a str, not a frame" * 3, [1, 2, 3], _frame(page, key=keys[3])])
         async with c:
             assert await c.get(ks) == [None, None, None, page]
             bufs = [bytearray(1000) for _ in ks]
@@ -231,7 +232,7 @@ def test_wrong_number_of_values_is_an_error_all_missed(extra):
 def test_bad_value_in_a_worker_decoded_batch_is_a_miss():
     ks = keys_of(4, b"wrk")
     pages = [os.urandom(1 << 20) for _ in range(3)]     # > 1 MiB compressed: decoded on workers
-    frames = [_frame(p, "zstd") for p in pages] + ["x" * (2 << 20)]
+    frames = [_frame(p, "zstd", k) for p, k in zip(pages, ks)] + ["x" * (2 << 20)]
 
     async def scenario():
         async with _Scripted(lambda keys: frames, codec="zstd") as c:
@@ -251,14 +252,14 @@ class _Abort(BaseException):
 def test_no_worker_writes_into_buffers_after_get_into_raises(monkeypatch):
     ks = keys_of(4, b"late")
     pages = [os.urandom(1 << 20) for _ in ks]
-    frames = [_frame(p, "zstd") for p in pages]
+    frames = [_frame(p, "zstd", k) for p, k in zip(pages, ks)]
     real = codec_mod.decode_into
 
-    def decode_into(frame, out, fp, max_raw):
+    def decode_into(frame, out, fp, max_raw, key):
         if frame is frames[0]:
             raise _Abort()          # not an Exception: it escapes the job
         time.sleep(0.2)
-        real(frame, out, fp, max_raw)
+        real(frame, out, fp, max_raw, key)
 
     async def scenario():
         async with _Scripted(lambda keys: frames, codec="zstd", codec_threads=4) as c:

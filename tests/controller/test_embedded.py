@@ -71,8 +71,8 @@ def test_evicted_pages_spill_to_disk_and_come_back(tmp_path):
     fill_pages(pool, range(8), seed=2)
     ctl.store(first, [0, 1, 2, 3])
     ctl.store(second, [4, 5, 6, 7])  # evicts all of `first` to L3
-    assert ctl.stats.num_evicted_pages == 4
-    assert ctl.stats.num_spilled_pages == 4
+    assert ctl.stats().num_evicted_pages == 4
+    assert ctl.stats().num_l3_written_pages == 4
 
     result = ctl.lookup(first)
     assert (result.num_l2_pages, result.num_l3_pages) == (0, 4)
@@ -113,7 +113,7 @@ def test_load_after_release_or_with_wrong_pages_is_refused(tmp_path):
 def test_write_through_puts_every_new_page(tmp_path):
     ctl, pool = make_controller(tmp_path, write_policy="write_through")
     ctl.store(list(range(12)), [0, 1, 2])
-    assert ctl.stats.num_spilled_pages == 3
+    assert ctl.stats().num_l3_written_pages == 3
     ctl.close()
     # A second controller on the same directory (a restart) finds them on disk.
     ctl2, pool2 = make_controller(tmp_path)
@@ -161,7 +161,7 @@ def test_an_unreachable_l3_turns_into_misses_not_errors(tmp_path):
     pool = torch.zeros(LAYOUT.pool_shape(NUM_DEVICE_PAGES))
     ctl = EmbeddedController(config, NAMESPACE, pool)
     assert ctl.store(list(range(16)), [0, 1, 2, 3]).num_new_pages == 2  # L2 holds 2, puts fail
-    assert ctl.stats.num_spilled_pages == 0
+    assert ctl.stats().num_l3_written_pages == 0
     result = ctl.lookup(list(range(16)))
     assert (result.num_l2_pages, result.num_l3_pages) == (2, 0)  # the rest never reached L3
     ctl.release(result)
@@ -199,9 +199,16 @@ def test_waiting_on_a_load_after_release_is_refused(tmp_path):
     handle = ctl.load(result, [5, 6])
     handle.wait_layer(0)
     ctl.release(result)
-    handle.wait_layer(0)  # already copied: still fine
+    for layer in (0, 1):  # copied or not: the docstring promises CacheError after release
+        with pytest.raises(CacheError, match="released"):
+            handle.wait_layer(layer)
     with pytest.raises(CacheError, match="released"):
-        handle.wait_layer(1)  # the slots may hold other pages by now
+        handle.wait_all()
+    empty = ctl.lookup([999] * 3)          # no full page: a load with nothing to move
+    nothing = ctl.load(empty, [])
+    ctl.release(empty)
+    with pytest.raises(CacheError, match="released"):
+        nothing.wait_layer(0)
     ctl.close()
 
 

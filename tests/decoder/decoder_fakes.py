@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from controller.api import CacheClient, LoadHandle, LookupResult, StoreResult
+from controller.api import CacheClient, CacheStats, LoadHandle, LookupResult, StoreResult
 from decoder import DecoderConfig, ReferenceDecoder, ReferenceEngine
 from decoder.model import pool_view
 from kvstore.layout import KVLayout
@@ -122,6 +122,9 @@ class FakeCache(CacheClient):
     def release(self, result):
         self.calls.append(("release", result.lease_id))
         self.leases.discard(result.lease_id)
+
+    def stats(self):
+        return CacheStats(num_l2_pages=len(self.pages))
 
     def close(self):
         self.leases.clear()
