@@ -38,8 +38,8 @@ import zmq
 
 from controller.api import CacheClient, CacheError, CacheStats, LoadHandle, LookupResult, StoreResult
 from controller.daemon import protocol as p
-from controller.load_handle import CompletedLoad, ControllerLoad, CudaStreamLoad, LazyLayerLoad
-from kvstore.copy_ops import copy_backend_for
+from controller.device_pool import DevicePool
+from controller.load_handle import CompletedLoad, ControllerLoad
 from kvstore.layout import KVLayout
 from kvstore.page_keys import KeyNamespace, page_keys
 
@@ -265,6 +265,28 @@ class _MappedPool:
         self._shm = None
 
 
+class _FreshLoad(ControllerLoad):
+    """A load whose lazily copied layers (CPU) first make sure the lease still stands."""
+
+    def __init__(self, inner: ControllerLoad, require_fresh) -> None:
+        self._inner = inner
+        self._require_fresh = require_fresh
+
+    def wait_layer(self, layer: int) -> None:
+        self._inner._check_live()
+        self._require_fresh()
+        self._inner.wait_layer(layer)
+
+    def wait_all(self) -> None:
+        self._inner._check_live()
+        self._require_fresh()
+        self._inner.wait_all()
+
+    def finish(self) -> None:
+        self._inner.finish()
+        super().finish()
+
+
 @dataclasses.dataclass
 class _Lease:
     result: LookupResult
@@ -280,11 +302,8 @@ class DaemonClient(CacheClient):
                  copy_backend: str | None = None, credentials: Credentials = Credentials(),
                  request_timeout_s: float = 10.0, client_name: str | None = None) -> None:
         self.layout: KVLayout = namespace.layout
-        self._num_device_pages = self.layout.check_pool(device_pool, "device pool")
-        self._device_pool = device_pool
+        self._device = DevicePool(self.layout, device_pool, copy_backend)
         self._ns_digest = namespace.digest()
-        self._copy = copy_backend_for(device_pool.device, copy_backend)
-        self._stream = torch.cuda.Stream(device_pool.device) if device_pool.is_cuda else None
         self._session = Session(address, self.layout.fingerprint(), credentials=credentials,
                                 request_timeout_s=request_timeout_s, client_name=client_name)
         self._pool: _MappedPool | None = None
@@ -319,7 +338,7 @@ class DaemonClient(CacheClient):
         if self._pool is not None:
             self._pool.close()
             self._pool = None
-        self._pool = _MappedPool(s.hello, self.layout, pin=self._device_pool.is_cuda)
+        self._pool = _MappedPool(s.hello, self.layout, pin=self._device.tensor.is_cuda)
         self._pool_epoch = s.epoch
 
     def _call(self, msg: p.Message) -> p.Message:
@@ -343,12 +362,6 @@ class DaemonClient(CacheClient):
 
     def _keys(self, tokens) -> list[bytes]:
         return page_keys(self._ns_digest, tokens, self.layout.page_size)
-
-    def _check_device_pages(self, pages: Sequence[int]) -> None:
-        bad = [x for x in pages if not 0 <= int(x) < self._num_device_pages]
-        if bad:
-            raise CacheError(f"device pages {bad[:4]} are outside the engine pool of "
-                             f"{self._num_device_pages} pages")
 
     # ---- the API ------------------------------------------------------------------------
     def lookup(self, tokens: Sequence[int] | np.ndarray) -> LookupResult:
@@ -384,19 +397,9 @@ class DaemonClient(CacheClient):
         if lease is None or lease.result != result or lease.epoch != self._session.epoch:
             raise CacheError(f"lease {result.lease_id} has ended (released, or the daemon restarted "
                              "or reclaimed it): lookup() again before load()")
-        self._check_device_pages(device_pages)
-        pages, slots, pool = list(device_pages), lease.slots, self._pool
-
-        def copy_layer(layer: int, stream: object) -> None:
-            self._require_fresh()
-            self._copy.copy_pages(pool.tensor, pool.layout, slots, self._device_pool, self.layout,
-                                  pages, layer=layer, stream=stream)
-
-        if self._stream is not None:
-            self._require_fresh()  # every layer is enqueued now
-            handle: ControllerLoad = CudaStreamLoad(self.layout.num_layers, copy_layer, self._stream)
-        else:
-            handle = LazyLayerLoad(self.layout.num_layers, copy_layer)
+        pages = self._device.check_pages(device_pages, "device_pages")
+        self._require_fresh()  # on CUDA every layer is enqueued now
+        handle = _FreshLoad(self._device.load(self._pool, lease.slots, pages), self._require_fresh)
         lease.loads.append(handle)
         return handle
 
@@ -408,7 +411,7 @@ class DaemonClient(CacheClient):
                              "pages of tokens")
         if not keys:
             return StoreResult(0, 0, 0)
-        self._check_device_pages(device_pages[: len(keys)])
+        pages = self._device.check_pages(device_pages[: len(keys)], "device_pages")
         try:
             plan = self._call(p.BeginStore(p.join_keys(keys)))
         except DaemonUnavailable as exc:
@@ -423,10 +426,7 @@ class DaemonClient(CacheClient):
             if len(positions) != len(slots) or max(positions) >= len(keys):
                 raise CacheError("the daemon's store plan does not match the request")
             self._require_fresh()
-            self._copy.copy_pages(self._device_pool, self.layout, [device_pages[i] for i in positions],
-                                  self._pool.tensor, self._pool.layout, slots)
-            if self._device_pool.is_cuda:
-                torch.cuda.current_stream(self._device_pool.device).synchronize()
+            self._device.save([pages[i] for i in positions], self._pool, slots)
             self._require_fresh()
         except BaseException:
             self._abort(plan.reservation_id)

@@ -23,11 +23,11 @@ import secrets
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 import zmq
 
+from controller.core import CacheCore
 from controller.daemon import protocol as p
 from controller.daemon.auth import TokenCheck, bind_ipc, start_curve
 from controller.daemon.config import DaemonConfig
@@ -35,10 +35,6 @@ from controller.daemon.metrics import DaemonMetrics
 from controller.daemon.runtime import InstanceLock
 from controller.daemon.sessions import ClientSession, SessionTable
 
-if (Path(__file__).parent.parent / "core.py").exists():
-    from controller.core import CacheCore
-else:  # until the lead's core lands on main (an editable install could find another tree's)
-    from controller.daemon.core_shim import CacheCore
 
 log = logging.getLogger("kvstore.daemon")
 
