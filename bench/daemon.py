@@ -109,7 +109,7 @@ def bench_daemon(address: str, iters: int) -> dict:
             rtt, full = [], []
             for _ in range(iters):
                 t0 = time.perf_counter()
-                reply = session.call(p.Lookup(blob))
+                reply = session.call(p.Lookup(blob, True))
                 rtt.append(time.perf_counter() - t0)
                 session.call(p.Release(reply.lease_id))
                 t0 = time.perf_counter()
@@ -142,7 +142,7 @@ def worker(address: str, seconds: float, seed: int) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         t0 = time.perf_counter()
-        reply = session.call(p.Lookup(blob))
+        reply = session.call(p.Lookup(blob, True))
         times.append(time.perf_counter() - t0)
         session.call(p.Release(reply.lease_id))
     timeouts = session.channel.num_timeouts

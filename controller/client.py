@@ -20,6 +20,12 @@ Liveness and restarts:
 - before copying from leased or into reserved slots the client makes sure the
   daemon heard from it within half the TTL, so it never touches a slot the
   daemon may have reclaimed and reused.
+
+Prefetch: the daemon never waits on L3 inside a request. A lookup that finds
+pages only in L3 gets the L2 hit plus a running prefetch; the client applies its
+own ``PrefetchConfig.policy`` by waiting on that prefetch (WaitPrefetch, answered
+by the daemon when it is done or the budget ends, while it serves others) and
+looking up again. ``sync`` behaves as ``wait_complete`` here.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ import numpy as np
 import torch
 import zmq
 
-from controller.api import CacheClient, CacheError, CacheStats, LoadHandle, LookupResult, StoreResult
+from controller.api import (CacheClient, CacheError, CacheStats, LoadHandle, LookupResult,
+                            PrefetchTicket, StoreResult)
+from controller.config import PrefetchConfig
 from controller.daemon import protocol as p
 from controller.device_pool import DevicePool
 from controller.load_handle import CompletedLoad, ControllerLoad
@@ -287,12 +295,64 @@ class _FreshLoad(ControllerLoad):
         super().finish()
 
 
+class _RemotePrefetch(PrefetchTicket):
+    """A prefetch running in the daemon; progress is asked for when read, until done."""
+
+    def __init__(self, client: "DaemonClient", reply: p.PrefetchReply | None) -> None:
+        self._client = client
+        self._last = reply or p.PrefetchReply(0, 0, 0, 0, 0, True)
+
+    def _refresh(self, wait_s: float = 0.0) -> p.PrefetchReply:
+        if not self._last.is_done:
+            try:
+                reply = self._client._call_prefetch(p.WaitPrefetch(self._last.prefetch_id, wait_s), wait_s)
+            except DaemonUnavailable:
+                reply = None
+            # A daemon that forgot it (restart, reaped) has nothing more coming.
+            self._last = reply if type(reply) is p.PrefetchReply else \
+                dataclasses.replace(self._last, num_pending=0, is_done=True)
+        return self._last
+
+    @property
+    def num_pages(self) -> int:
+        return self._refresh().num_pages
+
+    @property
+    def num_ready(self) -> int:
+        return self._refresh().num_ready
+
+    @property
+    def num_failed(self) -> int:
+        return self._refresh().num_failed
+
+    @property
+    def num_pending(self) -> int:
+        return self._refresh().num_pending
+
+    @property
+    def is_done(self) -> bool:
+        return self._refresh().is_done
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        wait_s = self._client._session.request_timeout_s * 6 if timeout_s is None else timeout_s
+        return self._refresh(wait_s).is_done
+
+    def cancel(self) -> None:
+        if not self._last.is_done:
+            try:
+                self._client._call_prefetch(p.CancelPrefetch(self._last.prefetch_id))
+            except DaemonUnavailable:
+                pass
+            self._last = dataclasses.replace(self._last, is_done=True)
+
+
 @dataclasses.dataclass
 class _Lease:
     result: LookupResult
     slots: list[int]
     epoch: int
     loads: list[ControllerLoad]
+    daemon_lease_id: int
 
 
 class DaemonClient(CacheClient):
@@ -300,15 +360,18 @@ class DaemonClient(CacheClient):
 
     def __init__(self, address: str, namespace: KeyNamespace, device_pool: torch.Tensor, *,
                  copy_backend: str | None = None, credentials: Credentials = Credentials(),
-                 request_timeout_s: float = 10.0, client_name: str | None = None) -> None:
+                 request_timeout_s: float = 10.0, client_name: str | None = None,
+                 prefetch: PrefetchConfig = PrefetchConfig()) -> None:
         self.layout: KVLayout = namespace.layout
+        self._prefetch_config = prefetch
         self._device = DevicePool(self.layout, device_pool, copy_backend)
         self._ns_digest = namespace.digest()
         self._session = Session(address, self.layout.fingerprint(), credentials=credentials,
                                 request_timeout_s=request_timeout_s, client_name=client_name)
         self._pool: _MappedPool | None = None
         self._pool_epoch = -1
-        self._leases: dict[int, _Lease] = {}
+        self._leases: dict[int, _Lease] = {}   # this client's lease id -> lease
+        self._lease_ids = itertools.count(1)
         self._is_closed = False
         try:
             self._session.attach()
@@ -371,20 +434,61 @@ class DaemonClient(CacheClient):
         if not keys:
             return LookupResult(0, (), P, 0, 0)
         try:
-            reply = self._call(p.Lookup(p.join_keys(keys)))
+            reply = self._lookup_once(keys, start_prefetch=True)
+            if reply.num_pending and self._wait_for_prefetch(reply.prefetch_id, len(keys) * P):
+                # Look again for what arrived; the first lease ends once the second holds.
+                again = self._lookup_once(keys, start_prefetch=False)
+                self._release_lease(reply.lease_id)
+                num_l2 = min(reply.num_l2, again.num_l2 + again.num_l3)
+                reply = dataclasses.replace(again, num_l2=num_l2,
+                                            num_l3=again.num_l2 + again.num_l3 - num_l2)
         except DaemonUnavailable as exc:
             log.warning("lookup is a miss: %s", exc)
             return LookupResult(0, (), P, 0, 0)
+        num_hit = reply.num_l2 + reply.num_l3
+        # The result carries an id of this client's own: a restarted daemon numbers its
+        # leases from 1 again, and an old result must never name a new lease.
+        local_id = next(self._lease_ids) if reply.lease_id else 0
+        result = LookupResult(local_id, tuple(keys[:num_hit]), P, reply.num_l2, reply.num_l3,
+                              reply.num_pending)
+        if reply.lease_id:
+            self._leases[local_id] = _Lease(result, p.unpack_u32(reply.slots),
+                                            self._session.epoch, [], reply.lease_id)
+        return result
+
+    def _lookup_once(self, keys: list[bytes], start_prefetch: bool) -> p.LookupReply:
+        reply = self._call(p.Lookup(p.join_keys(keys), start_prefetch))
         if type(reply) is p.ErrorReply:
             raise CacheError(f"lookup refused by the daemon: {reply.code}: {reply.message}")
-        num_hit = reply.num_l2 + reply.num_l3
-        slots = p.unpack_u32(reply.slots)
-        if num_hit > len(keys) or len(slots) != num_hit:
+        if type(reply) is not p.LookupReply or reply.num_l2 + reply.num_l3 > len(keys) \
+                or len(reply.slots) != 4 * (reply.num_l2 + reply.num_l3):
             raise CacheError("the daemon's lookup reply does not match the request")
-        result = LookupResult(reply.lease_id, tuple(keys[:num_hit]), P, reply.num_l2, reply.num_l3)
-        if reply.lease_id:
-            self._leases[reply.lease_id] = _Lease(result, slots, self._session.epoch, [])
-        return result
+        return reply
+
+    def _wait_for_prefetch(self, prefetch_id: int, num_tokens: int) -> bool:
+        """Wait on a prefetch as the policy says; whether to look up again."""
+        cfg = self._prefetch_config
+        if cfg.policy == "best_effort" or not prefetch_id:
+            return False
+        budget = (self._session.request_timeout_s if cfg.policy != "timeout" else
+                  cfg.timeout_base_s + cfg.timeout_per_1k_tokens_s * num_tokens / 1000)
+        reply = self._call_prefetch(p.WaitPrefetch(prefetch_id, budget), budget)
+        return type(reply) is p.PrefetchReply and reply.num_ready > 0
+
+    def _call_prefetch(self, msg: p.Message, wait_s: float = 0.0) -> p.Message:
+        return self._session.call(msg, timeout_s=wait_s + self._session.request_timeout_s)
+
+    def prefetch(self, tokens: Sequence[int] | np.ndarray) -> PrefetchTicket:
+        self._check_open()
+        keys = self._keys(tokens)
+        try:
+            reply = self._call_prefetch(p.StartPrefetch(p.join_keys(keys))) if keys else None
+        except DaemonUnavailable as exc:
+            log.warning("prefetch not started: %s", exc)
+            reply = None
+        if type(reply) is p.ErrorReply:
+            raise CacheError(f"prefetch refused by the daemon: {reply.code}: {reply.message}")
+        return _RemotePrefetch(self, reply if type(reply) is p.PrefetchReply else None)
 
     def load(self, result: LookupResult, device_pages: Sequence[int]) -> LoadHandle:
         self._check_open()
@@ -453,10 +557,14 @@ class DaemonClient(CacheClient):
         del self._leases[result.lease_id]
         for handle in lease.loads:
             handle.finish()  # copies out of the slots must be over before the lease ends
-        if lease.epoch != self._session.epoch:
+        if lease.epoch == self._session.epoch:
+            self._release_lease(lease.daemon_lease_id)
+
+    def _release_lease(self, lease_id: int) -> None:
+        if not lease_id:
             return
         try:
-            self._session.call(p.Release(result.lease_id))
+            self._session.call(p.Release(lease_id))
         except DaemonUnavailable:
             pass  # the daemon reclaims it with the session
 

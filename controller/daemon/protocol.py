@@ -26,7 +26,7 @@ from typing import Any, Callable, ClassVar
 import msgpack
 import numpy as np
 
-VERSION = 1
+VERSION = 2
 KEY_BYTES = 16
 ID_BYTES = 16
 MAX_KEYS = 32768
@@ -146,10 +146,13 @@ class Hello(Message):
 
 @dataclass(frozen=True, slots=True)
 class Lookup(Message):
-    """Lease the longest cached prefix of a chain of keys (L3 pages come up to L2)."""
+    """Lease the longest cached prefix of a chain of keys. The daemon never waits on L3
+    here: pages only in L3 come up by a prefetch (started unless ``start_prefetch`` is
+    False), which the client may wait for with WaitPrefetch and then look up again."""
     TYPE = 2
     keys: bytes
-    SPEC = (_key_blob,)
+    start_prefetch: bool
+    SPEC = (_key_blob, _bool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +217,32 @@ class CheckIntegrity(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class StartPrefetch(Message):
+    """Start bringing the L3 pages of a chain into L2 (a hint); answered with PrefetchReply."""
+    TYPE = 12
+    keys: bytes
+    SPEC = (_key_blob,)
+
+
+@dataclass(frozen=True, slots=True)
+class WaitPrefetch(Message):
+    """Answered (with PrefetchReply) once the prefetch is done or ``timeout_s`` passed;
+    the daemon goes on serving others meanwhile."""
+    TYPE = 13
+    prefetch_id: int
+    timeout_s: float
+    SPEC = (u64, _seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class CancelPrefetch(Message):
+    """Stop a prefetch; its reserved slots go back once the read in flight has stopped."""
+    TYPE = 14
+    prefetch_id: int
+    SPEC = (u64,)
+
+
+@dataclass(frozen=True, slots=True)
 class Ping(Message):
     """Is a daemon listening here? Needs no session (what ``kvstore status`` and a
     starting daemon send)."""
@@ -238,13 +267,30 @@ class HelloReply(Message):
 
 @dataclass(frozen=True, slots=True)
 class LookupReply(Message):
-    """``slots[i]`` holds ``keys[i]`` for i < num_l2 + num_l3; lease 0 means nothing was hit."""
+    """``slots[i]`` holds ``keys[i]`` for i < num_l2 + num_l3; lease 0 means nothing was hit.
+    ``num_pending`` pages after the hit are still coming up from L3 by prefetch
+    ``prefetch_id`` (0: none)."""
     TYPE = 65
     lease_id: int
     num_l2: int
     num_l3: int
     slots: bytes
-    SPEC = (u64, u32, u32, _slot_blob)
+    num_pending: int
+    prefetch_id: int
+    SPEC = (u64, u32, u32, _slot_blob, u32, u64)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchReply(Message):
+    """Progress of a prefetch (id 0: nothing to bring up, done)."""
+    TYPE = 71
+    prefetch_id: int
+    num_pages: int
+    num_ready: int
+    num_failed: int
+    num_pending: int
+    is_done: bool
+    SPEC = (u64, u32, u32, u32, u32, _bool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,10 +346,10 @@ class ErrorReply(Message):
 
 REQUESTS: dict[int, type[Message]] = {m.TYPE: m for m in (
     Hello, Lookup, Release, BeginStore, CommitStore, AbortStore, Heartbeat, GetStats,
-    Goodbye, CheckIntegrity, Ping)}
+    Goodbye, CheckIntegrity, Ping, StartPrefetch, WaitPrefetch, CancelPrefetch)}
 REPLIES: dict[int, type[Message]] = {m.TYPE: m for m in (
     HelloReply, LookupReply, StorePlanReply, CommitReply, OkReply, StatsReply, PongReply,
-    ErrorReply)}
+    PrefetchReply, ErrorReply)}
 
 
 # ---- framing -------------------------------------------------------------------------

@@ -65,9 +65,12 @@ class DaemonServer:
             p.Lookup: self._lookup, p.Release: self._release, p.BeginStore: self._begin_store,
             p.CommitStore: self._commit_store, p.AbortStore: self._abort_store,
             p.Heartbeat: self._ok, p.GetStats: self._stats, p.Goodbye: self._goodbye,
-            p.CheckIntegrity: self._check_integrity,
+            p.CheckIntegrity: self._check_integrity, p.StartPrefetch: self._start_prefetch,
+            p.CancelPrefetch: self._cancel_prefetch,
         }
         self._bad = {}
+        # WaitPrefetch requests answered later: (deadline, identity, request_id, id, ticket)
+        self._waiters: list[tuple[float, bytes, int, int, object]] = []
 
     # ---- life cycle -------------------------------------------------------------------
     def run(self) -> int:
@@ -127,8 +130,11 @@ class DaemonServer:
         poller.register(self._socket, zmq.POLLIN)
         next_tick = 0.0
         while not self.should_exit.is_set():
-            if poller.poll(_TICK_S * 1000):
+            # While a client waits on a prefetch, look at it every millisecond.
+            if poller.poll(1 if self._waiters else _TICK_S * 1000):
                 self._serve_ready(_MAX_BATCH)
+            if self._waiters:
+                self._answer_waiters(time.monotonic())
             now = time.monotonic()
             if now >= next_tick:
                 self._tick(now)
@@ -224,7 +230,9 @@ class DaemonServer:
                     self._send(parts[0], p.ErrorReply("bad_message", "send one frame per request"), 0)
                 continue
             identity, frame = parts
-            self._send(identity, *self._handle(frame))
+            reply, request_id = self._handle(frame, identity)
+            if reply is not None:   # None: a WaitPrefetch answered later
+                self._send(identity, reply, request_id)
         return served
 
     def _send(self, identity: bytes, reply: p.Message, request_id: int) -> None:
@@ -234,7 +242,7 @@ class DaemonServer:
         except zmq.Again:
             log.warning("reply to a client dropped: its queue is full")
 
-    def _handle(self, frame: bytes) -> tuple[p.Message, int]:
+    def _handle(self, frame: bytes, identity: bytes = b"") -> tuple[p.Message | None, int]:
         try:
             msg, request_id, session_id = p.decode(frame, p.REQUESTS)
         except p.ProtocolError as exc:
@@ -252,6 +260,8 @@ class DaemonServer:
                 return p.ErrorReply("unknown_session", "no such session (the daemon restarted or "
                                     "reclaimed it): send Hello again"), request_id
             self.sessions.touch(session)
+            if type(msg) is p.WaitPrefetch:
+                return self._wait_prefetch(session, msg, identity, request_id), request_id
             return self._handlers[type(msg)](session, msg), request_id
         except Exception as exc:  # noqa: BLE001 - one bad request must not stop the daemon
             log.exception("request %s failed", type(msg).__name__)
@@ -294,7 +304,9 @@ class DaemonServer:
             return p.ErrorReply("limit", f"client holds {len(session.leases)} leases: release some")
         start = time.perf_counter()
         keys = p.split_keys(msg.keys)
-        num_l2, num_l3 = self.core.lookup(keys)
+        # Never wait on L3 here: the client waits (WaitPrefetch) while others are served.
+        num_l2, num_l3, num_pending, ticket = self.core.lookup(
+            keys, wait=False, start_prefetch=msg.start_prefetch)
         num_hit = num_l2 + num_l3
         if num_hit:
             hit = keys[:num_hit]
@@ -302,9 +314,45 @@ class DaemonServer:
             lease_id = self.sessions.add_lease(session, hit)
         else:
             slots, lease_id = b"", 0
+        prefetch_id = self.sessions.add_prefetch(session, ticket) if num_pending else 0
         self.metrics.observe_lookup(len(keys), num_l2, num_l3, self.core.pool.slot_bytes,
                                     time.perf_counter() - start)
-        return p.LookupReply(lease_id, num_l2, num_l3, slots)
+        return p.LookupReply(lease_id, num_l2, num_l3, slots, num_pending, prefetch_id)
+
+    # ---- prefetch -----------------------------------------------------------------------
+    def _start_prefetch(self, session: ClientSession, msg: p.StartPrefetch) -> p.Message:
+        ticket = self.core.prefetch(p.split_keys(msg.keys))
+        if ticket is None:
+            return p.PrefetchReply(0, 0, 0, 0, 0, True)
+        return _progress(self.sessions.add_prefetch(session, ticket), ticket)
+
+    def _wait_prefetch(self, session: ClientSession, msg: p.WaitPrefetch, identity: bytes,
+                       request_id: int) -> p.Message | None:
+        ticket = session.prefetches.get(msg.prefetch_id)
+        if ticket is None:
+            return p.ErrorReply("unknown_prefetch", f"prefetch {msg.prefetch_id} is not this "
+                                "client's (or was forgotten): look up again")
+        if ticket.is_done or msg.timeout_s <= 0:
+            return _progress(msg.prefetch_id, ticket)
+        self._waiters.append((time.monotonic() + msg.timeout_s, identity, request_id,
+                              msg.prefetch_id, ticket))
+        return None
+
+    def _answer_waiters(self, now: float) -> None:
+        waiting = []
+        for waiter in self._waiters:
+            deadline, identity, request_id, prefetch_id, ticket = waiter
+            if ticket.is_done or now >= deadline:
+                self._send(identity, _progress(prefetch_id, ticket), request_id)
+            else:
+                waiting.append(waiter)
+        self._waiters = waiting
+
+    def _cancel_prefetch(self, session: ClientSession, msg: p.CancelPrefetch) -> p.Message:
+        ticket = session.prefetches.pop(msg.prefetch_id, None)
+        if ticket is not None:
+            ticket.request_cancel()   # slots go back once the read in flight has stopped
+        return p.OkReply()
 
     def _release(self, session: ClientSession, msg: p.Release) -> p.Message:
         self.sessions.end_lease(session, msg.lease_id)
@@ -370,6 +418,11 @@ class DaemonServer:
             l3=self.config.l3.connector or "none",
         )
         return p.StatsReply(stats)
+
+
+def _progress(prefetch_id: int, ticket) -> p.PrefetchReply:
+    return p.PrefetchReply(prefetch_id, ticket.num_pages, ticket.num_ready, ticket.num_failed,
+                           ticket.num_pending, ticket.is_done)
 
 
 def _samples(counter) -> list:

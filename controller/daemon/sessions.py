@@ -2,7 +2,10 @@
 
 A session is opened by Hello and named by 16 random bytes the client sends with
 every request. It owns leases (lease id -> keys, one lease per key) and
-reservations (id -> keys + StorePlan). Whatever a session owns is given back to
+reservations (id -> keys + StorePlan), and the prefetches it started or its
+lookups set off (id -> ticket; they hold nothing of the client's: a prefetch
+that outlives its client still brings pages into L2 for everyone). Whatever a
+session owns is given back to
 the cache when the client says Goodbye, when it is silent for ``lease_ttl_s``
 (dead, e.g. kill -9), or, for one reservation, when it is not committed within
 ``reservation_ttl_s``. Ids are unique per daemon, so one client can never
@@ -16,6 +19,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+_MAX_PREFETCHES = 256
 
 
 @dataclass(slots=True)
@@ -33,6 +38,7 @@ class ClientSession:
     last_seen: float
     leases: dict[int, list[bytes]] = field(default_factory=dict)
     reservations: dict[int, Reservation] = field(default_factory=dict)
+    prefetches: dict[int, Any] = field(default_factory=dict)   # id -> controller's Prefetch
 
 
 class SessionTable:
@@ -78,6 +84,18 @@ class SessionTable:
         if found is not None:
             self.num_reservations -= 1
         return found
+
+    def add_prefetch(self, session: ClientSession, ticket) -> int:
+        """Name a running prefetch for ``session``; finished ones it named before are
+        forgotten first, so a session holds at most ``_MAX_PREFETCHES`` names."""
+        if len(session.prefetches) >= _MAX_PREFETCHES:
+            for pid in [i for i, t in session.prefetches.items() if t.is_done]:
+                del session.prefetches[pid]
+            while len(session.prefetches) >= _MAX_PREFETCHES:
+                session.prefetches.pop(next(iter(session.prefetches)))
+        prefetch_id = next(self._ids)
+        session.prefetches[prefetch_id] = ticket
+        return prefetch_id
 
     def close(self, session: ClientSession) -> tuple[int, int]:
         """End every lease and abort every reservation of ``session``; (leases, reservations)."""

@@ -122,6 +122,8 @@ def test_daemon_kill9_and_restart_with_disk_serves_what_disk_holds(tmp_path):
         assert cache.store(tokens(5, 6), range(6)).num_new_pages == 6
         held = cache.lookup(tokens(5, 6))
         assert held.num_hit_pages == 6
+        # write_through runs in the background: the pages are on disk once it has run
+        assert wait_until(lambda: daemon.stats()["num_l3_written_pages"] == 6, timeout_s=10.0)
         daemon.kill9()
         # (its segment may outlive it; Python's resource tracker usually removes it)
         assert cache.lookup(tokens(5, 6)).num_hit_pages == 0  # no daemon: a miss, not a hang

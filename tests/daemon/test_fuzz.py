@@ -26,9 +26,10 @@ CHUNK = 5_000
 
 def valid_frames(session: bytes) -> list[bytes]:
     keys = p.join_keys([bytes([i]) * 16 for i in range(1, 9)])
-    msgs = [p.Hello("fuzz", 1, LAYOUT.fingerprint(), b""), p.Lookup(keys), p.Release(1),
+    msgs = [p.Hello("fuzz", 1, LAYOUT.fingerprint(), b""), p.Lookup(keys, True), p.StartPrefetch(keys),
+            p.WaitPrefetch(1, 0.0), p.CancelPrefetch(1), p.Release(1),
             p.BeginStore(keys), p.CommitStore(2), p.AbortStore(3), p.Heartbeat(), p.GetStats(),
-            p.CheckIntegrity(False), p.Ping(), p.Lookup(b"")]
+            p.CheckIntegrity(False), p.Ping(), p.Lookup(b"", False)]
     return [p.encode(m, i + 1, b"" if type(m) in (p.Hello, p.Ping) else session)
             for i, m in enumerate(msgs)]
 
@@ -107,7 +108,7 @@ def test_100k_mutated_frames_then_correct_requests(fuzzed):
     templates = valid_frames(session)
     frames: list = [mutate(rng, rng.choice(templates), templates) for _ in range(NUM_MUTATED)]
     frames += [b"", [b"a", b"b"], [b"", b"", b""], b"\x91" * 100, b"\xc1",
-               p.encode(p.Lookup(b"\0" * 16 * (p.MAX_KEYS + 1)), 9, session),  # too many keys
+               p.encode(p.Lookup(b"\0" * 16 * (p.MAX_KEYS + 1), True), 9, session),  # too many keys
                b"\x92" + msgpack.packb(b"x" * (p.MAX_FRAME_BYTES + 10))]  # oversized frame
     replies = blast(sock, frames)
     assert len(replies) == len(frames)
