@@ -25,7 +25,7 @@ import torch
 
 from controller.api import CacheError
 from controller.load_handle import CompletedLoad, ControllerLoad, CudaStreamLoad, LayerIssuer, LazyLayerLoad
-from kvstore.copy_ops import copy_backend_for
+from kvstore.copy_ops import CopyBackend, copy_backend_for
 from kvstore.layout import KVLayout
 
 
@@ -58,11 +58,14 @@ class SaveCopy:
 class DevicePool:
     """One engine's paged KV pool, with the copy backend chosen for its device."""
 
-    def __init__(self, layout: KVLayout, tensor: torch.Tensor, copy_backend: str | None) -> None:
+    def __init__(self, layout: KVLayout, tensor: torch.Tensor, copy_backend: str | CopyBackend | None) -> None:
+        """``copy_backend``: a backend name for ``copy_backend_for`` (None: the device's
+        default), or a backend instance (e.g. a CudaCopyBackend with its own policy)."""
         self.layout = layout
         self.num_pages = layout.check_pool(tensor, "device pool")
         self.tensor = tensor
-        self._copy = copy_backend_for(tensor.device, copy_backend)
+        self._copy = (copy_backend if isinstance(copy_backend, CopyBackend)
+                      else copy_backend_for(tensor.device, copy_backend))
         self._stream = torch.cuda.Stream(tensor.device) if tensor.is_cuda else None
         self._write_stream = torch.cuda.Stream(tensor.device) if tensor.is_cuda else None
         self._issuer = LayerIssuer(tensor.device) if tensor.is_cuda else None

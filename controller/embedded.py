@@ -59,7 +59,7 @@ class EmbeddedController(CacheClient):
         return self._core.host
 
     def lookup(self, tokens: Sequence[int] | np.ndarray) -> LookupResult:
-        self._commit_stores()
+        self._commit_stores(tokens=tokens)
         self._core.check_open()
         keys = page_keys(self._ns_digest, tokens, self.layout.page_size)
         num_l2, num_l3 = self._core.lookup(keys)
@@ -109,15 +109,19 @@ class EmbeddedController(CacheClient):
         self._pending.append(_PendingStore(keys, plan, copy))
         return StoreResult(len(keys), len(plan.slots), plan.num_skipped)
 
-    def _commit_stores(self, wait: bool = False) -> None:
+    def _commit_stores(self, wait: bool = False, tokens: Sequence[int] | np.ndarray | None = None) -> None:
         """Publish the stores whose copies have completed, oldest first (one write stream
-        completes them in order), stopping at the first still in flight; ``wait``: block
-        until every one has completed. A copy that failed gives its slots back."""
+        completes them in order), stopping at the first still in flight. ``wait``: block
+        until every one has completed; ``tokens`` (a lookup's): block for those holding a
+        page of these tokens, since a miss costs a recompute and the copy is under way.
+        A copy that failed gives its slots back and raises."""
+        num_wait = len(self._pending) if wait else self._num_stores_holding(tokens)
+        num_done = 0
         while self._pending:
             head = self._pending[0]
             try:
                 if not head.copy.is_done():
-                    if not wait:
+                    if num_done >= num_wait:
                         return
                     head.copy.wait()
             except BaseException:
@@ -126,6 +130,15 @@ class EmbeddedController(CacheClient):
                 raise
             self._pending.popleft()
             self._core.commit_store(head.keys, head.plan)
+            num_done += 1
+
+    def _num_stores_holding(self, tokens: Sequence[int] | np.ndarray | None) -> int:
+        """1 + the position of the newest pending store that holds a page of ``tokens``, or 0."""
+        if tokens is None or not self._pending:
+            return 0
+        wanted = set(page_keys(self._ns_digest, tokens, self.layout.page_size))
+        holding = [i for i, store in enumerate(self._pending) if not wanted.isdisjoint(store.keys)]
+        return holding[-1] + 1 if holding else 0
 
     @property
     def num_pending_stores(self) -> int:

@@ -80,9 +80,10 @@ def test_a_store_is_visible_only_once_its_copy_has_completed(tmp_path):
     assert (stored.num_pages, stored.num_new_pages) == (3, 3)
     assert ctl.num_pending_stores == 1
 
-    miss = ctl.lookup(tokens)  # copy in flight: nothing published yet
-    assert miss.num_hit_pages == 0
-    ctl.release(miss)
+    other = ctl.lookup(list(range(50, 62)))  # copy in flight and not needed: nothing published
+    assert other.num_hit_pages == 0 and ctl.num_pending_stores == 1
+    assert ctl.stats().num_stored_pages == 0
+    ctl.release(other)
     ctl.check_integrity()
 
     copies[0].complete()
@@ -104,6 +105,21 @@ def test_stores_are_published_in_order_up_to_the_first_in_flight(tmp_path):
     assert ctl.stats().num_stored_pages == 0 and ctl.num_pending_stores == 2
     copies[0].complete()
     assert ctl.stats().num_stored_pages == 4 and ctl.num_pending_stores == 0
+    ctl.close()
+
+
+def test_a_lookup_waits_for_the_stores_holding_its_pages(tmp_path):
+    """A miss would cost a recompute; the copy is already under way, so the lookup waits."""
+    ctl, pool = make_controller(tmp_path)
+    copies = defer_saves(ctl)
+    ctl.store(list(range(8)), [0, 1])
+    ctl.store(list(range(100, 108)), [2, 3])
+    ctl.store(list(range(200, 208)), [4, 5])
+    hit = ctl.lookup(list(range(100, 112)))
+    assert hit.num_hit_pages == 2
+    assert [c.is_complete for c in copies] == [True, True, False]  # up to the one it needs
+    assert ctl.num_pending_stores == 1
+    ctl.release(hit)
     ctl.close()
 
 
