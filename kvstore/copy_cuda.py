@@ -244,73 +244,79 @@ class CudaCopyBackend(CopyBackend):
 class _CudaLayerPlan(LayerCopyPlan):
     """A planned CUDA copy (see the module docstring): 'sm' or 'dma' per layer.
 
-    ``launch_all`` is one SM launch of every layer unless the policy fixes 'dma': a
-    batched submission costs ~1 us of driver time per run (thousands in a store), a
-    launch ~10 us whatever its size."""
+    Planning only checks; the device index (sm) and the address arrays (dma) are made at
+    the first launch that needs them, on the launching thread (a load's issuer thread),
+    the index uploaded on the launch stream itself. ``launch_all`` is one SM launch of
+    every layer unless the policy fixes 'dma': a batched submission costs ~1 us of driver
+    time per run (thousands in a store), a launch ~10 us whatever its size."""
 
     def __init__(self, backend: CudaCopyBackend, device: torch.device, path: str,
                  src, src_layout: KVLayout, dst, dst_layout: KVLayout, plan: CopyPlan) -> None:
         self._backend, self._device, self.path = backend, device, path
         self._src, self._dst = src, dst  # kept alive: the launches read their memory
+        self._layouts, self._plan = (src_layout, dst_layout), plan
         self.num_layers = src_layout.num_layers
         self.num_pages = int(plan.src_pages.numel())
-        self._num_kv, self._chunk_bytes = src_layout.num_kv, src_layout.chunk_bytes
         policy = backend.policy
         self._all_path = "dma" if path == "dma" and "dma" in (policy.plan_path, policy.path) else "sm"
-        if path == "dma":
-            runs, src_step, dst_step = layer_runs(src_layout, dst_layout, plan)
-            steps = np.arange(self.num_layers, dtype=np.uint64)[:, None]
-            # [layer, run] addresses; row l is layer 0's runs shifted by l layer strides.
-            self._srcs = src.data_ptr() + runs.src_offsets.astype(np.uint64) + steps * np.uint64(src_step)
-            self._dsts = dst.data_ptr() + runs.dst_offsets.astype(np.uint64) + steps * np.uint64(dst_step)
-            self._sizes = runs.sizes.astype(np.uint64)
+        self._addrs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._idx: torch.Tensor | None = None
-        if "sm" in (path, self._all_path):
-            self._spaces = [(src_layout, plan.src_num_pages, src), (dst_layout, plan.dst_num_pages, dst)]
-            with torch.cuda.device(device):
-                # Uploaded on the current stream; each launch stream waits for it once.
-                host_idx = torch.stack([plan.src_pages, plan.dst_pages]).pin_memory()
-                self._idx = host_idx.to(device, non_blocking=True)
-                self._uploaded = torch.cuda.Event()
-                self._uploaded.record()
-        self._seen_streams: set[int] = set()
+        self._idx_ready: torch.cuda.Event | None = None
+        self._idx_streams: set[int] = set()
 
     def launch(self, layer: int, stream: Any = None) -> None:
         self._check_layer(layer)
-        stream = self._ready_stream(stream)
+        stream = self._backend._check_stream(stream, self._device)
         if self.path == "dma":
-            self._backend._memcpy(self._dsts[layer], self._srcs[layer], self._sizes, stream)
+            srcs, dsts, sizes = self._dma_addresses()
+            self._backend._memcpy(dsts[layer], srcs[layer], sizes, stream)
         else:
             self._sm(layer, 1, stream)
 
     def launch_all(self, stream: Any = None) -> None:
-        stream = self._ready_stream(stream)
+        stream = self._backend._check_stream(stream, self._device)
         if self._all_path == "dma":
-            self._backend._memcpy(self._dsts.reshape(-1), self._srcs.reshape(-1),
-                                  np.tile(self._sizes, self.num_layers), stream)
+            srcs, dsts, sizes = self._dma_addresses()
+            self._backend._memcpy(dsts.reshape(-1), srcs.reshape(-1), np.tile(sizes, self.num_layers), stream)
         else:
             self._sm(0, self.num_layers, stream)
 
-    def _sm(self, layer0: int, num_layers: int, stream: torch.cuda.Stream) -> None:
-        (src_layout, src_n, src), (dst_layout, dst_n, dst) = self._spaces
-        blocks = self._backend.policy.plan_sm_blocks
-        with _on_device(self._device):
-            cuda_ops.copy_chunks(
-                _space(src, src_layout, src_n, layer0, self._idx[0]),
-                _space(dst, dst_layout, dst_n, layer0, self._idx[1]),
-                self.num_pages, num_layers, self._num_kv, self._chunk_bytes,
-                stream, blocks, self._backend.policy.sm_threads,
-            )
+    def _dma_addresses(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """[layer, run] source and destination addresses and the run sizes; row l is layer
+        0's runs shifted by l layer strides."""
+        if self._addrs is None:
+            runs, src_step, dst_step = layer_runs(*self._layouts, self._plan)
+            steps = np.arange(self.num_layers, dtype=np.uint64)[:, None]
+            srcs = self._src.data_ptr() + runs.src_offsets.astype(np.uint64) + steps * np.uint64(src_step)
+            dsts = self._dst.data_ptr() + runs.dst_offsets.astype(np.uint64) + steps * np.uint64(dst_step)
+            self._addrs = (srcs, dsts, runs.sizes.astype(np.uint64))
+        return self._addrs
 
-    def _ready_stream(self, stream: Any) -> torch.cuda.Stream:
-        """The launch stream, checked; the first launch on a stream orders it after the
-        index upload and tells the allocator the index is used there."""
-        stream = self._backend._check_stream(stream, self._device)
-        if self._idx is not None and stream.cuda_stream not in self._seen_streams:
-            stream.wait_event(self._uploaded)
+    def _device_index(self, stream: torch.cuda.Stream) -> torch.Tensor:
+        """[2, pages] page ids on the device: uploaded on the first launch's stream; a later
+        stream waits for that upload once and is recorded with the allocator."""
+        if self._idx is None:
+            with torch.cuda.stream(stream):
+                host_idx = torch.stack([self._plan.src_pages, self._plan.dst_pages]).pin_memory()
+                self._idx = host_idx.to(self._device, non_blocking=True)
+            self._idx_ready = _record(stream)
+        elif stream.cuda_stream not in self._idx_streams:
+            stream.wait_event(self._idx_ready)
             self._idx.record_stream(stream)
-            self._seen_streams.add(stream.cuda_stream)
-        return stream
+        self._idx_streams.add(stream.cuda_stream)
+        return self._idx
+
+    def _sm(self, layer0: int, num_layers: int, stream: torch.cuda.Stream) -> None:
+        (src_layout, dst_layout), plan = self._layouts, self._plan
+        policy = self._backend.policy
+        with _on_device(self._device):
+            idx = self._device_index(stream)
+            cuda_ops.copy_chunks(
+                _space(self._src, src_layout, plan.src_num_pages, layer0, idx[0]),
+                _space(self._dst, dst_layout, plan.dst_num_pages, layer0, idx[1]),
+                self.num_pages, num_layers, src_layout.num_kv, src_layout.chunk_bytes,
+                stream, policy.plan_sm_blocks, policy.sm_threads,
+            )
 
 
 def _on_device(device: torch.device):
