@@ -1,0 +1,9 @@
+"""Adapter tests: helpers on the path; engine tests skip cleanly without the engine.
+
+The engine tests (marked ``sglang`` / ``vllm``) need the engines' packages, which
+``scripts/setup_adapters.sh`` installs into a venv of their own."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
