@@ -174,7 +174,7 @@ class EmbeddedKeyedCache(KeyedCache):
     def lookup_keys(self, keys: Sequence[PageKey]) -> KeyedLease:
         keys = list(keys)
         with self._lock:
-            num_l2, num_l3 = self._core.lookup(keys)
+            num_l2, num_l3, _, _ = self._core.lookup(keys)
             hit = tuple(keys[: num_l2 + num_l3])
             lease = KeyedLease(next(self._ids), hit, tuple(self._core.slots_of(hit)), num_l2, num_l3)
             if hit:

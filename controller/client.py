@@ -36,7 +36,7 @@ import logging
 import os
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -295,17 +295,165 @@ class _FreshLoad(ControllerLoad):
         super().finish()
 
 
+class DaemonLink:
+    """An attached session with the daemon's segment mapped, kept alive by heartbeats:
+    what every daemon-backed handle needs (DaemonClient; the engine adapters' keyed
+    cache). Knows no device pool. Not thread-safe.
+
+    ``on_remap`` runs when the session was lost (daemon restart, client reaped) and
+    the segment is mapped anew: whatever the handle held of the old one is gone."""
+
+    def __init__(self, address: str, layout: KVLayout, *, credentials: Credentials = Credentials(),
+                 request_timeout_s: float = 10.0, client_name: str | None = None, pin: bool = False,
+                 prefetch: PrefetchConfig = PrefetchConfig(),
+                 on_remap: Callable[[], None] = lambda: None) -> None:
+        self.layout = layout
+        self.prefetch_config = prefetch
+        self.session = Session(address, layout.fingerprint(), credentials=credentials,
+                               request_timeout_s=request_timeout_s, client_name=client_name)
+        self.pool: _MappedPool | None = None
+        self._pool_epoch = -1
+        self._pin = pin
+        self._on_remap = on_remap
+        try:
+            self.session.attach()
+            self.ensure_mapped()
+        except BaseException:
+            self.session.close()
+            raise
+        self._heartbeat = _Heartbeat(self.session)
+        self._heartbeat.start()
+
+    @property
+    def epoch(self) -> int:
+        """Changes whenever the session was opened anew (a lease of another epoch is gone)."""
+        return self.session.epoch
+
+    def ensure_mapped(self) -> None:
+        """Map the current instance's segment; tell the handle when the old one is gone."""
+        s = self.session
+        if s.hello is None:
+            s.attach()
+        if self._pool_epoch == s.epoch and self.pool is not None:
+            return
+        self._on_remap()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        self.pool = _MappedPool(s.hello, self.layout, pin=self._pin)
+        self._pool_epoch = s.epoch
+
+    def call(self, msg: p.Message, timeout_s: float | None = None) -> p.Message:
+        reply = self.session.call(msg, timeout_s)
+        self.ensure_mapped()
+        return reply
+
+    def require_fresh(self) -> None:
+        """Raise unless the daemon surely still holds this session's leases and reservations.
+
+        The daemon reclaims a session ``lease_ttl_s`` after the last request it got; the
+        send time of the latest answered request is a lower bound of that."""
+        s = self.session
+        if s.hello is None or self._pool_epoch != s.epoch:
+            raise CacheError("the daemon lost this client's session; lookup() again")
+        if time.monotonic() - s.last_ack_sent > s.hello.lease_ttl_s / 2:
+            epoch = s.epoch
+            reply = s.call(p.Heartbeat(), timeout_s=s.hello.lease_ttl_s / 4)
+            if type(reply) is not p.OkReply or s.epoch != epoch or s.hello is None:
+                raise CacheError("this client's leases were reclaimed by the daemon; lookup() again")
+
+    # ---- requests shared by the handles ---------------------------------------------------
+    def lookup(self, keys: list[bytes], num_tokens: int) -> p.LookupReply:
+        """Lease the cached prefix of ``keys``, waiting on the daemon's prefetch of L3
+        pages as ``prefetch_config.policy`` says. Raises DaemonUnavailable, CacheError."""
+        reply = self._lookup_once(keys, start_prefetch=True)
+        if reply.num_pending and self._wait_for_prefetch(reply.prefetch_id, num_tokens):
+            # Look again for what arrived; the first lease ends once the second holds.
+            again = self._lookup_once(keys, start_prefetch=False)
+            self.release_lease(reply.lease_id)
+            num_l2 = min(reply.num_l2, again.num_l2 + again.num_l3)
+            reply = dataclasses.replace(again, num_l2=num_l2,
+                                        num_l3=again.num_l2 + again.num_l3 - num_l2)
+        return reply
+
+    def _lookup_once(self, keys: list[bytes], start_prefetch: bool) -> p.LookupReply:
+        reply = self.call(p.Lookup(p.join_keys(keys), start_prefetch))
+        if type(reply) is p.ErrorReply:
+            raise CacheError(f"lookup refused by the daemon: {reply.code}: {reply.message}")
+        if type(reply) is not p.LookupReply or reply.num_l2 + reply.num_l3 > len(keys) \
+                or len(reply.slots) != 4 * (reply.num_l2 + reply.num_l3):
+            raise CacheError("the daemon's lookup reply does not match the request")
+        return reply
+
+    def _wait_for_prefetch(self, prefetch_id: int, num_tokens: int) -> bool:
+        """Wait on a prefetch as the policy says; whether to look up again."""
+        cfg = self.prefetch_config
+        if cfg.policy == "best_effort" or not prefetch_id:
+            return False
+        budget = (self.session.request_timeout_s if cfg.policy != "timeout" else
+                  cfg.timeout_base_s + cfg.timeout_per_1k_tokens_s * num_tokens / 1000)
+        reply = self.call_prefetch(p.WaitPrefetch(prefetch_id, budget), budget)
+        return type(reply) is p.PrefetchReply and reply.num_ready > 0
+
+    def call_prefetch(self, msg: p.Message, wait_s: float = 0.0) -> p.Message:
+        """A prefetch request, whose answer may take ``wait_s`` on top of the usual deadline."""
+        return self.session.call(msg, timeout_s=wait_s + self.session.request_timeout_s)
+
+    def release_lease(self, daemon_lease_id: int) -> None:
+        if not daemon_lease_id:
+            return
+        try:
+            self.session.call(p.Release(daemon_lease_id))
+        except DaemonUnavailable:
+            pass  # the daemon reclaims it with the session
+
+    def abort_store(self, reservation_id: int) -> None:
+        try:
+            self.session.call(p.AbortStore(reservation_id))
+        except CacheError:
+            pass  # the daemon aborts it after reservation_ttl_s, or has restarted
+
+    def daemon_stats(self) -> dict:
+        reply = self.call(p.GetStats())
+        if type(reply) is not p.StatsReply:
+            raise CacheError(f"stats refused: {reply}")
+        return reply.stats
+
+    def cache_stats(self) -> CacheStats:
+        """The daemon's cache counters (shared by every client of the daemon)."""
+        raw = self.daemon_stats()
+        return CacheStats(**{f.name: type(f.default)(raw.get(f.name, 0))
+                             for f in dataclasses.fields(CacheStats)})
+
+    def check_integrity(self, quiescent: bool = False) -> None:
+        """Run the daemon's integrity check; raises CacheError with its finding."""
+        reply = self.call(p.CheckIntegrity(quiescent))
+        if type(reply) is not p.OkReply:
+            raise CacheError(f"daemon integrity check failed: {reply.message}")
+
+    def close(self) -> None:
+        """Say Goodbye (the daemon ends every lease), stop the heartbeat, unmap. Idempotent."""
+        self._heartbeat.stop_event.set()
+        self._heartbeat.join(timeout=5)
+        try:
+            self.session.close()
+        finally:
+            if self.pool is not None:
+                self.pool.close()
+                self.pool = None
+
+
 class _RemotePrefetch(PrefetchTicket):
     """A prefetch running in the daemon; progress is asked for when read, until done."""
 
-    def __init__(self, client: "DaemonClient", reply: p.PrefetchReply | None) -> None:
-        self._client = client
+    def __init__(self, link: DaemonLink, reply: p.PrefetchReply | None) -> None:
+        self._link = link
         self._last = reply or p.PrefetchReply(0, 0, 0, 0, 0, True)
 
     def _refresh(self, wait_s: float = 0.0) -> p.PrefetchReply:
         if not self._last.is_done:
             try:
-                reply = self._client._call_prefetch(p.WaitPrefetch(self._last.prefetch_id, wait_s), wait_s)
+                reply = self._link.call_prefetch(p.WaitPrefetch(self._last.prefetch_id, wait_s), wait_s)
             except DaemonUnavailable:
                 reply = None
             # A daemon that forgot it (restart, reaped) has nothing more coming.
@@ -334,13 +482,13 @@ class _RemotePrefetch(PrefetchTicket):
         return self._refresh().is_done
 
     def wait(self, timeout_s: float | None = None) -> bool:
-        wait_s = self._client._session.request_timeout_s * 6 if timeout_s is None else timeout_s
+        wait_s = self._link.session.request_timeout_s * 6 if timeout_s is None else timeout_s
         return self._refresh(wait_s).is_done
 
     def cancel(self) -> None:
         if not self._last.is_done:
             try:
-                self._client._call_prefetch(p.CancelPrefetch(self._last.prefetch_id))
+                self._link.call_prefetch(p.CancelPrefetch(self._last.prefetch_id))
             except DaemonUnavailable:
                 pass
             self._last = dataclasses.replace(self._last, is_done=True)
@@ -363,65 +511,26 @@ class DaemonClient(CacheClient):
                  request_timeout_s: float = 10.0, client_name: str | None = None,
                  prefetch: PrefetchConfig = PrefetchConfig()) -> None:
         self.layout: KVLayout = namespace.layout
-        self._prefetch_config = prefetch
         self._device = DevicePool(self.layout, device_pool, copy_backend)
         self._ns_digest = namespace.digest()
-        self._session = Session(address, self.layout.fingerprint(), credentials=credentials,
-                                request_timeout_s=request_timeout_s, client_name=client_name)
-        self._pool: _MappedPool | None = None
-        self._pool_epoch = -1
         self._leases: dict[int, _Lease] = {}   # this client's lease id -> lease
         self._lease_ids = itertools.count(1)
         self._is_closed = False
-        try:
-            self._session.attach()
-            self._ensure_mapped()
-        except BaseException:
-            self._session.close()
-            raise
-        self._heartbeat = _Heartbeat(self._session)
-        self._heartbeat.start()
+        self._link = DaemonLink(address, self.layout, credentials=credentials,
+                                request_timeout_s=request_timeout_s, client_name=client_name,
+                                pin=device_pool.is_cuda, prefetch=prefetch,
+                                on_remap=self._drop_leases)
 
-    # ---- session plumbing -------------------------------------------------------------
     def _check_open(self) -> None:
         if self._is_closed:
             raise CacheError("this cache client is closed; connect again")
 
-    def _ensure_mapped(self) -> None:
-        """Map the current instance's segment; drop leases of a lost session."""
-        s = self._session
-        if s.hello is None:
-            s.attach()
-        if self._pool_epoch == s.epoch and self._pool is not None:
-            return
+    def _drop_leases(self) -> None:
+        """The daemon dropped them with the session: loads of them must end too."""
         for lease in self._leases.values():
             for handle in lease.loads:
                 handle.finish()
-        self._leases.clear()  # the daemon already dropped them with the session
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
-        self._pool = _MappedPool(s.hello, self.layout, pin=self._device.tensor.is_cuda)
-        self._pool_epoch = s.epoch
-
-    def _call(self, msg: p.Message) -> p.Message:
-        reply = self._session.call(msg)
-        self._ensure_mapped()
-        return reply
-
-    def _require_fresh(self) -> None:
-        """Raise unless the daemon surely still holds this session's leases and reservations.
-
-        The daemon reclaims a session ``lease_ttl_s`` after the last request it got; the
-        send time of the latest answered request is a lower bound of that."""
-        s = self._session
-        if s.hello is None or self._pool_epoch != s.epoch:
-            raise CacheError("the daemon lost this client's session; lookup() again")
-        if time.monotonic() - s.last_ack_sent > s.hello.lease_ttl_s / 2:
-            epoch = s.epoch
-            reply = s.call(p.Heartbeat(), timeout_s=s.hello.lease_ttl_s / 4)
-            if type(reply) is not p.OkReply or s.epoch != epoch or s.hello is None:
-                raise CacheError("this client's leases were reclaimed by the daemon; lookup() again")
+        self._leases.clear()
 
     def _keys(self, tokens) -> list[bytes]:
         return page_keys(self._ns_digest, tokens, self.layout.page_size)
@@ -434,14 +543,7 @@ class DaemonClient(CacheClient):
         if not keys:
             return LookupResult(0, (), P, 0, 0)
         try:
-            reply = self._lookup_once(keys, start_prefetch=True)
-            if reply.num_pending and self._wait_for_prefetch(reply.prefetch_id, len(keys) * P):
-                # Look again for what arrived; the first lease ends once the second holds.
-                again = self._lookup_once(keys, start_prefetch=False)
-                self._release_lease(reply.lease_id)
-                num_l2 = min(reply.num_l2, again.num_l2 + again.num_l3)
-                reply = dataclasses.replace(again, num_l2=num_l2,
-                                            num_l3=again.num_l2 + again.num_l3 - num_l2)
+            reply = self._link.lookup(keys, len(keys) * P)
         except DaemonUnavailable as exc:
             log.warning("lookup is a miss: %s", exc)
             return LookupResult(0, (), P, 0, 0)
@@ -453,42 +555,20 @@ class DaemonClient(CacheClient):
                               reply.num_pending)
         if reply.lease_id:
             self._leases[local_id] = _Lease(result, p.unpack_u32(reply.slots),
-                                            self._session.epoch, [], reply.lease_id)
+                                            self._link.epoch, [], reply.lease_id)
         return result
-
-    def _lookup_once(self, keys: list[bytes], start_prefetch: bool) -> p.LookupReply:
-        reply = self._call(p.Lookup(p.join_keys(keys), start_prefetch))
-        if type(reply) is p.ErrorReply:
-            raise CacheError(f"lookup refused by the daemon: {reply.code}: {reply.message}")
-        if type(reply) is not p.LookupReply or reply.num_l2 + reply.num_l3 > len(keys) \
-                or len(reply.slots) != 4 * (reply.num_l2 + reply.num_l3):
-            raise CacheError("the daemon's lookup reply does not match the request")
-        return reply
-
-    def _wait_for_prefetch(self, prefetch_id: int, num_tokens: int) -> bool:
-        """Wait on a prefetch as the policy says; whether to look up again."""
-        cfg = self._prefetch_config
-        if cfg.policy == "best_effort" or not prefetch_id:
-            return False
-        budget = (self._session.request_timeout_s if cfg.policy != "timeout" else
-                  cfg.timeout_base_s + cfg.timeout_per_1k_tokens_s * num_tokens / 1000)
-        reply = self._call_prefetch(p.WaitPrefetch(prefetch_id, budget), budget)
-        return type(reply) is p.PrefetchReply and reply.num_ready > 0
-
-    def _call_prefetch(self, msg: p.Message, wait_s: float = 0.0) -> p.Message:
-        return self._session.call(msg, timeout_s=wait_s + self._session.request_timeout_s)
 
     def prefetch(self, tokens: Sequence[int] | np.ndarray) -> PrefetchTicket:
         self._check_open()
         keys = self._keys(tokens)
         try:
-            reply = self._call_prefetch(p.StartPrefetch(p.join_keys(keys))) if keys else None
+            reply = self._link.call_prefetch(p.StartPrefetch(p.join_keys(keys))) if keys else None
         except DaemonUnavailable as exc:
             log.warning("prefetch not started: %s", exc)
             reply = None
         if type(reply) is p.ErrorReply:
             raise CacheError(f"prefetch refused by the daemon: {reply.code}: {reply.message}")
-        return _RemotePrefetch(self, reply if type(reply) is p.PrefetchReply else None)
+        return _RemotePrefetch(self._link, reply if type(reply) is p.PrefetchReply else None)
 
     def load(self, result: LookupResult, device_pages: Sequence[int]) -> LoadHandle:
         self._check_open()
@@ -498,12 +578,13 @@ class DaemonClient(CacheClient):
         if not result.num_hit_pages:
             return CompletedLoad()
         lease = self._leases.get(result.lease_id)
-        if lease is None or lease.result != result or lease.epoch != self._session.epoch:
+        if lease is None or lease.result != result or lease.epoch != self._link.epoch:
             raise CacheError(f"lease {result.lease_id} has ended (released, or the daemon restarted "
                              "or reclaimed it): lookup() again before load()")
         pages = self._device.check_pages(device_pages, "device_pages")
-        self._require_fresh()  # on CUDA every layer is enqueued now
-        handle = _FreshLoad(self._device.load(self._pool, lease.slots, pages), self._require_fresh)
+        self._link.require_fresh()  # on CUDA every layer is enqueued now
+        handle = _FreshLoad(self._device.load(self._link.pool, lease.slots, pages),
+                            self._link.require_fresh)
         lease.loads.append(handle)
         return handle
 
@@ -517,7 +598,7 @@ class DaemonClient(CacheClient):
             return StoreResult(0, 0, 0)
         pages = self._device.check_pages(device_pages[: len(keys)], "device_pages")
         try:
-            plan = self._call(p.BeginStore(p.join_keys(keys)))
+            plan = self._link.call(p.BeginStore(p.join_keys(keys)))
         except DaemonUnavailable as exc:
             log.warning("store skipped: %s", exc)
             return StoreResult(len(keys), 0, len(keys))
@@ -529,23 +610,17 @@ class DaemonClient(CacheClient):
         try:
             if len(positions) != len(slots) or max(positions) >= len(keys):
                 raise CacheError("the daemon's store plan does not match the request")
-            self._require_fresh()
-            self._device.save([pages[i] for i in positions], self._pool, slots)
-            self._require_fresh()
+            self._link.require_fresh()
+            self._device.save([pages[i] for i in positions], self._link.pool, slots)
+            self._link.require_fresh()
         except BaseException:
-            self._abort(plan.reservation_id)
+            self._link.abort_store(plan.reservation_id)
             raise
-        reply = self._session.call(p.CommitStore(plan.reservation_id))
+        reply = self._link.session.call(p.CommitStore(plan.reservation_id))
         if type(reply) is not p.CommitReply:
             log.warning("store not published: %s", getattr(reply, "message", reply))
             return StoreResult(len(keys), 0, len(keys) - plan.num_skipped)
         return StoreResult(len(keys), reply.num_published, plan.num_skipped)
-
-    def _abort(self, reservation_id: int) -> None:
-        try:
-            self._session.call(p.AbortStore(reservation_id))
-        except CacheError:
-            pass  # the daemon aborts it after reservation_ttl_s, or has restarted
 
     def release(self, result: LookupResult) -> None:
         self._check_open()
@@ -557,50 +632,27 @@ class DaemonClient(CacheClient):
         del self._leases[result.lease_id]
         for handle in lease.loads:
             handle.finish()  # copies out of the slots must be over before the lease ends
-        if lease.epoch == self._session.epoch:
-            self._release_lease(lease.daemon_lease_id)
-
-    def _release_lease(self, lease_id: int) -> None:
-        if not lease_id:
-            return
-        try:
-            self._session.call(p.Release(lease_id))
-        except DaemonUnavailable:
-            pass  # the daemon reclaims it with the session
+        if lease.epoch == self._link.epoch:
+            self._link.release_lease(lease.daemon_lease_id)
 
     def stats(self) -> CacheStats:
         """The daemon's cache counters (shared by every client of the daemon)."""
-        raw = self.daemon_stats()
-        return CacheStats(**{f.name: int(raw.get(f.name, 0)) for f in dataclasses.fields(CacheStats)})
+        self._check_open()
+        return self._link.cache_stats()
 
     def daemon_stats(self) -> dict:
         self._check_open()
-        reply = self._call(p.GetStats())
-        if type(reply) is not p.StatsReply:
-            raise CacheError(f"stats refused: {reply}")
-        return reply.stats
+        return self._link.daemon_stats()
 
     def check_integrity(self, quiescent: bool = False) -> None:
         """Run the daemon's integrity check; raises CacheError with its finding."""
         self._check_open()
-        reply = self._call(p.CheckIntegrity(quiescent))
-        if type(reply) is not p.OkReply:
-            raise CacheError(f"daemon integrity check failed: {reply.message}")
+        self._link.check_integrity(quiescent)
 
     def close(self) -> None:
         """Release every lease (Goodbye), stop the heartbeat, unmap the segment. Idempotent."""
         if self._is_closed:
             return
         self._is_closed = True
-        self._heartbeat.stop_event.set()
-        self._heartbeat.join(timeout=5)
-        for lease in self._leases.values():
-            for handle in lease.loads:
-                handle.finish()
-        self._leases.clear()
-        try:
-            self._session.close()
-        finally:
-            if self._pool is not None:
-                self._pool.close()
-                self._pool = None
+        self._drop_leases()
+        self._link.close()

@@ -25,6 +25,7 @@ run in one process (tests, single-process serving); use the daemon otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -41,7 +42,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from adapters.config import AdapterConfig
 from adapters.keyed import KeyedCache, KeyedLease, KeyedReservation, open_keyed_cache
 from adapters.vllm.plan import PageTransfer, StepPlan
-from controller.load_handle import ControllerLoad, CudaStreamLoad, LazyLayerLoad
+from controller.load_handle import ControllerLoad, CudaStreamLoad, LayerIssuer, LazyLayerLoad
+from kvstore.copy_ops import LayerCopyPlan
 from kvstore.layout import KVLayout
 from kvstore.page_keys import KeyNamespace, page_keys
 
@@ -113,6 +115,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._layers: list[str] = []
         self._views: list[torch.Tensor] = []
         self._loads: list[tuple[KeyedLease, ControllerLoad]] = []
+        self._issuer: LayerIssuer | None = None   # launches CUDA loads off the engine thread
         self._saves: list[tuple[PageTransfer, KeyedReservation]] | None = None
         self._load_errors: set[int] = set()
 
@@ -244,18 +247,13 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._loads.append((lease, self._layer_load(slots, blocks)))
 
     def _layer_load(self, slots, blocks) -> ControllerLoad:
-        host, views = self._cache.host_tensor, self._views
-        slot_index, block_index = torch.tensor(slots), torch.tensor(blocks)
-
-        def copy_layer(layer: int, stream: object) -> None:
-            view = views[layer]
-            src = host[slot_index, layer]
-            view[block_index.to(view.device)] = src.to(view.device, non_blocking=stream is not None)
-
+        plan = _SlotsToLayerViews(self._cache.host_tensor, self._views, slots, blocks)
         device = self._views[0].device if self._views else torch.device("cpu")
         if device.type == "cuda":
-            return CudaStreamLoad(self.layout.num_layers, copy_layer, torch.cuda.Stream(device))
-        return LazyLayerLoad(self.layout.num_layers, copy_layer)
+            if self._issuer is None:
+                self._issuer = LayerIssuer(device)
+            return CudaStreamLoad(plan, torch.cuda.Stream(device), self._issuer)
+        return LazyLayerLoad(plan)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if not self._loads:
@@ -303,3 +301,22 @@ class KVStoreConnector(KVConnectorBase_V1):
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         self._cache.close()
+
+
+class _SlotsToLayerViews(LayerCopyPlan):
+    """kvstore slots (page_first) -> vLLM's per-layer caches, one layer per launch
+    (torch indexing: vLLM's caches are one tensor per layer, which the pool-to-pool
+    copy backends do not take)."""
+
+    def __init__(self, host: torch.Tensor, views: list[torch.Tensor], slots, blocks) -> None:
+        self._host, self._views = host, views
+        self._slots, self._blocks = torch.tensor(list(slots)), torch.tensor(list(blocks))
+        self.num_layers, self.num_pages = len(views), len(self._slots)
+
+    def launch(self, layer: int, stream: Any = None) -> None:
+        self._check_layer(layer)
+        view = self._views[layer]
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with ctx:
+            src = self._host[self._slots, layer]
+            view[self._blocks.to(view.device)] = src.to(view.device, non_blocking=stream is not None)

@@ -7,3 +7,5 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+# daemon_proc (a real `kvstore serve` subprocess) for the daemon-mode tests
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "daemon"))

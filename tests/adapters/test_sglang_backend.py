@@ -138,7 +138,24 @@ def test_pages_come_back_from_kvstore_l3(request, tmp_path):
     assert a.cache_stats().num_l3_hit_pages >= 2
 
 
-@pytest.mark.xfail(reason="daemon mode: adapters.daemon_keyed needs the daemon client "
-                   "(branch daemon, not merged yet)", raises=ImportError, strict=True)
-def test_daemon_mode_needs_the_daemon_client(request):
-    make_rank(request, kvstore_url="ipc:///tmp/kvstore-adapter-test.sock")
+def test_two_ranks_share_pages_through_a_live_daemon(request, tmp_path):
+    """Daemon mode: two engine processes' backends (here two handles) on one daemon."""
+    from adapters.sglang.host_layout import layout_of
+    from daemon_proc import DaemonProcess
+
+    layout = layout_of(FakeHostPool("layer_first", page_size=P))
+    daemon = DaemonProcess(tmp_path, layout=layout, host_pages=16).start()
+    request.addfinalizer(daemon.stop)
+    writer, pool_a = make_rank(request, kvstore_url=daemon.address)
+    reader, pool_b = make_rank(request, kvstore_url=daemon.address)
+    other_tp, _ = make_rank(request, tp_rank=1, tp_size=2, kvstore_url=daemon.address)
+    pool_a.fill_random(11)
+    assert writer.batch_set_v1(HASHES[:3], host_indices([0, 1, 2])) == [True] * 3
+    assert reader.batch_exists(HASHES) == 3
+    assert other_tp.batch_exists(HASHES) == 0          # another TP rank: another namespace
+    assert reader.batch_get_v1(HASHES[:3], host_indices([3, 4, 5])) == [True] * 3
+    for src, dst in [(0, 3), (1, 4), (2, 5)]:
+        assert torch.equal(pool_a.get_data_page(src * P), pool_b.get_data_page(dst * P))
+    stats = daemon.stats()
+    assert stats["num_stored_pages"] == 3 and stats["num_leases"] == 0
+    daemon.check_integrity(quiescent=True)

@@ -165,7 +165,25 @@ def test_salted_and_lora_requests_do_not_share(request):
     assert eng.scheduler.get_num_new_matched_tokens(new_request("c", prompt), 0) == (8, False)
 
 
-@pytest.mark.xfail(reason="daemon mode: adapters.daemon_keyed needs the daemon client "
-                   "(branch daemon, not merged yet)", raises=ImportError, strict=True)
-def test_daemon_mode_needs_the_daemon_client(request):
-    Engine(request, kvstore_url="ipc:///tmp/kvstore-adapter-test.sock")
+def test_two_engines_share_pages_through_a_live_daemon(request, tmp_path):
+    """Daemon mode: one engine computes and saves, a second one loads, layer by layer."""
+    from daemon_proc import DaemonProcess
+    from kvstore.layout import KVLayout
+
+    layout = KVLayout(num_layers=L, num_kv_heads=H, head_dim=D, page_size=P, dtype="float32")
+    daemon = DaemonProcess(tmp_path, layout=layout, host_pages=32).start()
+    request.addfinalizer(daemon.stop)
+    first = Engine(request, kvstore_url=daemon.address)
+    second = Engine(request, kvstore_url=daemon.address)
+    prompt = list(range(9))                             # two full pages and one token
+    _, out = first.schedule(new_request("a", prompt), [0, 1, 2], 9)
+    first.run_step(out, fill(first, [0, 1, 2], seed=5))
+    hit, out = second.schedule(new_request("b", prompt), [4, 5, 6], 9)
+    assert hit == 8
+    second.run_step(out)
+    for name in first.kv:
+        for a, b in [(0, 4), (1, 5)]:
+            assert torch.equal(second.block(name, b), first.block(name, a))
+    first.close()
+    second.close()
+    daemon.check_integrity(quiescent=True)

@@ -44,12 +44,13 @@ def child_env(**extra: str) -> dict[str, str]:
 class DaemonProcess:
     def __init__(self, tmp_path: Path, *, address: str | None = None, host_pages: int = 64,
                  args: list[str] | tuple = (), env: dict[str, str] | None = None,
-                 token: bytes = b"", name: str = "daemon") -> None:
+                 token: bytes = b"", name: str = "daemon", layout: KVLayout = LAYOUT) -> None:
+        self.layout = layout
         self.address = address or f"ipc://{tmp_path / 'run' / 'kvstore.sock'}"
         self.log_path = tmp_path / f"{name}.log"
         self.token = token
         self.cmd = [sys.executable, "-m", "controller.cli", "serve", "--address", self.address,
-                    "--host-pool-pages", str(host_pages), *layout_args(), *args]
+                    "--host-pool-pages", str(host_pages), *layout_args(layout), *args]
         self.env = child_env(**(env or {}))
         self.proc: subprocess.Popen | None = None
 
@@ -98,7 +99,7 @@ class DaemonProcess:
         self.stop(signal.SIGKILL)
 
     def session(self, **kwargs) -> Session:
-        return Session(self.address, LAYOUT.fingerprint(), credentials=Credentials(token=self.token),
+        return Session(self.address, self.layout.fingerprint(), credentials=Credentials(token=self.token),
                        **kwargs)
 
     def client(self, device_pool: torch.Tensor, namespace: KeyNamespace = NAMESPACE,

@@ -43,7 +43,7 @@ def main(address: str, mode: str, *args: str) -> int:
     # hold: a lease and an open reservation, then die by kill -9
     held = cache.lookup(tokens(seed, n))
     other = [bytes([i]) * 16 for i in range(1, 4)]
-    plan = cache._session.call(p.BeginStore(p.join_keys(other)))
+    plan = cache._link.session.call(p.BeginStore(p.join_keys(other)))
     print(json.dumps({"lease": held.lease_id, "reservation": plan.reservation_id}), flush=True)
     print("READY", flush=True)
     time.sleep(300)
@@ -80,7 +80,7 @@ def stress(address: str, seconds: float, worker_id: int) -> int:
             counts["release"] += 1
     for result in held:
         cache.release(result)
-    counts["timeouts"] = cache._session.channel.num_timeouts
+    counts["timeouts"] = cache._link.session.channel.num_timeouts
     cache.close()
     print(json.dumps(counts), flush=True)
     return 0
