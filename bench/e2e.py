@@ -555,7 +555,7 @@ def _daemon_handoff(world: World, host_pages: int, num_pages: int, prompt: list[
                     "max_positions": world.config.max_positions, "page_size": args.page_size,
                     "num_pages": num_pages, "chunk": engine.prefill_chunk_len,
                     "prompt": prompt, "warmup_prompt": warmup, "decode_steps": args.decode_steps}
-            child = run_decode_child(spec)
+            child = run_decode_child(spec, Path(workdir))
     store_s = client.calls["store_s"]
     return {"prompt_len": len(prompt), "prefill_ttft_s": first.ttft_s, "store_s": store_s,
             "bytes_stored": len(prompt) // args.page_size * world.page_bytes, **child,
@@ -664,19 +664,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     out["recompute"] = measure_recompute(world)
     run_modes(world, out["recompute"], out)
+    _save(out, args.out, started)                  # each part lands in the file as soon as it is measured
     if args.disk_context:
         known = out["recompute"].get(args.disk_context, {}).get("ttft_s")
         out["disk_l3"] = run_disk_point(world, known)
     out["handoff"] = measure_handoff(world, "embedded")
+    _save(out, args.out, started)
     if args.mode in ("daemon", "both"):
         out["handoff_daemon"] = measure_handoff(world, "daemon")
+    _save(out, args.out, started)
+    print_summary(out)
+    return out
+
+
+def _save(out: dict, path: Path, started: float) -> None:
     out["targets"] = evaluate_targets(out["points"])
     out["headline_speedup"] = headline(out["points"])
     out["total_s"] = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1, default=float))
-    print_summary(out)
-    return out
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1, default=float))
 
 
 if __name__ == "__main__":

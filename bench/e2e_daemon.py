@@ -4,7 +4,7 @@ side of the prefill -> decode hand-off as a process of its own.
     with spawned_daemon(layout, host_pages, workdir) as address:
         cache = controller.connect_daemon(address, namespace, engine.kv_pool)
 
-The hand-off child (``python bench/e2e_daemon.py '<json>'``) builds the same model
+The hand-off child (``python bench/e2e_daemon.py SPEC.json``) builds the same model
 (same preset and seed, weights drawn on its device), attaches to the daemon, runs the
 prompt with ``decode_steps`` new tokens and prints one JSON line with what it measured.
 """
@@ -77,9 +77,12 @@ def spawned_daemon(layout: KVLayout, host_pages: int, workdir: Path) -> Iterator
         log.close()
 
 
-def run_decode_child(spec: dict, timeout_s: float = 600.0) -> dict:
-    """Run the hand-off's decode side in a new process; its JSON result."""
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), json.dumps(spec)],
+def run_decode_child(spec: dict, workdir: Path, timeout_s: float = 600.0) -> dict:
+    """Run the hand-off's decode side in a new process; its JSON result. The spec (prompts
+    of tens of thousands of tokens) goes through a file: too long for a command line."""
+    spec_path = workdir / "handoff_spec.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(spec_path)],
                           env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -115,4 +118,4 @@ def _decode_side(spec: dict) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(_decode_side(json.loads(sys.argv[1]))), flush=True)
+    print(json.dumps(_decode_side(json.loads(Path(sys.argv[1]).read_text()))), flush=True)
