@@ -1,4 +1,4 @@
-"""The adaptive policy: its switching rule by hand, its safety by property, its choice by workload."""
+"""The adaptive policy: switching rule by hand, safety by property, choice by workload."""
 
 from __future__ import annotations
 

@@ -155,7 +155,8 @@ def test_a_child_waiting_for_its_parent_can_leave_first():
     assert index.evict(1) == [(key(1), 1)]
 
 
-@pytest.mark.parametrize("policy", [p for p in policy_names() if p.startswith("prefix-") or p == "adaptive"])
+@pytest.mark.parametrize("policy", [p for p in policy_names()
+                                    if p.startswith("prefix-") or p == "adaptive"])
 def test_a_parent_that_leaves_and_comes_back_is_linked_again(policy):
     index = TierIndex(3, policy)
     index.insert(key(1), 1)
