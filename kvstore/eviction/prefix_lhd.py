@@ -41,7 +41,7 @@ default for those two reasons.
 Three details keep the plan honest where its model (pages independent, the
 past like the future) is off:
 
-- every fit re-keys the cached pages with the new ages, so a page's expiry
+- every fit applies the new ages to the cached pages too, so a page's expiry
   never depends on when it was last used relative to a fit (with one class
   the policy is exactly prefix-aware LRU);
 - a page is counted "not reused" when it is evicted and taken back out if it
@@ -53,10 +53,13 @@ past like the future) is off:
   at most; of the gains tried, 2**(+-1/2) oscillates and 2**(+-1/16) leaves
   the agent workload at 5,000 pages 0.5 points below LRU).
 
-Priorities are ``(expiry, last use)``, earliest first. Histograms decay by
-half every 16 fits (8 x capacity references), so the policy follows a
+Priorities are ``(expiry, last use)``, earliest first; within a class that is
+last-use order, so one heap of last uses per class holds them and a fit
+re-keys nothing (it changes T_c, the offset of the class). Histograms decay
+by half every 16 fits (8 x capacity references), so the policy follows a
 workload that changes. What it costs: one dict entry per cached or
-remembered page, and every capacity/2 references an O(capacity) re-keying.
+remembered page, O(log n) per reference, and a victim is the best of four
+class heads.
 """
 
 from __future__ import annotations
@@ -65,7 +68,9 @@ import heapq
 import math
 from collections import OrderedDict
 
-from kvstore.eviction.chain import ChainPolicy, Priority
+from typing import Callable
+
+from kvstore.eviction.base import EvictionPolicy
 from kvstore.page_keys import PageKey
 
 _BUCKETS_PER_OCTAVE = 4
@@ -133,19 +138,35 @@ def fit_retention(counts: list[list[float]], censored: list[float], budget: floa
     return retention
 
 
-class PrefixLHDPolicy(ChainPolicy):
+class PrefixLHDPolicy(EvictionPolicy):
+    """Learned keep-until ages per reuse class, leaves of the page chains only (module docstring).
+
+    Layout: a page's priority is ``(last use + T_c, last use)``, and within
+    one class that is last-use order, so each class keeps a min-heap of
+    ``(last use, key)`` and the victim is the best of the class heads. A fit
+    changes only ``T_c``: nothing is re-keyed. Heap entries go stale (the page
+    was used again, left, or gained a child) and are dropped when they reach
+    the top; a page is pushed again when it is used as a leaf or its last
+    cached child leaves.
+    """
+
     name = "prefix-lhd"
 
     def __init__(self, num_classes: int = 4, history_factor: float = 4.0) -> None:
         if num_classes < 1 or history_factor < 0:
             raise ValueError("num_classes must be >= 1 and history_factor >= 0 (x capacity)")
-        super().__init__()
         self._num_classes, self._history_factor = num_classes, history_factor
         self._clock = 0
-        # key -> (class at its last use, time of its last use), for cached pages
-        # and for the ghost history of evicted ones.
-        self._last_use: dict[PageKey, tuple[int, int]] = {}
-        self._ghost: OrderedDict[PageKey, None] = OrderedDict()  # evicted keys, oldest first
+        # key -> stamp = last use * num_classes + class at that use, for cached pages;
+        # the ghost history keeps the stamps of evicted pages, oldest first.
+        self._stamp: dict[PageKey, int] = {}
+        self._ghost: OrderedDict[PageKey, int] = OrderedDict()
+        self._heaps: list[list[tuple[int, PageKey]]] = [[] for _ in range(num_classes)]
+        # Chains: key -> parent for keys inserted (or linked) under a cached parent,
+        # and the number of cached children of each page that has any. A removed
+        # page's children become roots; the index re-links them (on_link) if it returns.
+        self._parent: dict[PageKey, PageKey] = {}
+        self._num_children: dict[PageKey, int] = {}
         self._counts = [[0.0] * _NUM_BUCKETS for _ in range(num_classes)]
         self._censored = [0.0] * num_classes  # left the history without a reuse
         self._num_refs = 0.0  # decayed like the counts: the budget's time base
@@ -169,44 +190,143 @@ class PrefixLHDPolicy(ChainPolicy):
         """The keep-until age of each class (references), as last fitted. Changes nothing."""
         return list(self._retention)
 
-    # ---- ChainPolicy hooks ---------------------------------------------------
-    def _inserted(self, key: PageKey) -> Priority:
-        previous = None
-        if self._ghost.pop(key, False) is None:  # evicted, now back: its history counts
-            previous = self._last_use[key]
-            cls = previous[0]  # counted as "no reuse" when evicted: it was one after all
+    def __len__(self) -> int:
+        return len(self._stamp)
+
+    # ---- EvictionPolicy ------------------------------------------------------
+    def on_insert(self, key: PageKey, parent: PageKey | None) -> None:
+        if parent is not None and parent in self._stamp:
+            self._parent[key] = parent
+            self._num_children[parent] = self._num_children.get(parent, 0) + 1
+        previous = self._ghost.pop(key, None)
+        if previous is not None:  # evicted, now back: counted as "no reuse", it was one
+            cls = previous % self._num_classes
             self._censored[cls] = max(self._censored[cls] - 1.0, 0.0)
-        return self._use(key, previous)
+        self._use(key, previous)
 
-    def _accessed(self, key: PageKey, old: Priority) -> Priority:
-        return self._use(key, self._last_use[key])
+    def on_link(self, child: PageKey, parent: PageKey) -> None:
+        # The parent, just inserted as a leaf, stops being one: its heap entry
+        # goes stale (non-leaves are skipped) until its last child leaves.
+        self._parent[child] = parent
+        self._num_children[parent] = self._num_children.get(parent, 0) + 1
 
-    def _evicted(self, key: PageKey, prio: Priority) -> None:
+    def on_access(self, key: PageKey) -> None:
+        self._use(key, self._stamp[key])
+
+    def on_remove(self, key: PageKey) -> None:
+        stamp = self._stamp.pop(key)
+        self._num_children.pop(key, None)
+        parent = self._parent.pop(key, None)
+        left = self._num_children.get(parent, 0) - 1 if parent is not None else -1
+        if left > 0:
+            self._num_children[parent] = left
+        elif left == 0:  # the parent is a leaf again: a candidate at its own last use
+            del self._num_children[parent]
+            parent_stamp = self._stamp[parent]
+            heapq.heappush(self._heaps[parent_stamp % self._num_classes],
+                           (parent_stamp // self._num_classes, parent))
+        cls, used = stamp % self._num_classes, stamp // self._num_classes
         self._num_victims += 1
-        self._num_early += prio[0] > self._clock
-        self._censored[self._last_use[key][0]] += 1.0  # until it comes back (see _inserted)
-        if not self._ghost_limit:
-            del self._last_use[key]
-            return
-        self._ghost[key] = None
-        if len(self._ghost) > self._ghost_limit:
-            gone, _ = self._ghost.popitem(last=False)
-            del self._last_use[gone]
+        self._num_early += used + self._retention[cls] > self._clock
+        self._censored[cls] += 1.0  # until it comes back (see on_insert)
+        if self._ghost_limit:
+            ghost = self._ghost
+            ghost[key] = stamp
+            if len(ghost) > self._ghost_limit:
+                ghost.popitem(last=False)
+
+    def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
+        if n == 1:  # the common case: the earliest head, without building the merge
+            key = self._first_leaf()
+            if key is not None and is_evictable(key):
+                return [key]
+        return self._choose_many(n, is_evictable, self._heads())
+
+    # ---- victims ---------------------------------------------------------------
+    def _first_leaf(self) -> PageKey | None:
+        """The leaf that expires first (ties: least recently used), or None."""
+        stamps, num_children, k = self._stamp, self._num_children, self._num_classes
+        best, best_used, best_key = math.inf, 0, None
+        for cls, (heap, age) in enumerate(zip(self._heaps, self._retention)):
+            while heap:
+                used, key = heap[0]
+                if stamps.get(key) == used * k + cls and key not in num_children:
+                    if used + age < best or (used + age == best and used < best_used):
+                        best, best_used, best_key = used + age, used, key
+                    break
+                heapq.heappop(heap)  # stale: cleanup, not a decision
+        return best_key
+
+    def _heads(self) -> list[tuple[float, int, PageKey, int]]:
+        """(expiry, last use, key, class) of each class's first live leaf, earliest first.
+
+        Drops stale entries from the top of each heap (cleanup, not a decision).
+        """
+        stamps, num_children, k = self._stamp, self._num_children, self._num_classes
+        heads = []
+        for cls, heap in enumerate(self._heaps):
+            while heap:
+                used, key = heap[0]
+                if stamps.get(key) == used * k + cls and key not in num_children:
+                    heads.append((used + self._retention[cls], used, key, cls))
+                    break
+                heapq.heappop(heap)
+        heads.sort()
+        return heads
+
+    def _choose_many(self, n: int, is_evictable: Callable[[PageKey], bool],
+                     heads: list[tuple[float, int, PageKey, int]]) -> list[PageKey]:
+        """``n`` victims or none, leaves freed by earlier victims included; changes nothing."""
+        stamps, num_children, k = self._stamp, self._num_children, self._num_classes
+        retention, heaps = self._retention, self._heaps
+        popped: list[tuple[int, tuple[int, PageKey]]] = []  # (class, entry): pushed back
+        front = list(heads)  # candidates, a heap by (expiry, last use)
+        heapq.heapify(front)
+        victims: list[PageKey] = []
+        seen: set[PageKey] = set()
+        children_left: dict[PageKey, int] = {}
+        while front and len(victims) < n:
+            _, used, key, cls = heapq.heappop(front)
+            if cls >= 0:  # from a class heap: its next entry becomes a candidate
+                heap = heaps[cls]
+                popped.append((cls, heapq.heappop(heap)))
+                while heap:
+                    nused, nkey = heap[0]
+                    if stamps.get(nkey) == nused * k + cls and nkey not in num_children:
+                        heapq.heappush(front, (nused + retention[cls], nused, nkey, cls))
+                        break
+                    popped.append((cls, heapq.heappop(heap)))
+            if key in seen or not is_evictable(key):
+                continue
+            seen.add(key)
+            victims.append(key)
+            parent = self._parent.get(key)
+            if parent is not None and parent in num_children:
+                left = children_left[parent] = children_left.get(parent, num_children[parent]) - 1
+                if left == 0:
+                    pstamp = stamps[parent]
+                    pused, pcls = pstamp // k, pstamp % k
+                    heapq.heappush(front, (pused + retention[pcls], pused, parent, -1))
+        for cls, entry in popped:  # nothing was removed: the heaps get their entries back
+            heapq.heappush(heaps[cls], entry)
+        return victims if len(victims) == n else []
 
     # ---- learning ------------------------------------------------------------
-    def _use(self, key: PageKey, previous: tuple[int, int] | None) -> Priority:
+    def _use(self, key: PageKey, previous: int | None) -> None:
         clock = self._clock = self._clock + 1
         self._num_refs += 1.0
+        k = self._num_classes
         if previous is None:
             cls = 0
         else:
-            prev_cls, prev_time = previous
-            self._counts[prev_cls][_bucket(clock - prev_time)] += 1.0
-            cls = min(prev_cls + 1, self._num_classes - 1)
-        self._last_use[key] = (cls, clock)
+            prev_cls = previous % k
+            self._counts[prev_cls][_bucket(clock - previous // k)] += 1.0
+            cls = prev_cls + 1 if prev_cls + 1 < k else prev_cls
+        self._stamp[key] = clock * k + cls
+        if key not in self._num_children:  # a leaf: a candidate; a parent waits for its children
+            heapq.heappush(self._heaps[cls], (clock, key))
         if clock >= self._next_fit:
             self._fit()
-        return (clock + self._retention[cls], clock)
 
     def _fit(self) -> None:
         self._next_fit = self._clock + self._fit_period
@@ -223,13 +343,16 @@ class PrefixLHDPolicy(ChainPolicy):
                     class_counts[b] = count * _DECAY
         self._censored = [c * _DECAY for c in self._censored]
         self._num_refs *= _DECAY
-        self._reprioritise()
+        if sum(map(len, self._heaps)) > 4 * len(self._stamp) + 1024:
+            self._compact()
 
-    def _reprioritise(self) -> None:
-        """Expiries under the new retention ages: every cached page, and the heap rebuilt."""
-        retention, last_use, prio = self._retention, self._last_use, self._prio
-        for key in prio:
-            cls, used = last_use[key]
-            prio[key] = (used + retention[cls], used)
-        self._heap = [(p, k) for k, p in prio.items() if k not in self._num_children]
-        heapq.heapify(self._heap)
+    def _compact(self) -> None:
+        """Rebuild the heaps from the live leaves (stale entries outnumber them 4 to 1)."""
+        k, num_children = self._num_classes, self._num_children
+        heaps: list[list[tuple[int, PageKey]]] = [[] for _ in range(k)]
+        for key, stamp in self._stamp.items():
+            if key not in num_children:
+                heaps[stamp % k].append((stamp // k, key))
+        for heap in heaps:
+            heapq.heapify(heap)
+        self._heaps = heaps
