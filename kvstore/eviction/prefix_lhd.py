@@ -53,13 +53,12 @@ past like the future) is off:
   at most; of the gains tried, 2**(+-1/2) oscillates and 2**(+-1/16) leaves
   the agent workload at 5,000 pages 0.5 points below LRU).
 
-Priorities are ``(expiry, last use)``, earliest first; within a class that is
-last-use order, so one heap of last uses per class holds them and a fit
-re-keys nothing (it changes T_c, the offset of the class). Histograms decay
+Priorities are ``(expiry, last use)``, earliest first, in one heap of the
+leaves, rebuilt under the new ages at every fit. Histograms decay
 by half every 16 fits (8 x capacity references), so the policy follows a
 workload that changes. What it costs: one dict entry per cached or
-remembered page, O(log n) per reference, and a victim is the best of four
-class heads.
+remembered page, O(log n) per reference, and every capacity/2 references an
+O(capacity) rebuild of the heap.
 """
 
 from __future__ import annotations
@@ -141,13 +140,11 @@ def fit_retention(counts: list[list[float]], censored: list[float], budget: floa
 class PrefixLHDPolicy(EvictionPolicy):
     """Learned keep-until ages per reuse class, leaves of the page chains only (module docstring).
 
-    Layout: a page's priority is ``(last use + T_c, last use)``, and within
-    one class that is last-use order, so each class keeps a min-heap of
-    ``(last use, key)`` and the victim is the best of the class heads. A fit
-    changes only ``T_c``: nothing is re-keyed. Heap entries go stale (the page
-    was used again, left, or gained a child) and are dropped when they reach
-    the top; a page is pushed again when it is used as a leaf or its last
-    cached child leaves.
+    Layout: one min-heap of ``(expiry, last use, key)`` over the leaves; an
+    entry is live while the key's last use is the entry's and the key has no
+    cached child, others are dropped when they reach the top. A page is
+    pushed when it is used as a leaf and when its last cached child leaves.
+    Every fit rebuilds the heap from the leaves under the new ages.
     """
 
     name = "prefix-lhd"
@@ -161,7 +158,7 @@ class PrefixLHDPolicy(EvictionPolicy):
         # the ghost history keeps the stamps of evicted pages, oldest first.
         self._stamp: dict[PageKey, int] = {}
         self._ghost: OrderedDict[PageKey, int] = OrderedDict()
-        self._heaps: list[list[tuple[int, PageKey]]] = [[] for _ in range(num_classes)]
+        self._heap: list[tuple[float, int, PageKey]] = []
         # Chains: key -> parent for keys inserted (or linked) under a cached parent,
         # and the number of cached children of each page that has any. A removed
         # page's children become roots; the index re-links them (on_link) if it returns.
@@ -184,6 +181,7 @@ class PrefixLHDPolicy(EvictionPolicy):
         self._fit_period = max(capacity // 2, 512)
         self._next_fit = self._clock + self._fit_period
         self._retention = [float(capacity)] * self._num_classes  # equal: LRU until the first fit
+        self._rebuild()
 
     @property
     def retention(self) -> list[float]:
@@ -196,8 +194,7 @@ class PrefixLHDPolicy(EvictionPolicy):
     # ---- EvictionPolicy ------------------------------------------------------
     def on_insert(self, key: PageKey, parent: PageKey | None) -> None:
         if parent is not None and parent in self._stamp:
-            self._parent[key] = parent
-            self._num_children[parent] = self._num_children.get(parent, 0) + 1
+            self.on_link(key, parent)
         previous = self._ghost.pop(key, None)
         if previous is not None:  # evicted, now back: counted as "no reuse", it was one
             cls = previous % self._num_classes
@@ -205,8 +202,7 @@ class PrefixLHDPolicy(EvictionPolicy):
         self._use(key, previous)
 
     def on_link(self, child: PageKey, parent: PageKey) -> None:
-        # The parent, just inserted as a leaf, stops being one: its heap entry
-        # goes stale (non-leaves are skipped) until its last child leaves.
+        # The parent stops being a leaf: its heap entry goes stale.
         self._parent[child] = parent
         self._num_children[parent] = self._num_children.get(parent, 0) + 1
 
@@ -214,18 +210,20 @@ class PrefixLHDPolicy(EvictionPolicy):
         self._use(key, self._stamp[key])
 
     def on_remove(self, key: PageKey) -> None:
+        k = self._num_classes
         stamp = self._stamp.pop(key)
+        cls, used = stamp % k, stamp // k
         self._num_children.pop(key, None)
         parent = self._parent.pop(key, None)
-        left = self._num_children.get(parent, 0) - 1 if parent is not None else -1
-        if left > 0:
-            self._num_children[parent] = left
-        elif left == 0:  # the parent is a leaf again: a candidate at its own last use
-            del self._num_children[parent]
-            parent_stamp = self._stamp[parent]
-            heapq.heappush(self._heaps[parent_stamp % self._num_classes],
-                           (parent_stamp // self._num_classes, parent))
-        cls, used = stamp % self._num_classes, stamp // self._num_classes
+        if parent is not None:
+            left = self._num_children.get(parent, 0) - 1
+            if left > 0:
+                self._num_children[parent] = left
+            elif left == 0:  # the parent is a leaf again, at its own last use
+                del self._num_children[parent]
+                pstamp = self._stamp[parent]
+                pused = pstamp // k
+                heapq.heappush(self._heap, (pused + self._retention[pstamp % k], pused, parent))
         self._num_victims += 1
         self._num_early += used + self._retention[cls] > self._clock
         self._censored[cls] += 1.0  # until it comes back (see on_insert)
@@ -236,79 +234,50 @@ class PrefixLHDPolicy(EvictionPolicy):
                 ghost.popitem(last=False)
 
     def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
-        if n == 1:  # the common case: the earliest head, without building the merge
-            key = self._first_leaf()
-            if key is not None and is_evictable(key):
-                return [key]
-        return self._choose_many(n, is_evictable, self._heads())
+        heap, stamps, num_children, k = self._heap, self._stamp, self._num_children, self._num_classes
+        while heap:  # drop dead entries from the top (cleanup, not a decision)
+            _, used, key = heap[0]
+            stamp = stamps.get(key)
+            if stamp is not None and stamp // k == used and key not in num_children:
+                if n == 1 and is_evictable(key):
+                    return [key]  # the common case
+                break
+            heapq.heappop(heap)
+        return self._choose_many(n, is_evictable)
 
-    # ---- victims ---------------------------------------------------------------
-    def _first_leaf(self) -> PageKey | None:
-        """The leaf that expires first (ties: least recently used), or None."""
-        stamps, num_children, k = self._stamp, self._num_children, self._num_classes
-        best, best_used, best_key = math.inf, 0, None
-        for cls, (heap, age) in enumerate(zip(self._heaps, self._retention)):
-            while heap:
-                used, key = heap[0]
-                if stamps.get(key) == used * k + cls and key not in num_children:
-                    if used + age < best or (used + age == best and used < best_used):
-                        best, best_used, best_key = used + age, used, key
-                    break
-                heapq.heappop(heap)  # stale: cleanup, not a decision
-        return best_key
-
-    def _heads(self) -> list[tuple[float, int, PageKey, int]]:
-        """(expiry, last use, key, class) of each class's first live leaf, earliest first.
-
-        Drops stale entries from the top of each heap (cleanup, not a decision).
-        """
-        stamps, num_children, k = self._stamp, self._num_children, self._num_classes
-        heads = []
-        for cls, heap in enumerate(self._heaps):
-            while heap:
-                used, key = heap[0]
-                if stamps.get(key) == used * k + cls and key not in num_children:
-                    heads.append((used + self._retention[cls], used, key, cls))
-                    break
-                heapq.heappop(heap)
-        heads.sort()
-        return heads
-
-    def _choose_many(self, n: int, is_evictable: Callable[[PageKey], bool],
-                     heads: list[tuple[float, int, PageKey, int]]) -> list[PageKey]:
+    def _choose_many(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
         """``n`` victims or none, leaves freed by earlier victims included; changes nothing."""
-        stamps, num_children, k = self._stamp, self._num_children, self._num_classes
-        retention, heaps = self._retention, self._heaps
-        popped: list[tuple[int, tuple[int, PageKey]]] = []  # (class, entry): pushed back
-        front = list(heads)  # candidates, a heap by (expiry, last use)
-        heapq.heapify(front)
-        victims: list[PageKey] = []
-        seen: set[PageKey] = set()
+        heap, stamps, num_children, k = self._heap, self._stamp, self._num_children, self._num_classes
+        extra: list[tuple[float, int, PageKey]] = []  # parents freed by earlier victims
+        popped, victims, seen = [], [], set()
         children_left: dict[PageKey, int] = {}
-        while front and len(victims) < n:
-            _, used, key, cls = heapq.heappop(front)
-            if cls >= 0:  # from a class heap: its next entry becomes a candidate
-                heap = heaps[cls]
-                popped.append((cls, heapq.heappop(heap)))
-                while heap:
-                    nused, nkey = heap[0]
-                    if stamps.get(nkey) == nused * k + cls and nkey not in num_children:
-                        heapq.heappush(front, (nused + retention[cls], nused, nkey, cls))
-                        break
-                    popped.append((cls, heapq.heappop(heap)))
-            if key in seen or not is_evictable(key):
-                continue
+        while len(victims) < n:
+            if extra and (not heap or extra[0] < heap[0]):
+                entry, from_heap = heapq.heappop(extra), False
+            elif heap:
+                entry, from_heap = heapq.heappop(heap), True
+            else:
+                break
+            if from_heap:
+                popped.append(entry)
+            _, used, key = entry
+            stamp = stamps.get(key)
+            if (key in seen or stamp is None or stamp // k != used
+                    or (from_heap and key in num_children)):
+                continue  # stale or duplicate entry, or not a leaf
             seen.add(key)
+            if not is_evictable(key):
+                continue
             victims.append(key)
             parent = self._parent.get(key)
             if parent is not None and parent in num_children:
                 left = children_left[parent] = children_left.get(parent, num_children[parent]) - 1
                 if left == 0:
                     pstamp = stamps[parent]
-                    pused, pcls = pstamp // k, pstamp % k
-                    heapq.heappush(front, (pused + retention[pcls], pused, parent, -1))
-        for cls, entry in popped:  # nothing was removed: the heaps get their entries back
-            heapq.heappush(heaps[cls], entry)
+                    pused = pstamp // k
+                    heapq.heappush(extra, (pused + self._retention[pstamp % k], pused, parent))
+        for entry in popped:  # nothing was removed: the heap gets its entries back
+            heapq.heappush(heap, entry)
         return victims if len(victims) == n else []
 
     # ---- learning ------------------------------------------------------------
@@ -324,7 +293,7 @@ class PrefixLHDPolicy(EvictionPolicy):
             cls = prev_cls + 1 if prev_cls + 1 < k else prev_cls
         self._stamp[key] = clock * k + cls
         if key not in self._num_children:  # a leaf: a candidate; a parent waits for its children
-            heapq.heappush(self._heaps[cls], (clock, key))
+            heapq.heappush(self._heap, (clock + self._retention[cls], clock, key))
         if clock >= self._next_fit:
             self._fit()
 
@@ -343,16 +312,15 @@ class PrefixLHDPolicy(EvictionPolicy):
                     class_counts[b] = count * _DECAY
         self._censored = [c * _DECAY for c in self._censored]
         self._num_refs *= _DECAY
-        if sum(map(len, self._heaps)) > 4 * len(self._stamp) + 1024:
-            self._compact()
+        self._rebuild()
 
-    def _compact(self) -> None:
-        """Rebuild the heaps from the live leaves (stale entries outnumber them 4 to 1)."""
-        k, num_children = self._num_classes, self._num_children
-        heaps: list[list[tuple[int, PageKey]]] = [[] for _ in range(k)]
+    def _rebuild(self) -> None:
+        """The heap from the live leaves, under the ages just fitted: O(cached pages)."""
+        k, retention, num_children = self._num_classes, self._retention, self._num_children
+        heap = []
         for key, stamp in self._stamp.items():
             if key not in num_children:
-                heaps[stamp % k].append((stamp // k, key))
-        for heap in heaps:
-            heapq.heapify(heap)
-        self._heaps = heaps
+                used = stamp // k
+                heap.append((used + retention[stamp % k], used, key))
+        heapq.heapify(heap)
+        self._heap = heap
