@@ -199,9 +199,15 @@ class AdaptivePolicy(EvictionPolicy):
         return cached, cached + ghosts
 
     # ---- EvictionPolicy ------------------------------------------------------
+    # The hot path: a reference is counted, sampled (a multiply and a compare,
+    # nothing when the tier is too small to sample) and handed to the live expert.
     def on_insert(self, key: PageKey, parent: PageKey | None) -> None:
-        self._reference(key)
-        self._last[key] = self._clock
+        clock = self._clock = self._clock + 1
+        if self._threshold and key_hash(key) < self._threshold:
+            self._sample(key)
+        if clock >= self._next_epoch:
+            self._end_epoch()
+        self._last[key] = clock
         if parent is not None:  # the index names only a cached parent
             self._parent[key] = parent
             self._num_children[parent] = self._num_children.get(parent, 0) + 1
@@ -213,21 +219,27 @@ class AdaptivePolicy(EvictionPolicy):
         self._live.on_link(child, parent)
 
     def on_access(self, key: PageKey) -> None:
-        self._reference(key)
-        self._last[key] = self._clock
+        clock = self._clock = self._clock + 1
+        if self._threshold and key_hash(key) < self._threshold:
+            self._sample(key)
+        if clock >= self._next_epoch:
+            self._end_epoch()
+        self._last[key] = clock
         self._live.on_access(key)
 
     def on_remove(self, key: PageKey) -> None:
         del self._last[key]
         # Children of a removed page become roots; the index re-links them
         # (on_link) if the page comes back, so its count starts afresh.
-        self._num_children.pop(key, None)
+        num_children = self._num_children
+        num_children.pop(key, None)
         parent = self._parent.pop(key, None)
-        left = self._num_children.get(parent, 0) - 1 if parent is not None else -1
-        if left > 0:
-            self._num_children[parent] = left
-        elif left == 0:
-            del self._num_children[parent]
+        if parent is not None and parent in num_children:
+            left = num_children[parent] - 1
+            if left:
+                num_children[parent] = left
+            else:
+                del num_children[parent]
         self._live.on_remove(key)
 
     def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
@@ -246,14 +258,10 @@ class AdaptivePolicy(EvictionPolicy):
         return len(self._last)
 
     # ---- sampling and switching ----------------------------------------------
-    def _reference(self, key: PageKey) -> None:
-        self._clock += 1
-        if key_hash(key) < self._threshold:
-            hits = [mini.reference(key) for mini in self._minis]
-            if any(hits) and not all(hits):
-                self._count_disagreement(hits)
-        if self._clock >= self._next_epoch:
-            self._end_epoch()
+    def _sample(self, key: PageKey) -> None:
+        hits = [mini.reference(key) for mini in self._minis]
+        if any(hits) and not all(hits):
+            self._count_disagreement(hits)
 
     def _count_disagreement(self, hits: list[bool]) -> None:
         for i, hit in enumerate(hits):

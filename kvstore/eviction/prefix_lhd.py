@@ -194,8 +194,9 @@ class PrefixLHDPolicy(EvictionPolicy):
     # ---- EvictionPolicy ------------------------------------------------------
     def on_insert(self, key: PageKey, parent: PageKey | None) -> None:
         if parent is not None and parent in self._stamp:
-            self.on_link(key, parent)
-        previous = self._ghost.pop(key, None)
+            self._parent[key] = parent
+            self._num_children[parent] = self._num_children.get(parent, 0) + 1
+        previous = self._ghost.pop(key, None) if self._ghost else None
         if previous is not None:  # evicted, now back: counted as "no reuse", it was one
             cls = previous % self._num_classes
             self._censored[cls] = max(self._censored[cls] - 1.0, 0.0)
@@ -210,22 +211,23 @@ class PrefixLHDPolicy(EvictionPolicy):
         self._use(key, self._stamp[key])
 
     def on_remove(self, key: PageKey) -> None:
-        k = self._num_classes
+        k, num_children = self._num_classes, self._num_children
         stamp = self._stamp.pop(key)
-        cls, used = stamp % k, stamp // k
-        self._num_children.pop(key, None)
+        num_children.pop(key, None)
         parent = self._parent.pop(key, None)
-        if parent is not None:
-            left = self._num_children.get(parent, 0) - 1
-            if left > 0:
-                self._num_children[parent] = left
-            elif left == 0:  # the parent is a leaf again, at its own last use
-                del self._num_children[parent]
+        if parent is not None and parent in num_children:
+            left = num_children[parent] - 1
+            if left:
+                num_children[parent] = left
+            else:  # the parent is a leaf again, at its own last use
+                del num_children[parent]
                 pstamp = self._stamp[parent]
                 pused = pstamp // k
                 heapq.heappush(self._heap, (pused + self._retention[pstamp % k], pused, parent))
+        cls = stamp % k
         self._num_victims += 1
-        self._num_early += used + self._retention[cls] > self._clock
+        if stamp // k + self._retention[cls] > self._clock:
+            self._num_early += 1
         self._censored[cls] += 1.0  # until it comes back (see on_insert)
         if self._ghost_limit:
             ghost = self._ghost
