@@ -47,16 +47,18 @@ from typing import Callable, Sequence
 
 from kvstore.eviction import make_policy
 from kvstore.eviction.base import EvictionPolicy
-from kvstore.eviction.chain import ChainPolicy
 from kvstore.page_keys import PageKey
 
 # The first is followed until the miniatures have seen enough to disagree:
-# the expert with the best record on our workloads. "s3fifo" and "arc" work as
-# experts too (pass experts=...), but are not in the default set: their flat
-# miniatures rank them level with prefix-lhd in the first quarter of the
-# conversation trace at 5,000 pages, while the tier following them (leaves
-# only, rebuilt cold) then falls from 0.171 to 0.135 and replays 5x slower.
-DEFAULT_EXPERTS = ("prefix-lhd", "prefix-slru", "lru")
+# the expert with the best record on our workloads.
+DEFAULT_EXPERTS = ("prefix-lhd", "prefix-slru", "lru", "s3fifo", "arc")
+# Miniatures keep ghost histories of at most twice their own size (the
+# full-size prefix experts keep 4x): what bounds the shadow state (see
+# AdaptivePolicy.num_shadow_keys). S3-FIFO's and ARC's are below that already.
+_MINIATURE_OPTIONS: dict[str, dict[str, float]] = {
+    "prefix-lhd": {"history_factor": 2.0},
+    "prefix-slru": {"ghost_factor": 2.0},
+}
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # odd multiplier of Fibonacci hashing
 
@@ -103,7 +105,7 @@ class _Miniature:
     __slots__ = ("policy", "capacity", "keys", "score")
 
     def __init__(self, name: str, capacity: int) -> None:
-        self.policy = make_policy(name)
+        self.policy = make_policy(name, **_MINIATURE_OPTIONS.get(name, {}))
         self.policy.set_capacity(capacity)
         self.capacity = capacity
         self.keys: set[PageKey] = set()
@@ -125,12 +127,100 @@ class _Miniature:
         return False
 
 
+class _LeafGuard(EvictionPolicy):
+    """A flat expert (LRU, S3-FIFO, ARC) held to the prefix rule, as the live expert.
+
+    Keeps the chain links the index reports and each page's last use; a page
+    with a cached child is shown to the expert as not evictable, so it names
+    its best-ranked leaf and a chain shrinks from its tail. The prefix experts
+    need none of this: they choose leaves by themselves.
+    """
+
+    def __init__(self, policy: EvictionPolicy) -> None:
+        self.policy, self.name = policy, policy.name
+        self._clock = 0
+        self._last: dict[PageKey, int] = {}  # cached key -> clock of its last use
+        self._parent: dict[PageKey, PageKey] = {}
+        self._num_children: dict[PageKey, int] = {}  # only keys with cached children
+
+    def set_capacity(self, capacity: int) -> None:
+        self.policy.set_capacity(capacity)
+
+    def on_insert(self, key: PageKey, parent: PageKey | None) -> None:
+        self._clock += 1
+        self._last[key] = self._clock
+        if parent is not None:  # the index names only a cached parent
+            self._parent[key] = parent
+            self._num_children[parent] = self._num_children.get(parent, 0) + 1
+        self.policy.on_insert(key, parent)
+
+    def on_link(self, child: PageKey, parent: PageKey) -> None:
+        self._parent[child] = parent
+        self._num_children[parent] = self._num_children.get(parent, 0) + 1
+
+    def on_access(self, key: PageKey) -> None:
+        self._clock += 1
+        self._last[key] = self._clock
+        self.policy.on_access(key)
+
+    def on_remove(self, key: PageKey) -> None:
+        del self._last[key]
+        # Children of a removed page become roots; the index re-links them
+        # (on_link) if the page comes back, so its count starts afresh.
+        num_children = self._num_children
+        num_children.pop(key, None)
+        parent = self._parent.pop(key, None)
+        if parent is not None and parent in num_children:
+            left = num_children[parent] - 1
+            if left:
+                num_children[parent] = left
+            else:
+                del num_children[parent]
+        self.policy.on_remove(key)
+
+    def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
+        num_children = self._num_children
+        victims = self.policy.choose_victims(
+            n, lambda k: k not in num_children and is_evictable(k))
+        if victims or n == 1:
+            return victims
+        # Fewer than n leaves now, but evicting some makes their parents leaves:
+        # peel the chains by recency (rare: the index asks one at a time when it can).
+        return self._peel(n, is_evictable)
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def pages_by_recency(self) -> list[tuple[PageKey, PageKey | None]]:
+        """(page, cached parent or None), least recently used first. Changes nothing."""
+        last, parent_of = self._last, self._parent
+        return [(key, parent_of.get(key)) for key in sorted(last, key=last.__getitem__)]
+
+    def _peel(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
+        """``n`` victims, least recently used leaf first, counting leaves freed on the way."""
+        last, parent_of, num_children = self._last, self._parent, self._num_children
+        heap = [(t, k) for k, t in last.items() if k not in num_children and is_evictable(k)]
+        heapq.heapify(heap)
+        children_left: dict[PageKey, int] = {}
+        victims: list[PageKey] = []
+        while heap and len(victims) < n:
+            _, key = heapq.heappop(heap)
+            victims.append(key)
+            parent = parent_of.get(key)
+            if parent is None or parent not in num_children:
+                continue
+            left = children_left[parent] = children_left.get(parent, num_children[parent]) - 1
+            if left == 0 and is_evictable(parent):
+                heapq.heappush(heap, (last[parent], parent))
+        return victims if len(victims) == n else []
+
+
 class AdaptivePolicy(EvictionPolicy):
     """Follows the expert whose miniature scores best (see the module docstring)."""
 
     name = "adaptive"
 
-    def __init__(self, experts: Sequence[str] = DEFAULT_EXPERTS, sample_rate: float = 1 / 64,
+    def __init__(self, experts: Sequence[str] = DEFAULT_EXPERTS, sample_rate: float = 1 / 128,
                  min_gain: float = 0.02, z: float = 3.0, half_life: float | None = None,
                  min_sample_pages: int = 64, patience: int = 4) -> None:
         if not experts or len(set(experts)) != len(experts) or "adaptive" in experts:
@@ -146,11 +236,6 @@ class AdaptivePolicy(EvictionPolicy):
         self._experts = tuple(experts)
         self._rate, self._min_gain, self._z = sample_rate, min_gain, z
         self._clock = 0  # references seen
-        self._last: dict[PageKey, int] = {}  # cached key -> clock of its last use
-        # Chain links of cached pages, as the index reports them: a page with a
-        # cached child is not a leaf and never a victim (the prefix rule).
-        self._parent: dict[PageKey, PageKey] = {}
-        self._num_children: dict[PageKey, int] = {}  # only keys with cached children
         self._leader = 0
         self._followed: list[tuple[int, str]] = [(0, self._experts[0])]
         self.set_capacity(4096)  # until the index says
@@ -207,15 +292,9 @@ class AdaptivePolicy(EvictionPolicy):
             self._sample(key)
         if clock >= self._next_epoch:
             self._end_epoch()
-        self._last[key] = clock
-        if parent is not None:  # the index names only a cached parent
-            self._parent[key] = parent
-            self._num_children[parent] = self._num_children.get(parent, 0) + 1
         self._live.on_insert(key, parent)
 
     def on_link(self, child: PageKey, parent: PageKey) -> None:
-        self._parent[child] = parent
-        self._num_children[parent] = self._num_children.get(parent, 0) + 1
         self._live.on_link(child, parent)
 
     def on_access(self, key: PageKey) -> None:
@@ -224,38 +303,16 @@ class AdaptivePolicy(EvictionPolicy):
             self._sample(key)
         if clock >= self._next_epoch:
             self._end_epoch()
-        self._last[key] = clock
         self._live.on_access(key)
 
     def on_remove(self, key: PageKey) -> None:
-        del self._last[key]
-        # Children of a removed page become roots; the index re-links them
-        # (on_link) if the page comes back, so its count starts afresh.
-        num_children = self._num_children
-        num_children.pop(key, None)
-        parent = self._parent.pop(key, None)
-        if parent is not None and parent in num_children:
-            left = num_children[parent] - 1
-            if left:
-                num_children[parent] = left
-            else:
-                del num_children[parent]
         self._live.on_remove(key)
 
     def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
-        if self._live_is_chain:  # leaves only by construction, several at once included
-            return self._live.choose_victims(n, is_evictable)
-        num_children = self._num_children
-        victims = self._live.choose_victims(
-            n, lambda k: k not in num_children and is_evictable(k))
-        if victims or n == 1:
-            return victims
-        # Fewer than n leaves now, but evicting some makes their parents leaves:
-        # peel the chains by recency (rare: the index asks one at a time when it can).
-        return self._peel(n, is_evictable)
+        return self._live.choose_victims(n, is_evictable)
 
     def __len__(self) -> int:
-        return len(self._last)
+        return len(self._live)
 
     # ---- sampling and switching ----------------------------------------------
     def _sample(self, key: PageKey) -> None:
@@ -287,8 +344,9 @@ class AdaptivePolicy(EvictionPolicy):
 
     def _new_live(self, expert: int) -> EvictionPolicy:
         live = make_policy(self._experts[expert])
+        if not hasattr(live, "pages_by_recency"):  # a flat expert: held to the prefix rule
+            live = _LeafGuard(live)
         live.set_capacity(self._capacity)
-        self._live_is_chain = isinstance(live, ChainPolicy)
         return live
 
     def _follow(self, expert: int) -> None:
@@ -298,35 +356,18 @@ class AdaptivePolicy(EvictionPolicy):
         ancestors, so every chain link is an insert under a cached parent);
         the new expert starts as an LRU-ordered tier and learns from there.
         """
+        pages = self._live.pages_by_recency()
         self._leader = expert
         self._followed.append((self._clock, self._experts[expert]))
         live = self._live = self._new_live(expert)
-        parent_of, last = self._parent, self._last
+        parent_of = dict(pages)
         planted: set[PageKey] = set()
-        for key in sorted(last, key=last.__getitem__):
+        for key, _ in pages:
             chain = []
-            while key is not None and key in last and key not in planted:
+            while key is not None and key not in planted:
                 chain.append(key)
                 key = parent_of.get(key)
             for page in reversed(chain):
                 parent = parent_of.get(page)
                 live.on_insert(page, parent if parent in planted else None)
                 planted.add(page)
-
-    def _peel(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
-        """``n`` victims, least recently used leaf first, counting leaves freed on the way."""
-        last, parent_of, num_children = self._last, self._parent, self._num_children
-        heap = [(t, k) for k, t in last.items() if k not in num_children and is_evictable(k)]
-        heapq.heapify(heap)
-        children_left: dict[PageKey, int] = {}
-        victims: list[PageKey] = []
-        while heap and len(victims) < n:
-            _, key = heapq.heappop(heap)
-            victims.append(key)
-            parent = parent_of.get(key)
-            if parent is None or parent not in num_children:
-                continue
-            left = children_left[parent] = children_left.get(parent, num_children[parent]) - 1
-            if left == 0 and is_evictable(parent):
-                heapq.heappush(heap, (last[parent], parent))
-        return victims if len(victims) == n else []

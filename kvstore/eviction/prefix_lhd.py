@@ -191,6 +191,13 @@ class PrefixLHDPolicy(EvictionPolicy):
     def __len__(self) -> int:
         return len(self._stamp)
 
+    def pages_by_recency(self) -> list[tuple[PageKey, PageKey | None]]:
+        """(page, cached parent or None) of every cached page, least recently used
+        first. Changes nothing."""
+        stamps, parent_of = self._stamp, self._parent
+        return [(key, parent if (parent := parent_of.get(key)) in stamps else None)
+                for key in sorted(stamps, key=stamps.__getitem__)]
+
     # ---- EvictionPolicy ------------------------------------------------------
     def on_insert(self, key: PageKey, parent: PageKey | None) -> None:
         if parent is not None and parent in self._stamp:
