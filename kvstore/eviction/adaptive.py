@@ -61,6 +61,10 @@ _MINIATURE_OPTIONS: dict[str, dict[str, float]] = {
 }
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # odd multiplier of Fibonacci hashing
+# Added before the shift (multiply-add-shift): without it key 0, the first block
+# id of a trace and often the shared root of every chain, hashes to 0 and is
+# always sampled, so every miniature spends most of its references on it.
+_OFFSET = 0x5851F42D4C957F2D
 
 
 def _always(key: PageKey) -> bool:
@@ -73,7 +77,7 @@ def key_hash(key: PageKey) -> int:
     Service keys are digests already; trace keys (Mooncake block ids) are
     little-endian counters, whose low bytes alone would sample a range of ids.
     """
-    return ((int.from_bytes(key[:8], "little") * _GOLDEN) & _MASK64) >> 32
+    return ((int.from_bytes(key[:8], "little") * _GOLDEN + _OFFSET) & _MASK64) >> 32
 
 
 def pick_leader(scores: Sequence[float], ahead: Sequence[Sequence[float]], leader: int,
@@ -242,7 +246,7 @@ class AdaptivePolicy(EvictionPolicy):
 
     def set_capacity(self, capacity: int) -> None:
         self._capacity = capacity
-        self._live = self._new_live(self._leader)
+        self._bind(self._new_live(self._leader))
         # A miniature of a few pages ranks experts by noise and by its own
         # artefacts (a 15-page S3-FIFO is not a scaled 1,000-page one), so a
         # tier whose miniatures would be smaller than min_sample_pages keeps
@@ -285,34 +289,40 @@ class AdaptivePolicy(EvictionPolicy):
 
     # ---- EvictionPolicy ------------------------------------------------------
     # The hot path: a reference is counted, sampled (a multiply and a compare,
-    # nothing when the tier is too small to sample) and handed to the live expert.
+    # nothing when the tier is too small to sample) and handed to the live
+    # expert. on_link, on_remove and choose_victims are the live expert's own
+    # bound methods (set in _bind): no frame of ours in between.
     def on_insert(self, key: PageKey, parent: PageKey | None) -> None:
         clock = self._clock = self._clock + 1
-        if self._threshold and key_hash(key) < self._threshold:
+        if self._threshold and ((int.from_bytes(key[:8], "little") * _GOLDEN + _OFFSET) & _MASK64) \
+                >> 32 < self._threshold:  # key_hash(key), inline
             self._sample(key)
         if clock >= self._next_epoch:
             self._end_epoch()
         self._live.on_insert(key, parent)
 
-    def on_link(self, child: PageKey, parent: PageKey) -> None:
-        self._live.on_link(child, parent)
-
     def on_access(self, key: PageKey) -> None:
         clock = self._clock = self._clock + 1
-        if self._threshold and key_hash(key) < self._threshold:
+        if self._threshold and ((int.from_bytes(key[:8], "little") * _GOLDEN + _OFFSET) & _MASK64) \
+                >> 32 < self._threshold:  # key_hash(key), inline
             self._sample(key)
         if clock >= self._next_epoch:
             self._end_epoch()
         self._live.on_access(key)
 
-    def on_remove(self, key: PageKey) -> None:
+    def on_remove(self, key: PageKey) -> None:  # replaced per instance by _bind
         self._live.on_remove(key)
 
     def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
-        return self._live.choose_victims(n, is_evictable)
+        return self._live.choose_victims(n, is_evictable)  # replaced per instance by _bind
 
     def __len__(self) -> int:
         return len(self._live)
+
+    def _bind(self, live: EvictionPolicy) -> None:
+        self._live = live
+        self.on_link, self.on_remove = live.on_link, live.on_remove  # type: ignore[method-assign]
+        self.choose_victims = live.choose_victims  # type: ignore[method-assign]
 
     # ---- sampling and switching ----------------------------------------------
     def _sample(self, key: PageKey) -> None:
@@ -359,7 +369,8 @@ class AdaptivePolicy(EvictionPolicy):
         pages = self._live.pages_by_recency()
         self._leader = expert
         self._followed.append((self._clock, self._experts[expert]))
-        live = self._live = self._new_live(expert)
+        live = self._new_live(expert)
+        self._bind(live)
         parent_of = dict(pages)
         planted: set[PageKey] = set()
         for key, _ in pages:
