@@ -26,17 +26,27 @@ sampled): they measure how well each expert *orders* pages.
 Two rules hold whatever is followed:
 
 - **Prefix rule**: only leaves (pages without a cached child) are victims.
-  The prefix experts (see :mod:`kvstore.eviction.chain`) choose leaves by
-  themselves; for the others (LRU, S3-FIFO, ARC) a page with a cached child
-  is presented as not evictable, so they name their best-ranked leaf and a
+  The prefix experts (prefix-lhd, prefix-slru) choose leaves by themselves
+  and run bare; the others (LRU, S3-FIFO, ARC) run inside a
+  :class:`_LeafGuard`, which keeps the chain links and shows a page with a
+  cached child as not evictable, so they name their best-ranked leaf and a
   chain shrinks from its tail.
 - **Leases**: ``is_evictable`` from the index is asked of every victim.
 
-Cost: the live expert's own cost, plus per reference a few dict operations
-for the chain links and one multiply for the sample test; per sampled
-reference one step of each miniature. The miniatures hold
-``len(experts) x capacity x rate`` cached pages (plus the ghost keys of the
-experts that keep them), 3/64 = 5% of the tier's at the default rate.
+Cost: the live expert's own cost (plus the leaf guard's dict operations
+when a flat expert is followed), one multiply-add for the sample test per
+reference, and per sampled reference one step of each miniature. The
+miniatures hold ``len(experts) x capacity x rate`` cached pages, 5/128 =
+3.9% of the tier's at the default rate, plus ghost keys: their ghost lists
+are at most 2x their size (prefix-lhd, prefix-slru) or 1x (S3-FIFO, ARC), so
+everything together stays under 11/128 = 8.6% of the tier's entries.
+Measured on the conversation trace (bench/hitrate.py): see the README.
+
+What it does not do (yet): the miniatures see pages without their chains,
+and there rank prefix-slru above prefix-lhd on the conversation trace, where
+the full-size tiers rank them the other way; under 8,192 pages (64-page
+miniatures) it samples nothing and follows prefix-lhd, so that mis-ranking
+only matters for larger tiers.
 """
 
 from __future__ import annotations

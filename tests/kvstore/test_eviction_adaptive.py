@@ -168,3 +168,39 @@ def test_capacity_prefix_rule_and_leases_hold(ops, experts) -> None:
         index.check_integrity()
         assert len(index) <= 6
         assert all(k in index for k in leased)
+
+
+# ---- what the default costs -------------------------------------------------
+def test_the_default_experts_are_the_five_candidates() -> None:
+    assert set(make_policy("adaptive").scores()) == {"prefix-lhd", "prefix-slru", "lru", "s3fifo",
+                                                     "arc"}
+
+
+def test_key_zero_is_not_always_sampled() -> None:
+    # Block id 0 is the shared root of every chain in Mooncake traces; a hash
+    # that maps it to 0 would sample it at any rate.
+    assert key_hash(key(0)) >= 2**32 // 64
+
+
+def test_shadow_state_stays_under_a_tenth_of_the_tier() -> None:
+    # 10,000 pages at the default rate: five 78-page miniatures with their ghosts.
+    # Chains of 4 pages over 6,000 sessions, a third of them revisited: every
+    # miniature fills and every ghost list reaches its bound.
+    rng = random.Random(3)
+    policy = make_policy("adaptive")
+    index = TierIndex(10_000, policy)
+    for step in range(40_000):
+        session = rng.randrange(6_000) if step % 3 == 0 else 10_000 + step
+        parent = None
+        for depth in range(4):
+            k = key(session * 8 + depth)
+            if k in index:
+                index.touch((k,))
+            else:
+                if index.num_free == 0:
+                    assert index.evict(1)
+                index.insert(k, 0, parent)
+            parent = k
+    cached, with_ghosts = policy.num_shadow_keys()
+    assert 0 < cached <= with_ghosts <= 0.10 * len(index)
+    index.check_integrity()
