@@ -1,4 +1,4 @@
-"""Hit-rate bench: both workloads, every registered policy, Belady, four capacities.
+"""Hit-rate bench: the conversation trace and the agent workload (seeds 0 and 1), every policy.
 
     python bench/hitrate.py [--trace PATH] [--out bench/results] [--no-plot]
 
@@ -6,7 +6,8 @@ Writes ``hitrate.json`` (one object per workload, each as
 ``kvstore bench hitrate --json`` prints it) and ``hitrate.png`` (one panel
 per workload) under ``--out``. The conversation trace is Mooncake's, found
 beside the checkout in ../shared/data/traces/ unless ``--trace`` says
-otherwise; the agent workload is generated (seed 0).
+otherwise; the agent workload is generated (seeds 0 and 1). For the adaptive
+policy each result also lists which expert it followed from which reference.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     policies = policy_names()
     show = sys.stderr.isatty()
     reports = []
-    for trace in (load_trace(args.trace), agent_trace(AgentWorkload(seed=0))):
+    traces = (load_trace(args.trace), *(agent_trace(AgentWorkload(seed=s)) for s in (0, 1)))
+    for trace in traces:
         start = time.perf_counter()
         report = capacity_curves(trace, CAPACITIES, policies, show_progress=show)
         print(format_curves(report))

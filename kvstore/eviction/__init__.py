@@ -21,12 +21,13 @@ _POLICIES: dict[str, str] = {
     "prefix-lfuda": "kvstore.eviction.prefix_lfuda:PrefixLFUDAPolicy",
     "prefix-slru": "kvstore.eviction.prefix_slru:PrefixSLRUPolicy",
     "prefix-lhd": "kvstore.eviction.prefix_lhd:PrefixLHDPolicy",
+    "adaptive": "kvstore.eviction.adaptive:AdaptivePolicy",
 }
 
-# The service's default: on both bench workloads (bench/hitrate.py) it is at or
-# above LRU at every capacity and the best or near best where the tier is
-# small against the working set. Numbers and trade-offs: issue 4's note.
-DEFAULT_POLICY = "prefix-slru"
+# The service's default: no single policy wins on every workload and size, so
+# it follows whichever of its experts does best on the traffic it serves
+# (kvstore/eviction/adaptive.py). Numbers: bench/hitrate.py, issue 11's note.
+DEFAULT_POLICY = "adaptive"
 
 
 def policy_names() -> list[str]:

@@ -137,6 +137,12 @@ class ChainPolicy(EvictionPolicy):
     def __len__(self) -> int:
         return len(self._prio)
 
+    def pages_by_recency(self) -> list[tuple[PageKey, PageKey | None]]:
+        """(page, cached parent or None) of every cached page, least recently used
+        first (a priority's last field is the use clock). Changes nothing."""
+        order = sorted(self._prio, key=lambda k: self._prio[k][-1])
+        return [(key, self._live_parent(key)) for key in order]
+
     def _maybe_compact(self) -> None:
         """Rebuild the heap from live leaves when stale entries outnumber them 4 to 1."""
         if len(self._heap) > 4 * len(self._prio) + 1024:

@@ -41,7 +41,7 @@ default for those two reasons.
 Three details keep the plan honest where its model (pages independent, the
 past like the future) is off:
 
-- every fit re-keys the cached pages with the new ages, so a page's expiry
+- every fit applies the new ages to the cached pages too, so a page's expiry
   never depends on when it was last used relative to a fit (with one class
   the policy is exactly prefix-aware LRU);
 - a page is counted "not reused" when it is evicted and taken back out if it
@@ -53,10 +53,12 @@ past like the future) is off:
   at most; of the gains tried, 2**(+-1/2) oscillates and 2**(+-1/16) leaves
   the agent workload at 5,000 pages 0.5 points below LRU).
 
-Priorities are ``(expiry, last use)``, earliest first. Histograms decay by
-half every 16 fits (8 x capacity references), so the policy follows a
+Priorities are ``(expiry, last use)``, earliest first, in one heap of the
+leaves, rebuilt under the new ages at every fit. Histograms decay
+by half every 16 fits (8 x capacity references), so the policy follows a
 workload that changes. What it costs: one dict entry per cached or
-remembered page, and every capacity/2 references an O(capacity) re-keying.
+remembered page, O(log n) per reference, and every capacity/2 references an
+O(capacity) rebuild of the heap.
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ import heapq
 import math
 from collections import OrderedDict
 
-from kvstore.eviction.chain import ChainPolicy, Priority
+from typing import Callable
+
+from kvstore.eviction.base import EvictionPolicy
 from kvstore.page_keys import PageKey
 
 _BUCKETS_PER_OCTAVE = 4
@@ -133,19 +137,33 @@ def fit_retention(counts: list[list[float]], censored: list[float], budget: floa
     return retention
 
 
-class PrefixLHDPolicy(ChainPolicy):
+class PrefixLHDPolicy(EvictionPolicy):
+    """Learned keep-until ages per reuse class, leaves of the page chains only (module docstring).
+
+    Layout: one min-heap of ``(expiry, last use, key)`` over the leaves; an
+    entry is live while the key's last use is the entry's and the key has no
+    cached child, others are dropped when they reach the top. A page is
+    pushed when it is used as a leaf and when its last cached child leaves.
+    Every fit rebuilds the heap from the leaves under the new ages.
+    """
+
     name = "prefix-lhd"
 
     def __init__(self, num_classes: int = 4, history_factor: float = 4.0) -> None:
         if num_classes < 1 or history_factor < 0:
             raise ValueError("num_classes must be >= 1 and history_factor >= 0 (x capacity)")
-        super().__init__()
         self._num_classes, self._history_factor = num_classes, history_factor
         self._clock = 0
-        # key -> (class at its last use, time of its last use), for cached pages
-        # and for the ghost history of evicted ones.
-        self._last_use: dict[PageKey, tuple[int, int]] = {}
-        self._ghost: OrderedDict[PageKey, None] = OrderedDict()  # evicted keys, oldest first
+        # key -> stamp = last use * num_classes + class at that use, for cached pages;
+        # the ghost history keeps the stamps of evicted pages, oldest first.
+        self._stamp: dict[PageKey, int] = {}
+        self._ghost: OrderedDict[PageKey, int] = OrderedDict()
+        self._heap: list[tuple[float, int, PageKey]] = []
+        # Chains: key -> parent for keys inserted (or linked) under a cached parent,
+        # and the number of cached children of each page that has any. A removed
+        # page's children become roots; the index re-links them (on_link) if it returns.
+        self._parent: dict[PageKey, PageKey] = {}
+        self._num_children: dict[PageKey, int] = {}
         self._counts = [[0.0] * _NUM_BUCKETS for _ in range(num_classes)]
         self._censored = [0.0] * num_classes  # left the history without a reuse
         self._num_refs = 0.0  # decayed like the counts: the budget's time base
@@ -163,50 +181,130 @@ class PrefixLHDPolicy(ChainPolicy):
         self._fit_period = max(capacity // 2, 512)
         self._next_fit = self._clock + self._fit_period
         self._retention = [float(capacity)] * self._num_classes  # equal: LRU until the first fit
+        self._rebuild()
 
     @property
     def retention(self) -> list[float]:
         """The keep-until age of each class (references), as last fitted. Changes nothing."""
         return list(self._retention)
 
-    # ---- ChainPolicy hooks ---------------------------------------------------
-    def _inserted(self, key: PageKey) -> Priority:
-        previous = None
-        if self._ghost.pop(key, False) is None:  # evicted, now back: its history counts
-            previous = self._last_use[key]
-            cls = previous[0]  # counted as "no reuse" when evicted: it was one after all
+    def __len__(self) -> int:
+        return len(self._stamp)
+
+    def pages_by_recency(self) -> list[tuple[PageKey, PageKey | None]]:
+        """(page, cached parent or None) of every cached page, least recently used
+        first. Changes nothing."""
+        stamps, parent_of = self._stamp, self._parent
+        return [(key, parent if (parent := parent_of.get(key)) in stamps else None)
+                for key in sorted(stamps, key=stamps.__getitem__)]
+
+    # ---- EvictionPolicy ------------------------------------------------------
+    def on_insert(self, key: PageKey, parent: PageKey | None) -> None:
+        if parent is not None and parent in self._stamp:
+            self._parent[key] = parent
+            self._num_children[parent] = self._num_children.get(parent, 0) + 1
+        previous = self._ghost.pop(key, None) if self._ghost else None
+        if previous is not None:  # evicted, now back: counted as "no reuse", it was one
+            cls = previous % self._num_classes
             self._censored[cls] = max(self._censored[cls] - 1.0, 0.0)
-        return self._use(key, previous)
+        self._use(key, previous)
 
-    def _accessed(self, key: PageKey, old: Priority) -> Priority:
-        return self._use(key, self._last_use[key])
+    def on_link(self, child: PageKey, parent: PageKey) -> None:
+        # The parent stops being a leaf: its heap entry goes stale.
+        self._parent[child] = parent
+        self._num_children[parent] = self._num_children.get(parent, 0) + 1
 
-    def _evicted(self, key: PageKey, prio: Priority) -> None:
+    def on_access(self, key: PageKey) -> None:
+        self._use(key, self._stamp[key])
+
+    def on_remove(self, key: PageKey) -> None:
+        k, num_children = self._num_classes, self._num_children
+        stamp = self._stamp.pop(key)
+        num_children.pop(key, None)
+        parent = self._parent.pop(key, None)
+        if parent is not None and parent in num_children:
+            left = num_children[parent] - 1
+            if left:
+                num_children[parent] = left
+            else:  # the parent is a leaf again, at its own last use
+                del num_children[parent]
+                pstamp = self._stamp[parent]
+                pused = pstamp // k
+                heapq.heappush(self._heap, (pused + self._retention[pstamp % k], pused, parent))
+        cls = stamp % k
         self._num_victims += 1
-        self._num_early += prio[0] > self._clock
-        self._censored[self._last_use[key][0]] += 1.0  # until it comes back (see _inserted)
-        if not self._ghost_limit:
-            del self._last_use[key]
-            return
-        self._ghost[key] = None
-        if len(self._ghost) > self._ghost_limit:
-            gone, _ = self._ghost.popitem(last=False)
-            del self._last_use[gone]
+        if stamp // k + self._retention[cls] > self._clock:
+            self._num_early += 1
+        self._censored[cls] += 1.0  # until it comes back (see on_insert)
+        if self._ghost_limit:
+            ghost = self._ghost
+            ghost[key] = stamp
+            if len(ghost) > self._ghost_limit:
+                ghost.popitem(last=False)
+
+    def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
+        heap, stamps, num_children, k = self._heap, self._stamp, self._num_children, self._num_classes
+        while heap:  # drop dead entries from the top (cleanup, not a decision)
+            _, used, key = heap[0]
+            stamp = stamps.get(key)
+            if stamp is not None and stamp // k == used and key not in num_children:
+                if n == 1 and is_evictable(key):
+                    return [key]  # the common case
+                break
+            heapq.heappop(heap)
+        return self._choose_many(n, is_evictable)
+
+    def _choose_many(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
+        """``n`` victims or none, leaves freed by earlier victims included; changes nothing."""
+        heap, stamps, num_children, k = self._heap, self._stamp, self._num_children, self._num_classes
+        extra: list[tuple[float, int, PageKey]] = []  # parents freed by earlier victims
+        popped, victims, seen = [], [], set()
+        children_left: dict[PageKey, int] = {}
+        while len(victims) < n:
+            if extra and (not heap or extra[0] < heap[0]):
+                entry, from_heap = heapq.heappop(extra), False
+            elif heap:
+                entry, from_heap = heapq.heappop(heap), True
+            else:
+                break
+            if from_heap:
+                popped.append(entry)
+            _, used, key = entry
+            stamp = stamps.get(key)
+            if (key in seen or stamp is None or stamp // k != used
+                    or (from_heap and key in num_children)):
+                continue  # stale or duplicate entry, or not a leaf
+            seen.add(key)
+            if not is_evictable(key):
+                continue
+            victims.append(key)
+            parent = self._parent.get(key)
+            if parent is not None and parent in num_children:
+                left = children_left[parent] = children_left.get(parent, num_children[parent]) - 1
+                if left == 0:
+                    pstamp = stamps[parent]
+                    pused = pstamp // k
+                    heapq.heappush(extra, (pused + self._retention[pstamp % k], pused, parent))
+        for entry in popped:  # nothing was removed: the heap gets its entries back
+            heapq.heappush(heap, entry)
+        return victims if len(victims) == n else []
 
     # ---- learning ------------------------------------------------------------
-    def _use(self, key: PageKey, previous: tuple[int, int] | None) -> Priority:
+    def _use(self, key: PageKey, previous: int | None) -> None:
         clock = self._clock = self._clock + 1
         self._num_refs += 1.0
+        k = self._num_classes
         if previous is None:
             cls = 0
         else:
-            prev_cls, prev_time = previous
-            self._counts[prev_cls][_bucket(clock - prev_time)] += 1.0
-            cls = min(prev_cls + 1, self._num_classes - 1)
-        self._last_use[key] = (cls, clock)
+            prev_cls = previous % k
+            self._counts[prev_cls][_bucket(clock - previous // k)] += 1.0
+            cls = prev_cls + 1 if prev_cls + 1 < k else prev_cls
+        self._stamp[key] = clock * k + cls
+        if key not in self._num_children:  # a leaf: a candidate; a parent waits for its children
+            heapq.heappush(self._heap, (clock + self._retention[cls], clock, key))
         if clock >= self._next_fit:
             self._fit()
-        return (clock + self._retention[cls], clock)
 
     def _fit(self) -> None:
         self._next_fit = self._clock + self._fit_period
@@ -223,13 +321,15 @@ class PrefixLHDPolicy(ChainPolicy):
                     class_counts[b] = count * _DECAY
         self._censored = [c * _DECAY for c in self._censored]
         self._num_refs *= _DECAY
-        self._reprioritise()
+        self._rebuild()
 
-    def _reprioritise(self) -> None:
-        """Expiries under the new retention ages: every cached page, and the heap rebuilt."""
-        retention, last_use, prio = self._retention, self._last_use, self._prio
-        for key in prio:
-            cls, used = last_use[key]
-            prio[key] = (used + retention[cls], used)
-        self._heap = [(p, k) for k, p in prio.items() if k not in self._num_children]
-        heapq.heapify(self._heap)
+    def _rebuild(self) -> None:
+        """The heap from the live leaves, under the ages just fitted: O(cached pages)."""
+        k, retention, num_children = self._num_classes, self._retention, self._num_children
+        heap = []
+        for key, stamp in self._stamp.items():
+            if key not in num_children:
+                used = stamp // k
+                heap.append((used + retention[stamp % k], used, key))
+        heapq.heapify(heap)
+        self._heap = heap

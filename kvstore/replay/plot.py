@@ -1,5 +1,8 @@
 """Hit rate vs capacity as a PNG: a line per policy (the default bold), Belady dashed, the ceiling dotted.
 
+Under each workload's panel, when a policy followed others (``adaptive``), a
+strip per capacity shows which expert it followed over the trace.
+
 matplotlib is the optional extra ``plot``; it is imported only here, and only
 when a plot is asked for.
 """
@@ -38,8 +41,10 @@ def require_matplotlib() -> None:
 def plot_curves(reports: Sequence[CurveReport], path: str | Path) -> Path:
     """Draw one panel per report (workload) and write a PNG to ``path``."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(reports), figsize=(6.5 * len(reports), 4.8), squeeze=False)
-    for ax, report in zip(axes[0], reports):
+    fig, axes = plt.subplots(2, len(reports), figsize=(6.5 * len(reports), 6.8), squeeze=False,
+                             gridspec_kw={"height_ratios": [4, 1.3]})
+    for ax, strip, report in zip(axes[0], axes[1], reports):
+        _plot_followed(strip, report)
         for name in report.policies:
             points = sorted((r.capacity, r.hit_rate) for r in report.results if r.policy == name)
             xs, ys = zip(*points)
@@ -64,3 +69,28 @@ def plot_curves(reports: Sequence[CurveReport], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _plot_followed(ax, report: CurveReport) -> None:
+    """One bar per capacity: the expert followed over the trace's references, by colour."""
+    runs = sorted((r for r in report.results if r.followed), key=lambda r: r.capacity)
+    if not runs:
+        ax.axis("off")
+        return
+    names = sorted({name for r in runs for _, name in r.followed})
+    colours = {name: f"C{i}" for i, name in enumerate(names)}
+    for row, r in enumerate(runs):
+        ends = [start for start, _ in r.followed[1:]] + [r.num_refs]
+        for (start, name), end in zip(r.followed, ends):
+            ax.barh(row, end - start, left=start, color=colours[name], height=0.7)
+    ax.set_yticks(range(len(runs)), [f"{r.capacity:,}" for r in runs], fontsize=8)
+    ax.set_xlim(0, runs[0].num_refs)
+    ax.set_xlabel(f"references; expert followed by {runs[0].policy} (rows: capacity)", fontsize=8)
+    ax.legend(handles=[_patch(colours[n], n) for n in names], fontsize=7, ncol=len(names),
+              loc="upper center", bbox_to_anchor=(0.5, -0.55), frameon=False)
+
+
+def _patch(colour: str, label: str):
+    from matplotlib.patches import Patch
+
+    return Patch(color=colour, label=label)

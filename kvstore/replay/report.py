@@ -68,7 +68,8 @@ class CurveReport:
             "ideal": self.ideal,
             "results": [
                 {"policy": r.policy, "capacity": r.capacity, "hit_rate": r.hit_rate,
-                 "fraction_of_belady": self.fraction_of_belady(r), "seconds": round(r.seconds, 3)}
+                 "fraction_of_belady": self.fraction_of_belady(r), "seconds": round(r.seconds, 3),
+                 **({"followed": [list(step) for step in r.followed]} if r.followed else {})}
                 for r in self.results
             ],
         }

@@ -47,6 +47,9 @@ class ReplayResult:
     num_refs: int
     num_hits: int
     seconds: float
+    followed: tuple[tuple[int, str], ...] = ()
+    """For a policy that follows others (``adaptive``): (reference, expert) at the
+    start and at every switch; empty for the others."""
 
     @property
     def hit_rate(self) -> float:
@@ -137,9 +140,10 @@ def replay(
         num_refs += len(keys)
         if progress is not None:
             progress(num_refs)
-    return ReplayResult(
-        index.policy.name, capacity, num_refs, num_hits, time.perf_counter() - start
-    )
+    seconds = time.perf_counter() - start
+    followed = getattr(index.policy, "followed", None)  # the adaptive policy's record
+    return ReplayResult(index.policy.name, capacity, num_refs, num_hits, seconds,
+                        tuple(followed()) if followed is not None else ())
 
 
 class _TieredCache:

@@ -135,7 +135,7 @@ TestLRUIndexMachine.settings = settings(max_examples=60, stateful_step_count=40,
 
 
 @pytest.mark.parametrize("policy", [p for p in policy_names()
-                                    if p.startswith("prefix-")])
+                                    if p.startswith("prefix-") or p == "adaptive"])
 def test_a_parent_that_arrives_after_its_child_is_linked_to_it(policy):
     index = TierIndex(8, policy)
     index.insert(key(0), 0)
@@ -155,7 +155,8 @@ def test_a_child_waiting_for_its_parent_can_leave_first():
     assert index.evict(1) == [(key(1), 1)]
 
 
-@pytest.mark.parametrize("policy", [p for p in policy_names() if p.startswith("prefix-")])
+@pytest.mark.parametrize("policy", [p for p in policy_names()
+                                    if p.startswith("prefix-") or p == "adaptive"])
 def test_a_parent_that_leaves_and_comes_back_is_linked_again(policy):
     index = TierIndex(3, policy)
     index.insert(key(1), 1)

@@ -1,0 +1,394 @@
+"""Adaptive eviction: follow whichever expert policy wins on a miniature of the live workload.
+
+No single policy wins everywhere (bench/hitrate.py): the learned prefix-lhd
+leads where the tier is small against a chat workload's reuse set, LRU or
+ARC where recency is all there is. This policy runs the candidates
+("experts") side by side at a fraction of the cost and lets the tier follow
+the current leader::
+
+    every reference (insert = live miss, access = live hit)
+      ├── the live expert: one full-size instance, names the victims
+      └── if hash(key) < rate: the key is "sampled" (SHARDS, Waldspurger et al.,
+          FAST'15 / ATC'17): every expert's miniature (capacity x rate pages,
+          sampled keys only) replays the reference and counts a hit or a miss
+    every capacity/2 references (an "epoch"): hit counts decay, and the
+      leader changes when a challenger's decayed hits beat it clearly
+      (:func:`pick_leader`); the new expert's full-size instance is built
+      from the cached pages, most recently used last (O(capacity) per
+      switch, at most one switch per epoch: O(log n) amortised per reference)
+
+Spatial sampling keeps each miniature a scaled model of the whole tier: a
+sampled key is seen on every one of its references, so reuse distances in
+the miniature are those of the tier divided by the rate. The miniatures see
+pages without their chains (a sampled page's parent is almost never
+sampled): they measure how well each expert *orders* pages.
+
+Two rules hold whatever is followed:
+
+- **Prefix rule**: only leaves (pages without a cached child) are victims.
+  The prefix experts (prefix-lhd, prefix-slru) choose leaves by themselves
+  and run bare; the others (LRU, S3-FIFO, ARC) run inside a
+  :class:`_LeafGuard`, which keeps the chain links and shows a page with a
+  cached child as not evictable, so they name their best-ranked leaf and a
+  chain shrinks from its tail.
+- **Leases**: ``is_evictable`` from the index is asked of every victim.
+
+Cost: the live expert's own cost (plus the leaf guard's dict operations
+when a flat expert is followed), one multiply-add for the sample test per
+reference, and per sampled reference one step of each miniature. The
+miniatures hold ``len(experts) x capacity x rate`` cached pages, 5/128 =
+3.9% of the tier's at the default rate, plus ghost keys: their ghost lists
+are at most 2x their size (prefix-lhd, prefix-slru) or 1x (S3-FIFO, ARC), so
+everything together stays under 11/128 = 8.6% of the tier's entries.
+Measured on the conversation trace (bench/hitrate.py): see the README.
+
+What it does not do (yet): the miniatures see pages without their chains,
+and there rank prefix-slru above prefix-lhd on the conversation trace, where
+the full-size tiers rank them the other way; under 8,192 pages (64-page
+miniatures) it samples nothing and follows prefix-lhd, so that mis-ranking
+only matters for larger tiers.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Callable, Sequence
+
+from kvstore.eviction import make_policy
+from kvstore.eviction.base import EvictionPolicy
+from kvstore.page_keys import PageKey
+
+# The first is followed until the miniatures have seen enough to disagree:
+# the expert with the best record on our workloads.
+DEFAULT_EXPERTS = ("prefix-lhd", "prefix-slru", "lru", "s3fifo", "arc")
+# Miniatures keep ghost histories of at most twice their own size (the
+# full-size prefix experts keep 4x): what bounds the shadow state (see
+# AdaptivePolicy.num_shadow_keys). S3-FIFO's and ARC's are below that already.
+_MINIATURE_OPTIONS: dict[str, dict[str, float]] = {
+    "prefix-lhd": {"history_factor": 2.0},
+    "prefix-slru": {"ghost_factor": 2.0},
+}
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # odd multiplier of Fibonacci hashing
+# Added before the shift (multiply-add-shift): without it key 0, the first block
+# id of a trace and often the shared root of every chain, hashes to 0 and is
+# always sampled, so every miniature spends most of its references on it.
+_OFFSET = 0x5851F42D4C957F2D
+
+
+def _always(key: PageKey) -> bool:
+    return True
+
+
+def key_hash(key: PageKey) -> int:
+    """A 32-bit hash of a page key, uniform also for keys that are small integers.
+
+    Service keys are digests already; trace keys (Mooncake block ids) are
+    little-endian counters, whose low bytes alone would sample a range of ids.
+    """
+    return ((int.from_bytes(key[:8], "little") * _GOLDEN + _OFFSET) & _MASK64) >> 32
+
+
+def pick_leader(scores: Sequence[float], ahead: Sequence[Sequence[float]], leader: int,
+                min_gain: float, z: float) -> int:
+    """The expert to follow next, from the miniatures' decayed hit counts.
+
+    ``scores[i]``: hits of expert i; ``ahead[i][j]``: sampled references that
+    i hit and j missed. The best-scoring expert replaces ``leader`` only when
+    its lead over the leader, ``ahead[best][leader] - ahead[leader][best]``,
+    is more than ``min_gain`` of the leader's hits *and* more than ``z``
+    standard deviations (McNemar: references where both hit or both missed
+    say nothing; the discordant ones are a sign test, variance ~ their sum).
+    So small or noisy leads (small tiers, few sampled hits) never switch.
+    Ties keep the leader.
+    """
+    best = max(range(len(scores)), key=lambda i: (scores[i], i == leader))
+    if best == leader:
+        return leader
+    won, lost = ahead[best][leader], ahead[leader][best]
+    gap = won - lost
+    if gap <= min_gain * scores[leader] or gap * gap <= z * z * (won + lost):
+        return leader
+    return best
+
+
+class _Miniature:
+    """One expert replaying the sampled references in a tier of ``capacity`` pages."""
+
+    __slots__ = ("policy", "capacity", "keys", "score")
+
+    def __init__(self, name: str, capacity: int) -> None:
+        self.policy = make_policy(name, **_MINIATURE_OPTIONS.get(name, {}))
+        self.policy.set_capacity(capacity)
+        self.capacity = capacity
+        self.keys: set[PageKey] = set()
+        self.score = 0.0  # decayed hits
+
+    def reference(self, key: PageKey) -> bool:
+        """Replay one reference; whether it hit."""
+        policy = self.policy
+        if key in self.keys:
+            self.score += 1.0
+            policy.on_access(key)
+            return True
+        if len(self.keys) >= self.capacity:
+            for victim in policy.choose_victims(1, _always):
+                self.keys.discard(victim)
+                policy.on_remove(victim)
+        self.keys.add(key)
+        policy.on_insert(key, None)
+        return False
+
+
+class _LeafGuard(EvictionPolicy):
+    """A flat expert (LRU, S3-FIFO, ARC) held to the prefix rule, as the live expert.
+
+    Keeps the chain links the index reports and each page's last use; a page
+    with a cached child is shown to the expert as not evictable, so it names
+    its best-ranked leaf and a chain shrinks from its tail. The prefix experts
+    need none of this: they choose leaves by themselves.
+    """
+
+    def __init__(self, policy: EvictionPolicy) -> None:
+        self.policy, self.name = policy, policy.name
+        self._clock = 0
+        self._last: dict[PageKey, int] = {}  # cached key -> clock of its last use
+        self._parent: dict[PageKey, PageKey] = {}
+        self._num_children: dict[PageKey, int] = {}  # only keys with cached children
+
+    def set_capacity(self, capacity: int) -> None:
+        self.policy.set_capacity(capacity)
+
+    def on_insert(self, key: PageKey, parent: PageKey | None) -> None:
+        self._clock += 1
+        self._last[key] = self._clock
+        if parent is not None:  # the index names only a cached parent
+            self._parent[key] = parent
+            self._num_children[parent] = self._num_children.get(parent, 0) + 1
+        self.policy.on_insert(key, parent)
+
+    def on_link(self, child: PageKey, parent: PageKey) -> None:
+        self._parent[child] = parent
+        self._num_children[parent] = self._num_children.get(parent, 0) + 1
+
+    def on_access(self, key: PageKey) -> None:
+        self._clock += 1
+        self._last[key] = self._clock
+        self.policy.on_access(key)
+
+    def on_remove(self, key: PageKey) -> None:
+        del self._last[key]
+        # Children of a removed page become roots; the index re-links them
+        # (on_link) if the page comes back, so its count starts afresh.
+        num_children = self._num_children
+        num_children.pop(key, None)
+        parent = self._parent.pop(key, None)
+        if parent is not None and parent in num_children:
+            left = num_children[parent] - 1
+            if left:
+                num_children[parent] = left
+            else:
+                del num_children[parent]
+        self.policy.on_remove(key)
+
+    def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
+        num_children = self._num_children
+        victims = self.policy.choose_victims(
+            n, lambda k: k not in num_children and is_evictable(k))
+        if victims or n == 1:
+            return victims
+        # Fewer than n leaves now, but evicting some makes their parents leaves:
+        # peel the chains by recency (rare: the index asks one at a time when it can).
+        return self._peel(n, is_evictable)
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def pages_by_recency(self) -> list[tuple[PageKey, PageKey | None]]:
+        """(page, cached parent or None), least recently used first. Changes nothing."""
+        last, parent_of = self._last, self._parent
+        return [(key, parent_of.get(key)) for key in sorted(last, key=last.__getitem__)]
+
+    def _peel(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
+        """``n`` victims, least recently used leaf first, counting leaves freed on the way."""
+        last, parent_of, num_children = self._last, self._parent, self._num_children
+        heap = [(t, k) for k, t in last.items() if k not in num_children and is_evictable(k)]
+        heapq.heapify(heap)
+        children_left: dict[PageKey, int] = {}
+        victims: list[PageKey] = []
+        while heap and len(victims) < n:
+            _, key = heapq.heappop(heap)
+            victims.append(key)
+            parent = parent_of.get(key)
+            if parent is None or parent not in num_children:
+                continue
+            left = children_left[parent] = children_left.get(parent, num_children[parent]) - 1
+            if left == 0 and is_evictable(parent):
+                heapq.heappush(heap, (last[parent], parent))
+        return victims if len(victims) == n else []
+
+
+class AdaptivePolicy(EvictionPolicy):
+    """Follows the expert whose miniature scores best (see the module docstring)."""
+
+    name = "adaptive"
+
+    def __init__(self, experts: Sequence[str] = DEFAULT_EXPERTS, sample_rate: float = 1 / 128,
+                 min_gain: float = 0.02, z: float = 3.0, half_life: float | None = None,
+                 min_sample_pages: int = 64, patience: int = 4) -> None:
+        if not experts or len(set(experts)) != len(experts) or "adaptive" in experts:
+            raise ValueError(f"experts must be distinct registered policies, got {experts!r}")
+        if not 0.0 < sample_rate <= 1.0 or min_gain < 0 or z < 0 or (half_life or 1) <= 0:
+            raise ValueError("sample_rate must be in (0, 1]; min_gain and z >= 0; half_life > 0")
+        self._half_life = half_life  # references; None: chosen by capacity (set_capacity)
+        self._min_sample_pages = min_sample_pages
+        # A challenger must win this many epochs in a row (two tier lifetimes
+        # at the default): a lead in one phase of the trace does not move the tier.
+        self._patience = max(patience, 1)
+        self._challenger, self._num_wins = 0, 0
+        self._experts = tuple(experts)
+        self._rate, self._min_gain, self._z = sample_rate, min_gain, z
+        self._clock = 0  # references seen
+        self._leader = 0
+        self._followed: list[tuple[int, str]] = [(0, self._experts[0])]
+        self.set_capacity(4096)  # until the index says
+
+    def set_capacity(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._bind(self._new_live(self._leader))
+        # A miniature of a few pages ranks experts by noise and by its own
+        # artefacts (a 15-page S3-FIFO is not a scaled 1,000-page one), so a
+        # tier whose miniatures would be smaller than min_sample_pages keeps
+        # its first expert and samples nothing.
+        mini_capacity = round(capacity * self._rate)
+        can_switch = mini_capacity >= max(self._min_sample_pages, 1)
+        self._threshold = math.ceil(self._rate * 2**32) if can_switch else 0  # sampled: hash < this
+        self._minis = [_Miniature(name, max(mini_capacity, 1)) for name in self._experts]
+        self._ahead = [[0.0] * len(self._experts) for _ in self._experts]
+        # Scores are judged every epoch; they decay with a half-life of four
+        # tier lifetimes, but never shorter than ~1,000 sampled references, so
+        # a small tier (few sampled hits) is judged on enough evidence.
+        half_life = self._half_life or max(4 * capacity, 1024 / self._rate)
+        self._epoch = max(min(capacity // 2, int(half_life) // 4), 16)
+        self._next_epoch = self._clock + self._epoch
+        self._decay = 0.5 ** (self._epoch / half_life)
+        # The miniatures fill and learn first; a tier that cannot switch never does.
+        self._warmup = self._clock + half_life if can_switch else math.inf
+
+    # ---- what the bench and tests read ---------------------------------------
+    @property
+    def leader(self) -> str:
+        """The expert followed now. Changes nothing."""
+        return self._experts[self._leader]
+
+    def followed(self) -> list[tuple[int, str]]:
+        """(reference number, expert) at the start and at every switch since. Changes nothing."""
+        return list(self._followed)
+
+    def scores(self) -> dict[str, float]:
+        """Each expert's decayed hit count on the sampled keys. Changes nothing."""
+        return {name: mini.score for name, mini in zip(self._experts, self._minis)}
+
+    def num_shadow_keys(self) -> tuple[int, int]:
+        """(pages cached, keys remembered incl. ghosts) by all miniatures together."""
+        cached = sum(len(m.keys) for m in self._minis)
+        ghosts = sum(len(getattr(m.policy, attr, ())) for m in self._minis
+                     for attr in ("_ghost", "_b1", "_b2"))
+        return cached, cached + ghosts
+
+    # ---- EvictionPolicy ------------------------------------------------------
+    # The hot path: a reference is counted, sampled (a multiply and a compare,
+    # nothing when the tier is too small to sample) and handed to the live
+    # expert. on_link, on_remove and choose_victims are the live expert's own
+    # bound methods (set in _bind): no frame of ours in between.
+    def on_insert(self, key: PageKey, parent: PageKey | None) -> None:
+        clock = self._clock = self._clock + 1
+        if self._threshold and ((int.from_bytes(key[:8], "little") * _GOLDEN + _OFFSET) & _MASK64) \
+                >> 32 < self._threshold:  # key_hash(key), inline
+            self._sample(key)
+        if clock >= self._next_epoch:
+            self._end_epoch()
+        self._live.on_insert(key, parent)
+
+    def on_access(self, key: PageKey) -> None:
+        clock = self._clock = self._clock + 1
+        if self._threshold and ((int.from_bytes(key[:8], "little") * _GOLDEN + _OFFSET) & _MASK64) \
+                >> 32 < self._threshold:  # key_hash(key), inline
+            self._sample(key)
+        if clock >= self._next_epoch:
+            self._end_epoch()
+        self._live.on_access(key)
+
+    def on_remove(self, key: PageKey) -> None:  # replaced per instance by _bind
+        self._live.on_remove(key)
+
+    def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
+        return self._live.choose_victims(n, is_evictable)  # replaced per instance by _bind
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def _bind(self, live: EvictionPolicy) -> None:
+        self._live = live
+        self.on_link, self.on_remove = live.on_link, live.on_remove  # type: ignore[method-assign]
+        self.choose_victims = live.choose_victims  # type: ignore[method-assign]
+
+    # ---- sampling and switching ----------------------------------------------
+    def _sample(self, key: PageKey) -> None:
+        hits = [mini.reference(key) for mini in self._minis]
+        if any(hits) and not all(hits):
+            self._count_disagreement(hits)
+
+    def _count_disagreement(self, hits: list[bool]) -> None:
+        for i, hit in enumerate(hits):
+            if hit:
+                row = self._ahead[i]
+                for j, other in enumerate(hits):
+                    if not other:
+                        row[j] += 1.0
+
+    def _end_epoch(self) -> None:
+        self._next_epoch = self._clock + self._epoch
+        if self._clock >= self._warmup:
+            pick = pick_leader([m.score for m in self._minis], self._ahead, self._leader,
+                               self._min_gain, self._z)
+            same = pick != self._leader and pick == self._challenger
+            self._challenger, self._num_wins = pick, self._num_wins + 1 if same else 1
+            if pick != self._leader and self._num_wins >= self._patience:
+                self._follow(pick)
+        decay = self._decay
+        for mini, row in zip(self._minis, self._ahead):
+            mini.score *= decay
+            row[:] = [x * decay for x in row]
+
+    def _new_live(self, expert: int) -> EvictionPolicy:
+        live = make_policy(self._experts[expert])
+        if not hasattr(live, "pages_by_recency"):  # a flat expert: held to the prefix rule
+            live = _LeafGuard(live)
+        live.set_capacity(self._capacity)
+        return live
+
+    def _follow(self, expert: int) -> None:
+        """Hand the tier to another expert: a fresh instance, given the cached pages.
+
+        Pages go in by last use, least recent first (each after its cached
+        ancestors, so every chain link is an insert under a cached parent);
+        the new expert starts as an LRU-ordered tier and learns from there.
+        """
+        pages = self._live.pages_by_recency()
+        self._leader = expert
+        self._followed.append((self._clock, self._experts[expert]))
+        live = self._new_live(expert)
+        self._bind(live)
+        parent_of = dict(pages)
+        planted: set[PageKey] = set()
+        for key, _ in pages:
+            chain = []
+            while key is not None and key not in planted:
+                chain.append(key)
+                key = parent_of.get(key)
+            for page in reversed(chain):
+                parent = parent_of.get(page)
+                live.on_insert(page, parent if parent in planted else None)
+                planted.add(page)
