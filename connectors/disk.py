@@ -60,7 +60,8 @@ _TEMP_NAME = re.compile(r"\.([0-9a-f]{2,200})\.[0-9a-f]{8}\.tmp")
 class DiskConnector(Connector):
     """Options: path (directory, created if missing), capacity_bytes (> 0; the
     sum of stored file sizes never exceeds it), fsync (fsync each page file
-    before the rename; durable across power loss, slower)."""
+    before the rename; durable across power loss, slower). Reads run on the
+    connector's `codec_threads` workers, at most that many jobs per sub-batch."""
 
     default_codec = "none"
     # 16 pages of 8 MiB per sub-batch; a local disk is slow only when it is
@@ -102,7 +103,7 @@ class DiskConnector(Connector):
     async def _raw_get_many(self, keys):
         plan = self._plan_reads(keys)
         frames = [None] * len(keys)
-        outcomes = await self._read_files(plan, lambda j, path, size: self._read_frame(path, size))
+        outcomes = await self._read_files(plan, lambda i, path, size: self._read_frame(path, size))
         for (i, path, size), outcome in zip(plan, outcomes):
             if not isinstance(outcome, str):
                 frames[i] = outcome
@@ -114,7 +115,7 @@ class DiskConnector(Connector):
     async def _raw_get_into_many(self, keys, views):
         plan = self._plan_reads(keys)
         outcomes = await self._read_files(
-            plan, lambda j, path, size: self._read_into(path, size, keys[plan[j][0]], views[plan[j][0]]))
+            plan, lambda i, path, size: self._read_into(path, size, keys[i], views[i]))
         statuses = ["absent"] * len(keys)
         num_bytes = 0
         for (i, path, size), outcome in zip(plan, outcomes):
@@ -180,14 +181,14 @@ class DiskConnector(Connector):
         return plan
 
     async def _read_files(self, plan: list[tuple[int, str, int]], read) -> list:
-        """read(j, path, size) for each plan entry j, split into at most
-        codec_threads jobs on worker threads (waited for even if cancelled)."""
+        """read(i, path, size) for each plan entry, in order, split into at
+        most codec_threads jobs on worker threads (waited for even if cancelled)."""
         if not plan:
             return []
         step = -(-len(plan) // min(self._codec_threads, len(plan)))
 
         def job(lo: int) -> list:
-            return [read(j, path, size) for j, (_, path, size) in enumerate(plan[lo:lo + step], start=lo)]
+            return [read(i, path, size) for i, path, size in plan[lo:lo + step]]
 
         parts = await self._run_in_pool(*(lambda lo=lo: job(lo) for lo in range(0, len(plan), step)))
         return [outcome for part in parts for outcome in part]
