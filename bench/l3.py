@@ -374,13 +374,20 @@ async def bench_throughput(opts: dict, quick: bool, max_batch_bytes: int) -> lis
     return rows
 
 
+def own_store(backend: str, options: dict, tag: str) -> dict:
+    """Options for one more connector on a backend: a disk store owns its
+    directory (one connector at a time), so each gets a sibling of its own."""
+    return {**options, "path": f"{options['path']}-{tag}"} if backend == "disk" else options
+
+
 async def bench_end_to_end(opts: dict, pages: list[bytes], reps: int) -> dict:
     """put+get_into of one batch over each backend with each codec, the codecs
     taking turns within each rep; the fastest (best of reps) is the default."""
     nbytes = sum(map(len, pages))
     out: dict = {"batch": len(pages), "page_bytes": len(pages[0]), "reps": reps, "backends": {}}
     for backend in [b for b in opts if not b.startswith("_")]:
-        conns = {c: open_connector(backend, codec=c, **opts[backend]) for c in CODEC_NAMES}
+        conns = {c: open_connector(backend, codec=c, **own_store(backend, opts[backend], c))
+                 for c in CODEC_NAMES}
         best = {c: (float("inf"), float("inf")) for c in CODEC_NAMES}
         try:
             for _ in range(reps):
@@ -544,7 +551,8 @@ async def bench_disk_vs_sglang(python: str, quick: bool) -> dict:
                         reply = peer.ask(what)
                         if not reply["ok"]:
                             raise RuntimeError(f"SGLang {what} failed")
-                        times = {"sglang": reply["s"]} | await _ours_read_write(conns, keys, pages, slots, what)
+                        ours = await _ours_read_write(conns, keys, pages, slots, what)
+                        times = {"sglang": reply["s"]} | ours
                         best[what] = {k: min(best[what].get(k, float("inf")), t) for k, t in times.items()}
                 if slot_mem != blob or not peer.ask("check")["ok"]:
                     raise RuntimeError("read back differs")
