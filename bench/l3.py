@@ -14,7 +14,13 @@ helpers in tests/connectors/l3_servers.py):
      tokens (2 and 8 MiB), batch sizes 1/32/256, codec none;
   4. end to end: put+get time of a batch over each backend with each codec,
      on Llama-sized pages made of decoder KV; the fastest codec per backend is
-     reported as its measured default.
+     reported as its measured default;
+  5. disk vs SGLang: the disk store's get_into (checksum included) and put
+     against SGLang's file backend (HiCacheFile batch_get / batch_set), the same
+     32 pages of 2 MiB in the page cache, reps alternating. SGLang runs in the
+     interpreter given by --sglang-python (or $KVSTORE_SGLANG_PYTHON); the
+     section is skipped, with the reason, where it cannot import SGLang.
+     `--disk-vs-sglang-only` runs just this section (into l3_disk_vs_sglang.json).
 Timings are wall clock on whatever machine runs it; label it with --machine.
 """
 
@@ -28,6 +34,7 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -367,13 +374,20 @@ async def bench_throughput(opts: dict, quick: bool, max_batch_bytes: int) -> lis
     return rows
 
 
+def own_store(backend: str, options: dict, tag: str) -> dict:
+    """Options for one more connector on a backend: a disk store owns its
+    directory (one connector at a time), so each gets a sibling of its own."""
+    return {**options, "path": f"{options['path']}-{tag}"} if backend == "disk" else options
+
+
 async def bench_end_to_end(opts: dict, pages: list[bytes], reps: int) -> dict:
     """put+get_into of one batch over each backend with each codec, the codecs
     taking turns within each rep; the fastest (best of reps) is the default."""
     nbytes = sum(map(len, pages))
     out: dict = {"batch": len(pages), "page_bytes": len(pages[0]), "reps": reps, "backends": {}}
     for backend in [b for b in opts if not b.startswith("_")]:
-        conns = {c: open_connector(backend, codec=c, **opts[backend]) for c in CODEC_NAMES}
+        conns = {c: open_connector(backend, codec=c, **own_store(backend, opts[backend], c))
+                 for c in CODEC_NAMES}
         best = {c: (float("inf"), float("inf")) for c in CODEC_NAMES}
         try:
             for _ in range(reps):
@@ -388,6 +402,172 @@ async def bench_end_to_end(opts: dict, pages: list[bytes], reps: int) -> dict:
         fastest = min(times, key=lambda c: times[c]["put_get_ms"])
         out["backends"][backend] = {"codecs": times, "fastest": fastest}
         print("end to end", backend, fastest, times, flush=True)
+    return out
+
+
+# ---------------------------------------------------------------- 5
+# SGLang's side runs in its own interpreter (its venv has torch and sglang;
+# ours need not): a worker that sets up HiCacheFile as SGLang's server does for
+# one TP rank with default file-backend options, stores the pages, then
+# answers one command a line with one timing: "get" (batch_get of every page
+# into host-pool slots), "set" (batch_set of the pages under fresh keys, whose
+# files it then removes, untimed), "check" (slots == pages).
+_SGLANG_WORKER = r"""
+import json, os, sys, time, uuid
+import torch
+import sglang
+from sglang.srt.mem_cache.hicache_storage import HiCacheFile, HiCacheStorageConfig
+
+blob, store_dir, num_pages, page_bytes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+config = HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0,
+                              attn_cp_size=1, is_mla_model=False, enable_storage_metrics=False,
+                              is_page_first_layout=True, model_name="meta-llama/Llama-3.1-8B")
+store = HiCacheFile(config, file_path=store_dir)
+with open(blob, "rb") as f:
+    pages = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8).view(num_pages, page_bytes)
+slots = torch.zeros(num_pages, page_bytes, dtype=torch.uint8)
+new_keys = lambda: [uuid.uuid4().hex + uuid.uuid4().hex for _ in range(num_pages)]  # like page hashes
+keys = new_keys()
+assert store.batch_set(keys, list(pages))
+print(json.dumps({"ready": True, "sglang": sglang.__version__}), flush=True)
+for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "get":
+        t0 = time.perf_counter()
+        got = store.batch_get(keys, list(slots))
+        reply = {"s": time.perf_counter() - t0, "ok": all(g is not None for g in got)}
+    elif cmd == "set":
+        fresh = new_keys()
+        t0 = time.perf_counter()
+        ok = store.batch_set(fresh, list(pages))
+        reply = {"s": time.perf_counter() - t0, "ok": ok}
+        for k in fresh:
+            os.remove(os.path.join(store_dir, store._get_suffixed_key(k) + ".bin"))
+    elif cmd == "check":
+        reply = {"ok": bool(torch.equal(slots, pages))}
+    else:
+        break
+    print(json.dumps(reply), flush=True)
+"""
+
+
+class SGLangFilePeer:
+    """The worker above: `start()` it (RuntimeError, with the worker's last
+    words, when it cannot), `ask(cmd)` -> its reply; a context manager."""
+
+    def __init__(self, python: str, blob: str, store_dir: str, num_pages: int, page_bytes: int) -> None:
+        self.args = [python, "-c", _SGLANG_WORKER, blob, store_dir, str(num_pages), str(page_bytes)]
+        self.err = tempfile.TemporaryFile()
+
+    def start(self) -> "SGLangFilePeer":
+        try:
+            self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self.err, text=True)
+        except OSError as exc:
+            self.err.close()
+            raise RuntimeError(f"cannot start {self.args[0]}: {exc}") from None
+        hello = self.proc.stdout.readline()
+        if not hello:
+            self.proc.wait()
+            self.err.seek(0)
+            last = self.err.read().decode(errors="replace").strip().splitlines()[-1:]
+            self.err.close()
+            raise RuntimeError(last[0] if last else f"exit status {self.proc.returncode}")
+        self.version = json.loads(hello)["sglang"]
+        return self
+
+    def __enter__(self) -> "SGLangFilePeer":
+        return self
+
+    def ask(self, cmd: str) -> dict:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def __exit__(self, *exc) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.err.close()
+
+
+async def _ours_read_write(conns: dict, keys: list[bytes], pages: list[memoryview],
+                           slots: list[memoryview], what: str) -> dict[str, float]:
+    """One timed get_into of every page into the slots (what="get"), or one
+    put under fresh keys, deleted afterwards (what="set"), per connector."""
+    times = {}
+    for name, conn in conns.items():
+        if what == "get":
+            t0 = time.perf_counter()
+            ok = await conn.get_into(keys, slots)
+        else:
+            fresh = [os.urandom(16) for _ in pages]
+            t0 = time.perf_counter()
+            ok = await conn.put(fresh, pages)
+        times[name] = time.perf_counter() - t0
+        if not all(ok):
+            raise RuntimeError(f"{name}: {what} failed: {conn.stats()}")
+        if what == "set":
+            await conn.delete(fresh)
+    return times
+
+
+async def bench_disk_vs_sglang(python: str, quick: bool) -> dict:
+    """Section 5 (see the module docstring). GB/s are best of reps; ratios are
+    ours / SGLang's, so > 1 means we are faster."""
+    num_pages, page_bytes = 32, 16 * LLAMA3_8B_TOKEN_BYTES
+    read_reps, write_reps = (5, 3) if quick else (100, 15)
+    blob = b"".join(bf16_pages(num_pages, page_bytes, 5, True))
+    pages = [memoryview(blob)[i * page_bytes:(i + 1) * page_bytes] for i in range(num_pages)]
+    out: dict = {"num_pages": num_pages, "page_bytes": page_bytes, "read_reps": read_reps,
+                 "write_reps": write_reps, "load_avg_before": os.getloadavg()}
+    with tempfile.TemporaryDirectory(prefix="l3disk-") as tmp:
+        with open(os.path.join(tmp, "pages.bin"), "wb") as f:
+            f.write(blob)
+        try:
+            peer = SGLangFilePeer(python, f.name, os.path.join(tmp, "sglang"), num_pages, page_bytes).start()
+        except RuntimeError as exc:
+            return {"skipped": f"SGLang not importable by {python}: {exc}"}
+        best: dict = {"get": {}, "set": {}}
+        with peer:
+            # ours: default options (codec none, workers = min(4, cpus)), and
+            # the same on one worker thread, as SGLang's batch_get is one thread
+            conns = {name: open_connector("disk", path=os.path.join(tmp, name), capacity_bytes=8 << 30,
+                                          **options)
+                     for name, options in (("kvstore", {}), ("kvstore_1_thread", {"codec_threads": 1}))}
+            try:
+                keys = [os.urandom(16) for _ in pages]
+                for conn in conns.values():
+                    if not all(await conn.put(keys, pages)):
+                        raise RuntimeError(f"put failed: {conn.stats()}")
+                slot_mem = bytearray(num_pages * page_bytes)      # host-pool slots, one block
+                slots = [memoryview(slot_mem)[i * page_bytes:(i + 1) * page_bytes] for i in range(num_pages)]
+                for what, reps in (("get", 1), ("get", read_reps), ("set", write_reps)):   # 1: warm-up
+                    for _ in range(reps):
+                        reply = peer.ask(what)
+                        if not reply["ok"]:
+                            raise RuntimeError(f"SGLang {what} failed")
+                        ours = await _ours_read_write(conns, keys, pages, slots, what)
+                        times = {"sglang": reply["s"]} | ours
+                        best[what] = {k: min(best[what].get(k, float("inf")), t) for k, t in times.items()}
+                if slot_mem != blob or not peer.ask("check")["ok"]:
+                    raise RuntimeError("read back differs")
+            finally:
+                for conn in conns.values():
+                    await conn.close()
+    nbytes = num_pages * page_bytes
+    out["sglang"] = peer.version
+    out["read_GBps"] = {k: _gbps(nbytes, t) for k, t in best["get"].items()}
+    out["write_GBps"] = {k: _gbps(nbytes, t) for k, t in best["set"].items()}
+    for what, key in (("get", "read"), ("set", "write")):
+        for ours in conns:
+            out[f"{key}_{ours}_vs_sglang"] = round(best[what]["sglang"] / best[what][ours], 3)
+    out["load_avg_after"] = os.getloadavg()
+    print("disk vs sglang", out, flush=True)
     return out
 
 
@@ -425,7 +605,14 @@ def main() -> None:
     ap.add_argument("--skip-codecs", action="store_true", help="skip sections 1 and 2")
     ap.add_argument("--max-batch-bytes", type=int, default=1 << 30,
                     help="skip throughput cases with more page bytes per batch")
+    ap.add_argument("--sglang-python", default=os.environ.get("KVSTORE_SGLANG_PYTHON", sys.executable),
+                    help="an interpreter that imports sglang, for section 5 (default: this one)")
+    ap.add_argument("--disk-vs-sglang-only", action="store_true",
+                    help="run section 5 only; --out defaults to bench/results/l3_disk_vs_sglang.json")
     args = ap.parse_args()
+    if args.disk_vs_sglang_only:
+        run_disk_vs_sglang_only(args)
+        return
 
     result = {"bench": "l3", "machine": args.machine, "cpus": os.cpu_count(),
               "python": platform.python_version(), "quick": args.quick,
@@ -439,6 +626,8 @@ def main() -> None:
         sets, result["decoder"] = datasets(args.quick)
         result["codecs"] = bench_codecs(sets, 3)
         save(result, args.out)
+    result["disk_vs_sglang"] = asyncio.run(bench_disk_vs_sglang(args.sglang_python, args.quick))
+    save(result, args.out)
     kv = sets.get("decoder_kv_bf16") or sets["channel_scaled_random_bf16"]
     result["end_to_end_pages"] = "decoder_kv_bf16" if "decoder_kv_bf16" in sets else "channel_scaled_random_bf16"
     with servers(segment_bytes=(1 << 30) if args.quick else (3 << 30)) as opts:
@@ -451,6 +640,19 @@ def main() -> None:
             save(result, args.out)
             result["throughput"] = asyncio.run(bench_throughput(opts, args.quick, args.max_batch_bytes))
     save(result, args.out)
+
+
+def run_disk_vs_sglang_only(args) -> None:
+    out = args.out
+    if out == os.path.join(ROOT, "bench", "results", "l3.json"):   # the default: keep the full run's file
+        out = os.path.join(ROOT, "bench", "results", "l3_disk_vs_sglang.json")
+    result = {"bench": "l3 disk vs sglang", "machine": args.machine, "cpus": os.cpu_count(),
+              "python": platform.python_version(), "quick": args.quick,
+              "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "timing": "best of reps, reps of each side alternating, wall clock; GB = 1e9 bytes; "
+                        "kvstore reads include the XXH3-64 checksum, fingerprint and key checks",
+              "disk_vs_sglang": asyncio.run(bench_disk_vs_sglang(args.sglang_python, args.quick))}
+    save(result, out)
 
 
 def save(result: dict, path: str) -> None:

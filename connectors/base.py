@@ -4,7 +4,10 @@ The base class does once what every backend needs: key and value checks, the
 value frame (header, checksum, codec; see codec.py), splitting a call into
 sub-batches, timeouts, fail-fast after errors, and metrics. A backend
 implements four raw batch methods over framed values and may override
-`_close`, `_on_corrupt` and the error classes it raises.
+`_close`, `_on_corrupt` and the error classes it raises. A backend that can
+put a stored page straight into the caller's buffer (a local file) may also
+implement `_raw_get_into_many`, which `get_into` then uses instead of
+`_raw_get_many` + decode.
 
 Threading: a connector belongs to the asyncio event loop that first uses it
 and is not thread-safe; large encodes/decodes run on a small worker pool
@@ -167,6 +170,21 @@ class Connector(ABC):
     async def _raw_delete_many(self, keys: list[bytes]) -> int:
         """Remove keys; the number that were present."""
 
+    # Optional: a backend that overrides this gets it called by get_into.
+    async def _raw_get_into_many(self, keys: list[bytes], views: list[memoryview]) -> ReadInto:
+        """Read each key's frame and decode it into its view (writable bytes,
+        the caller's page length), checked as `codec.decode_into` checks
+        (`codec.decode_parts_into` takes a payload read straight into the view).
+
+        Returns one status per key (see `ReadInto`) and counts nothing: the
+        base class does. A view whose status is not "hit" is unspecified.
+        Once this returns, raises or is cancelled, nothing writes into the
+        views: run file or decode work with `_run_in_pool`, which waits for
+        it. Changes nothing stored (may refresh recency). Raises a
+        `transient_errors` type on store failure (the sub-batch then misses).
+        """
+        raise NotImplementedError
+
     async def _close(self) -> None:
         """Release backend resources (connections, processes); idempotent."""
 
@@ -215,13 +233,16 @@ class Connector(ABC):
         if len(buffers) != len(keys):
             raise ConnectorError(f"get_into got {len(keys)} keys but {len(buffers)} buffers")
         views = [_writable_view(b) for b in buffers]
-        ok = [False] * len(keys)
+        if type(self)._raw_get_into_many is not Connector._raw_get_into_many:
+            ok = await self._fetch_into(keys, views)
+        else:
+            ok = [False] * len(keys)
 
-        def decode(i: int, frame) -> None:
-            _codec.decode_into(frame, views[i], self._fp, self._max_value, keys[i])
-            ok[i] = True
+            def decode(i: int, frame) -> None:
+                _codec.decode_into(frame, views[i], self._fp, self._max_value, keys[i])
+                ok[i] = True
 
-        await self._fetch(keys, decode)
+            await self._fetch(keys, decode)
         self._count_reads(len(keys), sum(ok), sum(len(v) for v, hit in zip(views, ok) if hit))
         return ok
 
@@ -323,24 +344,56 @@ class Connector(ABC):
                     sizes += n
                 self._stats.bytes_in += n
             statuses.update(zip(found, await self._run_coding(jobs, sizes)))
-            failed = []
-            for i, status in sorted(statuses.items()):
-                if status == "corrupt":
-                    self._stats.corrupt += 1
-                    failed.append(keys[i])
-                elif status == "key":
-                    self._stats.wrong_key += 1
-                    failed.append(keys[i])
-                elif status == "fingerprint":
-                    self._stats.wrong_fingerprint += 1
-                elif status == "size":
-                    self._stats.wrong_size += 1
-            if failed:
-                await self._call(self._on_corrupt_wrapper, failed)
+            await self._count_failures(keys, statuses)
 
-        ranges = [(lo, min(lo + self._max_keys, len(keys)))
-                  for lo in range(0, len(keys), self._max_keys)]
-        await run_ranges(ranges, one, self._max_inflight)
+        await run_ranges(self._key_ranges(len(keys)), one, self._max_inflight)
+
+    async def _fetch_into(self, keys: list[bytes], views: list[memoryview]) -> list[bool]:
+        """get_into through the backend's `_raw_get_into_many`, in sub-batches;
+        True where the view now holds the checked page."""
+        ok = [False] * len(keys)
+
+        async def one(lo: int, hi: int) -> None:
+            got = await self._call(self._raw_get_into_many, keys[lo:hi], views[lo:hi])
+            if got is None:
+                return
+            if _length(got.statuses) != hi - lo:   # a backend bug: no status can be matched to its key
+                self._stats.errors += 1
+                log.warning("%s: _raw_get_into_many returned %s statuses for %d keys; all missed",
+                            type(self).__name__, _length(got.statuses), hi - lo)
+                return
+            self._stats.bytes_in += got.num_bytes
+            failed = {}
+            for i, status in enumerate(got.statuses, start=lo):
+                if status == "hit":
+                    ok[i] = True
+                elif status != "absent":
+                    failed[i] = status
+            await self._count_failures(keys, failed)
+
+        await run_ranges(self._key_ranges(len(keys)), one, self._max_inflight)
+        return ok
+
+    def _key_ranges(self, num_keys: int) -> list[tuple[int, int]]:
+        return [(lo, min(lo + self._max_keys, num_keys)) for lo in range(0, num_keys, self._max_keys)]
+
+    async def _count_failures(self, keys: list[bytes], statuses: dict[int, str | None]) -> None:
+        """Count the keys whose value failed its checks (key index -> status of
+        `frame_status`; None = a hit) and drop the unusable ones from the store."""
+        failed = []
+        for i, status in sorted(statuses.items()):
+            if status == "corrupt":
+                self._stats.corrupt += 1
+                failed.append(keys[i])
+            elif status == "key":
+                self._stats.wrong_key += 1
+                failed.append(keys[i])
+            elif status == "fingerprint":
+                self._stats.wrong_fingerprint += 1
+            elif status == "size":
+                self._stats.wrong_size += 1
+        if failed:
+            await self._call(self._on_corrupt_wrapper, failed)
 
     def _guarded(self, decode: Callable[[int, Any], None], i: int, frame) -> Callable[[], str | None]:
         """A job that decodes one frame: None, "fingerprint", "key", "size" or "corrupt"
@@ -349,18 +402,8 @@ class Connector(ABC):
         def job() -> str | None:
             try:
                 decode(i, frame)
-            except _codec.FingerprintMismatch:
-                return "fingerprint"
-            except _codec.KeyMismatch:
-                log.warning("%s: value stored under the wrong key dropped", type(self).__name__)
-                return "key"
-            except _codec.SizeMismatch as exc:
-                log.warning("%s: get_into buffer does not fit: %s", type(self).__name__, exc)
-                return "size"
-            except Exception as exc:   # FrameError, or a value no frame could be
-                log.warning("%s: corrupt value dropped: %s: %s", type(self).__name__,
-                            type(exc).__name__, exc)
-                return "corrupt"
+            except Exception as exc:
+                return frame_status(exc, type(self).__name__)
             return None
         return job
 
@@ -414,6 +457,15 @@ class Connector(ABC):
         """
         if num_bytes < _INLINE_CODEC_BYTES or len(jobs) == 0:
             return [job() for job in jobs]
+        return await self._run_in_pool(*jobs)
+
+    async def _run_in_pool(self, *jobs: Callable[[], Any]) -> list[Any]:
+        """Run jobs on the connector's worker threads; their results in order.
+
+        Even if the caller is cancelled (or a job raises), this waits for every
+        started job to finish, so no worker writes into a caller's buffer after
+        the call is over.
+        """
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 self._codec_threads, thread_name_prefix="l3-codec")
@@ -424,6 +476,32 @@ class Connector(ABC):
         except BaseException:   # cancelled, or a job raised while others still run
             await _wait_all(futs)
             raise
+
+
+@dataclass(slots=True)
+class ReadInto:
+    """What `_raw_get_into_many` did, per key in order: "hit" (the view holds
+    the checked page), "absent", or why the stored value missed, as
+    `frame_status` names it; and `num_bytes`, framed bytes read from the store."""
+
+    statuses: list[str]
+    num_bytes: int
+
+
+def frame_status(exc: Exception, owner: str) -> str:
+    """The miss status of a value whose check or decode raised `exc`:
+    "fingerprint", "key", "size" or "corrupt" (any other exception: a store
+    fault never raises). Logs the ones worth a warning."""
+    if isinstance(exc, _codec.FingerprintMismatch):
+        return "fingerprint"
+    if isinstance(exc, _codec.KeyMismatch):
+        log.warning("%s: value stored under the wrong key dropped", owner)
+        return "key"
+    if isinstance(exc, _codec.SizeMismatch):
+        log.warning("%s: get_into buffer does not fit: %s", owner, exc)
+        return "size"
+    log.warning("%s: corrupt value dropped: %s: %s", owner, type(exc).__name__, exc)
+    return "corrupt"
 
 
 def split_ranges(sizes: list[int], max_keys: int, max_bytes: int) -> list[tuple[int, int]]:

@@ -283,21 +283,29 @@ def parse_header(frame, frame_len: int | None = None) -> FrameHeader:
     return FrameHeader(codec, es, raw_len, pay_len, fp, kd, crc)
 
 
+def check_parts(head, payload, fingerprint: bytes, max_raw_len: int,
+                key: bytes = b"") -> FrameHeader:
+    """Verify a frame held as two buffers, its header and its payload (a
+    backend that reads the payload straight into the caller's page keeps the
+    header apart); everything but the decode. Raises as `check_frame`."""
+    header = parse_header(head, HEADER_LEN + len(payload))
+    if header.raw_len > max_raw_len:
+        raise FrameError(f"raw length {header.raw_len} exceeds the limit {max_raw_len}")
+    if checksum(head, payload) != header.checksum:
+        raise FrameError("checksum mismatch")
+    if header.fingerprint != fingerprint:
+        raise FingerprintMismatch("value was written for another layout fingerprint")
+    if header.key_digest != key_digest(key):
+        raise KeyMismatch("value was written under another key (misplaced or swapped)")
+    return header
+
+
 def check_frame(frame, fingerprint: bytes, max_raw_len: int,
                 key: bytes = b"") -> tuple[FrameHeader, memoryview]:
     """Verify everything but the decode; returns the header and payload view."""
-    head = parse_header(frame)
     view = memoryview(frame).cast("B")
-    if head.raw_len > max_raw_len:
-        raise FrameError(f"raw length {head.raw_len} exceeds the limit {max_raw_len}")
     payload = view[HEADER_LEN:]
-    if checksum(view, payload) != head.checksum:
-        raise FrameError("checksum mismatch")
-    if head.fingerprint != fingerprint:
-        raise FingerprintMismatch("value was written for another layout fingerprint")
-    if head.key_digest != key_digest(key):
-        raise KeyMismatch("value was written under another key (misplaced or swapped)")
-    return head, payload
+    return check_parts(view[:HEADER_LEN], payload, fingerprint, max_raw_len, key), payload
 
 
 def decode_into(frame, out: memoryview, fingerprint: bytes, max_raw_len: int,
@@ -306,16 +314,30 @@ def decode_into(frame, out: memoryview, fingerprint: bytes, max_raw_len: int,
 
     Raises FrameError / FingerprintMismatch; `out` is then unspecified.
     """
+    view = memoryview(frame).cast("B")
+    decode_parts_into(view[:HEADER_LEN], view[HEADER_LEN:], out, fingerprint, max_raw_len, key)
+
+
+def decode_parts_into(head, payload, out: memoryview, fingerprint: bytes, max_raw_len: int,
+                      key: bytes = b"") -> None:
+    """`decode_into` for a frame held as two buffers (see `check_parts`).
+
+    `payload` may be `out` itself, the same object (a backend read the payload
+    straight into the page): a codec-none page is then checked in place, not
+    copied, and a compressed one is decoded out of it before `out` is written.
+    """
+    in_place = payload is out
     out = memoryview(out).cast("B")
-    head, payload = check_frame(frame, fingerprint, max_raw_len, key)
-    if head.raw_len != len(out):
-        raise SizeMismatch(f"page is {head.raw_len} bytes, buffer is {len(out)}")
-    if head.codec == CODECS["none"]:
-        out[:] = payload
+    header = check_parts(head, payload, fingerprint, max_raw_len, key)
+    if header.raw_len != len(out):
+        raise SizeMismatch(f"page is {header.raw_len} bytes, buffer is {len(out)}")
+    if header.codec == CODECS["none"]:
+        if not in_place:
+            out[:] = payload
         return
-    data = _decompress(head.codec, payload, head.raw_len)
-    if head.codec in _SHUFFLED:
-        _unshuffle_into(data, out, head.elem_size)
+    data = _decompress(header.codec, payload, header.raw_len)
+    if header.codec in _SHUFFLED:
+        _unshuffle_into(data, out, header.elem_size)
     else:
         out[:] = data
 

@@ -45,20 +45,23 @@ import aiofiles
 import aiofiles.os
 
 from connectors import codec as _codec
-from connectors.base import Connector, ConnectorError
+from connectors.base import Connector, ConnectorError, ReadInto, frame_status
 
 log = logging.getLogger(__name__)
 
 _MAX_DISK_KEY_LEN = 100  # hex file names must stay under NAME_MAX (255)
 MARKER_NAME = "KVSTORE_DISK"
 DISK_FORMAT_VERSION = 1
+# read outcomes of files that were not read (see DiskConnector._open_sized)
+_NOT_READ = frozenset({"gone", "resized", "unreadable"})
 _TEMP_NAME = re.compile(r"\.([0-9a-f]{2,200})\.[0-9a-f]{8}\.tmp")
 
 
 class DiskConnector(Connector):
     """Options: path (directory, created if missing), capacity_bytes (> 0; the
     sum of stored file sizes never exceeds it), fsync (fsync each page file
-    before the rename; durable across power loss, slower)."""
+    before the rename; durable across power loss, slower). Reads run on the
+    connector's `codec_threads` workers, at most that many jobs per sub-batch."""
 
     default_codec = "none"
     # 16 pages of 8 MiB per sub-batch; a local disk is slow only when it is
@@ -98,7 +101,28 @@ class DiskConnector(Connector):
 
     # ------------------------------------------------------------ raw methods
     async def _raw_get_many(self, keys):
-        return await asyncio.gather(*(self._read(k) for k in keys))
+        plan = self._plan_reads(keys)
+        frames = [None] * len(keys)
+        outcomes = await self._read_files(plan, lambda i, path, size: self._read_frame(path, size))
+        for (i, path, size), outcome in zip(plan, outcomes):
+            if not isinstance(outcome, str):
+                frames[i] = outcome
+            elif self._settle(keys[i], path, size, outcome) == "corrupt":
+                self._stats.corrupt += 1     # the base class sees only a miss
+                await self._drop(keys[i])
+        return frames
+
+    async def _raw_get_into_many(self, keys, views):
+        plan = self._plan_reads(keys)
+        outcomes = await self._read_files(
+            plan, lambda i, path, size: self._read_into(path, size, keys[i], views[i]))
+        statuses = ["absent"] * len(keys)
+        num_bytes = 0
+        for (i, path, size), outcome in zip(plan, outcomes):
+            if outcome not in _NOT_READ:
+                num_bytes += size
+            statuses[i] = self._settle(keys[i], path, size, outcome)
+        return ReadInto(statuses, num_bytes)
 
     async def _raw_put_many(self, keys, frames):
         return await asyncio.gather(*(self._write(k, f) for k, f in zip(keys, frames)))
@@ -141,32 +165,123 @@ class DiskConnector(Connector):
         if len(key) > _MAX_DISK_KEY_LEN:
             raise ConnectorError(f"disk keys must be at most {_MAX_DISK_KEY_LEN} bytes")
 
-    async def _read(self, key: bytes):
-        self._check_disk_key(key)
-        size = self._index.get(key)
-        if size is None:
-            return None
-        self._index.move_to_end(key)
-        path = self._file(key)
+    # Reads: the loop thread looks keys up in the index (and refreshes their
+    # recency), then a few jobs on the connector's worker threads open, size-check
+    # and read the files (one thread hop per job, not per file operation); the
+    # outcomes come back to the loop thread, which alone changes the index.
+    def _plan_reads(self, keys: list[bytes]) -> list[tuple[int, str, int]]:
+        """(key index, file path, indexed size) of each indexed key."""
+        plan = []
+        for i, key in enumerate(keys):
+            self._check_disk_key(key)
+            size = self._index.get(key)
+            if size is not None:
+                self._index.move_to_end(key)
+                plan.append((i, self._file(key), size))
+        return plan
+
+    async def _read_files(self, plan: list[tuple[int, str, int]], read) -> list:
+        """read(i, path, size) for each plan entry, in order, split into at
+        most codec_threads jobs on worker threads (waited for even if cancelled)."""
+        if not plan:
+            return []
+        step = -(-len(plan) // min(self._codec_threads, len(plan)))
+
+        def job(lo: int) -> list:
+            return [read(i, path, size) for i, path, size in plan[lo:lo + step]]
+
+        parts = await self._run_in_pool(*(lambda lo=lo: job(lo) for lo in range(0, len(plan), step)))
+        return [outcome for part in parts for outcome in part]
+
+    def _read_into(self, path: str, size: int, key: bytes, view: memoryview) -> str:
+        """Read one page file into view and check it (on a worker thread): "hit",
+        a `frame_status`, or why the file was not read (see `_open_sized`).
+
+        A file of the view's length plus a header (a codec-none page) is read
+        with one preadv: the header into a small buffer, the page straight into
+        the view, where it is checked. Any other file (compressed) is read
+        whole into scratch memory and decoded from there into the view.
+        """
+        fd = self._open_sized(path, size)
+        if isinstance(fd, str):
+            return fd
         try:
-            async with aiofiles.open(path, "rb") as f:
-                # Size first: a file that is not the frame we indexed (replaced,
-                # grown, or larger than any value we accept) is never read whole.
-                on_disk = os.fstat(f.fileno()).st_size
-                if on_disk != size or on_disk > self._max_frame_bytes:
-                    if self._index.get(key) != size:   # rewritten meanwhile: not corrupt
-                        return None
-                    log.warning("disk store: %s is %d bytes, indexed %d (limit %d): dropped",
-                                path, on_disk, size, self._max_frame_bytes)
-                    self._stats.corrupt += 1
-                    await self._drop(key)
-                    return None
-                return await f.read(size)
-        except FileNotFoundError:   # removed behind our back: forget it
-            self._forget(key)
+            if size == _codec.HEADER_LEN + len(view):
+                head, payload = bytearray(_codec.HEADER_LEN), view
+                num_read = os.preadv(fd, [head, view], 0)
+            else:
+                frame = memoryview(bytearray(size))
+                head, payload = frame[:_codec.HEADER_LEN], frame[_codec.HEADER_LEN:]
+                num_read = os.preadv(fd, [frame], 0)
         except OSError as exc:
             log.warning("disk store: cannot read %s: %s", path, exc)
-        return None
+            return "unreadable"
+        finally:
+            os.close(fd)
+        if num_read != size:
+            return "resized"
+        try:   # a compressed frame that happens to have the page's length is decoded out of the view
+            _codec.decode_parts_into(head, payload, view, self._fp, self._max_value, key)
+        except Exception as exc:
+            return frame_status(exc, type(self).__name__)
+        return "hit"
+
+    def _read_frame(self, path: str, size: int) -> bytearray | str:
+        """The whole frame file at path (on a worker thread), or why it was not
+        read (see `_open_sized`)."""
+        fd = self._open_sized(path, size)
+        if isinstance(fd, str):
+            return fd
+        try:
+            frame = bytearray(size)
+            return frame if os.preadv(fd, [frame], 0) == size else "resized"
+        except OSError as exc:
+            log.warning("disk store: cannot read %s: %s", path, exc)
+            return "unreadable"
+        finally:
+            os.close(fd)
+
+    def _open_sized(self, path: str, size: int) -> int | str:
+        """A descriptor of the file at path if it has the indexed `size`, else why
+        not: "gone" (no such file), "resized" (not `size` bytes: replaced, grown,
+        truncated, or larger than any frame we accept; then nothing is read) or
+        "unreadable" (I/O error). A file found shorter while it is read is
+        "resized" too."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return "gone"
+        except OSError as exc:
+            log.warning("disk store: cannot open %s: %s", path, exc)
+            return "unreadable"
+        try:
+            on_disk = os.fstat(fd).st_size
+        except OSError as exc:
+            os.close(fd)
+            log.warning("disk store: cannot stat %s: %s", path, exc)
+            return "unreadable"
+        if on_disk != size or on_disk > self._max_frame_bytes:
+            os.close(fd)
+            return "resized"
+        return fd
+
+    def _settle(self, key: bytes, path: str, size: int, outcome: str) -> str:
+        """Apply a read's outcome to the index (on the loop thread); the status
+        for the base class: "gone" and "unreadable" are misses, "resized" is
+        corrupt unless the key was rewritten meanwhile (then a miss)."""
+        if outcome == "gone":        # removed behind our back: forget it
+            if self._index.get(key) == size:
+                self._forget(key)
+            return "absent"
+        if outcome == "unreadable":
+            return "absent"
+        if outcome == "resized":
+            if self._index.get(key) != size:
+                return "absent"
+            log.warning("disk store: %s is not the indexed %d bytes (limit %d): dropped",
+                        path, size, self._max_frame_bytes)
+            return "corrupt"
+        return outcome
 
     async def _write(self, key: bytes, frame) -> bool:
         self._check_disk_key(key)
