@@ -1,4 +1,5 @@
-"""ReferenceEngine: prefill and greedy decode of one request at a time over a paged KV pool.
+"""ReferenceEngine: prefill and greedy decode over a paged KV pool, a request at a time
+(``generate``) or in steps that a scheduler interleaves (``begin``, ``decode_step``, ``finish``).
 
 With a cache, a request goes::
 
@@ -6,6 +7,7 @@ With a cache, a request goes::
     result = cache.lookup(prompt)                       # cached prefix, leased
     handle = cache.load(result, pages[:hit pages])      # into the engine's pool
     prefill the rest, one page per chunk; chunk 1 waits per layer on handle.wait_layer
+    (the first token is ready here: TTFT ends)
     cache.store(full prompt pages)                      # only KV computed by prefill
     cache.release(result)
     greedy decode, one token per step; free the pages
@@ -63,7 +65,8 @@ class GenerationResult:
     logits: torch.Tensor
     """float32 CPU [max_new_tokens, vocab]: row i produced ``tokens[i]``."""
     ttft_s: float
-    """Prompt in -> first token out (lookup, load and prefill included), seconds."""
+    """Prompt in -> first token out (lookup, load and prefill included; the store of the
+    prompt's pages, which follows, is not), seconds."""
     num_cached_tokens: int = 0
     """Prompt tokens whose KV was loaded from the cache (L2 + L3)."""
     num_l2_tokens: int = 0
@@ -72,6 +75,9 @@ class GenerationResult:
     """Prompt tokens prefilled by the model: prompt_len - num_cached_tokens."""
     total_s: float = 0.0
     """Prompt in -> last token out, seconds."""
+    num_pending_tokens: int = 0
+    """Tokens after the hit that a prefetch was still reading from L3 at the lookup
+    (``LookupResult.num_pending_pages``; best_effort and timeout policies)."""
 
     @property
     def output_tokens(self) -> list[int]:
@@ -125,10 +131,37 @@ class _Prefix:
     num_pages: int = 0
     num_l2_pages: int = 0
     num_l3_pages: int = 0
+    num_pending_pages: int = 0
+
+
+@dataclass(eq=False)
+class RunningRequest:
+    """A request between ``ReferenceEngine.begin`` and ``finish``: it holds its device
+    pages, its outputs so far, and what the cache served its prompt."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    pages: list[int]
+    page_table: torch.Tensor
+    prefix: _Prefix
+    tokens: list[int]
+    """Generated token ids so far (the first comes from prefill)."""
+    logits: list[torch.Tensor]
+    started_at: float
+    """perf_counter time ``begin`` was called."""
+    first_token_at: float
+    """perf_counter time the first token was ready (after prefill, before the store)."""
+    is_freed: bool = False
+
+    @property
+    def is_finished(self) -> bool:
+        return len(self.tokens) >= self.max_new_tokens
 
 
 class ReferenceEngine:
-    """One model, one device KV pool, an optional cache; one request at a time."""
+    """One model, one device KV pool, an optional cache. ``generate`` runs one request to
+    its end; ``begin`` / ``decode_step`` / ``finish`` run it in steps, so that a scheduler
+    (decoder.scheduler) can interleave the decode steps of several requests."""
 
     def __init__(
         self, model: ReferenceDecoder, layout: KVLayout, num_device_pages: int,
@@ -174,54 +207,97 @@ class ReferenceEngine:
 
         ``split_at`` (a multiple of the page size) also starts a prefill chunk there: a
         cache-off run that reproduces a cache run whose hit ended at ``split_at``."""
+        request = self.begin(prompt, max_new_tokens, split_at)
+        try:
+            while not request.is_finished:
+                self.decode_step(request)
+        except BaseException:
+            self.abort(request)
+            raise
+        return self.finish(request)
+
+    # ---- one request in steps (the scheduler's interface) ---------------------
+    def num_pages_for(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Device pages a request holds from ``begin`` to ``finish``: KV is written for every
+        position that is fed, the prompt and all outputs but the last."""
+        return -(-(prompt_len + max_new_tokens - 1) // self.layout.page_size)
+
+    def begin(
+        self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int, split_at: int = 0,
+    ) -> RunningRequest:
+        """Allocate the request's device pages, load its cached prefix, prefill the rest and
+        store the prompt's full pages; the first token is ready on return. The pages stay
+        allocated until ``finish`` or ``abort``; on an error nothing stays allocated."""
         tokens = self._check_request(prompt, max_new_tokens)
-        prompt_len, P = len(tokens), self.layout.page_size
+        P = self.layout.page_size
         if not isinstance(split_at, int) or split_at < 0 or split_at % P:
             raise EngineError(f"split_at must be a multiple of the page size ({P}), got {split_at!r}")
-        # KV is written for every position that is fed: the prompt and all outputs but the last.
-        num_pages = -(-(prompt_len + max_new_tokens - 1) // P)
         start = time.perf_counter()
-        pages = self.allocator.allocate(num_pages)
+        pages = self.allocator.allocate(self.num_pages_for(len(tokens), max_new_tokens))
         try:
             page_table = torch.tensor(pages, dtype=torch.long, device=self.model.device)
-            last_logits, prefix = self._prefill_with_cache(tokens, pages, page_table, split_at)
-            out_tokens, out_logits = [int(last_logits.argmax())], [last_logits]
-            self._synchronize()
-            ttft = time.perf_counter() - start
-            for step in range(1, max_new_tokens):
-                fed = torch.tensor(out_tokens[-1:], dtype=torch.long, device=self.model.device)
-                logits = self.model.forward_chunk(
-                    fed, prompt_len + step - 1, self.kv_pool, self.layout, page_table
-                )[0]
-                out_tokens.append(int(logits.argmax()))
-                out_logits.append(logits)
-            self._synchronize()
-            total = time.perf_counter() - start
-        finally:
+            last_logits, prefix, first_token_at = self._prefill_with_cache(
+                tokens, pages, page_table, split_at)
+        except BaseException:
             self.allocator.free(pages)
+            raise
+        return RunningRequest(tokens, max_new_tokens, pages, page_table, prefix,
+                              [int(last_logits.argmax())], [last_logits], start, first_token_at)
+
+    def decode_step(self, request: RunningRequest) -> int:
+        """Feed the last output token and append the next one (greedy); returns it."""
+        if request.is_finished or request.is_freed:
+            raise EngineError("decode_step on a request that is finished or freed")
+        position = len(request.prompt) + len(request.tokens) - 1
+        fed = torch.tensor(request.tokens[-1:], dtype=torch.long, device=self.model.device)
+        logits = self.model.forward_chunk(fed, position, self.kv_pool, self.layout, request.page_table)[0]
+        request.tokens.append(int(logits.argmax()))
+        request.logits.append(logits)
+        return request.tokens[-1]
+
+    def finish(self, request: RunningRequest) -> GenerationResult:
+        """Free the request's device pages and return its output (all tokens decoded)."""
+        if not request.is_finished:
+            raise EngineError(
+                f"finish after {len(request.tokens)} of {request.max_new_tokens} tokens; "
+                f"call decode_step until is_finished (or abort)")
+        self._synchronize()
+        total = time.perf_counter() - request.started_at
+        self.abort(request)
+        P, prefix = self.layout.page_size, request.prefix
         cached = prefix.num_pages * P
         return GenerationResult(
-            prompt_len=prompt_len,
-            tokens=out_tokens,
-            logits=torch.stack(out_logits).float().cpu(),
-            ttft_s=ttft,
+            prompt_len=len(request.prompt),
+            tokens=list(request.tokens),
+            logits=torch.stack(request.logits).float().cpu(),
+            ttft_s=request.first_token_at - request.started_at,
             num_cached_tokens=cached,
             num_l2_tokens=prefix.num_l2_pages * P,
             num_l3_tokens=prefix.num_l3_pages * P,
-            num_computed_tokens=prompt_len - cached,
+            num_computed_tokens=len(request.prompt) - cached,
             total_s=total,
+            num_pending_tokens=prefix.num_pending_pages * P,
         )
+
+    def abort(self, request: RunningRequest) -> None:
+        """Free the request's device pages (its output so far is dropped). Idempotent."""
+        if not request.is_freed:
+            request.is_freed = True
+            self.allocator.free(request.pages)
 
     # ---- prefill -------------------------------------------------------------
     def _prefill_with_cache(
         self, tokens: list[int], pages: list[int], page_table: torch.Tensor, split_at: int = 0,
-    ) -> tuple[torch.Tensor, _Prefix]:
+    ) -> tuple[torch.Tensor, _Prefix, float]:
         """Load the cached prefix, prefill the rest, store the prompt's full pages.
 
-        Returns the logits of the last prompt position and what the cache served.
+        Returns the logits of the last prompt position, what the cache served, and the
+        perf_counter time at which the first token was ready (before the store).
         """
         if self.cache is None:
-            return self._prefill(tokens, 0, page_table, None, split_at), _Prefix()
+            logits = self._prefill(tokens, 0, page_table, None, split_at)
+            self._synchronize()
+            return logits, _Prefix(), time.perf_counter()
         cache, P = self.cache, self.layout.page_size
         result = cache.lookup(tokens)
         try:
@@ -235,12 +311,14 @@ class ReferenceEngine:
             last_logits = self._prefill(tokens, prefix.num_pages, page_table, wait, split_at)
             if handle is not None:
                 handle.wait_all()
+            self._synchronize()
+            first_token_at = time.perf_counter()
             num_full = len(tokens) // P
             if num_full:
                 cache.store(tokens[: num_full * P], pages[:num_full])
         finally:
             cache.release(result)
-        return last_logits, prefix
+        return last_logits, prefix, first_token_at
 
     def _prefill(
         self, tokens: list[int], first_page: int, page_table: torch.Tensor,
@@ -308,4 +386,5 @@ def _used_prefix(result: LookupResult, prompt_len: int, page_size: int) -> _Pref
         )
     num_used = num_hit - 1 if num_hit and num_hit * page_size == prompt_len else num_hit
     num_l2 = min(result.num_l2_pages, num_used)
-    return _Prefix(num_pages=num_used, num_l2_pages=num_l2, num_l3_pages=num_used - num_l2)
+    return _Prefix(num_pages=num_used, num_l2_pages=num_l2, num_l3_pages=num_used - num_l2,
+                   num_pending_pages=getattr(result, "num_pending_pages", 0))
