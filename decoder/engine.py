@@ -148,9 +148,10 @@ class RunningRequest:
     """Generated token ids so far (the first comes from prefill)."""
     logits: list[torch.Tensor]
     started_at: float
-    """perf_counter time ``begin`` was called."""
+    """``clock`` time ``begin`` was called."""
     first_token_at: float
-    """perf_counter time the first token was ready (after prefill, before the store)."""
+    """``clock`` time the first token was ready (after prefill, before the store)."""
+    clock: Callable[[], float] = time.perf_counter
     is_freed: bool = False
 
     @property
@@ -224,25 +225,27 @@ class ReferenceEngine:
 
     def begin(
         self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int, split_at: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> RunningRequest:
         """Allocate the request's device pages, load its cached prefix, prefill the rest and
         store the prompt's full pages; the first token is ready on return. The pages stay
-        allocated until ``finish`` or ``abort``; on an error nothing stays allocated."""
-        tokens = self._check_request(prompt, max_new_tokens)
+        allocated until ``finish`` or ``abort``; on an error nothing stays allocated.
+        ``clock`` stamps the request's times (a scheduler passes its own)."""
+        tokens = self.check_request(prompt, max_new_tokens)
         P = self.layout.page_size
         if not isinstance(split_at, int) or split_at < 0 or split_at % P:
             raise EngineError(f"split_at must be a multiple of the page size ({P}), got {split_at!r}")
-        start = time.perf_counter()
+        start = clock()
         pages = self.allocator.allocate(self.num_pages_for(len(tokens), max_new_tokens))
         try:
             page_table = torch.tensor(pages, dtype=torch.long, device=self.model.device)
             last_logits, prefix, first_token_at = self._prefill_with_cache(
-                tokens, pages, page_table, split_at)
+                tokens, pages, page_table, split_at, clock)
         except BaseException:
             self.allocator.free(pages)
             raise
         return RunningRequest(tokens, max_new_tokens, pages, page_table, prefix,
-                              [int(last_logits.argmax())], [last_logits], start, first_token_at)
+                              [int(last_logits.argmax())], [last_logits], start, first_token_at, clock)
 
     def decode_step(self, request: RunningRequest) -> int:
         """Feed the last output token and append the next one (greedy); returns it."""
@@ -262,7 +265,7 @@ class ReferenceEngine:
                 f"finish after {len(request.tokens)} of {request.max_new_tokens} tokens; "
                 f"call decode_step until is_finished (or abort)")
         self._synchronize()
-        total = time.perf_counter() - request.started_at
+        total = request.clock() - request.started_at
         self.abort(request)
         P, prefix = self.layout.page_size, request.prefix
         cached = prefix.num_pages * P
@@ -288,16 +291,17 @@ class ReferenceEngine:
     # ---- prefill -------------------------------------------------------------
     def _prefill_with_cache(
         self, tokens: list[int], pages: list[int], page_table: torch.Tensor, split_at: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> tuple[torch.Tensor, _Prefix, float]:
         """Load the cached prefix, prefill the rest, store the prompt's full pages.
 
         Returns the logits of the last prompt position, what the cache served, and the
-        perf_counter time at which the first token was ready (before the store).
+        ``clock`` time at which the first token was ready (before the store).
         """
         if self.cache is None:
             logits = self._prefill(tokens, 0, page_table, None, split_at)
             self._synchronize()
-            return logits, _Prefix(), time.perf_counter()
+            return logits, _Prefix(), clock()
         cache, P = self.cache, self.layout.page_size
         result = cache.lookup(tokens)
         try:
@@ -312,7 +316,7 @@ class ReferenceEngine:
             if handle is not None:
                 handle.wait_all()
             self._synchronize()
-            first_token_at = time.perf_counter()
+            first_token_at = clock()
             num_full = len(tokens) // P
             if num_full:
                 cache.store(tokens[: num_full * P], pages[:num_full])
@@ -340,7 +344,8 @@ class ReferenceEngine:
         return self.model.compute_logits(hidden[-1:])[0]
 
     # ---- helpers -------------------------------------------------------------
-    def _check_request(self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int) -> list[int]:
+    def check_request(self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int) -> list[int]:
+        """The prompt as a list of ints; raise EngineError if this engine cannot run it."""
         tokens = [int(t) for t in np.asarray(prompt).reshape(-1)]
         config = self.model.config
         if not tokens:
