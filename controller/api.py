@@ -217,3 +217,11 @@ class CacheStats:
     """Pages in L2 now."""
     num_due_pages: int = 0
     """Pages in L2 not yet written to L3 now (what close() would write)."""
+    num_backup_queue_pages: int = 0
+    """Pages waiting in (or being written by) the backup queue now."""
+    backup_queue_bytes: int = 0
+    """Bytes of evicted pages held in the backup queue now (bounded by L3Config.backup_queue_bytes)."""
+    backup_lag_s: float = 0.0
+    """Age of the oldest page waiting in the backup queue now."""
+    l3_bytes_read: int = 0
+    """Framed bytes read from L3 (prefetches and lookups)."""

@@ -20,6 +20,11 @@ class AsyncRunner:
         self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
         self._thread.start()
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the pipelines' tasks run on."""
+        return self._loop
+
     def run(self, coro: Awaitable[T], timeout_s: float | None = None) -> T:
         """Run ``coro`` on the loop and return its result; raises TimeoutError after ``timeout_s``.
 

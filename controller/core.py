@@ -1,34 +1,42 @@
 """CacheCore: the device-free half of the cache -- L2 (a host store in shm), the L3
-connector and the write policy between them.
+connector and the pipelines between them (prefetch up, backup down).
 
 The embedded controller drives one core from the engine's thread; the daemon
-drives one from its request loop. Either way one thread calls it (it is not
-thread-safe), and it never touches a device: the caller moves bytes between
-its device pool and the slots the core names.
+drives one from its request loop. The core never touches a device: the caller
+moves bytes between its device pool and the slots the core names.
+
+Threads: the callers' thread and the L3 loop (``AsyncRunner``), where the
+prefetch and backup pipelines run. Every change to the host store happens
+under ``lock``, held only for in-memory steps: nobody holds it while waiting on
+L3, so neither side can stall the other for an I/O's length.
 
 Data paths::
 
-    lookup:  L2 match, then L3 exists + get_into free L2 slots (pages come back up)
+    lookup:  L2 prefix, leased; pages only in L3 come up by a prefetch
+             (controller/pipelines/prefetch.py), waited for per PrefetchConfig.policy
     store:   begin_store reserves slots -> the caller writes them -> commit_store publishes
-             (--put--> L3 at once under write_through)
-    evict:   L2 slot --put--> L3 if the page is due (not yet in L3) --> slot freed
-    close:   every due page --put--> L3 within a deadline, then L3 closes, shm goes
+    backup:  due pages --queue--> L3 (write_through at commit, write_through_selective
+             after N hits, write_back at eviction; controller/pipelines/backup.py)
+    close:   every due page --> L3 within a deadline, then L3 closes, shm goes
 
 A page is *due* while L2 holds it and L3 is not known to: from its commit until
-a put succeeds (write_through puts at once; write_back at eviction or close).
-Pages read from L3 are never due.
+a put succeeds. Pages read from L3 are never due.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from controller.api import CacheError, CacheStats
 from controller.async_runner import AsyncRunner
 from controller.config import ControllerConfig
+from controller.pipelines.backup import BackupQueue
+from controller.pipelines.prefetch import Prefetch, Prefetcher
 from kvstore.host_pool import HostPool
 from kvstore.host_store import HostStore
 from kvstore.layout import KVLayout
@@ -36,7 +44,15 @@ from kvstore.page_keys import PageKey
 
 log = logging.getLogger(__name__)
 
-_FLUSH_BATCH = 64   # pages per put while flushing: a bounded call, so the deadline holds
+
+
+class LookupOutcome(NamedTuple):
+    """What ``CacheCore.lookup`` leased: ``num_l2 + num_l3`` leading pages; ``num_pending``
+    more are still coming up from L3 (best_effort / timeout)."""
+
+    num_l2: int
+    num_l3: int
+    num_pending: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,15 +79,19 @@ class FlushReport:
 
 
 class CacheCore:
-    """L2 + L3 + write policy; see the module docstring."""
+    """L2 + L3 + the pipelines; see the module docstring."""
 
     def __init__(self, config: ControllerConfig, layout: KVLayout) -> None:
         self.config = config
         self.layout = layout
+        self.lock = threading.RLock()
         self._stats = CacheStats()
         self._due: set[PageKey] = set()
+        self._hits_while_due: Counter[PageKey] = Counter()   # write_through_selective
         self._runner: AsyncRunner | None = None
         self._l3 = None
+        self._prefetcher: Prefetcher | None = None
+        self._backup: BackupQueue | None = None
         self._is_closed = False
         pool = HostPool(layout, config.host_pool_pages)
         self.host = HostStore(pool, policy=config.eviction_policy, on_evict=self._on_evict)
@@ -102,87 +122,92 @@ class CacheCore:
             return open_connector(self.config.l3.connector, **options)
 
         try:
-            self._l3 = self._l3_call(open_on_loop())
+            self._l3 = self._runner.run(open_on_loop(), self.config.l3.timeout_s)
         except BaseException:
             self._runner.close()
             raise
-
-    def _l3_call(self, coro, timeout_s: float | None = None):
-        return self._runner.run(coro, timeout_s or self.config.l3.timeout_s)
+        loop = self._runner.loop
+        self._prefetcher = Prefetcher(self, self._l3, loop, self.config.prefetch, self.pool.slot_bytes)
+        self._backup = BackupQueue(self, self._l3, loop, self.config.l3.backup_queue_bytes,
+                                   lambda: self._prefetcher.idle)
 
     def check_open(self) -> None:
         if self._is_closed:
             raise CacheError("this cache client is closed; connect() again to use the cache")
 
-    # ---- lookup -----------------------------------------------------------------
-    def lookup(self, keys: Sequence[PageKey]) -> tuple[int, int]:
-        """Lease the longest cached prefix of a chain; returns (num_l2, num_l3).
+    # ---- lookup and prefetch ---------------------------------------------------------
+    def lookup(self, keys: Sequence[PageKey]) -> LookupOutcome:
+        """Lease the longest cached prefix of a chain (one lease per page).
 
-        ``keys[:num_l2 + num_l3]`` hold one new lease each. Pages found only in L3
-        were read into free L2 slots (which may evict unleased L2 pages)."""
+        Pages only in L3 come up through a prefetch; how long this waits for it is
+        ``config.prefetch.policy``'s choice (see PrefetchConfig)."""
         self.check_open()
-        in_l2 = [slot is not None for slot in self.host.index.get_many(keys)]
-        # Lease every L2 page of the chain first, so filling a gap from L3 can't
-        # evict a later page of the same chain.
-        held = [k for k, present in zip(keys, in_l2) if present]
-        self.host.lease(held)
-        num_hit, num_l3 = 0, 0
-        try:
-            while num_hit < len(keys):
-                if in_l2[num_hit]:
-                    num_hit += 1
-                    continue
-                gap_end = next((j for j in range(num_hit, len(keys)) if in_l2[j]), len(keys))
-                fetched = self._fetch_from_l3(keys, num_hit, gap_end) if self._l3 is not None else 0
-                num_hit += fetched
-                num_l3 += fetched
-                if num_hit < gap_end:
-                    break
-        except BaseException:
-            fetched = [k for k, present in zip(keys[:num_hit], in_l2) if not present]
-            self.host.release(held + fetched)
-            raise
-        self.host.release([k for k, present in zip(keys[num_hit:], in_l2[num_hit:]) if present])
-        self.host.touch(keys[:num_hit])
+        keys = list(keys)
+        with self.lock:
+            was_in_l2 = [slot is not None for slot in self.host.index.get_many(keys)]
+            num_hit = self.host.index.match_prefix(keys)
+            self.host.lease(keys[:num_hit])
+            ticket = self._prefetch_locked(keys, num_hit) if num_hit < len(keys) else None
+        num_pending = 0
+        if ticket is not None:
+            first_missing = num_hit
+            try:
+                self._wait_per_policy(ticket, len(keys) * self.layout.page_size)
+            finally:
+                with self.lock:
+                    num_hit += self.host.index.match_prefix(keys[first_missing:])
+                    self.host.lease(keys[first_missing:num_hit])
+            num_pending = 0 if ticket.is_done else ticket.num_pending
+        # Pages of the hit that were in L2 when asked count as L2 hits (a run after a
+        # gap too); the rest came up from L3.
+        num_l2 = sum(was_in_l2[:num_hit])
+        with self.lock:
+            self._count_hits(keys[:num_hit], len(keys), num_l2, num_hit - num_l2)
+        return LookupOutcome(num_l2, num_hit - num_l2, num_pending)
+
+    def _wait_per_policy(self, ticket: Prefetch, num_tokens: int) -> None:
+        policy = self.config.prefetch
+        if policy.policy in ("wait_complete", "sync"):
+            # An L3 read that hangs ends by its own timeout; this bound is only a backstop.
+            ticket.wait(4 * self.config.l3.timeout_s)
+        elif policy.policy == "timeout":
+            ticket.wait(policy.timeout_base_s + policy.timeout_per_1k_tokens_s * num_tokens / 1000)
+
+    def _count_hits(self, hits: list[PageKey], num_asked: int, num_l2: int, num_l3: int) -> None:
+        self.host.touch(hits)
         stats = self._stats
         stats.num_lookups += 1
-        stats.num_lookup_pages += len(keys)
-        stats.num_l2_hit_pages += num_hit - num_l3
+        stats.num_lookup_pages += num_asked
+        stats.num_l2_hit_pages += num_l2
         stats.num_l3_hit_pages += num_l3
-        return num_hit - num_l3, num_l3
+        if self.config.l3.write_policy == "write_through_selective" and self._backup is not None:
+            due = [k for k in hits if k in self._due]
+            self._hits_while_due.update(due)
+            ripe = [k for k in due if self._hits_while_due[k] >= self.config.l3.selective_hits]
+            if ripe:
+                self._backup.add_resident(ripe)
 
-    def _fetch_from_l3(self, keys: Sequence[PageKey], start: int, end: int) -> int:
-        """Bring ``keys[start:end]`` (absent from L2) from L3 into L2, leased.
+    def prefetch(self, keys: Sequence[PageKey]) -> Prefetch | None:
+        """Start bringing the L3 pages of a chain into L2 (a hint); None when L2 holds
+        all of it or there is no L3. Never waits on L3."""
+        self.check_open()
+        keys = list(keys)
+        with self.lock:
+            start = self.host.index.match_prefix(keys)
+            return self._prefetch_locked(keys, start) if start < len(keys) else None
 
-        Returns how many consecutive pages arrived; stops at the first miss, since
-        a page after a gap is of no use to a prefix."""
-        try:
-            num_present = self._l3_call(self._l3.exists(keys[start:end]))
-        except Exception as exc:  # noqa: BLE001 - an L3 outage is a miss, not an engine failure
-            self._stats.num_l3_errors += 1
-            log.warning("L3 exists() failed, treating as miss: %s", exc)
-            return 0
-        slots = self._reserve_up_to(num_present)
-        if not slots:
-            return 0
-        wanted = list(keys[start : start + len(slots)])
-        buffers = [self.pool.slot_view(s) for s in slots]
-        try:
-            found = self._l3_call(self._l3.get_into(wanted, buffers))
-        except Exception as exc:  # noqa: BLE001
-            self._stats.num_l3_errors += 1
-            log.warning("L3 get_into() failed, treating as miss: %s", exc)
-            found = [False] * len(wanted)
-        del buffers
-        num_ok = next((i for i, ok in enumerate(found) if not ok), len(found))
-        self.host.abort(slots[num_ok:])
-        parents = [keys[i - 1] if i else None for i in range(start, start + num_ok)]
-        self.host.commit(wanted[:num_ok], slots[:num_ok], parents)
-        self.host.lease(wanted[:num_ok])
-        return num_ok
+    def _prefetch_locked(self, keys: list[PageKey], start: int) -> Prefetch | None:
+        if self._prefetcher is None:
+            return None
+        running = self._prefetcher.find(keys, start)
+        if running is not None:
+            return running
+        whole = len(keys) if self.config.prefetch.policy == "sync" else None
+        return self._prefetcher.start(keys, start, batch_pages=whole)
 
-    def _reserve_up_to(self, n: int) -> list[int]:
-        """As many slots as possible up to ``n`` (leased pages can't be evicted for them)."""
+    def reserve_up_to(self, n: int) -> list[int]:
+        """As many slots as possible up to ``n`` (leased pages can't be evicted for them).
+        Call under ``lock``."""
         while n > 0:
             slots = self.host.reserve(n)
             if slots is not None:
@@ -192,21 +217,23 @@ class CacheCore:
 
     def slots_of(self, keys: Sequence[PageKey]) -> list[int]:
         """Slots of present pages (leased ones stay put); raises KeyError for an absent one."""
-        return self.host.slots_of(keys)
+        with self.lock:
+            return self.host.slots_of(keys)
 
     def release(self, keys: Sequence[PageKey]) -> None:
         """End one lease on each key (all or nothing)."""
-        self.host.release(keys)
+        with self.lock:
+            self.host.release(keys)
 
     # ---- store ------------------------------------------------------------------
     def begin_store(self, keys: Sequence[PageKey]) -> StorePlan:
         """Reserve slots for the pages of a chain that L2 lacks; present ones count as hits."""
         self.check_open()
-        index = self.host.index
-        present = index.get_many(keys)
-        absent = [i for i, slot in enumerate(present) if slot is None]
-        self.host.touch([k for k, slot in zip(keys, present) if slot is not None])
-        slots = self._reserve_up_to(len(absent)) if absent else []
+        with self.lock:
+            present = self.host.index.get_many(keys)
+            absent = [i for i, slot in enumerate(present) if slot is None]
+            self.host.touch([k for k, slot in zip(keys, present) if slot is not None])
+            slots = self.reserve_up_to(len(absent)) if absent else []
         return StorePlan(tuple(absent[: len(slots)]), tuple(slots), len(absent) - len(slots))
 
     def commit_store(self, keys: Sequence[PageKey], plan: StorePlan) -> int:
@@ -214,49 +241,61 @@ class CacheCore:
 
         A page that another store published meanwhile keeps that copy, and this
         slot goes back to the pool."""
-        index = self.host.index
-        fresh = [(p, s) for p, s in zip(plan.positions, plan.slots) if keys[p] not in index]
-        self.host.abort([s for p, s in zip(plan.positions, plan.slots) if keys[p] in index])
-        if not fresh:
-            return 0
-        new_keys = [keys[p] for p, _ in fresh]
-        slots = [s for _, s in fresh]
-        self.host.commit(new_keys, slots, [keys[p - 1] if p else None for p, _ in fresh])
-        self._stats.num_stored_pages += len(new_keys)
-        if self._l3 is not None:
-            self._due.update(new_keys)
-            if self.config.l3.write_policy == "write_through":
-                self._put_to_l3(new_keys, slots)
-        return len(new_keys)
+        with self.lock:
+            index = self.host.index
+            fresh = [(p, s) for p, s in zip(plan.positions, plan.slots) if keys[p] not in index]
+            self.host.abort([s for p, s in zip(plan.positions, plan.slots) if keys[p] in index])
+            if not fresh:
+                return 0
+            new_keys = [keys[p] for p, _ in fresh]
+            self.host.commit(new_keys, [s for _, s in fresh], [keys[p - 1] if p else None for p, _ in fresh])
+            self._stats.num_stored_pages += len(new_keys)
+            if self._backup is not None:
+                self._due.update(new_keys)
+                if self.config.l3.write_policy == "write_through":
+                    self._backup.add_resident(new_keys)
+            return len(new_keys)
 
     def abort_store(self, plan: StorePlan) -> None:
         """Give back the slots of a store that will not be committed."""
-        self.host.abort(plan.slots)
+        with self.lock:
+            self.host.abort(plan.slots)
 
-    # ---- L3 writes ----------------------------------------------------------------
+    # ---- backup (called by the pipelines, under the lock) --------------------------------
     def _on_evict(self, keys: list[PageKey], slots: list[int]) -> None:
+        """Due pages leaving L2 are copied out for the backup queue (their slots are
+        reused at once); what does not fit in its memory is dropped and counted."""
         self._stats.num_evicted_pages += len(keys)
         due = [(k, s) for k, s in zip(keys, slots) if k in self._due]
-        if due:
-            num_written = self._put_to_l3([k for k, _ in due], [s for _, s in due])
-            self._stats.num_l3_dropped_pages += len(due) - num_written
-            self._due.difference_update(k for k, _ in due)
+        if not due:
+            return
+        self._due.difference_update(k for k, _ in due)
+        for key, _ in due:
+            self._hits_while_due.pop(key, None)
+        dropped = self._backup.add_evicted([k for k, _ in due], [self.pool.slot_view(s) for _, s in due])
+        self._stats.num_l3_dropped_pages += dropped
 
-    def _put_to_l3(self, keys: list[PageKey], slots: list[int], timeout_s: float | None = None) -> int:
-        """Write pages to L3; the ones written stop being due. Returns how many."""
-        values = [self.pool.slot_view(s) for s in slots]
-        try:
-            stored = self._l3_call(self._l3.put(keys, values), timeout_s)
-        except Exception as exc:  # noqa: BLE001 - losing a cached page is allowed, crashing is not
-            self._stats.num_l3_errors += 1
-            log.warning("L3 put() of %d pages failed: %s", len(keys), exc)
-            return 0
-        finally:
-            del values
+    def on_backup_result(self, keys: list[PageKey], stored: list[bool], evicted: bool) -> None:
+        """Count a finished put; written pages stop being due."""
         written = [k for k, ok in zip(keys, stored) if ok]
-        self._due.difference_update(written)
         self._stats.num_l3_written_pages += len(written)
-        return len(written)
+        self._due.difference_update(written)
+        for key in written:
+            self._hits_while_due.pop(key, None)
+        if evicted:
+            self._stats.num_l3_dropped_pages += len(keys) - len(written)
+
+    def staged_page(self, key: PageKey) -> bytes | None:
+        """An evicted page's bytes still waiting in the backup queue (under ``lock``)."""
+        return self._backup.staged_page(key) if self._backup is not None else None
+
+    def count_l3_error(self) -> None:
+        with self.lock:
+            self._stats.num_l3_errors += 1
+
+    def drain_backups(self, timeout_s: float) -> bool:
+        """Wait until the backup queue is empty (every queued page written or failed)."""
+        return self._backup is None or self._backup.drain(timeout_s)
 
     @property
     def num_due_pages(self) -> int:
@@ -264,43 +303,49 @@ class CacheCore:
         return len(self._due)
 
     def flush(self, deadline_s: float) -> FlushReport:
-        """Write every due page down to L3, within ``deadline_s`` seconds."""
-        if self._l3 is None or not self._due:
+        """Write every due page (and whatever the backup queue holds) down to L3, within
+        ``deadline_s`` seconds. Pages stay in L2."""
+        if self._backup is None:
             return FlushReport()
-        end = time.monotonic() + deadline_s
-        index = self.host.index
-        pending = [k for k in self._due if k in index]
-        num_written = 0
-        for lo in range(0, len(pending), _FLUSH_BATCH):
-            left = end - time.monotonic()
-            if left <= 0:
-                break
-            keys = pending[lo : lo + _FLUSH_BATCH]
-            num_written += self._put_to_l3(keys, self.slots_of(keys), min(left, self.config.l3.timeout_s))
-        return FlushReport(num_written, len(pending) - num_written)
+        with self.lock:
+            asked = set(self._due)
+            self._backup.add_resident([k for k in asked if k in self.host.index])
+            written_before = self._stats.num_l3_written_pages
+        self._backup.drain(deadline_s)
+        with self.lock:
+            # Due pages still only in L2, and evicted pages whose copy is still queued.
+            num_failed = len(asked & self._due) + self._backup.num_staged_pages
+            return FlushReport(self._stats.num_l3_written_pages - written_before, num_failed)
 
     # ---- state ------------------------------------------------------------------------
     def stats(self) -> CacheStats:
         """A snapshot of the counters (safe to keep)."""
-        snapshot = CacheStats(**vars(self._stats))
-        snapshot.num_l2_pages = len(self.host.index)
-        snapshot.num_due_pages = len(self._due)
+        with self.lock:
+            snapshot = CacheStats(**vars(self._stats))
+            snapshot.num_l2_pages = len(self.host.index)
+            snapshot.num_due_pages = len(self._due)
+            if self._backup is not None:
+                snapshot.num_backup_queue_pages = self._backup.num_pages
+                snapshot.backup_queue_bytes = self._backup.staged_bytes
+                snapshot.backup_lag_s = self._backup.lag_s
         if self._l3 is not None:
             # The connector turns store faults into misses and refused puts; its
             # counters are where they show.
             l3 = self._l3.stats()
             snapshot.num_l3_errors += l3.errors + l3.timeouts
             snapshot.num_l3_bad_values = l3.corrupt + l3.wrong_key + l3.wrong_fingerprint + l3.wrong_size
+            snapshot.l3_bytes_read = l3.bytes_in
         return snapshot
 
     def check_integrity(self, quiescent: bool = False) -> None:
         """Raise if L2's pool, index and leases disagree (``quiescent``: and nothing is held)."""
-        self.host.check_integrity(quiescent)
+        with self.lock:
+            self.host.check_integrity(quiescent)
 
     def close(self, flush_deadline_s: float | None = None) -> FlushReport:
-        """Write due pages to L3 (within ``flush_deadline_s``, by default the config's
-        ``l3.close_flush_s``), close L3, stop the I/O thread and remove the host
-        pool, each even if an earlier step fails. Idempotent."""
+        """Stop prefetches, write due pages to L3 (within ``flush_deadline_s``, by default
+        the config's ``l3.close_flush_s``), close L3, stop the I/O thread and remove the
+        host pool, each even if an earlier step fails. Idempotent."""
         if self._is_closed:
             return FlushReport()
         self._is_closed = True
@@ -308,13 +353,7 @@ class CacheCore:
         report = FlushReport()
         try:
             if self._l3 is not None:
-                report = self.flush(deadline)
-                self._stats.num_l3_dropped_pages += report.num_failed
-                if report.num_failed:
-                    log.warning("close: %d of %d pages due to L3 could not be written there",
-                                report.num_failed, report.num_failed + report.num_written)
-                l3, self._l3 = self._l3, None
-                self._l3_call(l3.close())
+                report = self._close_l3(deadline)
         finally:
             try:
                 if self._runner is not None:
@@ -322,4 +361,19 @@ class CacheCore:
                     self._runner = None
             finally:
                 self.pool.close()
+        return report
+
+    def _close_l3(self, deadline_s: float) -> FlushReport:
+        with self.lock:
+            running = list(self._prefetcher._running.values())
+        for ticket in running:
+            ticket.cancel()
+        report = self.flush(deadline_s)
+        self._backup.close()
+        self._stats.num_l3_dropped_pages += report.num_failed
+        if report.num_failed:
+            log.warning("close: %d of %d pages due to L3 could not be written there",
+                        report.num_failed, report.num_failed + report.num_written)
+        l3, self._l3 = self._l3, None
+        self._runner.run(l3.close(), self.config.l3.timeout_s)
         return report

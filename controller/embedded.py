@@ -17,11 +17,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from controller.api import CacheClient, CacheError, CacheStats, LoadHandle, LookupResult, StoreResult
+from controller.api import (CacheClient, CacheError, CacheStats, LoadHandle, LookupResult,
+                            PrefetchTicket, StoreResult)
 from controller.config import ControllerConfig
 from controller.core import CacheCore, FlushReport
 from controller.device_pool import DevicePool
 from controller.leases import LeaseBook
+from controller.pipelines.prefetch import CompletedPrefetch
 from kvstore.host_store import HostStore
 from kvstore.layout import KVLayout
 from kvstore.page_keys import KeyNamespace, page_keys
@@ -49,11 +51,16 @@ class EmbeddedController(CacheClient):
     def lookup(self, tokens: Sequence[int] | np.ndarray) -> LookupResult:
         self._core.check_open()
         keys = page_keys(self._ns_digest, tokens, self.layout.page_size)
-        num_l2, num_l3 = self._core.lookup(keys)
-        result = LookupResult(next(self._lease_ids), tuple(keys[: num_l2 + num_l3]),
-                              self.layout.page_size, num_l2, num_l3)
+        hit = self._core.lookup(keys)
+        result = LookupResult(next(self._lease_ids), tuple(keys[: hit.num_l2 + hit.num_l3]),
+                              self.layout.page_size, hit.num_l2, hit.num_l3, hit.num_pending)
         self._leases.add(result)
         return result
+
+    def prefetch(self, tokens: Sequence[int] | np.ndarray) -> PrefetchTicket:
+        self._core.check_open()
+        ticket = self._core.prefetch(page_keys(self._ns_digest, tokens, self.layout.page_size))
+        return ticket if ticket is not None else CompletedPrefetch()
 
     def load(self, result: LookupResult, device_pages: Sequence[int]) -> LoadHandle:
         self._core.check_open()
@@ -96,6 +103,12 @@ class EmbeddedController(CacheClient):
     def stats(self) -> CacheStats:
         self._core.check_open()
         return self._core.stats()
+
+    def drain_backups(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every page queued for L3 was written (or failed); False on timeout.
+        Writes to L3 run in the background, so tests and orderly hand-offs use this."""
+        self._core.check_open()
+        return self._core.drain_backups(timeout_s)
 
     def check_integrity(self, quiescent: bool = False) -> None:
         """Raise if L2's pool, index and leases disagree (``quiescent``: and nothing is held)."""

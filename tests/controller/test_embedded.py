@@ -71,6 +71,7 @@ def test_evicted_pages_spill_to_disk_and_come_back(tmp_path):
     fill_pages(pool, range(8), seed=2)
     ctl.store(first, [0, 1, 2, 3])
     ctl.store(second, [4, 5, 6, 7])  # evicts all of `first` to L3
+    assert ctl.drain_backups()
     assert ctl.stats().num_evicted_pages == 4
     assert ctl.stats().num_l3_written_pages == 4
 
@@ -113,6 +114,7 @@ def test_load_after_release_or_with_wrong_pages_is_refused(tmp_path):
 def test_write_through_puts_every_new_page(tmp_path):
     ctl, pool = make_controller(tmp_path, write_policy="write_through")
     ctl.store(list(range(12)), [0, 1, 2])
+    assert ctl.drain_backups()
     assert ctl.stats().num_l3_written_pages == 3
     ctl.close()
     # A second controller on the same directory (a restart) finds them on disk.

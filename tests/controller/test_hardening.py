@@ -115,6 +115,7 @@ def test_stats_show_hits_per_tier_and_l3_failures(tmp_path):
     ctl.store(list(range(16)), [0, 1, 2, 3])
     result = ctl.lookup(list(range(16)))
     ctl.release(result)
+    assert ctl.drain_backups(10)             # L3 writes run in the background
     st = ctl.stats()
     assert (st.num_lookups, st.num_lookup_pages, st.num_l2_hit_pages, st.num_l3_hit_pages) == (1, 4, 2, 0)
     assert st.num_stored_pages == 2 and st.num_l3_written_pages == 0

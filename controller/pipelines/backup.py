@@ -1,0 +1,196 @@
+"""Backup: L2 -> L3 writes through one background queue, off every caller's path.
+
+Two kinds of item, both written by one worker on the L3 loop::
+
+    resident  a page still in L2 (write_through at commit, write_through_selective
+              after N hits, flush at close): the worker leases it, puts it straight
+              from its slot, releases it -- a lease keeps the slot from reuse mid-put
+    evicted   a page L2 dropped before its write ran (write_back): its bytes were
+              copied out at eviction, so the slot could be reused at once; the copies
+              are bounded by ``backup_queue_bytes`` and a page that does not fit is
+              dropped and counted -- never half-written
+
+Prefetch goes first on the L3 link: the worker waits (a little) while prefetch
+reads are in flight. Queue depth, staged bytes, lag and drops are in the stats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from typing import Callable, Protocol
+
+from kvstore.host_store import HostStore
+from kvstore.page_keys import PageKey
+
+log = logging.getLogger(__name__)
+
+_BATCH_PAGES = 32
+_PREFETCH_FIRST_S = 0.05   # longest a backup batch yields to prefetch reads
+
+
+class BackupHost(Protocol):
+    """What the backup worker needs of the cache core."""
+
+    host: HostStore
+    lock: threading.RLock
+
+    def on_backup_result(self, keys: list[PageKey], stored: list[bool], evicted: bool) -> None: ...
+
+    def count_l3_error(self) -> None: ...
+
+
+class BackupQueue:
+    def __init__(self, core: BackupHost, l3, loop: asyncio.AbstractEventLoop, max_bytes: int,
+                 prefetch_idle: Callable[[], asyncio.Event]) -> None:
+        self._core = core
+        self._l3 = l3
+        self._loop = loop
+        self._max_bytes = max_bytes
+        self._prefetch_idle = prefetch_idle
+        # (key, bytes or None for a resident page, time queued); appended under the core lock
+        self._items: deque[tuple[PageKey, bytes | None, float]] = deque()
+        self._queued: set[PageKey] = set()
+        # evicted pages not yet written, by key: a prefetch takes them from here, since
+        # L3 does not have them yet (a victim buffer)
+        self._staged: dict[PageKey, bytes] = {}
+        self.staged_bytes = 0
+        self.num_dropped = 0
+        self._num_busy = 0
+        self._wake: asyncio.Event | None = None
+        self._drained = threading.Condition()
+        self._task = asyncio.run_coroutine_threadsafe(self._worker(), loop)
+
+    # ---- producers (any thread, under the core lock) --------------------------------
+    def add_resident(self, keys: list[PageKey]) -> None:
+        now = time.monotonic()
+        for key in keys:
+            if key not in self._queued:
+                self._queued.add(key)
+                self._items.append((key, None, now))
+        self._poke()
+
+    def add_evicted(self, keys: list[PageKey], pages: list[memoryview]) -> int:
+        """Copy evicted pages out for writing; returns how many did not fit (dropped)."""
+        now, dropped = time.monotonic(), 0
+        for key, page in zip(keys, pages):
+            if self.staged_bytes + len(page) > self._max_bytes:
+                dropped += 1
+                continue
+            data = bytes(page)
+            self._items.append((key, data, now))
+            self._staged[key] = data
+            self.staged_bytes += len(page)
+        self.num_dropped += dropped
+        self._poke()
+        return dropped
+
+    def _poke(self) -> None:
+        self._loop.call_soon_threadsafe(self._wake_worker)
+
+    def _wake_worker(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def staged_page(self, key: PageKey) -> bytes | None:
+        """The bytes of an evicted page still waiting for its write (under the core lock)."""
+        return self._staged.get(key)
+
+    # ---- state --------------------------------------------------------------------
+    @property
+    def num_pages(self) -> int:
+        """Pages queued or being written."""
+        return len(self._items) + self._num_busy
+
+    @property
+    def num_staged_pages(self) -> int:
+        """Evicted pages whose copy waits for its write."""
+        return len(self._staged)
+
+    @property
+    def lag_s(self) -> float:
+        """Age of the oldest queued page (0 when empty)."""
+        items = self._items
+        return time.monotonic() - items[0][2] if items else 0.0
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until every queued page was written or failed; False on timeout."""
+        end = time.monotonic() + timeout_s
+        with self._drained:
+            while self.num_pages:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._drained.wait(min(left, 0.05))
+        return True
+
+    def close(self) -> int:
+        """Stop the worker; returns the pages still queued (not written)."""
+        self._task.cancel()
+        try:
+            self._task.result(timeout=10)
+        except BaseException:  # noqa: BLE001 - cancelled is the normal end
+            pass
+        left = len(self._items)
+        self._items.clear()
+        self._queued.clear()
+        self._staged.clear()
+        self.staged_bytes = 0
+        return left
+
+    # ---- the worker (on the L3 loop) --------------------------------------------------
+    async def _worker(self) -> None:
+        self._wake = asyncio.Event()
+        while True:
+            if not self._items:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            idle = self._prefetch_idle()
+            if not idle.is_set():
+                try:
+                    await asyncio.wait_for(idle.wait(), _PREFETCH_FIRST_S)
+                except asyncio.TimeoutError:
+                    pass
+            await self._write_batch()
+            with self._drained:
+                self._drained.notify_all()
+
+    async def _write_batch(self) -> None:
+        with self._core.lock:
+            batch = [self._items.popleft() for _ in range(min(_BATCH_PAGES, len(self._items)))]
+            self._num_busy = len(batch)
+            resident = [key for key, data, _ in batch if data is None]
+            self._queued.difference_update(resident)
+            index = self._core.host.index
+            resident = [key for key in resident if key in index]   # evicted meanwhile: see add_evicted
+            slots = self._core.host.lease(resident)
+        evicted = [(key, data) for key, data, _ in batch if data is not None]
+        try:
+            if resident:
+                await self._put(resident, [self._core.host.pool.slot_view(s) for s in slots], False)
+            if evicted:
+                await self._put([k for k, _ in evicted], [d for _, d in evicted], True)
+        finally:
+            with self._core.lock:
+                self._core.host.release(resident)
+                self.staged_bytes -= sum(len(d) for _, d in evicted)
+                for key, data in evicted:
+                    if self._staged.get(key) is data:
+                        del self._staged[key]
+                self._num_busy = 0
+
+    async def _put(self, keys: list[PageKey], values: list, evicted: bool) -> None:
+        try:
+            stored = await self._l3.put(keys, values)
+        except Exception as exc:  # noqa: BLE001 - a lost backup is a counted drop, not a crash
+            self._core.count_l3_error()
+            log.warning("L3 put() of %d pages failed: %s", len(keys), exc)
+            stored = [False] * len(keys)
+        finally:
+            del values
+        with self._core.lock:
+            self._core.on_backup_result(keys, stored, evicted)
