@@ -331,6 +331,8 @@ def summarize(spec: RunSpec, done: list[Completion], makespan: float, stats: dic
         "hit_rate": sum(c.result.num_cached_tokens for c in done) / max(1, prompt),
         "l3_hit_tokens_in_lookup": sum(c.result.num_l3_tokens for c in done),
         "pending_tokens_at_lookup": sum(c.result.num_pending_tokens for c in done),
+        "prefetch_pages_at_admission": sum(c.num_prefetch_pages for c in done),
+        "prefetch_ready_pages_at_admission": sum(c.num_prefetch_ready for c in done),
         "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99), "ttft_mean_s": statistics.fmean(ttft),
         "queue_p50_s": _pct(sorted(c.queue_s for c in done), 50),
         "makespan_s": makespan, "tokens_per_s": (prompt + out_tokens) / makespan,

@@ -1,5 +1,6 @@
 """ReferenceEngine: prefill and greedy decode over a paged KV pool, a request at a time
-(``generate``) or in steps that a scheduler interleaves (``begin``, ``decode_step``, ``finish``).
+(``generate``) or in steps that a scheduler interleaves (``start``, ``prefill_step`` per
+chunk, ``decode_step`` per token, ``finish``).
 
 With a cache, a request goes::
 
@@ -39,7 +40,7 @@ page-sized chunks and could differ in the last bit.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -136,8 +137,8 @@ class _Prefix:
 
 @dataclass(eq=False)
 class RunningRequest:
-    """A request between ``ReferenceEngine.begin`` and ``finish``: it holds its device
-    pages, its outputs so far, and what the cache served its prompt."""
+    """A request between ``ReferenceEngine.start`` and ``finish``: it holds its device
+    pages, its prefill progress, its outputs so far, and what the cache served its prompt."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -152,7 +153,18 @@ class RunningRequest:
     first_token_at: float
     """``clock`` time the first token was ready (after prefill, before the store)."""
     clock: Callable[[], float] = time.perf_counter
+    prompt_tensor: torch.Tensor | None = None
+    chunks: list[tuple[int, int]] = field(default_factory=list)
+    """Prefill chunks [start, stop) still to compute from ``num_chunks_done`` on."""
+    num_chunks_done: int = 0
+    lookup: LookupResult | None = None
+    """The cache lease, held from ``start`` until the prefill's last chunk."""
+    handle: LoadHandle | None = None
     is_freed: bool = False
+
+    @property
+    def is_prefilled(self) -> bool:
+        return bool(self.tokens)
 
     @property
     def is_finished(self) -> bool:
@@ -227,30 +239,76 @@ class ReferenceEngine:
         self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int, split_at: int = 0,
         clock: Callable[[], float] = time.perf_counter,
     ) -> RunningRequest:
-        """Allocate the request's device pages, load its cached prefix, prefill the rest and
-        store the prompt's full pages; the first token is ready on return. The pages stay
-        allocated until ``finish`` or ``abort``; on an error nothing stays allocated.
-        ``clock`` stamps the request's times (a scheduler passes its own)."""
+        """``start`` and every ``prefill_step``: the first token is ready on return."""
+        request = self.start(prompt, max_new_tokens, split_at, clock)
+        try:
+            while not self.prefill_step(request):
+                pass
+        except BaseException:
+            self.abort(request)
+            raise
+        return request
+
+    def start(
+        self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int, split_at: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> RunningRequest:
+        """Allocate the request's device pages, look its prompt up in the cache (leasing the
+        cached prefix) and start loading it; no compute yet. The pages (and the lease, until
+        the prefill's last chunk) are held until ``finish`` or ``abort``; on an error nothing
+        is held. ``clock`` stamps the request's times (a scheduler passes its own)."""
         tokens = self.check_request(prompt, max_new_tokens)
         P = self.layout.page_size
         if not isinstance(split_at, int) or split_at < 0 or split_at % P:
             raise EngineError(f"split_at must be a multiple of the page size ({P}), got {split_at!r}")
-        start = clock()
+        started = clock()
         pages = self.allocator.allocate(self.num_pages_for(len(tokens), max_new_tokens))
+        device = self.model.device
+        request = RunningRequest(
+            tokens, max_new_tokens, pages, torch.tensor(pages, dtype=torch.long, device=device),
+            _Prefix(), [], [], started, float("nan"), clock,
+            prompt_tensor=torch.tensor(tokens, dtype=torch.long, device=device))
         try:
-            page_table = torch.tensor(pages, dtype=torch.long, device=self.model.device)
-            last_logits, prefix, first_token_at = self._prefill_with_cache(
-                tokens, pages, page_table, split_at, clock)
+            if self.cache is not None:
+                self._lookup_and_load(request)
+            first = request.prefix.num_pages * P
+            request.chunks = chunk_bounds(first, len(tokens), self.prefill_chunk_len, split_at)
+            if not request.chunks:
+                raise EngineError("internal: no prefill chunk (the last page is always recomputed)")
         except BaseException:
-            self.allocator.free(pages)
+            self.abort(request)
             raise
-        return RunningRequest(tokens, max_new_tokens, pages, page_table, prefix,
-                              [int(last_logits.argmax())], [last_logits], start, first_token_at, clock)
+        return request
+
+    def prefill_step(self, request: RunningRequest) -> bool:
+        """Prefill the request's next chunk (module doc). After the last one the first token
+        is ready (``first_token_at``), then the prompt's full pages are stored and the lease
+        ends. Returns True once prefilled. On an error, ``abort`` the request."""
+        if request.is_prefilled or request.is_freed:
+            raise EngineError("prefill_step on a request that is prefilled or freed")
+        lo, hi = request.chunks[request.num_chunks_done]
+        # Only the first computed chunk waits per layer: its waits cover every layer.
+        wait = request.handle.wait_layer if request.handle is not None and not request.num_chunks_done else None
+        hidden = self.model.forward_hidden(request.prompt_tensor[lo:hi], lo, self.kv_pool, self.layout,
+                                           request.page_table, wait)
+        request.num_chunks_done += 1
+        if request.num_chunks_done < len(request.chunks):
+            return False
+        # Only the last row is projected; always so, so cache on and off stay bit-equal.
+        logits = self.model.compute_logits(hidden[-1:])[0]
+        if request.handle is not None:
+            request.handle.wait_all()
+        self._synchronize()
+        request.first_token_at = request.clock()
+        request.tokens.append(int(logits.argmax()))
+        request.logits.append(logits)
+        self._store_and_release(request)
+        return True
 
     def decode_step(self, request: RunningRequest) -> int:
         """Feed the last output token and append the next one (greedy); returns it."""
-        if request.is_finished or request.is_freed:
-            raise EngineError("decode_step on a request that is finished or freed")
+        if request.is_finished or request.is_freed or not request.is_prefilled:
+            raise EngineError("decode_step on a request that is not prefilled, finished or freed")
         position = len(request.prompt) + len(request.tokens) - 1
         fed = torch.tensor(request.tokens[-1:], dtype=torch.long, device=self.model.device)
         logits = self.model.forward_chunk(fed, position, self.kv_pool, self.layout, request.page_table)[0]
@@ -283,65 +341,41 @@ class ReferenceEngine:
         )
 
     def abort(self, request: RunningRequest) -> None:
-        """Free the request's device pages (its output so far is dropped). Idempotent."""
-        if not request.is_freed:
-            request.is_freed = True
+        """End the request's lease, if still held, and free its device pages (its output so
+        far is dropped). Idempotent."""
+        if request.is_freed:
+            return
+        request.is_freed = True
+        try:
+            if request.lookup is not None and self.cache is not None:
+                lookup, request.lookup = request.lookup, None
+                self.cache.release(lookup)
+        finally:
             self.allocator.free(request.pages)
 
-    # ---- prefill -------------------------------------------------------------
-    def _prefill_with_cache(
-        self, tokens: list[int], pages: list[int], page_table: torch.Tensor, split_at: int = 0,
-        clock: Callable[[], float] = time.perf_counter,
-    ) -> tuple[torch.Tensor, _Prefix, float]:
-        """Load the cached prefix, prefill the rest, store the prompt's full pages.
+    # ---- the cache around prefill ---------------------------------------------
+    def _lookup_and_load(self, request: RunningRequest) -> None:
+        """Lease the cached prefix and start loading it into the request's pages."""
+        cache = self.cache
+        request.lookup = result = cache.lookup(request.prompt)
+        request.prefix = _used_prefix(result, len(request.prompt), self.layout.page_size)
+        if result.num_hit_pages:
+            # load wants every leased page; a dropped last page is loaded and then
+            # overwritten by its recompute with the same bits (after wait_layer).
+            request.handle = cache.load(result, request.pages[: result.num_hit_pages])
 
-        Returns the logits of the last prompt position, what the cache served, and the
-        ``clock`` time at which the first token was ready (before the store).
-        """
-        if self.cache is None:
-            logits = self._prefill(tokens, 0, page_table, None, split_at)
-            self._synchronize()
-            return logits, _Prefix(), clock()
-        cache, P = self.cache, self.layout.page_size
-        result = cache.lookup(tokens)
+    def _store_and_release(self, request: RunningRequest) -> None:
+        """Store the prompt's full pages (only KV computed by prefill), then end the lease."""
+        if self.cache is None or request.lookup is None:
+            return
+        lookup, request.lookup = request.lookup, None
         try:
-            prefix = _used_prefix(result, len(tokens), P)
-            handle: LoadHandle | None = None
-            if result.num_hit_pages:
-                # load wants every leased page; a dropped last page is loaded and then
-                # overwritten by its recompute with the same bits (after wait_layer).
-                handle = cache.load(result, pages[: result.num_hit_pages])
-            wait = handle.wait_layer if handle is not None else None
-            last_logits = self._prefill(tokens, prefix.num_pages, page_table, wait, split_at)
-            if handle is not None:
-                handle.wait_all()
-            self._synchronize()
-            first_token_at = clock()
-            num_full = len(tokens) // P
+            num_full = len(request.prompt) // self.layout.page_size
             if num_full:
-                cache.store(tokens[: num_full * P], pages[:num_full])
+                self.cache.store(request.prompt[: num_full * self.layout.page_size], request.pages[:num_full])
         finally:
-            cache.release(result)
-        return last_logits, prefix, first_token_at
-
-    def _prefill(
-        self, tokens: list[int], first_page: int, page_table: torch.Tensor,
-        before_layer: Callable[[int], None] | None, split_at: int = 0,
-    ) -> torch.Tensor:
-        """Prefill pages ``first_page ..`` in chunks (module doc); return the last position's logits."""
-        prompt = torch.tensor(tokens, dtype=torch.long, device=self.model.device)
-        hidden = None
-        first = first_page * self.layout.page_size
-        for chunk_start, chunk_end in chunk_bounds(first, len(tokens), self.prefill_chunk_len, split_at):
-            chunk = prompt[chunk_start:chunk_end]
-            hidden = self.model.forward_hidden(
-                chunk, chunk_start, self.kv_pool, self.layout, page_table, before_layer
-            )
-            before_layer = None  # the first chunk's waits cover every layer
-        if hidden is None:
-            raise EngineError("internal: prefill computed no chunk (the last page is always recomputed)")
-        # Only the last row is projected; always so, so cache on and off stay bit-equal.
-        return self.model.compute_logits(hidden[-1:])[0]
+            request.handle = None
+            self.cache.release(lookup)
 
     # ---- helpers -------------------------------------------------------------
     def check_request(self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int) -> list[int]:

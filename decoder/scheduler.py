@@ -1,14 +1,18 @@
 """Scheduler: a waiting queue and concurrent sessions over one ReferenceEngine.
 
-Compute is single-threaded: one step at a time, either the prefill of one
-request (lookup, load, prefill, store) or one decode token of one running
-request. L3 reads run meanwhile in the background, inside the cache::
+Compute is single-threaded: one step at a time, either one prefill chunk (a
+page) of the one request being prefilled, or the admission of a request (its
+lookup and load start), or one decode token of one running request. Between
+steps the caller submits arrivals and hints, so a prefetch starts within a
+chunk's time of its arrival. L3 reads run meanwhile in the background, inside
+the cache::
 
     submit(request)     arrival: the request joins the waiting queue and, unless the
                         policy is ``sync``, cache.prefetch(prompt) starts its L3 reads
-    step()              the oldest waiting request that the admission policy admits
-                        (and whose pages fit the device pool) is prefilled; if none,
-                        one running request decodes one token (round robin)
+    step()              the next prefill chunk; else the oldest waiting request that the
+                        admission policy admits (and whose pages fit the device pool) is
+                        admitted (lookup + load); else one running request decodes one
+                        token (round robin). Prefill goes first: it is what TTFT waits on
     take_completed()    finished requests, with their timings
 
 Admission policies (by name, the same names as the cache's ``PrefetchConfig.policy``)::
@@ -77,6 +81,10 @@ class Completion:
     """When its prefill began (lookup included)."""
     first_token_s: float
     finished_s: float
+    num_prefetch_pages: int = 0
+    """Pages its prefetch (arrival or hint) was reading from L3, at admission."""
+    num_prefetch_ready: int = 0
+    """Of those, pages already in L2 at admission."""
 
     @property
     def ttft_s(self) -> float:
@@ -102,6 +110,7 @@ class _Running:
     state: RunningRequest
     admitted_s: float
     first_token_s: float
+    prefetch: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -187,6 +196,8 @@ class Scheduler:
         self.clock = clock
         self._waiting: list[_Waiting] = []
         self._running: deque[_Running] = deque()
+        self._prefilling: _Running | None = None
+        """The one request whose prefill is under way (one chunk per step)."""
         self._completed: list[Completion] = []
         self._sessions: dict[Hashable, _Session] = {}
         self.num_prefetch_refused = 0
@@ -199,11 +210,12 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        """Requests admitted and not finished (prefilling or decoding)."""
+        return len(self._running) + (self._prefilling is not None)
 
     @property
     def has_work(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(self._waiting or self._running or self._prefilling)
 
     def is_paused(self, session: Hashable) -> bool:
         return session in self._sessions and self._sessions[session].is_paused
@@ -256,8 +268,12 @@ class Scheduler:
 
     # ---- the loop -----------------------------------------------------------------------
     def step(self) -> bool:
-        """Do one unit of compute: admit (prefill) one request, else one decode token of one
+        """Do one unit of work: the next prefill chunk of the request being prefilled; else
+        admit one waiting request (its lookup and load start); else one decode token of one
         running request. Returns False when nothing can run now."""
+        if self._prefilling is not None:
+            self._prefill_one()
+            return True
         waiting = self._next_admissible(self.clock())
         if waiting is not None:
             self._admit(waiting)
@@ -275,7 +291,7 @@ class Scheduler:
             if self.step():
                 idle_since = None
                 continue
-            if not self._running and all(self.is_paused(w.request.session) for w in self._waiting):
+            if not self.num_running and all(self.is_paused(w.request.session) for w in self._waiting):
                 raise SchedulerError("only requests of paused sessions are left; resume them")
             now = self.clock()
             idle_since = now if idle_since is None else idle_since
@@ -309,12 +325,32 @@ class Scheduler:
     def _admit(self, waiting: _Waiting) -> None:
         self._waiting.remove(waiting)
         admitted = self.clock()
-        state = self.engine.begin(waiting.prompt, waiting.request.max_new_tokens, clock=self.clock)
-        running = _Running(waiting, state, admitted, state.first_token_at)
-        if state.is_finished:
+        prefetch = self._prefetch_progress(waiting)
+        state = self.engine.start(waiting.prompt, waiting.request.max_new_tokens, clock=self.clock)
+        self._prefilling = _Running(waiting, state, admitted, float("nan"), prefetch)
+
+    def _prefill_one(self) -> None:
+        running = self._prefilling
+        try:
+            is_prefilled = self.engine.prefill_step(running.state)
+        except BaseException:
+            self._prefilling = None
+            self.engine.abort(running.state)
+            raise
+        if not is_prefilled:
+            return
+        self._prefilling = None
+        running.first_token_s = running.state.first_token_at
+        if running.state.is_finished:
             self._finish(running)
         else:
             self._running.append(running)
+
+    def _prefetch_progress(self, waiting: _Waiting) -> tuple[int, int]:
+        """(pages, ready pages) of the request's prefetch, else of its session's hint."""
+        hint = self._sessions[waiting.request.session].hint
+        ticket = waiting.ticket if waiting.ticket is not None else hint
+        return (ticket.num_pages, ticket.num_ready) if ticket is not None else (0, 0)
 
     def _decode_one(self) -> None:
         running = self._running.popleft()
@@ -334,4 +370,5 @@ class Scheduler:
         session = self._sessions[waiting.request.session]
         session.context = waiting.prompt + result.tokens
         self._completed.append(Completion(waiting.request, result, waiting.arrival_s,
-                                          running.admitted_s, running.first_token_s, self.clock()))
+                                          running.admitted_s, running.first_token_s, self.clock(),
+                                          *running.prefetch))

@@ -91,8 +91,11 @@ def test_best_effort_admits_at_once_while_the_prefetch_runs():
     sched, cache, _ = scheduler_with("best_effort")
     sched.submit(Request("a", random_tokens(24, 0), 2))
     assert cache.call_names() == ["prefetch"] and not cache.tickets[0].is_done
-    assert sched.step()  # admitted: lookup, load, prefill, store
-    assert sched.num_running == 1 and cache.call_names()[1] == "lookup"
+    assert sched.step()  # admitted: lookup and load; prefill chunks follow, one a step
+    assert sched.num_running == 1 and cache.call_names()[1:] == ["lookup"]
+    while "store" not in cache.call_names():
+        assert sched.step()
+    assert cache.call_names()[-2:] == ["store", "release"]
 
 
 def test_wait_complete_runs_other_requests_until_the_prefetch_is_done():
@@ -118,7 +121,8 @@ def test_timeout_admits_after_its_budget_even_if_the_prefetch_is_not_done():
     clock.now += 0.049
     assert not sched.step()
     clock.now += 0.002  # past 10 + 40 ms
-    assert sched.step() and len(sched.take_completed()) == 1
+    assert sched.step() and sched.num_running == 1  # admitted: lookup and load
+    assert len(drain(sched)) == 1
     assert not cache.tickets[0].is_done
 
 
@@ -134,12 +138,10 @@ def test_a_request_that_does_not_fit_waits_for_pages_and_blocks_younger_ones():
     sched.submit(Request("a", random_tokens(30, 0), 4))  # 5 pages
     sched.submit(Request("b", random_tokens(30, 1), 4))  # 5 more: waits until a is done
     sched.submit(Request("c", random_tokens(3, 2), 2))   # 1 page would fit, but b is older
-    assert sched.step() and sched.num_running == 1
-    assert sched.step() and sched.num_running == 1  # a decodes; b, c wait
-    for _ in range(2):  # a's last two decode steps; then b is admitted first, before c
-        assert sched.step()
+    for _ in range(1 + 4 + 3):  # a: admission, 4 prefill chunks, 3 decode steps; b, c wait
+        assert sched.step() and sched.num_waiting == 2
     assert [c.request.session for c in sched.take_completed()] == ["a"]
-    assert sched.step() and sched.num_running == 1 and sched.num_waiting == 1
+    assert sched.step() and sched.num_running == 1 and sched.num_waiting == 1  # b before c
     done = drain(sched)  # c fits beside b and, with fewer tokens to decode, ends first
     assert [c.request.session for c in done] == ["c", "b"]
     sched.engine.allocator.check_integrity()
@@ -152,8 +154,9 @@ def test_decode_steps_of_running_requests_interleave():
     sched, _, clock = scheduler_with("sync", cache_cls=None)
     sched.submit(Request("a", random_tokens(10, 0), 4))
     sched.submit(Request("b", random_tokens(12, 1), 4))
-    assert sched.step() and sched.step()  # both prefilled first (prefill has priority)
-    assert sched.num_running == 2
+    for _ in range(2 + 2 + 2):  # admission and 2 chunks each: prefill goes before decode
+        assert sched.step()
+    assert sched.num_running == 2 and all(r.state.is_prefilled for r in sched._running)
     done = drain(sched)
     assert [c.request.session for c in done] == ["a", "b"]
     assert all(c.first_token_s <= c.finished_s and c.ttft_s >= 0 for c in done)
