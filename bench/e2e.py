@@ -22,6 +22,7 @@ context) was stored once; f = 1 is ``base[:C]`` (the engine recomputes the last 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -37,12 +38,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # e2e_daemon, beside this file
 
 import controller  # noqa: E402
 from controller import CacheClient, ControllerConfig, L3Config, LookupResult, StoreResult  # noqa: E402
 from decoder import DecoderConfig, ReferenceDecoder, ReferenceEngine  # noqa: E402
 from decoder.flops import kv_bytes_per_token, num_parameters, prefill_flops  # noqa: E402
 from kvstore.page_keys import KeyNamespace  # noqa: E402
+
+from e2e_daemon import run_decode_child, spawned_daemon  # noqa: E402
 
 GB = 1e9
 MODES = ("embedded", "daemon")
@@ -53,7 +57,7 @@ ClientFactory = Callable[[ReferenceEngine], CacheClient]
 
 
 class DaemonUnavailable(RuntimeError):
-    """The daemon's client library is not in this tree yet."""
+    """Daemon mode was asked for without a daemon to attach to."""
 
 
 # ---- arguments ---------------------------------------------------------------------------
@@ -67,8 +71,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fractions", type=_float_list, default=None, help="cached fractions, e.g. 0,0.5,1")
     p.add_argument("--chunk", type=int, default=0, help="prefill chunk tokens; 0: the whole prompt at once")
     p.add_argument("--mode", choices=(*MODES, "both"), default="both",
-                   help="cache client: embedded, daemon, or both (daemon skipped if unavailable)")
-    p.add_argument("--daemon-address", default=None, help="the daemon's address (daemon mode)")
+                   help="cache client: embedded, daemon, or both")
+    p.add_argument("--daemon-address", default=None,
+                   help="a running daemon to use in daemon mode (default: start one for the run)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per point (median)")
     p.add_argument("--decode-steps", type=int, default=None, help="decode steps of the correctness check")
     p.add_argument("--check-context", type=int, default=None, help="context of the correctness check")
@@ -118,27 +123,15 @@ def check_args(args: argparse.Namespace) -> None:
                                  f"--page-size ({P})")
     if not args.contexts or any(not 0.0 <= f <= 1.0 for f in args.fractions):
         raise SystemExit("--contexts must not be empty and --fractions must lie in [0, 1]")
-    if args.mode == "daemon" and not daemon_available():
-        raise SystemExit(str(DaemonUnavailable(_DAEMON_MISSING)))
 
 
 # ---- cache clients ----------------------------------------------------------------------
-_DAEMON_MISSING = ("daemon mode is not available yet: this tree has no controller.connect_daemon "
-                   "(controller/client.py); run --mode embedded, or wait for the daemon to land")
-
-
-def daemon_available() -> bool:
-    return hasattr(controller, "connect_daemon")
-
-
 def client_factory(mode: str, config: ControllerConfig, namespace: KeyNamespace,
                    address: str | None = None) -> ClientFactory:
     """The one place a cache client is made: ``factory(engine)`` serves ``engine.kv_pool``."""
     if mode == "embedded":
         return lambda engine: controller.connect(config, namespace, engine.kv_pool)
     if mode == "daemon":
-        if not daemon_available():
-            raise DaemonUnavailable(_DAEMON_MISSING)
         if address is None:
             raise DaemonUnavailable("daemon mode needs --daemon-address (the daemon's endpoint)")
         return lambda engine: controller.connect_daemon(address, namespace, engine.kv_pool)
@@ -174,6 +167,9 @@ class TimedClient(CacheClient):
 
     def release(self, result) -> None:
         self._timed("release_s", self.inner.release, result)
+
+    def stats(self):
+        return self.inner.stats()
 
     def close(self) -> None:
         """Closing belongs to whoever made the inner client."""
@@ -513,28 +509,59 @@ def measure_handoff(world: World, mode: str) -> dict:
     args = world.args
     context = args.handoff_context
     P = args.page_size
-    config = ControllerConfig(host_pool_pages=context // P + 8)
-    factory = client_factory(mode, config, world.namespace, args.daemon_address)
+    config = ControllerConfig(host_pool_pages=2 * (context // P) + 8)
     num_pages = -(-(context + args.decode_steps) // P) + 1
     prompt = tokens(world.config.vocab_size, context, seed=99)
-    if mode != "embedded":
-        raise DaemonUnavailable("the two-process hand-off through the daemon is not wired yet")
-    prefill, decode, made = embedded_handoff_sides(world.model, world.cached.layout, num_pages,
-                                                   world.cached.prefill_chunk_len, factory)
-    try:
-        # Untimed warm-up with other tokens: the host pool's memory is handed to the machine as
-        # it is first touched (seconds per GiB there), and that belongs outside the timing.
-        run_handoff(prefill, decode, tokens(world.config.vocab_size, context, seed=98), 1)
-        row = run_handoff(prefill, decode, prompt, args.decode_steps)
-    finally:
-        if len(made) > 1:
-            made[1].close()
+    warmup = tokens(world.config.vocab_size, context, seed=98)
+    if mode == "daemon":
+        row = _daemon_handoff(world, config.host_pool_pages, num_pages, prompt, warmup)
+    else:
+        factory = client_factory(mode, config, world.namespace, args.daemon_address)
+        prefill, decode, made = embedded_handoff_sides(world.model, world.cached.layout, num_pages,
+                                                       world.cached.prefill_chunk_len, factory)
+        try:
+            # Untimed warm-up with other tokens: the host pool's memory is handed to the machine
+            # as it is first touched (seconds per GiB there), and that belongs outside the timing.
+            run_handoff(prefill, decode, warmup, 1)
+            row = run_handoff(prefill, decode, prompt, args.decode_steps)
+        finally:
+            if len(made) > 1:
+                made[1].close()
+        row["mode"] = "embedded: one process, two engines sharing one device pool and one controller"
     c = world.ceilings
     row["copy_floor_s"] = (row["bytes_stored"] / (c["memcpy_d2h_gbps"] * GB)
                            + row["bytes_loaded"] / (c["memcpy_h2d_gbps"] * GB))
     row["handoff_over_copy_floor"] = row["handoff_s"] / row["copy_floor_s"]
-    row["mode"] = "embedded: one process, two engines sharing one device pool and one controller"
     return row
+
+
+def _daemon_handoff(world: World, host_pages: int, num_pages: int, prompt: list[int],
+                    warmup: list[int]) -> dict:
+    """Prefill and store in this process, load and decode in another, through one daemon."""
+    args = world.args
+    with tempfile.TemporaryDirectory(prefix="kvstore-handoff-") as workdir:
+        with spawned_daemon(world.cached.layout, host_pages, Path(workdir)) as address:
+            engine = world.cached
+            client = TimedClient(controller.connect_daemon(address, world.namespace, engine.kv_pool))
+            try:
+                engine.attach_cache(client)
+                engine.generate(warmup, 1)             # untimed: touches the pool, first launches
+                client.calls["store_s"] = 0.0
+                first = engine.generate(prompt, 1)
+            finally:
+                engine.attach_cache(None)
+                client.inner.close()
+            spec = {"address": address, "device": args.device, "preset": args.preset,
+                    "max_positions": world.config.max_positions, "page_size": args.page_size,
+                    "num_pages": num_pages, "chunk": engine.prefill_chunk_len,
+                    "prompt": prompt, "warmup_prompt": warmup, "decode_steps": args.decode_steps}
+            child = run_decode_child(spec)
+    store_s = client.calls["store_s"]
+    return {"prompt_len": len(prompt), "prefill_ttft_s": first.ttft_s, "store_s": store_s,
+            "bytes_stored": len(prompt) // args.page_size * world.page_bytes, **child,
+            "handoff_s": store_s + child["decode_ttft_s"],
+            "first_token_equal": first.tokens[0] == child.pop("first_token"),
+            "mode": "daemon: prefill in the bench process, load and decode in a second process"}
 
 
 # ---- targets, output --------------------------------------------------------------------------
@@ -586,7 +613,7 @@ def print_summary(out: dict) -> None:
               f"{r['ttft_recompute_s'] * 1e3:9.1f} {r['speedup']:6.1f} {r['bytes_loaded'] / GB:6.2f} "
               f"{(r['load_gbps'] or 0):9.1f} {r['compute_uncached_s'] * 1e3:10.1f} "
               f"{r['lower_bound_s'] * 1e3:8.1f} {r['ttft_over_lower_bound']:6.2f}")
-    for key in ("disk_l3", "correctness", "handoff", "targets", "skipped"):
+    for key in ("disk_l3", "correctness", "handoff", "handoff_daemon", "targets", "skipped"):
         if out.get(key):
             print(f"{key}: {json.dumps(out[key])}")
 
@@ -595,14 +622,27 @@ def run_modes(world: World, recompute: dict, out: dict) -> None:
     modes = list(MODES) if world.args.mode == "both" else [world.args.mode]
     host = ControllerConfig(host_pool_pages=host_pool_pages(world.args))
     for mode in modes:
-        try:
-            factory = client_factory(mode, host, world.namespace, world.args.daemon_address)
-        except DaemonUnavailable as exc:
-            out["skipped"].append({"mode": mode, "reason": str(exc)})
-            continue
-        rows, check = run_grid(world, factory, mode, recompute)
+        with _daemon_for(world, mode, host.host_pool_pages) as address:
+            try:
+                factory = client_factory(mode, host, world.namespace, address)
+            except DaemonUnavailable as exc:
+                out["skipped"].append({"mode": mode, "reason": str(exc)})
+                continue
+            rows, check = run_grid(world, factory, mode, recompute)
         out["points"] += rows
         out.setdefault("correctness", {})[mode] = check
+
+
+@contextlib.contextmanager
+def _daemon_for(world: World, mode: str, host_pages: int):
+    """The daemon's address for ``mode``: --daemon-address, or a `kvstore serve` started for
+    the run (and stopped after); None in embedded mode."""
+    if mode != "daemon" or world.args.daemon_address:
+        yield world.args.daemon_address
+        return
+    with tempfile.TemporaryDirectory(prefix="kvstore-e2e-") as workdir:
+        with spawned_daemon(world.cached.layout, host_pages, Path(workdir)) as address:
+            yield address
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -628,6 +668,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         known = out["recompute"].get(args.disk_context, {}).get("ttft_s")
         out["disk_l3"] = run_disk_point(world, known)
     out["handoff"] = measure_handoff(world, "embedded")
+    if args.mode in ("daemon", "both"):
+        out["handoff_daemon"] = measure_handoff(world, "daemon")
     out["targets"] = evaluate_targets(out["points"])
     out["headline_speedup"] = headline(out["points"])
     out["total_s"] = time.perf_counter() - started

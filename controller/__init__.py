@@ -3,8 +3,11 @@
     from controller import connect
     cache = connect(ControllerConfig(...), namespace, engine.kv_pool)
 
-Today ``connect`` returns an in-process (embedded) controller; the daemon's
-client library will serve the same CacheClient interface.
+``connect`` returns an in-process (embedded) controller; ``connect_daemon``
+attaches to a ``kvstore serve`` daemon and returns a client with the same
+CacheClient interface::
+
+    cache = connect_daemon("ipc:///run/user/1000/kvstore/kvstore.sock", namespace, engine.kv_pool)
 """
 
 from __future__ import annotations
@@ -23,7 +26,20 @@ def connect(config: ControllerConfig, namespace: KeyNamespace, device_pool: torc
     return EmbeddedController(config, namespace, device_pool)
 
 
+def connect_daemon(address: str | None, namespace: KeyNamespace, device_pool: torch.Tensor,
+                   **options) -> CacheClient:
+    """A cache client attached to the daemon at ``address`` (None: the default ipc:// address).
+
+    Options (see controller.client.DaemonClient): copy_backend, credentials
+    (controller.client.Credentials: token / CURVE key files), request_timeout_s, client_name.
+    """
+    from controller.client import DaemonClient
+    from controller.daemon.config import default_address
+
+    return DaemonClient(address or default_address(), namespace, device_pool, **options)
+
+
 __all__ = [
     "CacheClient", "CacheError", "ConfigError", "ControllerConfig", "L3Config",
-    "LoadHandle", "LookupResult", "StoreResult", "connect",
+    "LoadHandle", "LookupResult", "StoreResult", "connect", "connect_daemon",
 ]

@@ -48,11 +48,12 @@ log = logging.getLogger(__name__)
 
 class LookupOutcome(NamedTuple):
     """What ``CacheCore.lookup`` leased: ``num_l2 + num_l3`` leading pages; ``num_pending``
-    more are still coming up from L3 (best_effort / timeout)."""
+    more are still coming up from L3 by ``prefetch`` (best_effort / timeout / no wait)."""
 
     num_l2: int
     num_l3: int
     num_pending: int = 0
+    prefetch: Prefetch | None = None
 
 
 @dataclass(frozen=True)
@@ -136,23 +137,30 @@ class CacheCore:
             raise CacheError("this cache client is closed; connect() again to use the cache")
 
     # ---- lookup and prefetch ---------------------------------------------------------
-    def lookup(self, keys: Sequence[PageKey]) -> LookupOutcome:
+    def lookup(self, keys: Sequence[PageKey], wait: bool = True,
+               start_prefetch: bool = True) -> LookupOutcome:
         """Lease the longest cached prefix of a chain (one lease per page).
 
-        Pages only in L3 come up through a prefetch; how long this waits for it is
-        ``config.prefetch.policy``'s choice (see PrefetchConfig)."""
+        Pages only in L3 come up through a prefetch (one is started unless
+        ``start_prefetch`` is False); how long this waits for it is
+        ``config.prefetch.policy``'s choice (see PrefetchConfig), or not at all when
+        ``wait`` is False (the daemon, whose clients wait without holding its loop)."""
         self.check_open()
         keys = list(keys)
         with self.lock:
             was_in_l2 = [slot is not None for slot in self.host.index.get_many(keys)]
             num_hit = self.host.index.match_prefix(keys)
             self.host.lease(keys[:num_hit])
-            ticket = self._prefetch_locked(keys, num_hit) if num_hit < len(keys) else None
+            ticket = None
+            if num_hit < len(keys) and self._prefetcher is not None:
+                ticket = (self._prefetch_locked(keys, num_hit) if start_prefetch
+                          else self._prefetcher.find(keys, num_hit))
         num_pending = 0
         if ticket is not None:
             first_missing = num_hit
             try:
-                self._wait_per_policy(ticket, len(keys) * self.layout.page_size)
+                if wait:
+                    self._wait_per_policy(ticket, len(keys) * self.layout.page_size)
             finally:
                 with self.lock:
                     num_hit += self.host.index.match_prefix(keys[first_missing:])
@@ -163,7 +171,7 @@ class CacheCore:
         num_l2 = sum(was_in_l2[:num_hit])
         with self.lock:
             self._count_hits(keys[:num_hit], len(keys), num_l2, num_hit - num_l2)
-        return LookupOutcome(num_l2, num_hit - num_l2, num_pending)
+        return LookupOutcome(num_l2, num_hit - num_l2, num_pending, ticket)
 
     def _wait_per_policy(self, ticket: Prefetch, num_tokens: int) -> None:
         policy = self.config.prefetch

@@ -4,6 +4,8 @@ A ``CacheCore`` (L2 in shm, L3, write policy) plus the engine's ``DevicePool``
 (page checks, L1<->L2 copies) behind the CacheClient API. Data paths::
 
     store:   device pool --copy op--> reserved L2 slots --commit--> visible (--put--> L3)
+             (on CUDA the copy runs behind the call; the pages are committed by the first
+             call that finds it complete, or by close)
     evict:   L2 slot --put--> L3 (when the page is due) --> slot freed
     lookup:  L2 match, then L3 exists + get_into free L2 slots (pages come back up)
     load:    L2 slot --copy op--> device pool, layer by layer
@@ -12,7 +14,8 @@ A ``CacheCore`` (L2 in shm, L3, write policy) plus the engine's ``DevicePool``
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from collections import deque
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -20,13 +23,21 @@ import torch
 from controller.api import (CacheClient, CacheError, CacheStats, LoadHandle, LookupResult,
                             PrefetchTicket, StoreResult)
 from controller.config import ControllerConfig
-from controller.core import CacheCore, FlushReport
-from controller.device_pool import DevicePool
+from controller.core import CacheCore, FlushReport, StorePlan
+from controller.device_pool import DevicePool, SaveCopy
 from controller.leases import LeaseBook
 from controller.pipelines.prefetch import CompletedPrefetch
 from kvstore.host_store import HostStore
 from kvstore.layout import KVLayout
-from kvstore.page_keys import KeyNamespace, page_keys
+from kvstore.page_keys import KeyNamespace, PageKey, page_keys
+
+
+class _PendingStore(NamedTuple):
+    """A store whose device-to-host copy is in flight: its slots are reserved, not visible."""
+
+    keys: list[PageKey]
+    plan: StorePlan
+    copy: SaveCopy
 
 
 class EmbeddedController(CacheClient):
@@ -43,12 +54,14 @@ class EmbeddedController(CacheClient):
         self._leases = LeaseBook()
         self._lease_ids = itertools.count(1)
         self._core = CacheCore(config, self.layout)
+        self._pending: deque[_PendingStore] = deque()
 
     @property
     def host_store(self) -> HostStore:
         return self._core.host
 
     def lookup(self, tokens: Sequence[int] | np.ndarray) -> LookupResult:
+        self._commit_stores(tokens=tokens)
         self._core.check_open()
         keys = page_keys(self._ns_digest, tokens, self.layout.page_size)
         hit = self._core.lookup(keys)
@@ -64,6 +77,7 @@ class EmbeddedController(CacheClient):
 
     def load(self, result: LookupResult, device_pages: Sequence[int]) -> LoadHandle:
         self._core.check_open()
+        self._commit_stores()
         self._leases.require(result, "load")
         pages = self._device.check_pages(device_pages, "load() device_pages")
         if len(pages) != result.num_hit_pages:
@@ -76,7 +90,12 @@ class EmbeddedController(CacheClient):
         return handle
 
     def store(self, tokens: Sequence[int] | np.ndarray, device_pages: Sequence[int]) -> StoreResult:
+        """See ``CacheClient.store``. On CUDA this returns after planning and enqueueing the
+        copy; the new pages become visible to lookups once it has completed (the engine
+        may reuse its pages at once: ``DevicePool.start_save``). ``num_new_pages`` counts
+        the pages being written (a concurrent store of the same pages may publish first)."""
         self._core.check_open()
+        self._commit_stores()
         keys = page_keys(self._ns_digest, tokens, self.layout.page_size)
         pages = self._device.check_pages(device_pages, "store() device_pages")
         if len(pages) < len(keys):
@@ -85,14 +104,53 @@ class EmbeddedController(CacheClient):
                 f"page i holds tokens [i*{self.layout.page_size}, (i+1)*{self.layout.page_size})"
             )
         plan = self._core.begin_store(keys)
-        if plan.slots:
+        if not plan.slots:
+            return StoreResult(len(keys), self._core.commit_store(keys, plan), plan.num_skipped)
+        try:
+            copy = self._device.start_save([pages[i] for i in plan.positions], self._core.pool, plan.slots)
+        except BaseException:
+            self._core.abort_store(plan)
+            raise
+        if copy.is_done():  # synchronous (CPU)
+            return StoreResult(len(keys), self._core.commit_store(keys, plan), plan.num_skipped)
+        self._pending.append(_PendingStore(keys, plan, copy))
+        return StoreResult(len(keys), len(plan.slots), plan.num_skipped)
+
+    def _commit_stores(self, wait: bool = False, tokens: Sequence[int] | np.ndarray | None = None) -> None:
+        """Publish the stores whose copies have completed, oldest first (one write stream
+        completes them in order), stopping at the first still in flight. ``wait``: block
+        until every one has completed; ``tokens`` (a lookup's): block for those holding a
+        page of these tokens, since a miss costs a recompute and the copy is under way.
+        A copy that failed gives its slots back and raises."""
+        num_wait = len(self._pending) if wait else self._num_stores_holding(tokens)
+        num_done = 0
+        while self._pending:
+            head = self._pending[0]
             try:
-                self._device.save([pages[i] for i in plan.positions], self._core.pool, plan.slots)
+                if not head.copy.is_done():
+                    if num_done >= num_wait:
+                        return
+                    head.copy.wait()
             except BaseException:
-                self._core.abort_store(plan)
+                self._pending.popleft()
+                self._core.abort_store(head.plan)
                 raise
-        num_new = self._core.commit_store(keys, plan)
-        return StoreResult(len(keys), num_new, plan.num_skipped)
+            self._pending.popleft()
+            self._core.commit_store(head.keys, head.plan)
+            num_done += 1
+
+    def _num_stores_holding(self, tokens: Sequence[int] | np.ndarray | None) -> int:
+        """1 + the position of the newest pending store that holds a page of ``tokens``, or 0."""
+        if tokens is None or not self._pending:
+            return 0
+        wanted = set(page_keys(self._ns_digest, tokens, self.layout.page_size))
+        holding = [i for i, store in enumerate(self._pending) if not wanted.isdisjoint(store.keys)]
+        return holding[-1] + 1 if holding else 0
+
+    @property
+    def num_pending_stores(self) -> int:
+        """Stores whose copies were in flight at the last call (their pages not yet visible)."""
+        return len(self._pending)
 
     def release(self, result: LookupResult) -> None:
         self._core.check_open()
@@ -102,6 +160,7 @@ class EmbeddedController(CacheClient):
 
     def stats(self) -> CacheStats:
         self._core.check_open()
+        self._commit_stores()
         return self._core.stats()
 
     def drain_backups(self, timeout_s: float = 30.0) -> bool:
@@ -111,7 +170,10 @@ class EmbeddedController(CacheClient):
         return self._core.drain_backups(timeout_s)
 
     def check_integrity(self, quiescent: bool = False) -> None:
-        """Raise if L2's pool, index and leases disagree (``quiescent``: and nothing is held)."""
+        """Raise if L2's pool, index and leases disagree (``quiescent``: and nothing is held,
+        after waiting for the stores in flight)."""
+        if not self._core.is_closed:
+            self._commit_stores(wait=quiescent)
         self._core.check_integrity(quiescent)
 
     def close(self) -> FlushReport:
@@ -122,6 +184,10 @@ class EmbeddedController(CacheClient):
         try:
             for result in self._leases.results():
                 self.release(result)
+            self._commit_stores(wait=True)  # before the flush, so they reach L3 too
         finally:
-            report = self._core.close()
+            try:
+                self._device.close()
+            finally:
+                report = self._core.close()
         return report

@@ -1,21 +1,34 @@
 """Layer-by-layer load of host pages into the engine's device pool.
 
-On CUDA every layer's copy is enqueued at once on a side stream with an event
-after each layer; ``wait_layer(i)`` makes the engine's current stream wait on
-event i, so layer i+1 moves while layer i's attention runs. Elsewhere (CPU, and
-devices without streams here) a layer is copied when it is first waited on,
-which keeps the same contract: a layer is in the pool once its wait returns.
+A load is planned once (``CopyBackend.plan_layers``: checks, index and run arrays of
+every layer) and then launched a layer at a time.
+
+On CUDA the launches are issued by a background thread (``LayerIssuer``), one layer
+after another on a side stream, with an event after each; ``load()`` returns once the
+work is queued, so the engine thread spends no time issuing copies. ``wait_layer(i)``
+blocks the host only until launch i has been enqueued (it is usually long done), then
+makes the engine's current stream wait on event i, so layer i+1 moves while layer i's
+attention runs::
+
+    engine thread:  load() --queue--> wait_layer(0) ....... wait_layer(1) ......
+    issuer thread:           launch 0, record e0, launch 1, record e1, ... e31
+    side stream:    [after the engine's prior work] copy 0 | copy 1 | ... | copy 31
+    engine stream:  ....... wait e0, attention 0, wait e1, attention 1, ...
+
+Elsewhere (CPU, and devices without streams here) a layer is copied when it is first
+waited on, which keeps the same contract: a layer is in the pool once its wait returns.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Callable
 
 import torch
 
 from controller.api import CacheError, LoadHandle
-
-CopyLayer = Callable[[int, object], None]  # (layer, stream) -> enqueue that layer's copy
+from kvstore.copy_ops import LayerCopyPlan
 
 
 class ControllerLoad(LoadHandle):
@@ -45,9 +58,9 @@ class CompletedLoad(ControllerLoad):
 class LazyLayerLoad(ControllerLoad):
     """Copies layers in order on the caller's thread as they are waited on."""
 
-    def __init__(self, num_layers: int, copy_layer: CopyLayer) -> None:
-        self._num_layers = num_layers
-        self._copy_layer = copy_layer
+    def __init__(self, plan: LayerCopyPlan) -> None:
+        self._plan = plan
+        self._num_layers = plan.num_layers
         self._num_done = 0
 
     def wait_layer(self, layer: int) -> None:
@@ -55,34 +68,110 @@ class LazyLayerLoad(ControllerLoad):
             raise ValueError(f"layer must be in [0, {self._num_layers}), got {layer}")
         self._check_live()  # after release the slots may hold another page
         while self._num_done <= layer:
-            self._copy_layer(self._num_done, None)
+            self._plan.launch(self._num_done)
             self._num_done += 1
 
     def wait_all(self) -> None:
         self.wait_layer(self._num_layers - 1)
 
 
-class CudaStreamLoad(ControllerLoad):
-    """All layers enqueued on a side stream, one event per layer."""
+class LayerIssuer:
+    """One daemon thread that runs issue jobs in order (one DevicePool's loads).
 
-    def __init__(self, num_layers: int, copy_layer: CopyLayer, stream: torch.cuda.Stream) -> None:
-        self._events: list[torch.cuda.Event] = []
-        # The side stream must not start before the engine's writes to the pool
-        # that precede this load (e.g. freed pages being reused) are done.
-        stream.wait_stream(torch.cuda.current_stream(stream.device))
-        for layer in range(num_layers):
-            copy_layer(layer, stream)
-            event = torch.cuda.Event()
-            event.record(stream)
-            self._events.append(event)
+    Jobs only enqueue device work, so they are short; a job never raises out of the
+    thread (each job reports its own errors)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kvstore-layer-issuer", daemon=True)
+                self._thread.start()
+        self._jobs.put(job)
+
+    def close(self) -> None:
+        """Run the queued jobs, then stop the thread. Idempotent."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._jobs.put(None)
+            thread.join()
+
+    def _run(self) -> None:
+        # The current device is per thread: launches must target the pool's device.
+        torch.cuda.set_device(self._device)
+        while (job := self._jobs.get()) is not None:
+            job()
+
+
+class CudaStreamLoad(ControllerLoad):
+    """Layers launched by a ``LayerIssuer`` on a side stream, one event per layer."""
+
+    def __init__(self, plan: LayerCopyPlan, stream: torch.cuda.Stream, issuer: LayerIssuer) -> None:
+        self._plan = plan
+        self._stream = stream
+        num_layers = plan.num_layers
+        self._events = [torch.cuda.Event() for _ in range(num_layers)]
+        # The side stream must not start before the engine's writes to the pool that
+        # precede this load (e.g. freed pages being reused) are done.
+        self._start = torch.cuda.Event()
+        self._start.record(torch.cuda.current_stream(stream.device))
+        self._cond = threading.Condition()
+        self._num_issued = 0      # events[:num_issued] are recorded
+        self._is_cancelled = False
+        self._is_issuing = True   # the issuer has not left this load yet
+        self._error: BaseException | None = None
+        issuer.submit(self._issue)
+
+    def _issue(self) -> None:
+        """On the issuer thread: launch every layer unless cancelled; never raises."""
+        try:
+            self._stream.wait_event(self._start)
+            for layer, event in enumerate(self._events):
+                if self._is_cancelled:
+                    break
+                self._plan.launch(layer, self._stream)
+                event.record(self._stream)
+                with self._cond:
+                    self._num_issued = layer + 1
+                    self._cond.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - handed to the engine thread's next wait
+            self._error = exc
+        finally:
+            with self._cond:
+                self._is_issuing = False
+                self._cond.notify_all()
 
     def wait_layer(self, layer: int) -> None:
+        if not 0 <= layer < len(self._events):
+            raise ValueError(f"layer must be in [0, {len(self._events)}), got {layer}")
         self._check_live()
-        torch.cuda.current_stream().wait_event(self._events[layer])
+        with self._cond:
+            while self._num_issued <= layer and self._is_issuing:
+                self._cond.wait()
+            if self._num_issued <= layer:
+                raise CacheError(f"loading layer {layer} failed: {self._error!r}") from self._error
+        torch.cuda.current_stream(self._stream.device).wait_event(self._events[layer])
 
     def wait_all(self) -> None:
         self.wait_layer(len(self._events) - 1)
 
     def finish(self) -> None:
-        self._events[-1].synchronize()
+        """Stop issuing (layers not launched yet never will be), then block until the
+        launched ones have finished reading the slots."""
+        with self._cond:
+            self._is_cancelled = True
+            while self._is_issuing:
+                self._cond.wait()
+            num_issued = self._num_issued
+        if self._error is not None:
+            # A launch that raised may have enqueued part of its layer: drain the stream.
+            self._stream.synchronize()
+        elif num_issued:
+            self._events[num_issued - 1].synchronize()
         super().finish()

@@ -50,11 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system-prompt", type=int, default=384, help="tokens of the shared system prompt")
     parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per turn")
     parser.add_argument("--l3-dir", default=None, help="disk tier directory (default: a temp dir)")
+    parser.add_argument("--daemon", action="store_true",
+                        help="start a kvstore daemon and run two engine processes against it "
+                             "(decoder.daemon_demo): pages one computes, the other loads")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch; 1 keeps timings steady on a busy machine")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.daemon:
+        from decoder.daemon_demo import run as run_with_daemon
+
+        return run_with_daemon(args)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     config = DecoderConfig.preset(args.preset)

@@ -18,12 +18,19 @@ Three paths, one signature (the path is chosen in ``copy_ops.select_cuda_path``)
   of piece j+1 overlaps the DMA of piece j; events order the two streams and the
   caller's stream ends after the last piece.
 
+Planned copies (``plan_layers``, for layer-wise loads and stores) take 'sm' or 'dma'
+(``copy_ops.select_plan_path``) with everything but the device calls done at planning:
+'sm' puts the page ids on the device once and launches one kernel per layer; 'dma'
+coalesces layer 0's runs once, and layer l's are the same runs shifted by l layer
+strides (``copy_runs.layer_runs``), one batched submission per layer.
+
 Host tensors must be pinned or registered (HostPool pins its segment); a pageable
 host tensor is refused before anything moves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -31,8 +38,18 @@ import numpy as np
 import torch
 
 import cuda_ops
-from kvstore.copy_ops import CopyArgumentError, CopyBackend, CopyPlan, CudaPathPolicy, select_cuda_path
-from kvstore.copy_runs import CopyRuns, chunk_indices, page_span_bytes, plan_runs
+from kvstore.copy_ops import (
+    CopyArgumentError,
+    CopyBackend,
+    CopyPlan,
+    CudaPathPolicy,
+    LayerCopyPlan,
+    _LoopLayerPlan,
+    plan_copy,
+    select_cuda_path,
+    select_plan_path,
+)
+from kvstore.copy_runs import CopyRuns, chunk_indices, layer_runs, page_span_bytes, plan_runs
 from kvstore.layout import KVLayout
 
 
@@ -54,9 +71,7 @@ class CudaCopyBackend(CopyBackend):
     # ---- entry ----------------------------------------------------------------
     def _copy(self, src, src_layout, dst, dst_layout, plan: CopyPlan, stream: Any) -> None:
         device = self._check_devices(src, dst)
-        stream = stream if stream is not None else torch.cuda.current_stream(device)
-        if not isinstance(stream, torch.cuda.Stream) or stream.device != device:
-            raise CopyArgumentError(f"stream must be a torch.cuda.Stream on {device}, got {stream!r}")
+        stream = self._check_stream(stream, device)
         total = plan.src_pages.numel() * len(plan.layers) * src_layout.num_kv * src_layout.chunk_bytes
         path = select_cuda_path(self.policy, page_span_bytes(src_layout, dst_layout, plan.layers), total)
         host_layout = dst_layout if dst.device.type == "cpu" else src_layout
@@ -73,6 +88,22 @@ class CudaCopyBackend(CopyBackend):
             else:
                 with self._lock:
                     self._staged(src, src_layout, dst, dst_layout, plan, stream)
+
+    def plan_layers(self, src, src_layout, src_pages, dst, dst_layout, dst_pages) -> LayerCopyPlan:
+        """Check once, choose 'sm' or 'dma' (``select_plan_path``) and precompute what a
+        launch needs; a launch then costs its device call(s) only."""
+        plan = plan_copy(src, src_layout, src_pages, dst, dst_layout, dst_pages, None)
+        device = self._check_devices(src, dst)
+        path = select_plan_path(self.policy, page_span_bytes(src_layout, dst_layout, range(0, 1)))
+        if path == "loop" or plan.src_pages.numel() == 0:
+            return _LoopLayerPlan(self, src, src_layout, dst, dst_layout, plan)
+        return _CudaLayerPlan(self, device, path, src, src_layout, dst, dst_layout, plan)
+
+    def _check_stream(self, stream: Any, device: torch.device) -> torch.cuda.Stream:
+        stream = stream if stream is not None else torch.cuda.current_stream(device)
+        if not isinstance(stream, torch.cuda.Stream) or stream.device != device:
+            raise CopyArgumentError(f"stream must be a torch.cuda.Stream on {device}, got {stream!r}")
+        return stream
 
     @staticmethod
     def _check_devices(src: torch.Tensor, dst: torch.Tensor) -> torch.device:
@@ -208,6 +239,91 @@ class CudaCopyBackend(CopyBackend):
             pool.append(torch.cuda.Stream(device=key))
         skip_handle = skip.cuda_stream if skip is not None else None
         return [s for s in pool if s.cuda_stream != skip_handle][:num]
+
+
+class _CudaLayerPlan(LayerCopyPlan):
+    """A planned CUDA copy (see the module docstring): 'sm' or 'dma' per layer.
+
+    Planning only checks; the device index (sm) and the address arrays (dma) are made at
+    the first launch that needs them, on the launching thread (a load's issuer thread),
+    the index uploaded on the launch stream itself. ``launch_all`` is one SM launch of
+    every layer unless the policy fixes 'dma': a batched submission costs ~1 us of driver
+    time per run (thousands in a store), a launch ~10 us whatever its size."""
+
+    def __init__(self, backend: CudaCopyBackend, device: torch.device, path: str,
+                 src, src_layout: KVLayout, dst, dst_layout: KVLayout, plan: CopyPlan) -> None:
+        self._backend, self._device, self.path = backend, device, path
+        self._src, self._dst = src, dst  # kept alive: the launches read their memory
+        self._layouts, self._plan = (src_layout, dst_layout), plan
+        self.num_layers = src_layout.num_layers
+        self.num_pages = int(plan.src_pages.numel())
+        policy = backend.policy
+        self._all_path = "dma" if path == "dma" and "dma" in (policy.plan_path, policy.path) else "sm"
+        self._addrs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._idx: torch.Tensor | None = None
+        self._idx_ready: torch.cuda.Event | None = None
+        self._idx_streams: set[int] = set()
+
+    def launch(self, layer: int, stream: Any = None) -> None:
+        self._check_layer(layer)
+        stream = self._backend._check_stream(stream, self._device)
+        if self.path == "dma":
+            srcs, dsts, sizes = self._dma_addresses()
+            self._backend._memcpy(dsts[layer], srcs[layer], sizes, stream)
+        else:
+            self._sm(layer, 1, stream)
+
+    def launch_all(self, stream: Any = None) -> None:
+        stream = self._backend._check_stream(stream, self._device)
+        if self._all_path == "dma":
+            srcs, dsts, sizes = self._dma_addresses()
+            self._backend._memcpy(dsts.reshape(-1), srcs.reshape(-1), np.tile(sizes, self.num_layers), stream)
+        else:
+            self._sm(0, self.num_layers, stream)
+
+    def _dma_addresses(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """[layer, run] source and destination addresses and the run sizes; row l is layer
+        0's runs shifted by l layer strides."""
+        if self._addrs is None:
+            runs, src_step, dst_step = layer_runs(*self._layouts, self._plan)
+            steps = np.arange(self.num_layers, dtype=np.uint64)[:, None]
+            srcs = self._src.data_ptr() + runs.src_offsets.astype(np.uint64) + steps * np.uint64(src_step)
+            dsts = self._dst.data_ptr() + runs.dst_offsets.astype(np.uint64) + steps * np.uint64(dst_step)
+            self._addrs = (srcs, dsts, runs.sizes.astype(np.uint64))
+        return self._addrs
+
+    def _device_index(self, stream: torch.cuda.Stream) -> torch.Tensor:
+        """[2, pages] page ids on the device: uploaded on the first launch's stream; a later
+        stream waits for that upload once and is recorded with the allocator."""
+        if self._idx is None:
+            with torch.cuda.stream(stream):
+                host_idx = torch.stack([self._plan.src_pages, self._plan.dst_pages]).pin_memory()
+                self._idx = host_idx.to(self._device, non_blocking=True)
+            self._idx_ready = _record(stream)
+        elif stream.cuda_stream not in self._idx_streams:
+            stream.wait_event(self._idx_ready)
+            self._idx.record_stream(stream)
+        self._idx_streams.add(stream.cuda_stream)
+        return self._idx
+
+    def _sm(self, layer0: int, num_layers: int, stream: torch.cuda.Stream) -> None:
+        (src_layout, dst_layout), plan = self._layouts, self._plan
+        policy = self._backend.policy
+        with _on_device(self._device):
+            idx = self._device_index(stream)
+            cuda_ops.copy_chunks(
+                _space(self._src, src_layout, plan.src_num_pages, layer0, idx[0]),
+                _space(self._dst, dst_layout, plan.dst_num_pages, layer0, idx[1]),
+                self.num_pages, num_layers, src_layout.num_kv, src_layout.chunk_bytes,
+                stream, policy.plan_sm_blocks, policy.sm_threads,
+            )
+
+
+def _on_device(device: torch.device):
+    """``torch.cuda.device(device)`` only where it is not current already (it costs a few us)."""
+    if device.index is None or torch.cuda.current_device() == device.index:
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def _page_runs(host_addrs: np.ndarray, stage_base: int, page_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

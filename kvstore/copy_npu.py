@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 import npu_ops
-from kvstore.copy_ops import CopyArgumentError, CopyPlan
-from kvstore.copy_runs import RunCopyBackend, flat_bytes, plan_runs
+from kvstore.copy_ops import CopyArgumentError
+from kvstore.copy_runs import CopyRuns, RunCopyBackend, flat_bytes
 
 
 class NpuCopyBackend(RunCopyBackend):
@@ -33,14 +33,14 @@ class NpuCopyBackend(RunCopyBackend):
         if not npu_ops.is_available():
             raise npu_ops.NpuOpsError("the npu copy backend needs torch_npu and an Ascend NPU")
 
-    def _copy(self, src, src_layout, dst, dst_layout, plan: CopyPlan, stream: Any) -> None:
+    def _move_runs(self, src: torch.Tensor, dst: torch.Tensor, runs: CopyRuns, stream: Any) -> None:
+        # Planning (copy_pages and plan_layers alike) is RunCopyBackend's; this is the executor.
         npu = [t.device for t in (src, dst) if t.device.type == "npu"]
         if not npu:
             raise CopyArgumentError("the npu copy backend needs at least one pool on an NPU")
         for t in (src, dst):
             if t.device.type == "cpu":
                 self._ensure_registered(t)
-        runs = plan_runs(src_layout, dst_layout, plan)
         stream = stream if stream is not None else torch.npu.current_stream(npu[0])
         with torch.npu.stream(stream):
             npu_ops.move_runs(flat_bytes(src), flat_bytes(dst), runs.src_offsets, runs.dst_offsets, runs.sizes)

@@ -13,6 +13,15 @@ the copy is enqueued on ``stream`` (the current stream if None); completion is
 observed through that stream's events. Index lists may be unsorted, sparse or
 empty; ``dst_pages`` must not repeat a page.
 
+A pipeline that moves the same pages layer by layer plans once and launches per layer::
+
+    plan = backend.plan_layers(src, src_layout, src_pages, dst, dst_layout, dst_pages)
+    plan.launch(layer, stream)     # one layer: only the device call(s), no checks, no index math
+    plan.launch_all(stream)        # every layer, in as few device calls as the path allows
+
+Every check of ``copy_pages`` runs in ``plan_layers``; the plan holds the index (and
+run) arrays of all layers, so a launch costs only what its device calls cost.
+
 ``TorchCopyBackend`` is the reference that defines these semantics and runs
 everywhere; device backends (cuda_ops, npu_ops) must equal it bit for bit.
 ``copy_backend_for(device, name)`` picks the backend, once, by device type and config:
@@ -30,6 +39,7 @@ everywhere; device backends (cuda_ops, npu_ops) must equal it bit for bit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -149,6 +159,23 @@ class CopyBackend(ABC):
             return
         self._copy(src, src_layout, dst, dst_layout, plan, stream)
 
+    def plan_layers(
+        self,
+        src: torch.Tensor,
+        src_layout: KVLayout,
+        src_pages: PageIndex,
+        dst: torch.Tensor,
+        dst_layout: KVLayout,
+        dst_pages: PageIndex,
+    ) -> "LayerCopyPlan":
+        """Check a copy of every layer once and return a plan that launches it layer by
+        layer; raises CopyArgumentError as ``copy_pages`` does. Nothing moves here. The
+        plan keeps ``src`` and ``dst``: they must stay allocated while it launches.
+        Backends override this where a launch can skip per-call work (this default
+        re-slices the checked plan per layer, which is correct everywhere)."""
+        plan = plan_copy(src, src_layout, src_pages, dst, dst_layout, dst_pages, None)
+        return _LoopLayerPlan(self, src, src_layout, dst, dst_layout, plan)
+
     @abstractmethod
     def _copy(
         self,
@@ -160,6 +187,54 @@ class CopyBackend(ABC):
         stream: Any,
     ) -> None:
         """Move the (already checked, non-empty) pages of ``plan``."""
+
+
+class LayerCopyPlan(ABC):
+    """A checked copy of every layer of some pages, launched a layer at a time.
+
+    ``launch(layer, stream)`` enqueues layer ``layer``'s copy on ``stream`` (the current
+    stream if None) and returns; completion is observed through that stream's events, as
+    for ``copy_pages``. Layers may be launched in any order, each at most once per
+    intended copy (launching one twice copies it twice). A plan changes nothing until
+    launched and holds no device resources beyond its index tensors."""
+
+    num_layers: int
+    num_pages: int
+
+    @abstractmethod
+    def launch(self, layer: int, stream: Any = None) -> None:
+        """Enqueue the copy of layer ``layer`` (in [0, num_layers)); ValueError if out of range."""
+
+    def launch_all(self, stream: Any = None) -> None:
+        """Enqueue every layer's copy (backends may do it in fewer device calls)."""
+        for layer in range(self.num_layers):
+            self.launch(layer, stream)
+
+    def _check_layer(self, layer: int) -> None:
+        if not (isinstance(layer, (int, np.integer)) and not isinstance(layer, bool)
+                and 0 <= layer < self.num_layers):
+            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer!r}")
+
+
+class _LoopLayerPlan(LayerCopyPlan):
+    """The default plan: the checked ``CopyPlan`` narrowed to one layer per launch."""
+
+    def __init__(self, backend: CopyBackend, src, src_layout, dst, dst_layout, plan: CopyPlan) -> None:
+        self._backend = backend
+        self._args = (src, src_layout, dst, dst_layout)
+        self._plan = plan
+        self.num_layers = src_layout.num_layers
+        self.num_pages = int(plan.src_pages.numel())
+
+    def launch(self, layer: int, stream: Any = None) -> None:
+        self._check_layer(layer)
+        if self.num_pages:
+            one = dataclasses.replace(self._plan, layers=range(int(layer), int(layer) + 1))
+            self._backend._copy(*self._args, one, stream)
+
+    def launch_all(self, stream: Any = None) -> None:
+        if self.num_pages:
+            self._backend._copy(*self._args, self._plan, stream)
 
 
 class TorchCopyBackend(CopyBackend):
@@ -208,6 +283,7 @@ _DEFAULT_BY_DEVICE: dict[str, str] = {"cuda": "cuda", "npu": "npu"}
 _cache: dict[str, CopyBackend] = {}
 
 CUDA_PATHS: tuple[str, ...] = ("auto", "sm", "dma", "staged")
+PLAN_PATHS: tuple[str, ...] = ("auto", "sm", "dma", "loop")
 
 
 @dataclass(frozen=True)
@@ -238,16 +314,25 @@ class CudaPathPolicy:
     same with the PreferOverlapWithCompute hint) or 'per_run' (one cudaMemcpyAsync each)."""
     dma_streams: int = 1
     """Streams the runs of one copy are split over (each fenced to the caller's stream)."""
+    plan_path: str = "auto"
+    """Path of planned copies (``plan_layers``: layer-wise loads, stores): 'auto' (see
+    ``select_plan_path``), 'sm', 'dma', or 'loop' (each launch is a ``copy_pages`` of one
+    layer, through ``path``)."""
+    plan_sm_blocks: int = 8
+    """Grid of planned SM copies. A layer-wise load is what the engine waits on, layer by
+    layer, so it gets more blocks than ``sm_blocks``; see bench/pipeline_kernels.py."""
 
     def __post_init__(self) -> None:
         if self.path not in CUDA_PATHS:
             raise ValueError(f"CudaPathPolicy.path {self.path!r} is unknown; use one of {CUDA_PATHS}")
         if self.dma_submit not in ("batch", "batch_overlap", "per_run"):
             raise ValueError(f"CudaPathPolicy.dma_submit {self.dma_submit!r} is unknown; use batch, batch_overlap or per_run")
+        if self.plan_path not in PLAN_PATHS:
+            raise ValueError(f"CudaPathPolicy.plan_path {self.plan_path!r} is unknown; use one of {PLAN_PATHS}")
         if self.sm_launch_bytes < 0:
             raise ValueError(f"CudaPathPolicy.sm_launch_bytes must be >= 0, got {self.sm_launch_bytes}")
         for name in ("dma_min_run_bytes", "staged_min_bytes", "sm_blocks", "staged_blocks", "staging_bytes",
-                     "dma_streams"):
+                     "dma_streams", "plan_sm_blocks"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"CudaPathPolicy.{name} must be positive, got {getattr(self, name)}")
         if self.sm_threads % 32 or not 32 <= self.sm_threads <= 512:
@@ -276,6 +361,25 @@ def select_cuda_path(policy: CudaPathPolicy, page_span_bytes: int, total_bytes: 
     if page_span_bytes >= policy.dma_min_run_bytes or total_bytes < policy.staged_min_bytes:
         return "dma"
     return "staged"
+
+
+def select_plan_path(policy: CudaPathPolicy, page_span_bytes: int) -> str:
+    """The path of a planned (layer by layer) CUDA copy.
+
+    A fixed ``policy.plan_path`` wins; then a fixed ``policy.path`` ('staged' plans go
+    through 'loop': staging pays only for large copies, and one layer is not). Under 'auto':
+
+    - pieces of at least ``dma_min_run_bytes`` -> 'dma': one batched submission per layer
+      of precomputed runs, no SMs;
+    - smaller pieces (16-token pages of a layer_first pool: 32 KiB chunks) -> 'sm': one
+      layer is hundreds of such chunks, and at ~1 us of driver time each the copy engines
+      would be fed slower than PCIe drains them; one kernel launch per layer is ~10 us.
+    """
+    if policy.plan_path != "auto":
+        return policy.plan_path
+    if policy.path != "auto":
+        return "loop" if policy.path == "staged" else policy.path
+    return "dma" if page_span_bytes >= policy.dma_min_run_bytes else "sm"
 
 
 def copy_backend_names() -> list[str]:

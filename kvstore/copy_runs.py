@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvstore.copy_ops import CopyBackend, CopyPlan, _stream_context
+from kvstore.copy_ops import CopyBackend, CopyPlan, LayerCopyPlan, _stream_context, plan_copy
 from kvstore.layout import KVLayout
 
 
@@ -86,6 +86,18 @@ def plan_runs(src_layout: KVLayout, dst_layout: KVLayout, plan: CopyPlan) -> Cop
     return coalesce(src, dst, src_layout.chunk_bytes)
 
 
+def layer_runs(src_layout: KVLayout, dst_layout: KVLayout, plan: CopyPlan) -> tuple[CopyRuns, int, int]:
+    """(runs of layer 0, src byte step per layer, dst byte step per layer) of an all-layer plan.
+
+    A chunk's index is affine in its layer (``chunk_strides``), and coalescing only
+    compares neighbours' differences, so layer l's runs are layer 0's shifted by
+    ``l * step`` on each side: one coalesce serves every layer."""
+    first = CopyPlan(plan.src_pages, plan.dst_pages, plan.src_num_pages, plan.dst_num_pages, range(0, 1))
+    src_step = src_layout.chunk_strides(plan.src_num_pages)[0] * src_layout.chunk_bytes
+    dst_step = dst_layout.chunk_strides(plan.dst_num_pages)[0] * dst_layout.chunk_bytes
+    return plan_runs(src_layout, dst_layout, first), src_step, dst_step
+
+
 def page_span_bytes(src_layout: KVLayout, dst_layout: KVLayout, layers: range) -> int:
     """Bytes of one page that are one contiguous piece in both pools: the selected layers' K and
     V of a page_first pool, one chunk of a layer_first pool. Runs are at least this long
@@ -114,8 +126,39 @@ class RunCopyBackend(CopyBackend):
     name = "runs"
 
     def _copy(self, src, src_layout, dst, dst_layout, plan, stream: Any) -> None:
+        self._move_runs(src, dst, plan_runs(src_layout, dst_layout, plan), stream)
+
+    def plan_layers(self, src, src_layout, src_pages, dst, dst_layout, dst_pages) -> LayerCopyPlan:
+        """Runs of layer 0 coalesced once; a launch shifts them to its layer (``layer_runs``)."""
+        plan = plan_copy(src, src_layout, src_pages, dst, dst_layout, dst_pages, None)
+        return _RunsLayerPlan(self, src, src_layout, dst, dst_layout, plan)
+
+    def _move_runs(self, src: torch.Tensor, dst: torch.Tensor, runs: CopyRuns, stream: Any) -> None:
+        """Enqueue ``runs`` between the two pools on ``stream`` (device backends override)."""
         import npu_ops
 
-        runs = plan_runs(src_layout, dst_layout, plan)
         with _stream_context(stream):
             npu_ops.move_runs(flat_bytes(src), flat_bytes(dst), runs.src_offsets, runs.dst_offsets, runs.sizes)
+
+
+class _RunsLayerPlan(LayerCopyPlan):
+    """Layer 0's runs and the per-layer byte steps; ``launch(l)`` moves them shifted by l steps."""
+
+    def __init__(self, backend: RunCopyBackend, src, src_layout, dst, dst_layout, plan: CopyPlan) -> None:
+        self._backend, self._src, self._dst = backend, src, dst
+        self._runs, self._src_step, self._dst_step = layer_runs(src_layout, dst_layout, plan)
+        self._all = plan_runs(src_layout, dst_layout, plan) if plan.src_pages.numel() else self._runs
+        self.num_layers = src_layout.num_layers
+        self.num_pages = int(plan.src_pages.numel())
+
+    def launch(self, layer: int, stream: Any = None) -> None:
+        self._check_layer(layer)
+        if not self.num_pages:
+            return
+        r = self._runs
+        shifted = CopyRuns(r.src_offsets + layer * self._src_step, r.dst_offsets + layer * self._dst_step, r.sizes)
+        self._backend._move_runs(self._src, self._dst, shifted, stream)
+
+    def launch_all(self, stream: Any = None) -> None:
+        if self.num_pages:
+            self._backend._move_runs(self._src, self._dst, self._all, stream)

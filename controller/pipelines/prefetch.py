@@ -89,9 +89,14 @@ class Prefetch(PrefetchTicket):
         return self._done.wait(timeout_s)
 
     def cancel(self) -> None:
+        self.request_cancel()
+        self._done.wait()
+
+    def request_cancel(self) -> None:
+        """Ask the prefetch to stop, without waiting (its slots go back once its read
+        in flight has stopped)."""
         if not self._done.is_set() and self._cancel is not None:
             self._cancel()
-        self._done.wait()
 
     def covers(self, keys: Sequence[PageKey], start: int) -> bool:
         """Whether this prefetch reads (or read) the chain ``keys`` from ``start`` on."""

@@ -49,27 +49,25 @@ def test_bad_arguments_say_what_to_change(argv, message, capsys):
         e2e.parse_args(argv)
 
 
-def test_daemon_mode_is_a_clear_error_until_the_daemon_lands(monkeypatch):
-    monkeypatch.delattr(e2e.controller, "connect_daemon", raising=False)
-    with pytest.raises(SystemExit, match="daemon mode is not available yet"):
-        e2e.parse_args(["--mode", "daemon"])
+def test_client_factory_refuses_unknown_modes_and_a_daemon_without_address():
     config = e2e.ControllerConfig(host_pool_pages=4)
-    with pytest.raises(e2e.DaemonUnavailable, match="controller.connect_daemon"):
+    with pytest.raises(e2e.DaemonUnavailable, match="--daemon-address"):
         e2e.client_factory("daemon", config, None)
     with pytest.raises(ValueError, match="mode must be one of"):
         e2e.client_factory("remote", config, None)
 
 
-def test_daemon_factory_calls_connect_daemon_with_the_address(monkeypatch):
-    calls = []
-    monkeypatch.setattr(e2e.controller, "connect_daemon", lambda *a: calls.append(a) or "client",
-                        raising=False)
-    factory = e2e.client_factory("daemon", e2e.ControllerConfig(), "ns", "ipc:///tmp/x")
-
-    class Engine:
-        kv_pool = "pool"
-
-    assert factory(Engine()) == "client" and calls == [("ipc:///tmp/x", "ns", "pool")]
+def test_tiny_grid_through_a_daemon_it_starts_and_a_two_process_handoff(tmp_path):
+    argv = [a if a != "embedded" else "both" for a in TINY]
+    out = e2e.main(argv + ["--disk-context", "0", "--out", str(tmp_path / "e2e.json")])
+    daemon_points = [p for p in out["points"] if p["mode"] == "daemon"]
+    assert len(daemon_points) == 6 and out["skipped"] == []
+    assert all(p["bytes_loaded"] > 0 for p in daemon_points if p["cached_fraction"] == 1.0)
+    check = out["correctness"]["daemon"]
+    assert check["split_run_tokens_equal"] and check["split_run_logits_bit_equal"]
+    handoff = out["handoff_daemon"]
+    assert handoff["decode_cached_tokens"] == 56 and handoff["first_token_equal"]
+    assert any(t["target"].startswith("daemon") for t in out["targets"])
 
 
 def test_handoff_in_embedded_mode_decodes_from_the_stored_prompt():

@@ -79,8 +79,9 @@ def test_best_effort_returns_the_l2_hit_at_once_and_a_later_lookup_gets_the_rest
     result = ctl.lookup(tokens(4))
     assert (result.num_hit_pages, result.num_pending_pages) == (0, 4)
     ctl.release(result)
+    ticket = ctl.prefetch(tokens(4))          # the running prefetch of this chain, still held
+    assert not ticket.is_done
     gate.open()
-    ticket = ctl.prefetch(tokens(4))          # the running prefetch of this chain
     assert ticket.wait(10) and ticket.num_ready == 4
     again = ctl.lookup(tokens(4))
     assert (again.num_l2_pages, again.num_l3_pages) == (4, 0)   # they are L2 pages now

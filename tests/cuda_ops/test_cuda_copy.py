@@ -242,3 +242,83 @@ def test_staged_copy_on_a_side_stream_equals_reference():
         stream = torch.cuda.Stream()
         check_copy(backend, dev, layout, torch.randperm(32)[:12], host.tensor, host.layout,
                    torch.randperm(32)[:12], None, stream=stream)
+
+
+# ---- planned per-layer copies (plan_layers) ---------------------------------------------------
+PLAN_POLICIES = {
+    "auto": CudaPathPolicy(),
+    "sm": CudaPathPolicy(plan_path="sm", plan_sm_blocks=3),
+    "dma": CudaPathPolicy(plan_path="dma"),
+    "dma_2streams": CudaPathPolicy(plan_path="dma", dma_streams=2),
+    "loop_staged": CudaPathPolicy(path="staged", staging_bytes=3 * LAYOUTS["mha"].page_bytes),
+}
+
+
+def check_plan(backend, src, src_layout, src_pages, dst, dst_layout, dst_pages, order, stream=None):
+    """Layers launched in ``order`` (None: launch_all) against the CPU reference of the whole copy."""
+    want = dst.cpu().clone()
+    REFERENCE.copy_pages(src.cpu(), src_layout, src_pages, want, dst_layout, dst_pages)
+    plan = backend.plan_layers(src, src_layout, src_pages, dst, dst_layout, dst_pages)
+    if order is None:
+        plan.launch_all(stream)
+    else:
+        for layer in order:
+            plan.launch(layer, stream)
+    torch.cuda.synchronize()
+    assert torch.equal(as_bytes(dst), as_bytes(want))
+
+
+@pytest.mark.parametrize("policy", list(PLAN_POLICIES))
+@pytest.mark.parametrize("key", list(LAYOUTS))
+@pytest.mark.parametrize("arrangement", ["layer_first", "page_first"])
+@pytest.mark.parametrize("to_host", [True, False], ids=["d2h", "h2d"])
+@pytest.mark.parametrize("all_at_once", [False, True], ids=["per_layer", "launch_all"])
+def test_layer_plan_equals_reference(pools, policy, key, arrangement, to_host, all_at_once):
+    from kvstore.copy_cuda import CudaCopyBackend
+
+    host, devs = pools[key]
+    dev, dev_layout = devs[arrangement]
+    layout = LAYOUTS[key]
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((policy, key, arrangement, to_host)).encode()))
+    fill_random(dev, 21)
+    fill_random(host.tensor, 22)
+    dev_pages = with_run(torch.randperm(40, generator=gen), range(30, 34))[:17]
+    host_pages = with_run(torch.randperm(24, generator=gen), range(8, 12))[:17]
+    order = None if all_at_once else torch.randperm(layout.num_layers, generator=gen).tolist()
+    backend = CudaCopyBackend(PLAN_POLICIES[policy])
+    stream = torch.cuda.Stream()
+    if to_host:
+        check_plan(backend, dev, dev_layout, dev_pages, host.tensor, host.layout, host_pages, order, stream)
+    else:
+        check_plan(backend, host.tensor, host.layout, host_pages, dev, dev_layout, dev_pages, order, stream)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_layer_plan_of_every_backend_name_and_large_pages(name):
+    """Llama-3-8B shapes (32 KiB chunks), all pages of the pool, on the current stream."""
+    layout = KVLayout(32, 8, 128, 16)
+    n = 48
+    dev = torch.empty(layout.pool_shape(2 * n), dtype=layout.torch_dtype, device="cuda")
+    with HostPool(layout, num_slots=n) as host:
+        fill_random(dev, 31)
+        fill_random(host.tensor, 32)
+        backend = copy_backend_for("cuda", name)
+        pages, slots = torch.randperm(2 * n)[:n], torch.randperm(n)
+        check_plan(backend, host.tensor, host.layout, slots, dev, layout, pages, list(range(32)))
+        fill_random(dev, 33)
+        check_plan(backend, dev, layout, pages, host.tensor, host.layout, slots, None)
+
+
+def test_layer_plan_refuses_pageable_host_memory_and_bad_layers():
+    layout = KVLayout(2, 2, 8, 4)
+    dev = torch.zeros(layout.pool_shape(4), dtype=layout.torch_dtype, device="cuda")
+    backend = copy_backend_for("cuda")
+    with HostPool(layout, num_slots=4, pin=False) as host:
+        with pytest.raises(CopyArgumentError, match="pageable"):
+            backend.plan_layers(dev, layout, [0], host.tensor, host.layout, [1])
+    with HostPool(layout, num_slots=4) as host:
+        plan = backend.plan_layers(dev, layout, [0], host.tensor, host.layout, [1])
+        with pytest.raises(ValueError, match="layer must be"):
+            plan.launch(2)
+        with pytest.raises(CopyArgumentError, match="stream"):
+            plan.launch(0, stream=7)

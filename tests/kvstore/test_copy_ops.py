@@ -272,3 +272,114 @@ def test_staged_page_runs_merge_consecutive_host_slots():
     assert stage.tolist() == [500, 500 + 3 * page, 500 + 4 * page]
     assert dst.tolist() == [10**6 + 5 * page, 10**6 + 2 * page, 10**6 + 9 * page]
     assert sizes.tolist() == [3 * page, page, 2 * page]
+
+
+# ---- planned per-layer copies (plan_layers) ---------------------------------------------------
+@st.composite
+def layer_plan_cases(draw):
+    src_layout, src_n, src_pages, dst_layout, dst_n, dst_pages, _ = draw(copy_cases())
+    order = draw(st.permutations(range(src_layout.num_layers)))
+    return src_layout, src_n, src_pages, dst_layout, dst_n, dst_pages, order
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+@settings(max_examples=60, deadline=None)
+@given(case=layer_plan_cases(), as_tensor=st.booleans(), all_at_once=st.booleans())
+def test_layer_plan_equals_naive_loop(backend, case, as_tensor, all_at_once):
+    """Launching every layer (in any order) or launch_all equals the whole copy."""
+    src_layout, src_n, src_pages, dst_layout, dst_n, dst_pages, order = case
+    src = random_pool(src_layout, src_n, seed=1)
+    dst = random_pool(dst_layout, dst_n, seed=2)
+    want = dst.clone()
+    naive_copy(src, src_layout, src_pages, want, dst_layout, dst_pages)
+    idx = (lambda p: torch.tensor(p, dtype=torch.int64)) if as_tensor else list
+    plan = backend.plan_layers(src, src_layout, idx(src_pages), dst, dst_layout, idx(dst_pages))
+    assert (plan.num_layers, plan.num_pages) == (src_layout.num_layers, len(src_pages))
+    if all_at_once:
+        plan.launch_all()
+    else:
+        for layer in order:
+            plan.launch(layer)
+    assert torch.equal(as_bytes(dst), as_bytes(want))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_one_launch_moves_exactly_one_layer(backend):
+    src_layout = KVLayout(4, 2, 8, 4)
+    dst_layout = src_layout.with_arrangement("page_first")
+    src, dst = random_pool(src_layout, 6, seed=3), random_pool(dst_layout, 5, seed=4)
+    want = dst.clone()
+    naive_copy(src, src_layout, [5, 0, 3], want, dst_layout, [1, 4, 2], layer=2)
+    backend.plan_layers(src, src_layout, [5, 0, 3], dst, dst_layout, [1, 4, 2]).launch(2)
+    assert torch.equal(as_bytes(dst), as_bytes(want))
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(dst_pages=[0]), "must match"),
+    (dict(src_pages=[0, 4]), "src_pages holds pages"),
+    (dict(dst_pages=[1, 1]), "repeats a page"),
+    (dict(dst_layout=KVLayout(2, 2, 4, 4, arrangement="page_first")), "differ beyond arrangement"),
+])
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_layer_plan_checks_everything_up_front(backend, over, message):
+    args = _args(**over)
+    del args["layer"]
+    with pytest.raises(CopyArgumentError, match=message):
+        backend.plan_layers(**args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_layer_plan_refuses_a_layer_outside_the_pool(backend):
+    args = _args()
+    del args["layer"]
+    plan = backend.plan_layers(**args)
+    before = args["dst"].clone()
+    for bad in (-1, 2, None, True):
+        with pytest.raises(ValueError, match="layer must be"):
+            plan.launch(bad)
+    assert torch.equal(as_bytes(args["dst"]), as_bytes(before))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_empty_layer_plan_moves_nothing(backend):
+    args = _args(src_pages=[], dst_pages=[])
+    del args["layer"]
+    before = args["dst"].clone()
+    plan = backend.plan_layers(**args)
+    plan.launch(1)
+    plan.launch_all()
+    assert plan.num_pages == 0 and torch.equal(as_bytes(args["dst"]), as_bytes(before))
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=copy_cases())
+def test_layer_runs_are_layer_zero_runs_shifted(case):
+    """The one-coalesce shortcut of planned copies equals coalescing each layer afresh."""
+    from kvstore.copy_ops import CopyPlan, plan_copy
+    from kvstore.copy_runs import layer_runs
+
+    src_layout, src_n, src_pages, dst_layout, dst_n, dst_pages, _ = case
+    plan = plan_copy(random_pool(src_layout, src_n), src_layout, src_pages,
+                     random_pool(dst_layout, dst_n), dst_layout, dst_pages, None)
+    runs, src_step, dst_step = layer_runs(src_layout, dst_layout, plan)
+    for layer in range(src_layout.num_layers):
+        one = CopyPlan(plan.src_pages, plan.dst_pages, src_n, dst_n, range(layer, layer + 1))
+        fresh = plan_runs(src_layout, dst_layout, one)
+        assert fresh.src_offsets.tolist() == (runs.src_offsets + layer * src_step).tolist()
+        assert fresh.dst_offsets.tolist() == (runs.dst_offsets + layer * dst_step).tolist()
+        assert fresh.sizes.tolist() == runs.sizes.tolist()
+
+
+def test_plan_path_selector():
+    from kvstore.copy_ops import select_plan_path
+
+    auto = CudaPathPolicy()
+    assert select_plan_path(auto, 32 * 1024) == "sm"  # 16-token chunks: too many runs per layer
+    assert select_plan_path(auto, auto.dma_min_run_bytes) == "dma"
+    assert select_plan_path(CudaPathPolicy(path="staged"), 32 * 1024) == "loop"
+    assert select_plan_path(CudaPathPolicy(path="dma"), 32 * 1024) == "dma"
+    assert select_plan_path(CudaPathPolicy(path="dma", plan_path="sm"), 10**9) == "sm"
+    with pytest.raises(ValueError, match="plan_path"):
+        CudaPathPolicy(plan_path="fast")
+    with pytest.raises(ValueError, match="plan_sm_blocks"):
+        CudaPathPolicy(plan_sm_blocks=0)

@@ -1,0 +1,218 @@
+"""KVStoreHiCacheStorage: kvstore as SGLang's HiCache L3 (``HiCacheStorage``).
+
+SGLang keeps L1 (device) and L2 (its own pinned host pool) and calls its storage
+backend to move pages between that host pool and L3. Here "L3" is kvstore: its
+shared L2 (the daemon's shm slots, or an embedded pool) and kvstore's own L3
+behind it, so every SGLang process on a node shares one cache::
+
+    batch_set_v1:  SGLang host pool --copy--> reserved kvstore slots --commit--> visible
+    batch_get_v1:  lookup (L3 -> kvstore L2 if needed) --copy--> SGLang host pool
+    batch_exists:  lookup + release (the longest cached prefix of the keys)
+
+Keys are SGLang's page hashes digested into the namespace of ``namespace_for``.
+The zero-copy v1 calls need ``"interface_v1": 1`` in the extra config (else SGLang
+uses the older get/set calls with flat pages, which work too, one copy more).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, List, Optional
+
+import torch
+
+from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
+
+from adapters.config import AdapterConfig
+from adapters.keyed import KeyedCache, open_keyed_cache
+from adapters.keys import digest_keys
+from adapters.page_copy import check_page_view, pages_to_slots, slots_to_pages
+from adapters.sglang.host_layout import flat_page_view, layout_of, page_view
+from adapters.sglang.namespace import namespace_for
+from controller.api import CacheError
+from kvstore.page_keys import PageKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Metrics:
+    """Same fields as SGLang's ``StorageMetrics`` (used if that can't be imported)."""
+
+    prefetch_pgs: list = dataclasses.field(default_factory=list)
+    backup_pgs: list = dataclasses.field(default_factory=list)
+    prefetch_bandwidth: list = dataclasses.field(default_factory=list)
+    backup_bandwidth: list = dataclasses.field(default_factory=list)
+
+
+def _new_metrics():
+    try:
+        from sglang.srt.observability.metrics_collector import StorageMetrics
+    except Exception:  # noqa: BLE001 - the collector's module pulls in SGLang's model configs
+        return _Metrics()
+    return StorageMetrics()
+
+
+class KVStoreHiCacheStorage(HiCacheStorage):
+    """SGLang's storage backend interface served by a kvstore cache (daemon or embedded).
+
+    Constructed by SGLang as ``cls(storage_config, kwargs)``; the cache is opened
+    when SGLang registers its host pool, whose shapes name the page layout.
+    Thread-safe: SGLang calls it from its prefetch and backup threads.
+    """
+
+    def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None) -> None:
+        self.storage_config = storage_config
+        self.config = AdapterConfig.from_extra(storage_config.extra_config)
+        self._cache: KeyedCache | None = None
+        self._ns_digest = b""
+        self._metrics_lock = threading.Lock()
+        self._metrics = _new_metrics()
+        mem_pool_host = (kwargs or {}).get("mem_pool_host")
+        if mem_pool_host is not None:
+            self.register_mem_pool_host(mem_pool_host)
+
+    # ---- set-up ------------------------------------------------------------------------
+    def register_mem_pool_host(self, mem_pool_host: Any) -> None:
+        """Open the cache for the layout of SGLang's host pool and view its buffer by page."""
+        super().register_mem_pool_host(mem_pool_host)
+        if self._cache is not None:
+            return
+        self.layout = layout_of(mem_pool_host)
+        self.namespace = namespace_for(self.storage_config, self.layout, self.config)
+        self._ns_digest = self.namespace.digest()
+        self._view = page_view(mem_pool_host.kv_buffer, mem_pool_host.layout, self.layout)
+        self._cache = open_keyed_cache(self.config, self.layout)
+        check_page_view(self._view, self._cache.host_tensor, "SGLang host pool")
+
+    def _require_cache(self) -> KeyedCache:
+        if self._cache is None:
+            raise CacheError("KVStoreHiCacheStorage: SGLang has not registered its host pool "
+                             "(register_mem_pool_host) yet")
+        return self._cache
+
+    def _keys(self, page_hashes: List[str]) -> list[PageKey]:
+        return digest_keys(self._ns_digest, page_hashes)
+
+    def _pages_of(self, host_indices: torch.Tensor, num_keys: int) -> list[int]:
+        """Host page ids: page i of the call starts at token row ``host_indices[i * P]``."""
+        P = self.layout.page_size
+        starts = host_indices[: num_keys * P : P].tolist()
+        return [int(s) // P for s in starts]
+
+    # ---- zero-copy v1 --------------------------------------------------------------------
+    def batch_exists(self, keys: List[str], extra_info: Any = None) -> int:
+        """How many leading keys are cached (pages in kvstore's L3 come up to its L2)."""
+        return self._require_cache().count_cached(self._keys(keys))
+
+    def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
+                     extra_info: Any = None) -> List[bool]:
+        """Copy the cached prefix of ``keys`` into SGLang's host pool at ``host_indices``."""
+        cache = self._require_cache()
+        start = time.perf_counter()
+        lease = cache.lookup_keys(self._keys(keys))
+        try:
+            if lease.num_hit_pages:
+                cache.check_fresh()
+                pages = self._pages_of(host_indices, lease.num_hit_pages)
+                slots_to_pages(cache.host_tensor, lease.slots, self._view, pages)
+        finally:
+            cache.release_keys(lease)
+        self._record("prefetch", lease.num_hit_pages, start)
+        return [True] * lease.num_hit_pages + [False] * (len(keys) - lease.num_hit_pages)
+
+    def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor,
+                     extra_info: Any = None) -> List[bool]:
+        """Copy SGLang's pages at ``host_indices`` into kvstore (pages cached already are
+        not copied). MLA ranks other than the storage writer store nothing (their pages
+        equal the writer's) and report success, as SGLang's own backends do."""
+        cache = self._require_cache()
+        if not self.storage_config.is_storage_writer:
+            return [True] * len(keys)
+        start = time.perf_counter()
+        pages = self._pages_of(host_indices, len(keys))
+
+        def write(positions, slots):
+            pages_to_slots(self._view, [pages[i] for i in positions], cache.host_tensor, slots)
+
+        reservation = cache.store_keys(self._keys(keys), write)
+        self._record("backup", len(reservation.slots), start)
+        return reservation.stored_flags()
+
+    # ---- the older calls: one flat page per key --------------------------------------------
+    def get(self, key: str, target_location: Optional[Any] = None,
+            target_sizes: Optional[Any] = None) -> torch.Tensor | None:
+        found = self.batch_get([key], [target_location])
+        return found[0] if found else None
+
+    def batch_get(self, keys: List[str], target_locations: Optional[Any] = None,
+                  target_sizes: Optional[Any] = None) -> List[torch.Tensor | None]:
+        """Fill ``target_locations[i]`` (SGLang's flat dummy pages) for the cached prefix."""
+        cache = self._require_cache()
+        if target_locations is None:
+            raise CacheError("KVStoreHiCacheStorage.batch_get needs target_locations "
+                             "(SGLang passes get_dummy_flat_data_page() buffers)")
+        lease = cache.lookup_keys(self._keys(keys))
+        try:
+            cache.check_fresh()
+            for slot, flat in zip(lease.slots, target_locations):
+                flat_page_view(flat, self.layout).copy_(cache.host_tensor[slot])
+        finally:
+            cache.release_keys(lease)
+        n = lease.num_hit_pages
+        return list(target_locations[:n]) + [None] * (len(keys) - n)
+
+    def set(self, key: str, value: Optional[Any] = None, target_location: Optional[Any] = None,
+            target_sizes: Optional[Any] = None) -> bool:
+        return self.batch_set([key], [value])
+
+    def batch_set(self, keys: List[str], values: Optional[Any] = None,
+                  target_locations: Optional[Any] = None, target_sizes: Optional[Any] = None) -> bool:
+        """Store flat pages (``values[i]`` as SGLang's ``get_data_page(..., flat=True)``)."""
+        cache = self._require_cache()
+        if not self.storage_config.is_storage_writer:
+            return True
+
+        def write(positions, slots):
+            for i, slot in zip(positions, slots):
+                cache.host_tensor[slot].copy_(flat_page_view(values[i], self.layout))
+
+        return all(cache.store_keys(self._keys(keys), write).stored_flags())
+
+    def exists(self, key: str) -> bool:
+        return self.batch_exists([key]) == 1
+
+    # ---- housekeeping ------------------------------------------------------------------------
+    def _record(self, kind: str, num_pages: int, start: float) -> None:
+        if not num_pages:
+            return
+        seconds = max(time.perf_counter() - start, 1e-9)
+        gb_per_s = num_pages * self.layout.page_bytes / seconds / 1e9
+        with self._metrics_lock:
+            getattr(self._metrics, f"{kind}_pgs").append(num_pages)
+            getattr(self._metrics, f"{kind}_bandwidth").append(gb_per_s)
+
+    def get_stats(self):
+        """Pages and GB/s per prefetch (get) and backup (set) since the last call, as
+        SGLang's ``StorageMetrics``; SGLang polls this when storage metrics are on."""
+        with self._metrics_lock:
+            metrics, self._metrics = self._metrics, _new_metrics()
+        return metrics
+
+    def cache_stats(self):
+        """kvstore's own counters (``CacheStats``) of the cache behind this backend."""
+        return self._require_cache().stats()
+
+    def clear(self) -> None:
+        """Not supported: the cache is shared by every engine on the node; pages leave
+        it by eviction. Logged, not raised (SGLang calls this on a flush request)."""
+        log.warning("KVStoreHiCacheStorage.clear(): kvstore is shared; nothing is removed")
+
+    def close(self) -> None:
+        """Close this backend's handle on the cache (an embedded cache closes with its last)."""
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None

@@ -1,0 +1,658 @@
+"""DaemonClient: the CacheClient API against a ``kvstore serve`` daemon.
+
+    from controller import connect_daemon
+    cache = connect_daemon("ipc:///run/user/1000/kvstore/kvstore.sock", namespace, engine.kv_pool)
+
+Only page keys, slot numbers and lease ids cross the socket. The client
+computes page keys itself, maps the daemon's shared-memory segment and moves
+page bytes between it and the engine's device pool with the copy backends of
+``kvstore.copy_ops`` on its own device (pinned with cudaHostRegister on CUDA).
+
+Liveness and restarts:
+- a heartbeat thread (its own socket) keeps the session alive; a client silent
+  for ``lease_ttl_s`` loses its leases and reservations;
+- every request has a deadline (``request_timeout_s``); after a timeout the socket
+  is replaced, so a late reply or a queued request never reaches a new daemon;
+- a reply from a new daemon instance, or "unknown session", drops the old
+  mapping and leases (load of an old result raises CacheError), attaches again
+  and retries once; a daemon that does not answer turns lookups into misses
+  and stores into skipped pages;
+- before copying from leased or into reserved slots the client makes sure the
+  daemon heard from it within half the TTL, so it never touches a slot the
+  daemon may have reclaimed and reused.
+
+Prefetch: the daemon never waits on L3 inside a request. A lookup that finds
+pages only in L3 gets the L2 hit plus a running prefetch; the client applies its
+own ``PrefetchConfig.policy`` by waiting on that prefetch (WaitPrefetch, answered
+by the daemon when it is done or the budget ends, while it serves others) and
+looking up again. ``sync`` behaves as ``wait_complete`` here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import threading
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import zmq
+
+from controller.api import (CacheClient, CacheError, CacheStats, LoadHandle, LookupResult,
+                            PrefetchTicket, StoreResult)
+from controller.config import PrefetchConfig
+from controller.daemon import protocol as p
+from controller.device_pool import DevicePool
+from controller.load_handle import CompletedLoad, ControllerLoad
+from kvstore.layout import KVLayout
+from kvstore.page_keys import KeyNamespace, page_keys
+
+log = logging.getLogger(__name__)
+
+
+class DaemonUnavailable(CacheError):
+    """The daemon did not answer within the request's deadline."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """What a tcp:// client presents: the shared token and/or CURVE keys (key files from
+    ``zmq.auth.create_certificates``)."""
+
+    token: bytes = b""
+    curve_server_public_key_file: str | None = None
+    curve_client_secret_key_file: str | None = None
+
+
+class Channel:
+    """One DEALER socket with request ids and a deadline per request (not thread-safe)."""
+
+    def __init__(self, address: str, credentials: Credentials, context: zmq.Context) -> None:
+        self.address = address
+        self._credentials = credentials
+        self._context = context
+        self._ids = itertools.count(1)
+        self._socket: zmq.Socket | None = None
+        self.num_timeouts = 0
+        """Requests that got no reply within their deadline."""
+
+    def _open(self) -> zmq.Socket:
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES * 2)
+        creds = self._credentials
+        if creds.curve_server_public_key_file:
+            from zmq.auth import load_certificate
+
+            server_public, _ = load_certificate(creds.curve_server_public_key_file)
+            public, secret = load_certificate(creds.curve_client_secret_key_file)
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_public, public, secret
+        sock.connect(self.address)
+        return sock
+
+    def request(self, msg: p.Message, session: bytes, timeout_s: float) -> tuple[p.Message, bytes]:
+        """(reply, instance id); raises DaemonUnavailable after ``timeout_s``."""
+        if self._socket is None:
+            self._socket = self._open()
+        request_id = next(self._ids)
+        deadline = time.monotonic() + timeout_s
+        try:
+            self._socket.send(p.encode(msg, request_id, session), zmq.NOBLOCK)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._socket.poll(left * 1000):
+                    break
+                reply, reply_id, instance = p.decode(self._socket.recv(), p.REPLIES)
+                if reply_id == request_id or (reply_id == 0 and type(reply) is p.ErrorReply):
+                    return reply, instance
+                # else: a late reply to a request we gave up on; skip it
+        except zmq.Again:
+            pass
+        except p.ProtocolError as exc:
+            self.reset()
+            raise CacheError(f"the daemon at {self.address} sent a bad reply: {exc}") from None
+        self.reset()  # queued requests must not reach whoever listens here next
+        self.num_timeouts += 1
+        raise DaemonUnavailable(f"no reply from the kvstore daemon at {self.address} within "
+                                f"{timeout_s:.1f} s (is `kvstore serve` running?)")
+
+    def reset(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+
+class Session:
+    """An attached session: Hello, the daemon's answers, and requests that re-attach once
+    when the daemon restarted or forgot this client. Used by DaemonClient, ``kvstore
+    status``, tests and benches; knows nothing about device pools."""
+
+    def __init__(self, address: str, layout_fingerprint: str | None = None, *,
+                 credentials: Credentials = Credentials(), request_timeout_s: float = 10.0,
+                 client_name: str | None = None) -> None:
+        self.address = address
+        self.credentials = credentials
+        self.request_timeout_s = request_timeout_s
+        self.client_name = client_name or f"pid-{os.getpid()}"
+        self._context = zmq.Context()
+        self.channel = Channel(address, credentials, self._context)
+        self.layout_fingerprint = layout_fingerprint
+        self.hello: p.HelloReply | None = None
+        self.instance: bytes | None = None
+        self.epoch = 0
+        """Bumped whenever the session (and every lease and reservation) was lost."""
+        self.last_ack_sent = 0.0
+        """monotonic send time of the latest request the daemon answered."""
+
+    def ping(self) -> p.PongReply:
+        reply, _ = self.channel.request(p.Ping(), b"", self.request_timeout_s)
+        if type(reply) is not p.PongReply:
+            raise CacheError(f"ping of {self.address} failed: {reply}")
+        return reply
+
+    def attach(self) -> p.HelloReply:
+        if self.layout_fingerprint is None:
+            self.layout_fingerprint = self.ping().layout_fingerprint
+        hello = p.Hello(self.client_name[:200], os.getpid() & 0xFFFFFFFF, self.layout_fingerprint,
+                        self.credentials.token)
+        sent = time.monotonic()
+        reply, instance = self.channel.request(hello, b"", self.request_timeout_s)
+        if type(reply) is p.ErrorReply:
+            raise CacheError(f"the kvstore daemon at {self.address} refused this client: "
+                             f"{reply.code}: {reply.message}")
+        if type(reply) is not p.HelloReply:
+            raise CacheError(f"unexpected answer to Hello: {type(reply).__name__}")
+        if self.instance is not None:
+            self.epoch += 1
+        self.hello, self.instance, self.last_ack_sent = reply, instance, sent
+        return reply
+
+    def call(self, msg: p.Message, timeout_s: float | None = None) -> p.Message:
+        """Send ``msg`` in this session; re-attach and retry once if the daemon lost it.
+        ErrorReply comes back as a value; DaemonUnavailable is raised."""
+        timeout_s = self.request_timeout_s if timeout_s is None else timeout_s
+        for attempt in range(2):
+            if self.hello is None:
+                self.attach()
+            sent = time.monotonic()
+            reply, instance = self.channel.request(msg, self.hello.session, timeout_s)
+            if type(reply) is p.ErrorReply and reply.code == "unknown_session":
+                self.hello = None
+                if attempt == 0:
+                    continue
+            elif instance == self.instance:
+                self.last_ack_sent = sent
+            return reply
+        return reply
+
+    def close(self) -> None:
+        if self.hello is not None:
+            try:
+                self.channel.request(p.Goodbye(), self.hello.session, min(self.request_timeout_s, 2.0))
+            except CacheError:
+                pass
+            self.hello = None
+        self.channel.reset()
+        self._context.term()
+
+
+class _Heartbeat(threading.Thread):
+    """Says "alive" every heartbeat interval on a socket of its own."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(name="kvstore-heartbeat", daemon=True)
+        self._session = session
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        s = self._session
+        channel = Channel(s.address, s.credentials, s._context)
+        try:
+            while not self.stop_event.is_set():
+                hello = s.hello
+                interval = hello.heartbeat_interval_s if hello else 1.0
+                if hello is not None:
+                    sent = time.monotonic()
+                    try:
+                        reply, instance = channel.request(p.Heartbeat(), hello.session, interval)
+                        if type(reply) is p.OkReply and instance == s.instance and s.hello is hello:
+                            s.last_ack_sent = max(s.last_ack_sent, sent)
+                    except CacheError:
+                        pass
+                self.stop_event.wait(interval)
+        finally:
+            channel.reset()
+
+
+class _MappedPool:
+    """The daemon's host pool, mapped into this process (page_first, like HostPool.tensor)."""
+
+    def __init__(self, hello: p.HelloReply, layout: KVLayout, pin: bool) -> None:
+        from multiprocessing import shared_memory
+
+        try:
+            self._shm = shared_memory.SharedMemory(name=hello.segment_name, track=False)
+        except TypeError:  # Python < 3.13: attach, then stop the tracker from unlinking it at exit
+            from multiprocessing import resource_tracker
+
+            self._shm = shared_memory.SharedMemory(name=hello.segment_name)
+            resource_tracker.unregister(self._shm._name, "shared_memory")
+        except FileNotFoundError:
+            raise CacheError(f"the daemon's segment {hello.segment_name} is gone (daemon restarting?)")
+        size = hello.num_slots * hello.slot_bytes
+        self.layout = layout.with_arrangement("page_first")
+        if hello.slot_bytes != self.layout.page_bytes or self._shm.size < size:
+            self._shm.close()
+            raise CacheError(f"segment {hello.segment_name} does not hold {hello.num_slots} pages of "
+                             f"layout {layout.fingerprint()}")
+        self._bytes = np.ndarray((size,), dtype=np.uint8, buffer=self._shm.buf)
+        self.tensor = (torch.from_numpy(self._bytes).view(self.layout.torch_dtype)
+                       .view(self.layout.pool_shape(hello.num_slots)))
+        self.is_pinned = False
+        if pin:
+            err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), size, 0x01 | 0x02)
+            if int(err) != 0:
+                log.warning("cudaHostRegister of the daemon's segment failed (%d); copies are "
+                            "not DMA (raise ulimit -l)", int(err))
+            self.is_pinned = int(err) == 0
+
+    def close(self) -> None:
+        if self._shm is None:
+            return
+        if self.is_pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+        del self.tensor, self._bytes
+        try:
+            self._shm.close()
+        except BufferError:
+            log.warning("daemon segment still viewed by a live tensor; it is unmapped when that goes")
+        self._shm = None
+
+
+class _FreshLoad(ControllerLoad):
+    """A load whose lazily copied layers (CPU) first make sure the lease still stands."""
+
+    def __init__(self, inner: ControllerLoad, require_fresh) -> None:
+        self._inner = inner
+        self._require_fresh = require_fresh
+
+    def wait_layer(self, layer: int) -> None:
+        self._inner._check_live()
+        self._require_fresh()
+        self._inner.wait_layer(layer)
+
+    def wait_all(self) -> None:
+        self._inner._check_live()
+        self._require_fresh()
+        self._inner.wait_all()
+
+    def finish(self) -> None:
+        self._inner.finish()
+        super().finish()
+
+
+class DaemonLink:
+    """An attached session with the daemon's segment mapped, kept alive by heartbeats:
+    what every daemon-backed handle needs (DaemonClient; the engine adapters' keyed
+    cache). Knows no device pool. Not thread-safe.
+
+    ``on_remap`` runs when the session was lost (daemon restart, client reaped) and
+    the segment is mapped anew: whatever the handle held of the old one is gone."""
+
+    def __init__(self, address: str, layout: KVLayout, *, credentials: Credentials = Credentials(),
+                 request_timeout_s: float = 10.0, client_name: str | None = None, pin: bool = False,
+                 prefetch: PrefetchConfig = PrefetchConfig(),
+                 on_remap: Callable[[], None] = lambda: None) -> None:
+        self.layout = layout
+        self.prefetch_config = prefetch
+        self.session = Session(address, layout.fingerprint(), credentials=credentials,
+                               request_timeout_s=request_timeout_s, client_name=client_name)
+        self.pool: _MappedPool | None = None
+        self._pool_epoch = -1
+        self._pin = pin
+        self._on_remap = on_remap
+        try:
+            self.session.attach()
+            self.ensure_mapped()
+        except BaseException:
+            self.session.close()
+            raise
+        self._heartbeat = _Heartbeat(self.session)
+        self._heartbeat.start()
+
+    @property
+    def epoch(self) -> int:
+        """Changes whenever the session was opened anew (a lease of another epoch is gone)."""
+        return self.session.epoch
+
+    def ensure_mapped(self) -> None:
+        """Map the current instance's segment; tell the handle when the old one is gone."""
+        s = self.session
+        if s.hello is None:
+            s.attach()
+        if self._pool_epoch == s.epoch and self.pool is not None:
+            return
+        self._on_remap()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        self.pool = _MappedPool(s.hello, self.layout, pin=self._pin)
+        self._pool_epoch = s.epoch
+
+    def call(self, msg: p.Message, timeout_s: float | None = None) -> p.Message:
+        reply = self.session.call(msg, timeout_s)
+        self.ensure_mapped()
+        return reply
+
+    def require_fresh(self) -> None:
+        """Raise unless the daemon surely still holds this session's leases and reservations.
+
+        The daemon reclaims a session ``lease_ttl_s`` after the last request it got; the
+        send time of the latest answered request is a lower bound of that."""
+        s = self.session
+        if s.hello is None or self._pool_epoch != s.epoch:
+            raise CacheError("the daemon lost this client's session; lookup() again")
+        if time.monotonic() - s.last_ack_sent > s.hello.lease_ttl_s / 2:
+            epoch = s.epoch
+            reply = s.call(p.Heartbeat(), timeout_s=s.hello.lease_ttl_s / 4)
+            if type(reply) is not p.OkReply or s.epoch != epoch or s.hello is None:
+                raise CacheError("this client's leases were reclaimed by the daemon; lookup() again")
+
+    # ---- requests shared by the handles ---------------------------------------------------
+    def lookup(self, keys: list[bytes], num_tokens: int) -> p.LookupReply:
+        """Lease the cached prefix of ``keys``, waiting on the daemon's prefetch of L3
+        pages as ``prefetch_config.policy`` says. Raises DaemonUnavailable, CacheError."""
+        reply = self._lookup_once(keys, start_prefetch=True)
+        if reply.num_pending and self._wait_for_prefetch(reply.prefetch_id, num_tokens):
+            # Look again for what arrived; the first lease ends once the second holds.
+            again = self._lookup_once(keys, start_prefetch=False)
+            self.release_lease(reply.lease_id)
+            num_l2 = min(reply.num_l2, again.num_l2 + again.num_l3)
+            reply = dataclasses.replace(again, num_l2=num_l2,
+                                        num_l3=again.num_l2 + again.num_l3 - num_l2)
+        return reply
+
+    def _lookup_once(self, keys: list[bytes], start_prefetch: bool) -> p.LookupReply:
+        reply = self.call(p.Lookup(p.join_keys(keys), start_prefetch))
+        if type(reply) is p.ErrorReply:
+            raise CacheError(f"lookup refused by the daemon: {reply.code}: {reply.message}")
+        if type(reply) is not p.LookupReply or reply.num_l2 + reply.num_l3 > len(keys) \
+                or len(reply.slots) != 4 * (reply.num_l2 + reply.num_l3):
+            raise CacheError("the daemon's lookup reply does not match the request")
+        return reply
+
+    def _wait_for_prefetch(self, prefetch_id: int, num_tokens: int) -> bool:
+        """Wait on a prefetch as the policy says; whether to look up again."""
+        cfg = self.prefetch_config
+        if cfg.policy == "best_effort" or not prefetch_id:
+            return False
+        budget = (self.session.request_timeout_s if cfg.policy != "timeout" else
+                  cfg.timeout_base_s + cfg.timeout_per_1k_tokens_s * num_tokens / 1000)
+        reply = self.call_prefetch(p.WaitPrefetch(prefetch_id, budget), budget)
+        return type(reply) is p.PrefetchReply and reply.num_ready > 0
+
+    def call_prefetch(self, msg: p.Message, wait_s: float = 0.0) -> p.Message:
+        """A prefetch request, whose answer may take ``wait_s`` on top of the usual deadline."""
+        return self.session.call(msg, timeout_s=wait_s + self.session.request_timeout_s)
+
+    def release_lease(self, daemon_lease_id: int) -> None:
+        if not daemon_lease_id:
+            return
+        try:
+            self.session.call(p.Release(daemon_lease_id))
+        except DaemonUnavailable:
+            pass  # the daemon reclaims it with the session
+
+    def abort_store(self, reservation_id: int) -> None:
+        try:
+            self.session.call(p.AbortStore(reservation_id))
+        except CacheError:
+            pass  # the daemon aborts it after reservation_ttl_s, or has restarted
+
+    def daemon_stats(self) -> dict:
+        reply = self.call(p.GetStats())
+        if type(reply) is not p.StatsReply:
+            raise CacheError(f"stats refused: {reply}")
+        return reply.stats
+
+    def cache_stats(self) -> CacheStats:
+        """The daemon's cache counters (shared by every client of the daemon)."""
+        raw = self.daemon_stats()
+        return CacheStats(**{f.name: type(f.default)(raw.get(f.name, 0))
+                             for f in dataclasses.fields(CacheStats)})
+
+    def check_integrity(self, quiescent: bool = False) -> None:
+        """Run the daemon's integrity check; raises CacheError with its finding."""
+        reply = self.call(p.CheckIntegrity(quiescent))
+        if type(reply) is not p.OkReply:
+            raise CacheError(f"daemon integrity check failed: {reply.message}")
+
+    def close(self) -> None:
+        """Say Goodbye (the daemon ends every lease), stop the heartbeat, unmap. Idempotent."""
+        self._heartbeat.stop_event.set()
+        self._heartbeat.join(timeout=5)
+        try:
+            self.session.close()
+        finally:
+            if self.pool is not None:
+                self.pool.close()
+                self.pool = None
+
+
+class _RemotePrefetch(PrefetchTicket):
+    """A prefetch running in the daemon; progress is asked for when read, until done."""
+
+    def __init__(self, link: DaemonLink, reply: p.PrefetchReply | None) -> None:
+        self._link = link
+        self._last = reply or p.PrefetchReply(0, 0, 0, 0, 0, True)
+
+    def _refresh(self, wait_s: float = 0.0) -> p.PrefetchReply:
+        if not self._last.is_done:
+            try:
+                reply = self._link.call_prefetch(p.WaitPrefetch(self._last.prefetch_id, wait_s), wait_s)
+            except DaemonUnavailable:
+                reply = None
+            # A daemon that forgot it (restart, reaped) has nothing more coming.
+            self._last = reply if type(reply) is p.PrefetchReply else \
+                dataclasses.replace(self._last, num_pending=0, is_done=True)
+        return self._last
+
+    @property
+    def num_pages(self) -> int:
+        return self._refresh().num_pages
+
+    @property
+    def num_ready(self) -> int:
+        return self._refresh().num_ready
+
+    @property
+    def num_failed(self) -> int:
+        return self._refresh().num_failed
+
+    @property
+    def num_pending(self) -> int:
+        return self._refresh().num_pending
+
+    @property
+    def is_done(self) -> bool:
+        return self._refresh().is_done
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        wait_s = self._link.session.request_timeout_s * 6 if timeout_s is None else timeout_s
+        return self._refresh(wait_s).is_done
+
+    def cancel(self) -> None:
+        if not self._last.is_done:
+            try:
+                self._link.call_prefetch(p.CancelPrefetch(self._last.prefetch_id))
+            except DaemonUnavailable:
+                pass
+            self._last = dataclasses.replace(self._last, is_done=True)
+
+
+@dataclasses.dataclass
+class _Lease:
+    result: LookupResult
+    slots: list[int]
+    epoch: int
+    loads: list[ControllerLoad]
+    daemon_lease_id: int
+
+
+class DaemonClient(CacheClient):
+    """An engine's handle on a daemon's cache; same contract as the embedded controller."""
+
+    def __init__(self, address: str, namespace: KeyNamespace, device_pool: torch.Tensor, *,
+                 copy_backend: str | None = None, credentials: Credentials = Credentials(),
+                 request_timeout_s: float = 10.0, client_name: str | None = None,
+                 prefetch: PrefetchConfig = PrefetchConfig()) -> None:
+        self.layout: KVLayout = namespace.layout
+        self._device = DevicePool(self.layout, device_pool, copy_backend)
+        self._ns_digest = namespace.digest()
+        self._leases: dict[int, _Lease] = {}   # this client's lease id -> lease
+        self._lease_ids = itertools.count(1)
+        self._is_closed = False
+        self._link = DaemonLink(address, self.layout, credentials=credentials,
+                                request_timeout_s=request_timeout_s, client_name=client_name,
+                                pin=device_pool.is_cuda, prefetch=prefetch,
+                                on_remap=self._drop_leases)
+
+    def _check_open(self) -> None:
+        if self._is_closed:
+            raise CacheError("this cache client is closed; connect again")
+
+    def _drop_leases(self) -> None:
+        """The daemon dropped them with the session: loads of them must end too."""
+        for lease in self._leases.values():
+            for handle in lease.loads:
+                handle.finish()
+        self._leases.clear()
+
+    def _keys(self, tokens) -> list[bytes]:
+        return page_keys(self._ns_digest, tokens, self.layout.page_size)
+
+    # ---- the API ------------------------------------------------------------------------
+    def lookup(self, tokens: Sequence[int] | np.ndarray) -> LookupResult:
+        self._check_open()
+        keys = self._keys(tokens)
+        P = self.layout.page_size
+        if not keys:
+            return LookupResult(0, (), P, 0, 0)
+        try:
+            reply = self._link.lookup(keys, len(keys) * P)
+        except DaemonUnavailable as exc:
+            log.warning("lookup is a miss: %s", exc)
+            return LookupResult(0, (), P, 0, 0)
+        num_hit = reply.num_l2 + reply.num_l3
+        # The result carries an id of this client's own: a restarted daemon numbers its
+        # leases from 1 again, and an old result must never name a new lease.
+        local_id = next(self._lease_ids) if reply.lease_id else 0
+        result = LookupResult(local_id, tuple(keys[:num_hit]), P, reply.num_l2, reply.num_l3,
+                              reply.num_pending)
+        if reply.lease_id:
+            self._leases[local_id] = _Lease(result, p.unpack_u32(reply.slots),
+                                            self._link.epoch, [], reply.lease_id)
+        return result
+
+    def prefetch(self, tokens: Sequence[int] | np.ndarray) -> PrefetchTicket:
+        self._check_open()
+        keys = self._keys(tokens)
+        try:
+            reply = self._link.call_prefetch(p.StartPrefetch(p.join_keys(keys))) if keys else None
+        except DaemonUnavailable as exc:
+            log.warning("prefetch not started: %s", exc)
+            reply = None
+        if type(reply) is p.ErrorReply:
+            raise CacheError(f"prefetch refused by the daemon: {reply.code}: {reply.message}")
+        return _RemotePrefetch(self._link, reply if type(reply) is p.PrefetchReply else None)
+
+    def load(self, result: LookupResult, device_pages: Sequence[int]) -> LoadHandle:
+        self._check_open()
+        if len(device_pages) != result.num_hit_pages:
+            raise CacheError(f"load() needs one device page per hit page: got {len(device_pages)} "
+                             f"for {result.num_hit_pages} hit pages")
+        if not result.num_hit_pages:
+            return CompletedLoad()
+        lease = self._leases.get(result.lease_id)
+        if lease is None or lease.result != result or lease.epoch != self._link.epoch:
+            raise CacheError(f"lease {result.lease_id} has ended (released, or the daemon restarted "
+                             "or reclaimed it): lookup() again before load()")
+        pages = self._device.check_pages(device_pages, "device_pages")
+        self._link.require_fresh()  # on CUDA every layer is enqueued now
+        handle = _FreshLoad(self._device.load(self._link.pool, lease.slots, pages),
+                            self._link.require_fresh)
+        lease.loads.append(handle)
+        return handle
+
+    def store(self, tokens: Sequence[int] | np.ndarray, device_pages: Sequence[int]) -> StoreResult:
+        self._check_open()
+        keys = self._keys(tokens)
+        if len(device_pages) < len(keys):
+            raise CacheError(f"store() got {len(device_pages)} device pages for {len(keys)} full "
+                             "pages of tokens")
+        if not keys:
+            return StoreResult(0, 0, 0)
+        pages = self._device.check_pages(device_pages[: len(keys)], "device_pages")
+        try:
+            plan = self._link.call(p.BeginStore(p.join_keys(keys)))
+        except DaemonUnavailable as exc:
+            log.warning("store skipped: %s", exc)
+            return StoreResult(len(keys), 0, len(keys))
+        if type(plan) is p.ErrorReply:
+            raise CacheError(f"store refused by the daemon: {plan.code}: {plan.message}")
+        if not plan.reservation_id:
+            return StoreResult(len(keys), 0, plan.num_skipped)
+        positions, slots = p.unpack_u32(plan.positions), p.unpack_u32(plan.slots)
+        try:
+            if len(positions) != len(slots) or max(positions) >= len(keys):
+                raise CacheError("the daemon's store plan does not match the request")
+            self._link.require_fresh()
+            self._device.save([pages[i] for i in positions], self._link.pool, slots)
+            self._link.require_fresh()
+        except BaseException:
+            self._link.abort_store(plan.reservation_id)
+            raise
+        reply = self._link.session.call(p.CommitStore(plan.reservation_id))
+        if type(reply) is not p.CommitReply:
+            log.warning("store not published: %s", getattr(reply, "message", reply))
+            return StoreResult(len(keys), 0, len(keys) - plan.num_skipped)
+        return StoreResult(len(keys), reply.num_published, plan.num_skipped)
+
+    def release(self, result: LookupResult) -> None:
+        self._check_open()
+        lease = self._leases.get(result.lease_id)
+        if lease is None:
+            return
+        if lease.result != result:
+            raise CacheError(f"release() got a result that is not lease {result.lease_id} of this cache")
+        del self._leases[result.lease_id]
+        for handle in lease.loads:
+            handle.finish()  # copies out of the slots must be over before the lease ends
+        if lease.epoch == self._link.epoch:
+            self._link.release_lease(lease.daemon_lease_id)
+
+    def stats(self) -> CacheStats:
+        """The daemon's cache counters (shared by every client of the daemon)."""
+        self._check_open()
+        return self._link.cache_stats()
+
+    def daemon_stats(self) -> dict:
+        self._check_open()
+        return self._link.daemon_stats()
+
+    def check_integrity(self, quiescent: bool = False) -> None:
+        """Run the daemon's integrity check; raises CacheError with its finding."""
+        self._check_open()
+        self._link.check_integrity(quiescent)
+
+    def close(self) -> None:
+        """Release every lease (Goodbye), stop the heartbeat, unmap the segment. Idempotent."""
+        if self._is_closed:
+            return
+        self._is_closed = True
+        self._drop_leases()
+        self._link.close()

@@ -1,0 +1,306 @@
+"""DaemonConfig: what ``kvstore serve`` runs with, merged from a TOML file, KVSTORE_* and flags.
+
+Precedence: flags > environment > file > defaults. Every setting has one dotted
+name; the file uses it as TOML tables, the environment upper-cases it with
+underscores, and the flag uses dashes::
+
+    layout.num_layers   [layout] num_layers = 32   KVSTORE_LAYOUT_NUM_LAYERS=32   --layout-num-layers 32
+    l3.options          [l3.options] path = ".."  KVSTORE_L3_OPTIONS='{"path": ".."}' (JSON)
+
+Values from the environment and flags are text and are parsed by the field's
+type; every value is checked, and an error names the field and where it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+from controller.config import ConfigError, ControllerConfig, L3Config
+from kvstore.layout import KVLayout, LayoutError
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+ENV_PREFIX = "KVSTORE_"
+
+
+def runtime_dir() -> Path:
+    """Per-user directory for sockets and lock files ($XDG_RUNTIME_DIR/kvstore or /tmp/kvstore-<uid>)."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        return Path(base) / "kvstore"
+    return Path(f"/tmp/kvstore-{os.getuid()}")
+
+
+def default_address() -> str:
+    return f"ipc://{runtime_dir() / 'kvstore.sock'}"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Who may talk to a tcp:// daemon (ipc:// is guarded by file permissions)."""
+
+    token_file: str | None = None
+    """File holding the shared token clients present in Hello (read at start; keep it 0600)."""
+    token: str | None = None
+    """The shared token itself (prefer token_file or KVSTORE_AUTH_TOKEN over a config file)."""
+    curve_secret_key_file: str | None = None
+    """The daemon's CURVE secret key file (zmq.auth.create_certificates); enables CURVE."""
+    curve_public_keys_dir: str | None = None
+    """Directory of the public keys of clients allowed to connect (needed with CURVE)."""
+
+    @property
+    def is_curve(self) -> bool:
+        return self.curve_secret_key_file is not None
+
+    def read_token(self) -> bytes | None:
+        if self.token is not None:
+            return self.token.encode()
+        if self.token_file is not None:
+            return Path(self.token_file).read_bytes().strip()
+        return None
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Everything one daemon runs with; one layout (one shm segment) per daemon."""
+
+    layout: KVLayout
+    """The KV layout this daemon's host pool holds; clients with another layout are refused."""
+    address: str = field(default_factory=default_address)
+    """ipc://PATH (default: in the per-user runtime directory) or tcp://HOST:PORT (needs auth)."""
+    host_pool_pages: int = 4096
+    """Pages of shared host memory (L2)."""
+    eviction_policy: str = ControllerConfig.eviction_policy
+    """Which L2 page goes first when full; see kvstore.eviction.policy_names()."""
+    l3: L3Config = field(default_factory=L3Config)
+    """The L3 store behind L2 (connector, options, write_policy, timeout_s)."""
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    """Credentials required on tcp://."""
+    lease_ttl_s: float = 5.0
+    """A client silent for this long is dead: its leases and reservations are reclaimed."""
+    heartbeat_interval_s: float = 1.0
+    """How often clients say they are alive (must be well under lease_ttl_s)."""
+    reservation_ttl_s: float = 30.0
+    """A store reserved but not committed for this long is aborted (its slots come back)."""
+    max_leases_per_client: int = 65536
+    """Open leases one client may hold; more are refused (a leaking client can't pin L2)."""
+    flush_deadline_s: float = 30.0
+    """On SIGTERM, how long write-back pages may take to reach L3."""
+    metrics_port: int | None = None
+    """Port of the Prometheus text endpoint (None: no endpoint)."""
+    metrics_host: str = "127.0.0.1"
+    """Interface of the metrics endpoint."""
+
+    def __post_init__(self) -> None:
+        if not self.address.startswith(("ipc://", "tcp://")):
+            raise ConfigError(f"address {self.address!r} must start with ipc:// or tcp://")
+        if self.address.startswith("tcp://"):
+            if self.auth.read_token() is None and not self.auth.is_curve:
+                raise ConfigError(
+                    f"address {self.address} is tcp:// but no credentials are set: set auth.token_file "
+                    "(or KVSTORE_AUTH_TOKEN), or auth.curve_secret_key_file + auth.curve_public_keys_dir")
+            if self.auth.is_curve and not self.auth.curve_public_keys_dir:
+                raise ConfigError("auth.curve_secret_key_file needs auth.curve_public_keys_dir")
+        if self.heartbeat_interval_s * 2 > self.lease_ttl_s:
+            raise ConfigError(
+                f"heartbeat_interval_s ({self.heartbeat_interval_s}) must be at most half of "
+                f"lease_ttl_s ({self.lease_ttl_s})")
+        ControllerConfig(host_pool_pages=self.host_pool_pages, eviction_policy=self.eviction_policy,
+                         l3=self.l3)  # validates those fields with its own messages
+
+    def controller_config(self) -> ControllerConfig:
+        return ControllerConfig(host_pool_pages=self.host_pool_pages,
+                                eviction_policy=self.eviction_policy, l3=self.l3)
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """The effective configuration as nested tables (secrets masked)."""
+        out: dict[str, Any] = {}
+        for spec in FIELDS:
+            value = _get(self, spec.name)
+            if value is None:
+                continue
+            if spec.name == "auth.token":
+                value = "***"
+            if isinstance(value, Mapping):
+                value = dict(value)
+            table = out
+            *parents, leaf = spec.name.split(".")
+            for p in parents:
+                table = table.setdefault(p, {})
+            table[leaf] = value
+        return out
+
+
+# ---- settings table -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    parse: Callable[[str], Any]
+    """Text (environment, flags) -> value."""
+    kind: tuple[type, ...]
+    """Accepted Python types of a TOML value."""
+    help: str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.replace(".", "_").upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace(".", "-").replace("_", "-")
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def _json_table(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value
+
+
+_I, _F, _S = (int,), (int, float), (str,)
+FIELDS: tuple[Setting, ...] = (
+    Setting("address", str, _S, "ipc://PATH or tcp://HOST:PORT"),
+    Setting("host_pool_pages", int, _I, "pages of shared host memory (L2)"),
+    Setting("eviction_policy", str, _S, "L2 eviction policy name"),
+    Setting("layout.num_layers", int, _I, "layers of the KV layout"),
+    Setting("layout.num_kv_heads", int, _I, "KV heads per layer (per TP rank)"),
+    Setting("layout.head_dim", int, _I, "elements per head"),
+    Setting("layout.page_size", int, _I, "tokens per page"),
+    Setting("layout.dtype", str, _S, "element type (bfloat16, float16, float32, ...)"),
+    Setting("layout.is_mla", _bool, (bool,), "one latent tensor per layer (MLA)"),
+    Setting("l3.connector", str, _S, "L3 store: disk, redis, redis_cluster, mooncake, memory"),
+    Setting("l3.options", _json_table, (dict,), "L3 connector options (a table; JSON in env/flags)"),
+    Setting("l3.write_policy", str, _S, "write_back or write_through"),
+    Setting("l3.timeout_s", float, _F, "longest wait for one batched L3 call"),
+    Setting("auth.token_file", str, _S, "file holding the shared token (tcp)"),
+    Setting("auth.token", str, _S, "the shared token (tcp)"),
+    Setting("auth.curve_secret_key_file", str, _S, "daemon CURVE secret key file (tcp)"),
+    Setting("auth.curve_public_keys_dir", str, _S, "directory of allowed client CURVE public keys"),
+    Setting("lease_ttl_s", float, _F, "seconds of silence after which a client's leases are reclaimed"),
+    Setting("heartbeat_interval_s", float, _F, "seconds between client heartbeats"),
+    Setting("reservation_ttl_s", float, _F, "seconds a store may stay reserved before it is aborted"),
+    Setting("max_leases_per_client", int, _I, "open leases one client may hold"),
+    Setting("flush_deadline_s", float, _F, "seconds to write back pages to L3 on shutdown"),
+    Setting("metrics_port", int, _I, "port of the Prometheus endpoint"),
+    Setting("metrics_host", str, _S, "interface of the Prometheus endpoint"),
+)
+_BY_NAME = {s.name: s for s in FIELDS}
+_POSITIVE = {"host_pool_pages", "lease_ttl_s", "heartbeat_interval_s", "reservation_ttl_s",
+             "max_leases_per_client", "flush_deadline_s", "l3.timeout_s"}
+
+
+def _get(config: DaemonConfig, name: str) -> Any:
+    obj: Any = config
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if name in _BY_NAME:
+            flat[name] = value
+        elif isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            raise ConfigError(f"unknown setting {name!r}; known: {', '.join(sorted(_BY_NAME))}")
+    return flat
+
+
+def read_sources(
+    config_file: str | os.PathLike | None,
+    environ: Mapping[str, str],
+    flags: Mapping[str, str | None],
+) -> dict[str, tuple[Any, str]]:
+    """name -> (value, where it came from), flags over environment over file."""
+    values: dict[str, tuple[Any, str]] = {}
+    if config_file is not None:
+        try:
+            with open(config_file, "rb") as f:
+                table = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {config_file}: {exc}") from None
+        for name, value in _flatten(table).items():
+            values[name] = (value, f"{config_file}")
+    for source, texts in (("environment", {s.name: environ.get(s.env) for s in FIELDS}),
+                          ("flag", flags)):
+        for name, text in texts.items():
+            if text is None:
+                continue
+            spec = _BY_NAME[name]
+            where = spec.env if source == "environment" else spec.flag
+            try:
+                values[name] = (spec.parse(text), where)
+            except ValueError as exc:
+                raise ConfigError(f"{name} (from {where}): {exc}") from None
+    return values
+
+
+def build_config(values: Mapping[str, tuple[Any, str]]) -> DaemonConfig:
+    """A checked DaemonConfig from ``read_sources`` output; errors name the field and source."""
+    for name, (value, where) in values.items():
+        spec = _BY_NAME[name]
+        if type(value) not in spec.kind and not (spec.kind == _F and type(value) is int):
+            raise ConfigError(f"{name} (from {where}) must be {'/'.join(t.__name__ for t in spec.kind)}, "
+                              f"got {value!r}")
+        if name in _POSITIVE and value <= 0:
+            raise ConfigError(f"{name} (from {where}) must be > 0, got {value!r}")
+        if name == "metrics_port" and not 0 < value < 65536:
+            raise ConfigError(f"metrics_port (from {where}) must be in 1..65535, got {value!r}")
+    plain = {name: value for name, (value, _) in values.items()}
+    groups: dict[str, dict[str, Any]] = {"layout": {}, "l3": {}, "auth": {}}
+    top: dict[str, Any] = {}
+    for name, value in plain.items():
+        head, _, leaf = name.partition(".")
+        (groups[head].__setitem__(leaf, value) if leaf else top.__setitem__(name, value))
+    missing = [f"layout.{f}" for f in ("num_layers", "num_kv_heads", "head_dim", "page_size")
+               if f not in groups["layout"]]
+    if missing:
+        raise ConfigError(f"the daemon serves one KV layout: set {', '.join(missing)} "
+                          f"(e.g. [layout] in --config, or {_BY_NAME[missing[0]].flag})")
+    try:
+        layout = KVLayout(**groups["layout"])
+        l3 = L3Config(**groups["l3"])
+        return DaemonConfig(layout=layout, l3=l3, auth=AuthConfig(**groups["auth"]), **top)
+    except (LayoutError, OSError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def load_config(config_file=None, environ: Mapping[str, str] | None = None,
+                flags: Mapping[str, str | None] | None = None) -> DaemonConfig:
+    return build_config(read_sources(config_file, os.environ if environ is None else environ,
+                                     flags or {}))
+
+
+def to_toml(table: Mapping[str, Any], prefix: str = "") -> str:
+    """A small TOML writer for ``--print-config`` (scalars and nested tables only)."""
+    lines, subtables = [], []
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            subtables.append((key, value))
+        else:
+            lines.append(f"{key} = {json.dumps(value)}")
+    out = "\n".join(lines)
+    for key, value in subtables:
+        name = f"{prefix}{key}"
+        out += f"\n\n[{name}]\n" + to_toml(value, name + ".")
+    return out.strip("\n") + "\n"

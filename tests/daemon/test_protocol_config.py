@@ -1,0 +1,78 @@
+"""Wire protocol round trips and refusals; daemon config precedence and messages."""
+
+import msgpack
+import pytest
+
+from controller.config import ConfigError
+from controller.daemon import protocol as p
+from controller.daemon.config import load_config, to_toml
+
+LAYOUT_ENV = {"KVSTORE_LAYOUT_NUM_LAYERS": "2", "KVSTORE_LAYOUT_NUM_KV_HEADS": "2",
+              "KVSTORE_LAYOUT_HEAD_DIM": "4", "KVSTORE_LAYOUT_PAGE_SIZE": "4"}
+
+
+def test_every_message_round_trips():
+    sid = b"s" * 16
+    msgs = [p.Hello("c", 1, "fp", b"tok"), p.Lookup(b"k" * 32, True), p.Release(7), p.CommitStore(2),
+            p.LookupReply(3, 1, 1, p.pack_u32([4, 5]), 2, 9), p.WaitPrefetch(4, 0.5), p.PrefetchReply(4, 3, 1, 0, 2, False), p.StatsReply({"a": 1, "b": 2.5, "c": "x"}),
+            p.ErrorReply("bad_message", "why")]
+    for msg in msgs:
+        table = p.REQUESTS if msg.TYPE in p.REQUESTS else p.REPLIES
+        assert p.decode(p.encode(msg, 9, sid), table) == (msg, 9, sid)
+    assert p.unpack_u32(p.pack_u32([0, 2**32 - 1])) == [0, 2**32 - 1]
+
+
+@pytest.mark.parametrize("frame, code", [
+    (msgpack.packb([p.VERSION + 1, 2, 1, b"", b""]), "bad_version"),
+    (msgpack.packb([p.VERSION, 99, 1, b""]), "bad_message"),
+    (msgpack.packb([p.VERSION, 2, 1, b"", b"x" * 15]), "bad_message"),       # key blob not 16 * n
+    (msgpack.packb([p.VERSION, 2, 1, b"", "k" * 16]), "bad_message"),        # str, not bytes
+    (msgpack.packb([p.VERSION, 3, 1, b"", -1]), "bad_message"),              # negative lease id
+    (msgpack.packb([p.VERSION, 3, 1, b"", True]), "bad_message"),            # bool is not an int
+    (msgpack.packb([p.VERSION, 3, 1, b"", 1, 2]), "bad_message"),            # extra field
+    (msgpack.packb([p.VERSION, 3, 1, b"abc", 1]), "bad_message"),            # session of 3 bytes
+    (msgpack.packb([p.VERSION, 2, 1, b"", b"\0" * 16 * (p.MAX_KEYS + 1), True]), "too_large"),
+    (b"\xc1", "bad_message"), (b"", "bad_message"),
+    (msgpack.packb(msgpack.ExtType(1, b"x")), "bad_message"),
+])
+def test_bad_frames_are_refused_with_a_code(frame, code):
+    with pytest.raises(p.ProtocolError) as info:
+        p.decode(frame, p.REQUESTS)
+    assert info.value.code == code
+
+
+def test_flags_override_environment_which_overrides_the_file(tmp_path):
+    path = tmp_path / "kvstore.toml"
+    path.write_text('host_pool_pages = 10\nlease_ttl_s = 9.0\n[layout]\nnum_layers = 3\n'
+                    'num_kv_heads = 2\nhead_dim = 4\npage_size = 4\n[l3]\nconnector = "memory"\n')
+    config = load_config(path, environ={"KVSTORE_HOST_POOL_PAGES": "20", "KVSTORE_LEASE_TTL_S": "8"},
+                         flags={"host_pool_pages": "30"})
+    assert (config.host_pool_pages, config.lease_ttl_s, config.layout.num_layers) == (30, 8.0, 3)
+    assert config.l3.connector == "memory"
+    assert "host_pool_pages = 30" in to_toml(config.to_toml_dict())
+
+
+@pytest.mark.parametrize("env, flags, message", [
+    ({}, {"layout.num_layers": None}, "host_pool_pages .from KVSTORE_HOST_POOL_PAGES. must be > 0"),
+    ({"KVSTORE_LEASE_TTL_S": "soon"}, {}, "lease_ttl_s .from KVSTORE_LEASE_TTL_S."),
+    ({}, {"address": "http://x"}, "must start with ipc:// or tcp://"),
+    ({}, {"address": "tcp://127.0.0.1:7600"}, "no credentials"),
+    ({}, {"heartbeat_interval_s": "4"}, "at most half of lease_ttl_s"),
+    ({}, {"eviction_policy": "nope"}, "eviction_policy"),
+])
+def test_bad_settings_name_the_field(env, flags, message):
+    environ = dict(LAYOUT_ENV, **env)
+    if "KVSTORE_LEASE_TTL_S" not in env and not flags.get("address") and "heartbeat_interval_s" not in flags \
+            and "eviction_policy" not in flags:
+        environ["KVSTORE_HOST_POOL_PAGES"] = "0"
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, environ=environ, flags={k: v for k, v in flags.items() if v is not None})
+
+
+def test_a_layout_is_required_and_unknown_file_keys_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="layout.num_layers"):
+        load_config(None, environ={})
+    path = tmp_path / "bad.toml"
+    path.write_text("host_pool_pagez = 3\n")
+    with pytest.raises(ConfigError, match="unknown setting 'host_pool_pagez'"):
+        load_config(path, environ=LAYOUT_ENV)
