@@ -350,7 +350,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("bench/results/pipeline.json"))
     p.add_argument("--quick", action="store_true", help="a few sessions, one L3, a check of every part")
-    p.add_argument("--l3", default="disk,redis", help="comma list of disk, redis")
+    p.add_argument("--l3", default=None, help="comma list of disk, redis (default: both; --quick: disk)")
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--hints", choices=("both", "on", "off"), default="both")
     p.add_argument("--preset", default="tiny")
@@ -378,8 +378,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.sessions is None:
         args.sessions = 4 if args.quick else 16
-    if args.quick:
-        args.l3 = "disk"
+    if args.l3 is None:
+        args.l3 = "disk" if args.quick else "disk,redis"
     return args
 
 
