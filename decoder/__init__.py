@@ -2,7 +2,7 @@
 engine that runs prefill and greedy decode against the cache's client API."""
 
 from .config import PRESETS, DecoderConfig, DecoderConfigError
-from .engine import EngineError, GenerationResult, PageAllocator, ReferenceEngine
+from .engine import EngineError, GenerationResult, PageAllocator, ReferenceEngine, RunningRequest
 from .model import DecoderShapeError, ReferenceDecoder
 
 __all__ = [
@@ -15,4 +15,5 @@ __all__ = [
     "PageAllocator",
     "ReferenceDecoder",
     "ReferenceEngine",
+    "RunningRequest",
 ]

@@ -1,4 +1,6 @@
-"""ReferenceEngine: prefill and greedy decode of one request at a time over a paged KV pool.
+"""ReferenceEngine: prefill and greedy decode over a paged KV pool, a request at a time
+(``generate``) or in steps that a scheduler interleaves (``start``, ``prefill_step`` per
+chunk, ``decode_step`` per token, ``finish``).
 
 With a cache, a request goes::
 
@@ -6,6 +8,7 @@ With a cache, a request goes::
     result = cache.lookup(prompt)                       # cached prefix, leased
     handle = cache.load(result, pages[:hit pages])      # into the engine's pool
     prefill the rest, one page per chunk; chunk 1 waits per layer on handle.wait_layer
+    (the first token is ready here: TTFT ends)
     cache.store(full prompt pages)                      # only KV computed by prefill
     cache.release(result)
     greedy decode, one token per step; free the pages
@@ -37,7 +40,7 @@ page-sized chunks and could differ in the last bit.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -63,7 +66,8 @@ class GenerationResult:
     logits: torch.Tensor
     """float32 CPU [max_new_tokens, vocab]: row i produced ``tokens[i]``."""
     ttft_s: float
-    """Prompt in -> first token out (lookup, load and prefill included), seconds."""
+    """Prompt in -> first token out (lookup, load and prefill included; the store of the
+    prompt's pages, which follows, is not), seconds."""
     num_cached_tokens: int = 0
     """Prompt tokens whose KV was loaded from the cache (L2 + L3)."""
     num_l2_tokens: int = 0
@@ -72,6 +76,9 @@ class GenerationResult:
     """Prompt tokens prefilled by the model: prompt_len - num_cached_tokens."""
     total_s: float = 0.0
     """Prompt in -> last token out, seconds."""
+    num_pending_tokens: int = 0
+    """Tokens after the hit that a prefetch was still reading from L3 at the lookup
+    (``LookupResult.num_pending_pages``; best_effort and timeout policies)."""
 
     @property
     def output_tokens(self) -> list[int]:
@@ -125,10 +132,49 @@ class _Prefix:
     num_pages: int = 0
     num_l2_pages: int = 0
     num_l3_pages: int = 0
+    num_pending_pages: int = 0
+
+
+@dataclass(eq=False)
+class RunningRequest:
+    """A request between ``ReferenceEngine.start`` and ``finish``: it holds its device
+    pages, its prefill progress, its outputs so far, and what the cache served its prompt."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    pages: list[int]
+    page_table: torch.Tensor
+    prefix: _Prefix
+    tokens: list[int]
+    """Generated token ids so far (the first comes from prefill)."""
+    logits: list[torch.Tensor]
+    started_at: float
+    """``clock`` time ``begin`` was called."""
+    first_token_at: float
+    """``clock`` time the first token was ready (after prefill, before the store)."""
+    clock: Callable[[], float] = time.perf_counter
+    prompt_tensor: torch.Tensor | None = None
+    chunks: list[tuple[int, int]] = field(default_factory=list)
+    """Prefill chunks [start, stop) still to compute from ``num_chunks_done`` on."""
+    num_chunks_done: int = 0
+    lookup: LookupResult | None = None
+    """The cache lease, held from ``start`` until the prefill's last chunk."""
+    handle: LoadHandle | None = None
+    is_freed: bool = False
+
+    @property
+    def is_prefilled(self) -> bool:
+        return bool(self.tokens)
+
+    @property
+    def is_finished(self) -> bool:
+        return len(self.tokens) >= self.max_new_tokens
 
 
 class ReferenceEngine:
-    """One model, one device KV pool, an optional cache; one request at a time."""
+    """One model, one device KV pool, an optional cache. ``generate`` runs one request to
+    its end; ``begin`` / ``decode_step`` / ``finish`` run it in steps, so that a scheduler
+    (decoder.scheduler) can interleave the decode steps of several requests."""
 
     def __init__(
         self, model: ReferenceDecoder, layout: KVLayout, num_device_pages: int,
@@ -174,95 +220,166 @@ class ReferenceEngine:
 
         ``split_at`` (a multiple of the page size) also starts a prefill chunk there: a
         cache-off run that reproduces a cache run whose hit ended at ``split_at``."""
-        tokens = self._check_request(prompt, max_new_tokens)
-        prompt_len, P = len(tokens), self.layout.page_size
+        request = self.begin(prompt, max_new_tokens, split_at)
+        try:
+            while not request.is_finished:
+                self.decode_step(request)
+        except BaseException:
+            self.abort(request)
+            raise
+        return self.finish(request)
+
+    # ---- one request in steps (the scheduler's interface) ---------------------
+    def num_pages_for(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Device pages a request holds from ``begin`` to ``finish``: KV is written for every
+        position that is fed, the prompt and all outputs but the last."""
+        return -(-(prompt_len + max_new_tokens - 1) // self.layout.page_size)
+
+    def begin(
+        self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int, split_at: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> RunningRequest:
+        """``start`` and every ``prefill_step``: the first token is ready on return."""
+        request = self.start(prompt, max_new_tokens, split_at, clock)
+        try:
+            while not self.prefill_step(request):
+                pass
+        except BaseException:
+            self.abort(request)
+            raise
+        return request
+
+    def start(
+        self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int, split_at: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> RunningRequest:
+        """Allocate the request's device pages, look its prompt up in the cache (leasing the
+        cached prefix) and start loading it; no compute yet. The pages (and the lease, until
+        the prefill's last chunk) are held until ``finish`` or ``abort``; on an error nothing
+        is held. ``clock`` stamps the request's times (a scheduler passes its own)."""
+        tokens = self.check_request(prompt, max_new_tokens)
+        P = self.layout.page_size
         if not isinstance(split_at, int) or split_at < 0 or split_at % P:
             raise EngineError(f"split_at must be a multiple of the page size ({P}), got {split_at!r}")
-        # KV is written for every position that is fed: the prompt and all outputs but the last.
-        num_pages = -(-(prompt_len + max_new_tokens - 1) // P)
-        start = time.perf_counter()
-        pages = self.allocator.allocate(num_pages)
+        started = clock()
+        pages = self.allocator.allocate(self.num_pages_for(len(tokens), max_new_tokens))
+        device = self.model.device
+        request = RunningRequest(
+            tokens, max_new_tokens, pages, torch.tensor(pages, dtype=torch.long, device=device),
+            _Prefix(), [], [], started, float("nan"), clock,
+            prompt_tensor=torch.tensor(tokens, dtype=torch.long, device=device))
         try:
-            page_table = torch.tensor(pages, dtype=torch.long, device=self.model.device)
-            last_logits, prefix = self._prefill_with_cache(tokens, pages, page_table, split_at)
-            out_tokens, out_logits = [int(last_logits.argmax())], [last_logits]
-            self._synchronize()
-            ttft = time.perf_counter() - start
-            for step in range(1, max_new_tokens):
-                fed = torch.tensor(out_tokens[-1:], dtype=torch.long, device=self.model.device)
-                logits = self.model.forward_chunk(
-                    fed, prompt_len + step - 1, self.kv_pool, self.layout, page_table
-                )[0]
-                out_tokens.append(int(logits.argmax()))
-                out_logits.append(logits)
-            self._synchronize()
-            total = time.perf_counter() - start
-        finally:
-            self.allocator.free(pages)
+            if self.cache is not None:
+                self._lookup_and_load(request)
+            first = request.prefix.num_pages * P
+            request.chunks = chunk_bounds(first, len(tokens), self.prefill_chunk_len, split_at)
+            if not request.chunks:
+                raise EngineError("internal: no prefill chunk (the last page is always recomputed)")
+        except BaseException:
+            self.abort(request)
+            raise
+        return request
+
+    def prefill_step(self, request: RunningRequest) -> bool:
+        """Prefill the request's next chunk (module doc). After the last one the first token
+        is ready (``first_token_at``), then the prompt's full pages are stored and the lease
+        ends. Returns True once prefilled. On an error, ``abort`` the request."""
+        if request.is_prefilled or request.is_freed:
+            raise EngineError("prefill_step on a request that is prefilled or freed")
+        lo, hi = request.chunks[request.num_chunks_done]
+        # Only the first computed chunk waits per layer: its waits cover every layer.
+        wait = request.handle.wait_layer if request.handle is not None and not request.num_chunks_done else None
+        hidden = self.model.forward_hidden(request.prompt_tensor[lo:hi], lo, self.kv_pool, self.layout,
+                                           request.page_table, wait)
+        request.num_chunks_done += 1
+        if request.num_chunks_done < len(request.chunks):
+            return False
+        # Only the last row is projected; always so, so cache on and off stay bit-equal.
+        logits = self.model.compute_logits(hidden[-1:])[0]
+        if request.handle is not None:
+            request.handle.wait_all()
+        self._synchronize()
+        request.first_token_at = request.clock()
+        request.tokens.append(int(logits.argmax()))
+        request.logits.append(logits)
+        self._store_and_release(request)
+        return True
+
+    def decode_step(self, request: RunningRequest) -> int:
+        """Feed the last output token and append the next one (greedy); returns it."""
+        if request.is_finished or request.is_freed or not request.is_prefilled:
+            raise EngineError("decode_step on a request that is not prefilled, finished or freed")
+        position = len(request.prompt) + len(request.tokens) - 1
+        fed = torch.tensor(request.tokens[-1:], dtype=torch.long, device=self.model.device)
+        logits = self.model.forward_chunk(fed, position, self.kv_pool, self.layout, request.page_table)[0]
+        request.tokens.append(int(logits.argmax()))
+        request.logits.append(logits)
+        return request.tokens[-1]
+
+    def finish(self, request: RunningRequest) -> GenerationResult:
+        """Free the request's device pages and return its output (all tokens decoded)."""
+        if not request.is_finished:
+            raise EngineError(
+                f"finish after {len(request.tokens)} of {request.max_new_tokens} tokens; "
+                f"call decode_step until is_finished (or abort)")
+        self._synchronize()
+        total = request.clock() - request.started_at
+        self.abort(request)
+        P, prefix = self.layout.page_size, request.prefix
         cached = prefix.num_pages * P
         return GenerationResult(
-            prompt_len=prompt_len,
-            tokens=out_tokens,
-            logits=torch.stack(out_logits).float().cpu(),
-            ttft_s=ttft,
+            prompt_len=len(request.prompt),
+            tokens=list(request.tokens),
+            logits=torch.stack(request.logits).float().cpu(),
+            ttft_s=request.first_token_at - request.started_at,
             num_cached_tokens=cached,
             num_l2_tokens=prefix.num_l2_pages * P,
             num_l3_tokens=prefix.num_l3_pages * P,
-            num_computed_tokens=prompt_len - cached,
+            num_computed_tokens=len(request.prompt) - cached,
             total_s=total,
+            num_pending_tokens=prefix.num_pending_pages * P,
         )
 
-    # ---- prefill -------------------------------------------------------------
-    def _prefill_with_cache(
-        self, tokens: list[int], pages: list[int], page_table: torch.Tensor, split_at: int = 0,
-    ) -> tuple[torch.Tensor, _Prefix]:
-        """Load the cached prefix, prefill the rest, store the prompt's full pages.
-
-        Returns the logits of the last prompt position and what the cache served.
-        """
-        if self.cache is None:
-            return self._prefill(tokens, 0, page_table, None, split_at), _Prefix()
-        cache, P = self.cache, self.layout.page_size
-        result = cache.lookup(tokens)
+    def abort(self, request: RunningRequest) -> None:
+        """End the request's lease, if still held, and free its device pages (its output so
+        far is dropped). Idempotent."""
+        if request.is_freed:
+            return
+        request.is_freed = True
         try:
-            prefix = _used_prefix(result, len(tokens), P)
-            handle: LoadHandle | None = None
-            if result.num_hit_pages:
-                # load wants every leased page; a dropped last page is loaded and then
-                # overwritten by its recompute with the same bits (after wait_layer).
-                handle = cache.load(result, pages[: result.num_hit_pages])
-            wait = handle.wait_layer if handle is not None else None
-            last_logits = self._prefill(tokens, prefix.num_pages, page_table, wait, split_at)
-            if handle is not None:
-                handle.wait_all()
-            num_full = len(tokens) // P
-            if num_full:
-                cache.store(tokens[: num_full * P], pages[:num_full])
+            if request.lookup is not None and self.cache is not None:
+                lookup, request.lookup = request.lookup, None
+                self.cache.release(lookup)
         finally:
-            cache.release(result)
-        return last_logits, prefix
+            self.allocator.free(request.pages)
 
-    def _prefill(
-        self, tokens: list[int], first_page: int, page_table: torch.Tensor,
-        before_layer: Callable[[int], None] | None, split_at: int = 0,
-    ) -> torch.Tensor:
-        """Prefill pages ``first_page ..`` in chunks (module doc); return the last position's logits."""
-        prompt = torch.tensor(tokens, dtype=torch.long, device=self.model.device)
-        hidden = None
-        first = first_page * self.layout.page_size
-        for chunk_start, chunk_end in chunk_bounds(first, len(tokens), self.prefill_chunk_len, split_at):
-            chunk = prompt[chunk_start:chunk_end]
-            hidden = self.model.forward_hidden(
-                chunk, chunk_start, self.kv_pool, self.layout, page_table, before_layer
-            )
-            before_layer = None  # the first chunk's waits cover every layer
-        if hidden is None:
-            raise EngineError("internal: prefill computed no chunk (the last page is always recomputed)")
-        # Only the last row is projected; always so, so cache on and off stay bit-equal.
-        return self.model.compute_logits(hidden[-1:])[0]
+    # ---- the cache around prefill ---------------------------------------------
+    def _lookup_and_load(self, request: RunningRequest) -> None:
+        """Lease the cached prefix and start loading it into the request's pages."""
+        cache = self.cache
+        request.lookup = result = cache.lookup(request.prompt)
+        request.prefix = _used_prefix(result, len(request.prompt), self.layout.page_size)
+        if result.num_hit_pages:
+            # load wants every leased page; a dropped last page is loaded and then
+            # overwritten by its recompute with the same bits (after wait_layer).
+            request.handle = cache.load(result, request.pages[: result.num_hit_pages])
+
+    def _store_and_release(self, request: RunningRequest) -> None:
+        """Store the prompt's full pages (only KV computed by prefill), then end the lease."""
+        if self.cache is None or request.lookup is None:
+            return
+        lookup, request.lookup = request.lookup, None
+        try:
+            num_full = len(request.prompt) // self.layout.page_size
+            if num_full:
+                self.cache.store(request.prompt[: num_full * self.layout.page_size], request.pages[:num_full])
+        finally:
+            request.handle = None
+            self.cache.release(lookup)
 
     # ---- helpers -------------------------------------------------------------
-    def _check_request(self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int) -> list[int]:
+    def check_request(self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int) -> list[int]:
+        """The prompt as a list of ints; raise EngineError if this engine cannot run it."""
         tokens = [int(t) for t in np.asarray(prompt).reshape(-1)]
         config = self.model.config
         if not tokens:
@@ -308,4 +425,5 @@ def _used_prefix(result: LookupResult, prompt_len: int, page_size: int) -> _Pref
         )
     num_used = num_hit - 1 if num_hit and num_hit * page_size == prompt_len else num_hit
     num_l2 = min(result.num_l2_pages, num_used)
-    return _Prefix(num_pages=num_used, num_l2_pages=num_l2, num_l3_pages=num_used - num_l2)
+    return _Prefix(num_pages=num_used, num_l2_pages=num_l2, num_l3_pages=num_used - num_l2,
+                   num_pending_pages=getattr(result, "num_pending_pages", 0))
