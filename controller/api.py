@@ -223,5 +223,7 @@ class CacheStats:
     """Bytes of evicted pages held in the backup queue now (bounded by L3Config.backup_queue_bytes)."""
     backup_lag_s: float = 0.0
     """Age of the oldest page waiting in the backup queue now."""
+    num_prefetch_held_pages: int = 0
+    """Pages finished prefetches hold (leased) for the requests they were started for now."""
     l3_bytes_read: int = 0
     """Framed bytes read from L3 (prefetches and lookups)."""

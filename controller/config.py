@@ -78,11 +78,19 @@ class PrefetchConfig:
     """Pages per L3 read; reads of a prefetch run one batch after another."""
     max_inflight_bytes: int = 256 << 20
     """Bytes of all prefetch reads in flight at once (bounds reserved L2 slots)."""
+    hold_s: float = 30.0
+    """How long the pages a finished prefetch brought up stay leased for the request it
+    was started for (a lookup of the chain takes them over sooner); 0 holds none."""
+    max_hold_fraction: float = 0.5
+    """Largest share of L2 that held prefetched pages may pin; past it the oldest hold ends."""
 
     def __post_init__(self) -> None:
         if self.policy not in PREFETCH_POLICIES:
             raise ConfigError(f"PrefetchConfig.policy {self.policy!r} is unknown; use one of {PREFETCH_POLICIES}")
-        for name in ("timeout_base_s", "timeout_per_1k_tokens_s"):
+        if not isinstance(self.max_hold_fraction, (int, float)) or not 0 <= self.max_hold_fraction <= 1:
+            raise ConfigError(f"PrefetchConfig.max_hold_fraction must be in [0, 1], got "
+                              f"{self.max_hold_fraction!r}")
+        for name in ("timeout_base_s", "timeout_per_1k_tokens_s", "hold_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"PrefetchConfig.{name} must be a number of seconds >= 0, got {value!r}")

@@ -171,6 +171,8 @@ class CacheCore:
         num_l2 = sum(was_in_l2[:num_hit])
         with self.lock:
             self._count_hits(keys[:num_hit], len(keys), num_l2, num_hit - num_l2)
+            if self._prefetcher is not None:
+                self._prefetcher.claim(keys[:num_hit])
         return LookupOutcome(num_l2, num_hit - num_l2, num_pending, ticket)
 
     def _wait_per_policy(self, ticket: Prefetch, num_tokens: int) -> None:
@@ -332,6 +334,8 @@ class CacheCore:
             snapshot = CacheStats(**vars(self._stats))
             snapshot.num_l2_pages = len(self.host.index)
             snapshot.num_due_pages = len(self._due)
+            if self._prefetcher is not None:
+                snapshot.num_prefetch_held_pages = self._prefetcher.num_held_pages
             if self._backup is not None:
                 snapshot.num_backup_queue_pages = self._backup.num_pages
                 snapshot.backup_queue_bytes = self._backup.staged_bytes
@@ -348,7 +352,8 @@ class CacheCore:
     def check_integrity(self, quiescent: bool = False) -> None:
         """Raise if L2's pool, index and leases disagree (``quiescent``: and nothing is held)."""
         with self.lock:
-            self.host.check_integrity(quiescent)
+            held = self._prefetcher.held_leases() if self._prefetcher is not None else None
+            self.host.check_integrity(quiescent, held)
 
     def close(self, flush_deadline_s: float | None = None) -> FlushReport:
         """Stop prefetches, write due pages to L3 (within ``flush_deadline_s``, by default
@@ -376,6 +381,8 @@ class CacheCore:
             running = list(self._prefetcher._running.values())
         for ticket in running:
             ticket.cancel()
+        with self.lock:
+            self._prefetcher.release_all_holds()
         report = self.flush(deadline_s)
         self._backup.close()
         self._stats.num_l3_dropped_pages += report.num_failed

@@ -103,9 +103,10 @@ class HostStore:
         self.index.release(keys)
         self.pool.unlease(slots)
 
-    def check_integrity(self, quiescent: bool = False) -> None:
+    def check_integrity(self, quiescent: bool = False, held: Counter | None = None) -> None:
         """Raise if the pool, the index and the leases disagree. ``quiescent``: also
-        require that no slot is mid-write and no lease is held (between requests)."""
+        require that no slot is mid-write and no lease is held (between requests) but
+        the ones ``held`` counts (leases its owner keeps between requests on purpose)."""
         self.pool.check_integrity()
         self.index.check_integrity()
         slots = [slot for _, slot in self.index.items()]
@@ -122,5 +123,7 @@ class HostStore:
         num_ready = self.pool.num_slots - self.pool.num_free - self.pool.num_reserved
         if num_ready != len(slots):
             raise TierIndexError(f"{num_ready} ready slots but {len(slots)} indexed pages: a slot leaked")
-        if quiescent and (self.pool.num_reserved or any(self.index.lease_count(k) for k, _ in self.index.items())):
+        held = held or Counter()
+        if quiescent and (self.pool.num_reserved or any(
+                self.index.lease_count(k) != held[k] for k, _ in self.index.items())):
             raise TierIndexError("slots are reserved or leased while the store should be idle")

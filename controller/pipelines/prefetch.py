@@ -12,7 +12,11 @@ It runs on the L3 loop and touches the host store only under the cache's lock,
 for short in-memory steps (reserve, commit, abort, lease), never while it waits
 on L3. While it runs it holds a lease on every page of its chain that is in L2
 (there at the start, or read by it), so its own reservations cannot evict the
-pages it exists to bring together; the leases end when it ends. Slots it
+pages it exists to bring together. When it ends it keeps them leased -- *held*
+for the request it was started for -- until a lookup of the chain takes them
+(``claim``), ``PrefetchConfig.hold_s`` passes, it is cancelled, or held pages
+pass ``max_hold_fraction`` of L2 (the oldest hold goes first): otherwise the
+requests that run meanwhile would evict what was read for the next one. Slots it
 reserved are given back only after the read that writes them has stopped (the
 connector's get_into guarantees that once it returns, raises or is cancelled),
 so a cancelled or timed-out read never writes into a slot that has been reused.
@@ -25,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
+from collections import Counter, OrderedDict
 from typing import Callable, Protocol, Sequence
 
 from controller.api import PrefetchTicket
@@ -58,8 +64,10 @@ class Prefetch(PrefetchTicket):
         self._num_ready = 0
         self._num_failed = 0
         self._is_checking = True
+        self._cancelled = False
         self._done = threading.Event()
         self._cancel: Callable[[], None] | None = None
+        self._drop_hold: Callable[["Prefetch"], None] | None = None
 
     @property
     def num_pages(self) -> int:
@@ -91,10 +99,13 @@ class Prefetch(PrefetchTicket):
     def cancel(self) -> None:
         self.request_cancel()
         self._done.wait()
+        if self._drop_hold is not None:
+            self._drop_hold(self)
 
     def request_cancel(self) -> None:
         """Ask the prefetch to stop, without waiting (its slots go back once its read
-        in flight has stopped)."""
+        in flight has stopped, and it holds nothing afterwards)."""
+        self._cancelled = True
         if not self._done.is_set() and self._cancel is not None:
             self._cancel()
 
@@ -131,6 +142,12 @@ class Prefetcher:
         self._num_batch_slots = max(1, config.max_inflight_bytes // batch_bytes)
         self._inflight: asyncio.Semaphore | None = None   # made on the loop
         self._running: dict[PageKey, Prefetch] = {}      # first missing key -> prefetch
+        # finished prefetches whose pages are held for their request, oldest first:
+        # prefetch -> (release time, its leased keys)
+        self._held: OrderedDict[Prefetch, tuple[float, list[PageKey]]] = OrderedDict()
+        self._held_by_start: dict[PageKey, Prefetch] = {}
+        self.num_held_pages = 0
+        self._max_held_pages = int(config.max_hold_fraction * core.host.capacity)
         self.num_inflight_batches = 0
         self.idle = asyncio.Event()                        # set while no batch is in flight
         self.idle.set()
@@ -151,6 +168,7 @@ class Prefetcher:
         future = asyncio.run_coroutine_threadsafe(
             self._run(ticket, present, batch_pages or self._config.batch_pages), self._loop)
         ticket._cancel = future.cancel
+        ticket._drop_hold = self._drop_hold_locking
         return ticket
 
     async def _run(self, ticket: Prefetch, leased: list[PageKey], batch_pages: int) -> None:
@@ -162,11 +180,64 @@ class Prefetcher:
             log.exception("prefetch failed; its pages count as misses")
         finally:
             with self._core.lock:
-                self._core.host.release(leased)
                 if self._running.get(ticket.keys[ticket.start]) is ticket:
                     del self._running[ticket.keys[ticket.start]]
+                if ticket._num_ready and not ticket._cancelled and self._config.hold_s > 0:
+                    self._hold(ticket, leased)
+                else:
+                    self._core.host.release(leased)
             ticket._num_failed = max(0, ticket._num_pages - ticket._num_ready)
             ticket._done.set()
+
+    # ---- holds (all under the core lock) ----------------------------------------------
+    def _hold(self, ticket: Prefetch, leased: list[PageKey]) -> None:
+        start_key = ticket.keys[ticket.start]
+        older = self._held_by_start.get(start_key)
+        if older is not None:
+            self._release_hold(older)
+        self._held[ticket] = (time.monotonic() + self._config.hold_s, leased)
+        self._held_by_start[start_key] = ticket
+        self.num_held_pages += len(leased)
+        while self.num_held_pages > self._max_held_pages and self._held:
+            self._release_hold(next(iter(self._held)))
+
+    def _release_hold(self, ticket: Prefetch) -> None:
+        held = self._held.pop(ticket, None)
+        if held is None:
+            return
+        start_key = ticket.keys[ticket.start]
+        if self._held_by_start.get(start_key) is ticket:
+            del self._held_by_start[start_key]
+        self.num_held_pages -= len(held[1])
+        self._core.host.release(held[1])
+
+    def _drop_hold_locking(self, ticket: Prefetch) -> None:
+        with self._core.lock:
+            self._release_hold(ticket)
+
+    def claim(self, hit: Sequence[PageKey]) -> None:
+        """A lookup leased ``hit``: the holds of finished prefetches of that chain end
+        (their pages now have the lookup's lease); expired holds end too."""
+        if not self._held:
+            return
+        now = time.monotonic()
+        while self._held:
+            ticket, (deadline, _) = next(iter(self._held.items()))
+            if deadline > now:
+                break
+            self._release_hold(ticket)
+        for key in hit:
+            ticket = self._held_by_start.get(key)
+            if ticket is not None:
+                self._release_hold(ticket)
+
+    def held_leases(self) -> Counter:
+        """Leases the holds keep, per key (what an idle cache may still show)."""
+        return Counter(key for _, keys in self._held.values() for key in keys)
+
+    def release_all_holds(self) -> None:
+        for ticket in list(self._held):
+            self._release_hold(ticket)
 
     async def _read_chain(self, ticket: Prefetch, leased: list[PageKey], batch_pages: int) -> None:
         keys, pos = ticket.keys, ticket.start

@@ -243,3 +243,54 @@ def test_prefetch_on_a_closed_client_is_refused():
     ctl.close()
     with pytest.raises(CacheError, match="closed"):
         ctl.prefetch(tokens(2))
+
+
+def make_holding(host_pages=8, hold_s=30.0, max_hold_fraction=0.5):
+    config = ControllerConfig(
+        host_pool_pages=host_pages, l3=L3Config("memory", {}, timeout_s=5.0),
+        prefetch=PrefetchConfig(policy="best_effort", batch_pages=2, hold_s=hold_s,
+                                max_hold_fraction=max_hold_fraction))
+    pool = torch.randn(LAYOUT.pool_shape(NUM_DEVICE_PAGES), generator=torch.Generator().manual_seed(7))
+    return EmbeddedController(config, NAMESPACE, pool), pool
+
+
+def test_prefetched_pages_are_held_for_their_request_until_a_lookup_takes_them():
+    ctl, pool = make_holding(host_pages=8)
+    fill_l3(ctl, pool, 4)
+    ticket = ctl.prefetch(tokens(4))
+    assert ticket.wait(10) and ticket.num_ready == 4
+    assert ctl.stats().num_prefetch_held_pages == 4
+    ctl.store(tokens(8, 70_000), list(range(40, 48)))   # would evict them were they not held
+    result = ctl.lookup(tokens(4))
+    assert result.num_hit_pages == 4
+    assert ctl.stats().num_prefetch_held_pages == 0      # the lookup took them over
+    ctl.release(result)
+    ctl.check_integrity(quiescent=True)
+    ctl.close()
+
+
+def test_holds_end_by_time_by_cancel_and_past_their_share_of_l2():
+    ctl, pool = make_holding(host_pages=8, hold_s=0.2)
+    fill_l3(ctl, pool, 2)
+    assert ctl.prefetch(tokens(2)).wait(10)
+    time.sleep(0.3)
+    ctl.release(ctl.lookup(tokens(1, 555)))             # any lookup ends expired holds
+    assert ctl.stats().num_prefetch_held_pages == 0
+    ctl.close()
+
+    ctl, pool = make_holding(host_pages=8)
+    fill_l3(ctl, pool, 2)
+    ticket = ctl.prefetch(tokens(2))
+    assert ticket.wait(10) and ctl.stats().num_prefetch_held_pages == 2
+    ticket.cancel()
+    assert ctl.stats().num_prefetch_held_pages == 0
+    ctl.close()
+
+    ctl, pool = make_holding(host_pages=8, max_hold_fraction=0.25)   # at most 2 held pages
+    fill_l3(ctl, pool, 2)
+    fill_l3(ctl, pool, 2, base=300)
+    assert ctl.prefetch(tokens(2)).wait(10)
+    assert ctl.prefetch(tokens(2, 300)).wait(10)
+    assert ctl.stats().num_prefetch_held_pages == 2      # the older hold went
+    ctl.check_integrity(quiescent=True)
+    ctl.close()
