@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -25,7 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from controller.api import CacheError  # noqa: E402
 from kvstore.layout import KVLayout  # noqa: E402
 
 _START_TIMEOUT_S = 120.0   # a large host pool takes a while to create
@@ -40,31 +38,15 @@ def _env() -> dict[str, str]:
 @contextlib.contextmanager
 def spawned_daemon(layout: KVLayout, host_pages: int, workdir: Path) -> Iterator[str]:
     """A daemon for ``layout`` with ``host_pages`` pages of L2, stopped (SIGTERM) on exit."""
-    from controller.client import Session
+    from controller.daemon.launch import serve_command, wait_until_serving
 
     workdir.mkdir(parents=True, exist_ok=True)
     address = f"ipc://{workdir / 'kvstore.sock'}"
-    cmd = [sys.executable, "-m", "controller.cli", "serve", "--address", address,
-           "--host-pool-pages", str(host_pages), "--layout-num-layers", str(layout.num_layers),
-           "--layout-num-kv-heads", str(layout.num_kv_heads), "--layout-head-dim", str(layout.head_dim),
-           "--layout-page-size", str(layout.page_size), "--layout-dtype", layout.dtype]
     log = open(workdir / "daemon.log", "ab")
-    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(serve_command(address, layout, host_pages), env=_env(), cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"kvstore serve exited with {proc.returncode}: see {workdir / 'daemon.log'}")
-            session = Session(address, request_timeout_s=0.5)
-            try:
-                session.ping()
-                break
-            except CacheError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"kvstore serve not ready after {_START_TIMEOUT_S} s") from None
-                time.sleep(0.2)
-            finally:
-                session.close()
+        wait_until_serving(address, proc, _START_TIMEOUT_S)
         yield address
     finally:
         if proc.poll() is None:

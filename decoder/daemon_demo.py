@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -68,19 +67,20 @@ def engine_main(address: str, role: str, preset: str, page_size: int, system_len
 
 
 def run(args: argparse.Namespace) -> int:
+    from controller.daemon.launch import serve_command, wait_until_serving
     from decoder.config import DecoderConfig
 
     layout = DecoderConfig.preset(args.preset).kv_layout(args.page_size)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryDirectory(prefix="kvstore-demo-") as tmp:
         address = f"ipc://{tmp}/run/kvstore.sock"
-        serve = [sys.executable, "-m", "controller.cli", "serve", "--address", address,
-                 "--host-pool-pages", str(args.host_pages), "--layout-num-layers", str(layout.num_layers),
-                 "--layout-num-kv-heads", str(layout.num_kv_heads), "--layout-head-dim", str(layout.head_dim),
-                 "--layout-page-size", str(layout.page_size), "--layout-dtype", layout.dtype]
+        serve = serve_command(address, layout, args.host_pages)
         daemon = subprocess.Popen(serve, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
-            _wait_ready(address, daemon)
+            try:
+                wait_until_serving(address, daemon, timeout_s=60)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}: {daemon.stderr.read() if daemon.poll() is not None else ''}")
             print(f"kvstore demo --daemon: daemon pid {daemon.pid} on {address}, L2 = {args.host_pages} "
                   f"pages; two engine processes, reference decoder '{args.preset}'\n")
             rows = []
@@ -97,24 +97,6 @@ def run(args: argparse.Namespace) -> int:
             daemon.wait(60)
     _print(rows)
     return 0 if all(r["identical"] for r in rows) and rows[-1]["from_daemon"] > 0 else 1
-
-
-def _wait_ready(address: str, daemon: subprocess.Popen) -> None:
-    from controller.api import CacheError
-    from controller.client import Session
-
-    for _ in range(600):
-        if daemon.poll() is not None:
-            raise RuntimeError(f"the daemon exited: {daemon.stderr.read()}")
-        session = Session(address, request_timeout_s=0.2)
-        try:
-            session.ping()
-            return
-        except CacheError:
-            time.sleep(0.1)
-        finally:
-            session.close()
-    raise RuntimeError("the daemon did not start within 60 s")
 
 
 def _print(rows: list[dict]) -> None:

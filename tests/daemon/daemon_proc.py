@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from controller.api import CacheError
 from controller.client import Credentials, DaemonClient, Session
 from controller.daemon import protocol as p
+from controller.daemon.launch import layout_flags, wait_until_serving
 from kvstore.layout import KVLayout
 from kvstore.page_keys import KeyNamespace
 
@@ -29,9 +29,7 @@ START_TIMEOUT_S = 30.0
 
 
 def layout_args(layout: KVLayout = LAYOUT) -> list[str]:
-    return ["--layout-num-layers", str(layout.num_layers), "--layout-num-kv-heads",
-            str(layout.num_kv_heads), "--layout-head-dim", str(layout.head_dim),
-            "--layout-page-size", str(layout.page_size), "--layout-dtype", layout.dtype]
+    return layout_flags(layout)
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -63,19 +61,10 @@ class DaemonProcess:
         return self
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-            session = Session(self.address, request_timeout_s=0.3)
-            try:
-                session.ping()
-                return
-            except CacheError:
-                time.sleep(0.1)
-            finally:
-                session.close()
-        raise RuntimeError(f"daemon not ready after {START_TIMEOUT_S} s:\n{self.log()}")
+        try:
+            wait_until_serving(self.address, self.proc, START_TIMEOUT_S)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}:\n{self.log()}") from None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
