@@ -166,6 +166,8 @@ class CacheCore:
                     num_hit += self.host.index.match_prefix(keys[first_missing:])
                     self.host.lease(keys[first_missing:num_hit])
             num_pending = 0 if ticket.is_done else ticket.num_pending
+            if wait and num_pending:
+                ticket.is_claimed = True   # its request goes ahead now: nothing to hold for
         # Pages of the hit that were in L2 when asked count as L2 hits (a run after a
         # gap too); the rest came up from L3.
         num_l2 = sum(was_in_l2[:num_hit])

@@ -65,6 +65,9 @@ class Prefetch(PrefetchTicket):
         self._num_failed = 0
         self._is_checking = True
         self._cancelled = False
+        self.is_claimed = False
+        """Set when the request it was started for went ahead without it (best_effort,
+        timeout): its pages are then not held when it ends."""
         self._done = threading.Event()
         self._cancel: Callable[[], None] | None = None
         self._drop_hold: Callable[["Prefetch"], None] | None = None
@@ -182,7 +185,8 @@ class Prefetcher:
             with self._core.lock:
                 if self._running.get(ticket.keys[ticket.start]) is ticket:
                     del self._running[ticket.keys[ticket.start]]
-                if ticket._num_ready and not ticket._cancelled and self._config.hold_s > 0:
+                if (ticket._num_ready and not ticket._cancelled and not ticket.is_claimed
+                        and self._config.hold_s > 0):
                     self._hold(ticket, leased)
                 else:
                     self._core.host.release(leased)
