@@ -52,8 +52,9 @@ pages) run a guard instead: the followed expert against one challenger, LRU
 while prefix-lhd is followed and prefix-lhd while LRU is. The followed expert
 is scored by the live tier itself on the sampled keys (exact, no miniature
 artefacts); only the challenger has a miniature, sampled at the rate where it
-and its ghosts hold ``shadow_budget`` (9%) of the tier: 1/11 for LRU (no
-ghosts: 455 pages at 5,000), 3/100 for prefix-lhd. A lead of
+and its ghosts hold ``shadow_budget`` (9%) of the tier, at most 1/32 (more
+costs time and gained nothing measured): 1/32 for LRU (no ghosts: 156
+pages at 5,000), 3/100 for prefix-lhd. A lead of
 ``guard_min_gain`` (0.5% of hits) at z = 3, held for ``guard_patience`` (1)
 epoch, switches; the new challenger is sampled afresh. So a small tier
 follows LRU where LRU beats prefix-lhd, and the sampling costs one LRU step
@@ -314,7 +315,7 @@ class AdaptivePolicy(EvictionPolicy):
             challenger = self._guard if self._leader == 0 else 0
             active = (challenger,)
             ghosts = _GHOSTS_PER_PAGE.get(self._experts[challenger], 2.0)
-            rate = min(1.0, self._shadow_budget / (1.0 + ghosts))
+            rate = min(1 / 32, self._shadow_budget / (1.0 + ghosts))
             mini_capacity = int(capacity * rate)
             can_switch = self._live_scored = mini_capacity >= self._min_guard_pages
             self._gain = self._guard_min_gain
