@@ -44,9 +44,21 @@ Measured on the conversation trace (bench/hitrate.py): see the README.
 
 What it does not do (yet): the miniatures see pages without their chains,
 and there rank prefix-slru above prefix-lhd on the conversation trace, where
-the full-size tiers rank them the other way; under 8,192 pages (64-page
-miniatures) it samples nothing and follows prefix-lhd, so that mis-ranking
-only matters for larger tiers.
+the full-size tiers rank them the other way, so that mis-ranking only
+matters for larger tiers.
+
+Small tiers (under 8,192 pages, where 1/128 miniatures would hold under 64
+pages) run a guard instead: the followed expert against one challenger, LRU
+while prefix-lhd is followed and prefix-lhd while LRU is. The followed expert
+is scored by the live tier itself on the sampled keys (exact, no miniature
+artefacts); only the challenger has a miniature, sampled at the rate where it
+and its ghosts hold ``shadow_budget`` (9%) of the tier, at most 1/32 (more
+costs time and gained nothing measured): 1/32 for LRU (no ghosts: 156
+pages at 5,000), 3/100 for prefix-lhd. A lead of
+``guard_min_gain`` (0.5% of hits) at z = 3, held for ``guard_patience`` (1)
+epoch, switches; the new challenger is sampled afresh. So a small tier
+follows LRU where LRU beats prefix-lhd, and the sampling costs one LRU step
+per sampled reference.
 """
 
 from __future__ import annotations
@@ -69,6 +81,11 @@ _MINIATURE_OPTIONS: dict[str, dict[str, float]] = {
     "prefix-lhd": {"history_factor": 2.0},
     "prefix-slru": {"ghost_factor": 2.0},
 }
+# Keys each miniature remembers per cached page beyond the page itself (its
+# ghosts, with the options above): what sizes a small tier's sampling rate.
+# A policy not listed is charged two.
+_GHOSTS_PER_PAGE = {"prefix-lhd": 2.0, "prefix-slru": 2.0, "s3fifo": 1.0, "arc": 1.0, "lru": 0.0,
+                    "lfu": 0.0}
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # odd multiplier of Fibonacci hashing
 # Added before the shift (multiply-add-shift): without it key 0, the first block
@@ -236,11 +253,24 @@ class AdaptivePolicy(EvictionPolicy):
 
     def __init__(self, experts: Sequence[str] = DEFAULT_EXPERTS, sample_rate: float = 1 / 128,
                  min_gain: float = 0.02, z: float = 3.0, half_life: float | None = None,
-                 min_sample_pages: int = 64, patience: int = 4) -> None:
+                 min_sample_pages: int = 64, patience: int = 4, guard: str | None = "lru",
+                 shadow_budget: float = 0.09, guard_min_gain: float = 0.005,
+                 min_guard_pages: int = 16, guard_patience: int = 1) -> None:
         if not experts or len(set(experts)) != len(experts) or "adaptive" in experts:
             raise ValueError(f"experts must be distinct registered policies, got {experts!r}")
         if not 0.0 < sample_rate <= 1.0 or min_gain < 0 or z < 0 or (half_life or 1) <= 0:
             raise ValueError("sample_rate must be in (0, 1]; min_gain and z >= 0; half_life > 0")
+        if guard is not None and guard not in experts:
+            raise ValueError(f"guard {guard!r} must be one of the experts {experts!r}")
+        if not 0.0 < shadow_budget <= 1.0 or guard_min_gain < 0:
+            raise ValueError("shadow_budget must be in (0, 1]; guard_min_gain >= 0")
+        # Small tiers (miniatures under min_sample_pages at sample_rate): the
+        # first expert and the guard only, sampled at the rate that fills
+        # shadow_budget of the tier, the first scored by the live tier itself.
+        self._guard = None if guard is None or guard == experts[0] else experts.index(guard)
+        self._shadow_budget, self._guard_min_gain = shadow_budget, guard_min_gain
+        self._min_guard_pages = max(min_guard_pages, 1)
+        self._guard_patience = max(guard_patience, 1)  # epochs a challenger must win (small tiers)
         self._half_life = half_life  # references; None: chosen by capacity (set_capacity)
         self._min_sample_pages = min_sample_pages
         # A challenger must win this many epochs in a row (two tier lifetimes
@@ -261,20 +291,52 @@ class AdaptivePolicy(EvictionPolicy):
         # artefacts (a 15-page S3-FIFO is not a scaled 1,000-page one), so a
         # tier whose miniatures would be smaller than min_sample_pages keeps
         # its first expert and samples nothing.
-        mini_capacity = round(capacity * self._rate)
+        self._small = (round(capacity * self._rate) < max(self._min_sample_pages, 1)
+                       and self._guard is not None)
+        self._setup_sampling()
+
+    def _setup_sampling(self) -> None:
+        """Miniatures, sampling rate and epochs for the capacity and (small tiers) the leader."""
+        capacity, rate = self._capacity, self._rate
+        active = tuple(range(len(self._experts)))
+        mini_capacity = round(capacity * rate)
         can_switch = mini_capacity >= max(self._min_sample_pages, 1)
-        self._threshold = math.ceil(self._rate * 2**32) if can_switch else 0  # sampled: hash < this
-        self._minis = [_Miniature(name, max(mini_capacity, 1)) for name in self._experts]
-        self._ahead = [[0.0] * len(self._experts) for _ in self._experts]
+        self._live_scored, self._gain = False, self._min_gain
+        if self._small:
+            # Too small for every expert's miniature: the followed expert
+            # against one challenger, the guard (LRU) while the first expert
+            # is followed and the first expert while the guard is. The
+            # followed expert is scored by the live tier itself (a miniature
+            # of a few dozen pages models LRU well, SHARDS, but a learned
+            # policy badly), so only the challenger has a miniature, sampled
+            # at the rate where it and its ghosts fill shadow_budget of the
+            # tier; a smaller lead than min_gain moves the tier (guard_min_gain):
+            # the guard is there so that the tier is never much below LRU.
+            challenger = self._guard if self._leader == 0 else 0
+            active = (challenger,)
+            ghosts = _GHOSTS_PER_PAGE.get(self._experts[challenger], 2.0)
+            rate = min(1 / 32, self._shadow_budget / (1.0 + ghosts))
+            mini_capacity = int(capacity * rate)
+            can_switch = self._live_scored = mini_capacity >= self._min_guard_pages
+            self._gain = self._guard_min_gain
+        self._active = active if can_switch else tuple(range(len(self._experts)))
+        self._threshold = math.ceil(rate * 2**32) if can_switch else 0  # sampled: hash < this
+        self._minis = [_Miniature(self._experts[i], max(mini_capacity, 1)) for i in self._active]
+        # Discordance counts between the miniatures and, last, the live tier.
+        size = len(self._active) + 1
+        self._ahead = [[0.0] * size for _ in range(size)]
+        self._live_score = 0.0  # the live tier's decayed hits on sampled keys
         # Scores are judged every epoch; they decay with a half-life of four
-        # tier lifetimes, but never shorter than ~1,000 sampled references, so
-        # a small tier (few sampled hits) is judged on enough evidence.
-        half_life = self._half_life or max(4 * capacity, 1024 / self._rate)
+        # tier lifetimes, but never shorter than ~1,000 sampled references
+        # (~250 when the live tier scores the leader), so a small tier (few
+        # sampled hits) is judged on enough evidence.
+        half_life = self._half_life or max(4 * capacity, (256 if self._live_scored else 1024) / rate)
         self._epoch = max(min(capacity // 2, int(half_life) // 4), 16)
         self._next_epoch = self._clock + self._epoch
         self._decay = 0.5 ** (self._epoch / half_life)
         # The miniatures fill and learn first; a tier that cannot switch never does.
         self._warmup = self._clock + half_life if can_switch else math.inf
+        self._challenger, self._num_wins = 0, 0
 
     # ---- what the bench and tests read ---------------------------------------
     @property
@@ -287,8 +349,12 @@ class AdaptivePolicy(EvictionPolicy):
         return list(self._followed)
 
     def scores(self) -> dict[str, float]:
-        """Each expert's decayed hit count on the sampled keys. Changes nothing."""
-        return {name: mini.score for name, mini in zip(self._experts, self._minis)}
+        """Each sampled expert's decayed hit count on the sampled keys (the followed
+        one's from the live tier on a small tier: see set_capacity). Changes nothing."""
+        scores = {self._experts[i]: mini.score for i, mini in zip(self._active, self._minis)}
+        if self._live_scored:
+            scores[self.leader] = self._live_score
+        return scores
 
     def num_shadow_keys(self) -> tuple[int, int]:
         """(pages cached, keys remembered incl. ghosts) by all miniatures together."""
@@ -306,7 +372,7 @@ class AdaptivePolicy(EvictionPolicy):
         clock = self._clock = self._clock + 1
         if self._threshold and ((int.from_bytes(key[:8], "little") * _GOLDEN + _OFFSET) & _MASK64) \
                 >> 32 < self._threshold:  # key_hash(key), inline
-            self._sample(key)
+            self._sample(key, False)
         if clock >= self._next_epoch:
             self._end_epoch()
         self._live.on_insert(key, parent)
@@ -315,7 +381,7 @@ class AdaptivePolicy(EvictionPolicy):
         clock = self._clock = self._clock + 1
         if self._threshold and ((int.from_bytes(key[:8], "little") * _GOLDEN + _OFFSET) & _MASK64) \
                 >> 32 < self._threshold:  # key_hash(key), inline
-            self._sample(key)
+            self._sample(key, True)
         if clock >= self._next_epoch:
             self._end_epoch()
         self._live.on_access(key)
@@ -335,8 +401,12 @@ class AdaptivePolicy(EvictionPolicy):
         self.choose_victims = live.choose_victims  # type: ignore[method-assign]
 
     # ---- sampling and switching ----------------------------------------------
-    def _sample(self, key: PageKey) -> None:
+    def _sample(self, key: PageKey, live_hit: bool) -> None:
         hits = [mini.reference(key) for mini in self._minis]
+        if self._live_scored:
+            hits.append(live_hit)
+            if live_hit:
+                self._live_score += 1.0
         if any(hits) and not all(hits):
             self._count_disagreement(hits)
 
@@ -351,15 +421,24 @@ class AdaptivePolicy(EvictionPolicy):
     def _end_epoch(self) -> None:
         self._next_epoch = self._clock + self._epoch
         if self._clock >= self._warmup:
-            pick = pick_leader([m.score for m in self._minis], self._ahead, self._leader,
-                               self._min_gain, self._z)
+            scores = [m.score for m in self._minis]
+            if self._live_scored:  # the live tier, last, scores the leader
+                scores.append(self._live_score)
+                at = pick_leader(scores, self._ahead, len(self._minis), self._gain, self._z)
+                pick = self._leader if at == len(self._minis) else self._active[at]
+            else:
+                pick = self._active[pick_leader(scores, self._ahead, self._active.index(self._leader),
+                                                self._gain, self._z)]
             same = pick != self._leader and pick == self._challenger
             self._challenger, self._num_wins = pick, self._num_wins + 1 if same else 1
-            if pick != self._leader and self._num_wins >= self._patience:
+            patience = self._guard_patience if self._live_scored else self._patience
+            if pick != self._leader and self._num_wins >= patience:
                 self._follow(pick)
         decay = self._decay
-        for mini, row in zip(self._minis, self._ahead):
+        for mini in self._minis:
             mini.score *= decay
+        self._live_score *= decay
+        for row in self._ahead:
             row[:] = [x * decay for x in row]
 
     def _new_live(self, expert: int) -> EvictionPolicy:
@@ -381,6 +460,8 @@ class AdaptivePolicy(EvictionPolicy):
         self._followed.append((self._clock, self._experts[expert]))
         live = self._new_live(expert)
         self._bind(live)
+        if self._small:  # a new challenger, sampled afresh
+            self._setup_sampling()
         parent_of = dict(pages)
         planted: set[PageKey] = set()
         for key, _ in pages:

@@ -109,12 +109,13 @@ def test_it_is_the_default_and_starts_with_its_first_expert() -> None:
     assert DEFAULT_POLICY == "adaptive"
     policy = make_policy("adaptive")
     assert policy.leader == "prefix-lhd" and policy.followed() == [(0, "prefix-lhd")]
-    assert set(make_policy("adaptive").scores()) >= {"prefix-lhd", "prefix-slru", "lru"}
+    policy.set_capacity(10_000)  # large enough for every expert's miniature
+    assert set(policy.scores()) >= {"prefix-lhd", "prefix-slru", "lru"}
 
 
-def test_a_tier_too_small_for_its_miniatures_keeps_its_first_expert() -> None:
-    # 1,000 pages at 1/64: 15-page miniatures, below the 64-page floor.
-    policy = AdaptivePolicy(("lfu", "lru"), half_life=200.0)
+def test_a_tier_too_small_for_its_miniatures_keeps_its_first_expert_without_a_guard() -> None:
+    # 1,000 pages at 1/128: 8-page miniatures, below the 64-page floor.
+    policy = AdaptivePolicy(("lfu", "lru"), half_life=200.0, guard=None)
     index = TierIndex(1_000, policy)
     run(index, [i % 900 for i in range(5_000)])
     run(index, [10_000 + i % 900 for i in range(20_000)])  # LRU wins this, by far
@@ -172,8 +173,9 @@ def test_capacity_prefix_rule_and_leases_hold(ops, experts) -> None:
 
 # ---- what the default costs -------------------------------------------------
 def test_the_default_experts_are_the_five_candidates() -> None:
-    assert set(make_policy("adaptive").scores()) == {"prefix-lhd", "prefix-slru", "lru", "s3fifo",
-                                                     "arc"}
+    policy = make_policy("adaptive")
+    policy.set_capacity(10_000)
+    assert set(policy.scores()) == {"prefix-lhd", "prefix-slru", "lru", "s3fifo", "arc"}
 
 
 def test_key_zero_is_not_always_sampled() -> None:
@@ -204,3 +206,49 @@ def test_shadow_state_stays_under_a_tenth_of_the_tier() -> None:
     cached, with_ghosts = policy.num_shadow_keys()
     assert 0 < cached <= with_ghosts <= 0.10 * len(index)
     index.check_integrity()
+
+
+# ---- small tiers: the LRU guard ---------------------------------------------
+def test_a_small_tier_leaves_its_first_expert_for_the_guard_when_lru_wins() -> None:
+    # 1,000 pages: too small for the five miniatures, so the first expert (LFU)
+    # runs against an LRU miniature. Phase B's loop fits in the tier but LFU
+    # keeps phase A's pages: LRU wins by far, and the guard follows it.
+    policy = AdaptivePolicy(("lfu", "lru"), half_life=2_000.0)
+    index = TierIndex(1_000, policy)
+    run(index, [i % 900 for i in range(5_000)])
+    run(index, [10_000 + i % 900 for i in range(30_000)])
+    assert [name for _, name in policy.followed()] == ["lfu", "lru"]
+    assert set(policy.scores()) == {"lfu", "lru"}  # now LFU is the challenger
+    index.check_integrity()
+
+
+def test_a_small_tier_keeps_its_first_expert_when_it_beats_the_guard() -> None:
+    # A hot set under a scan (LFU's case): the guard never moves the tier.
+    rng = random.Random(5)
+    stream, fresh = [], 100_000
+    for _ in range(40_000):
+        if rng.random() < 0.3:
+            stream.append(rng.randrange(1_500))
+        else:
+            fresh += 1
+            stream.append(fresh)
+    policy = AdaptivePolicy(("lfu", "lru"), half_life=2_000.0)
+    index = TierIndex(1_000, policy)
+    run(index, stream)
+    assert policy.followed() == [(0, "lfu")]
+
+
+def test_a_small_tiers_shadow_state_stays_under_a_tenth() -> None:
+    # 5,000 pages: the guard's LRU miniature holds 9% of the tier, no ghosts.
+    policy = make_policy("adaptive")
+    index = TierIndex(5_000, policy)
+    run(index, [i % 20_000 for i in range(60_000)])
+    cached, total = policy.num_shadow_keys()
+    assert 0 < cached and total <= 500
+    assert set(policy.scores()) == {"prefix-lhd", "lru"}
+
+
+def test_the_guard_must_be_an_expert() -> None:
+    with pytest.raises(ValueError):
+        AdaptivePolicy(("lfu", "arc"))  # guard "lru" not among them
+    AdaptivePolicy(("lfu", "arc"), guard=None)
