@@ -64,7 +64,7 @@ def bench_in_process(iters: int) -> dict:
                 t0 = time.perf_counter()
                 page_keys(NAMESPACE.digest(), prompt(n, n), 16)
                 t1 = time.perf_counter()
-                num_l2, _ = core.lookup(keys)
+                num_l2 = core.lookup(keys).num_l2
                 t2 = time.perf_counter()
                 core.release(keys[:num_l2])
                 hashing.append(t1 - t0)
@@ -99,7 +99,7 @@ def start_daemon(tmp: str) -> tuple[subprocess.Popen, str]:
 def bench_daemon(address: str, iters: int) -> dict:
     pool = torch.zeros(LAYOUT.pool_shape(2100), dtype=LAYOUT.torch_dtype)
     cache = DaemonClient(address, NAMESPACE, pool)
-    session = cache._session
+    session = cache._link.session
     out = {}
     try:
         for n in (128, 2048):
@@ -136,7 +136,7 @@ def worker(address: str, seconds: float, seed: int) -> None:
     """One client process: 128-page lookups + releases for ``seconds``; prints JSON."""
     pool = torch.zeros(LAYOUT.pool_shape(256), dtype=LAYOUT.torch_dtype)
     cache = DaemonClient(address, NAMESPACE, pool, client_name=f"bench-{seed}")
-    session = cache._session
+    session = cache._link.session
     blob = p.join_keys(page_keys(NAMESPACE.digest(), prompt(128, 128), 16))
     times = []
     end = time.monotonic() + seconds
@@ -166,7 +166,7 @@ def bench_clients(address: str, counts: list[int], seconds: float) -> dict:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
         return 0
@@ -175,7 +175,7 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of each throughput run")
     parser.add_argument("--out", default=str(REPO / "bench/results/daemon.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     report = {"machine": args.machine, "cpus": os.cpu_count(), "python": platform.python_version(),
               "layout": LAYOUT.fingerprint(), "in_process": bench_in_process(args.iters)}
