@@ -242,3 +242,35 @@ def test_a_closed_client_refuses_every_call(daemon):
                  cache.stats):
         with pytest.raises(CacheError, match="closed"):
             call()
+
+
+def test_prefetch_through_the_daemon_hints_best_effort_and_waits(tmp_path):
+    """Pages only in the daemon's L3 come up by its prefetch: a hint's ticket, a best_effort
+    lookup that answers at once, and the default wait_complete lookup that waits for them."""
+    from controller.config import PrefetchConfig
+
+    args = ["--l3-connector", "disk", "--l3-write-policy", "write_back", "--l3-options",
+            json.dumps({"path": str(tmp_path / "disk"), "capacity_bytes": 1 << 26})]
+    with running_daemon(tmp_path, host_pages=8, args=args) as daemon:
+        pool = device_pool(32, seed=9)
+        cache = daemon.client(pool)
+        for seed in (1, 2, 3):                  # three chains of 6 pages: L2 holds 8
+            assert cache.store(tokens(seed, 6), range(6 * (seed - 1), 6 * seed)).num_new_pages == 6
+        ticket = cache.prefetch(tokens(1, 6))   # chain 1 went down to disk
+        assert ticket.wait(20) and ticket.num_ready == 6 and ticket.num_failed == 0
+        result = cache.lookup(tokens(1, 6))
+        assert result.num_hit_pages == 6        # it is in L2 again
+        cache.load(result, list(range(20, 26))).wait_all()
+        assert pages_equal(pool, range(0, 6), pool, range(20, 26))
+        cache.release(result)
+
+        eager = daemon.client(device_pool(32), prefetch=PrefetchConfig(policy="best_effort"))
+        quick = eager.lookup(tokens(2, 6))      # evicted by chain 1 coming back
+        assert quick.num_hit_pages + quick.num_pending_pages == 6
+        eager.release(quick)
+        waiting = cache.lookup(tokens(2, 6))    # wait_complete: every page L3 holds
+        assert waiting.num_hit_pages == 6
+        cache.release(waiting)
+        eager.close()
+        cache.close()
+        daemon.check_integrity(quiescent=True)
