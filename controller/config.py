@@ -114,6 +114,9 @@ class ControllerConfig:
     """Copy op for L1<->L2 moves; None picks the best one for the engine's device."""
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     """How pages that are only in L3 come back up (see PrefetchConfig)."""
+    prefault_host_pool: bool = False
+    """Touch every page of the host pool when it is created: some hosts hand memory over
+    on first touch (seconds per GiB), a cost the first stores would pay otherwise."""
 
     def __post_init__(self) -> None:
         if (not isinstance(self.host_pool_pages, int) or isinstance(self.host_pool_pages, bool)

@@ -94,7 +94,7 @@ class CacheCore:
         self._prefetcher: Prefetcher | None = None
         self._backup: BackupQueue | None = None
         self._is_closed = False
-        pool = HostPool(layout, config.host_pool_pages)
+        pool = HostPool(layout, config.host_pool_pages, prefault=config.prefault_host_pool)
         self.host = HostStore(pool, policy=config.eviction_policy, on_evict=self._on_evict)
         if config.l3.connector is not None:
             try:

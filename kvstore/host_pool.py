@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import mmap
 import os
 import sys
 import uuid
@@ -72,6 +73,7 @@ class HostPool:
         num_slots: int,
         name: str | None = None,
         pin: bool | None = None,
+        prefault: bool = False,
     ) -> None:
         if num_slots <= 0:
             raise ValueError(f"HostPool needs num_slots > 0, got {num_slots}")
@@ -88,6 +90,10 @@ class HostPool:
             .view(self.layout.torch_dtype)
             .view(self.layout.pool_shape(num_slots))
         )
+        if prefault:
+            # One write per OS page makes the kernel hand every page over now (shm pages
+            # are allocated on first touch); the segment is all zeros either way.
+            self._bytes[:: mmap.PAGESIZE] = 0
         self._states = np.zeros(num_slots, dtype=np.uint8)
         self._leases = np.zeros(num_slots, dtype=np.int32)
         # Stack of free slots; low slots are handed out first (reversed order).

@@ -98,6 +98,9 @@ class DaemonConfig:
     """Port of the Prometheus text endpoint (None: no endpoint)."""
     metrics_host: str = "127.0.0.1"
     """Interface of the metrics endpoint."""
+    prefault_host_pool: bool = False
+    """Touch every page of the host pool at start: some hosts hand memory over on first
+    touch (seconds per GiB), which would otherwise land on the first stores."""
 
     def __post_init__(self) -> None:
         if not self.address.startswith(("ipc://", "tcp://")):
@@ -118,7 +121,8 @@ class DaemonConfig:
 
     def controller_config(self) -> ControllerConfig:
         return ControllerConfig(host_pool_pages=self.host_pool_pages,
-                                eviction_policy=self.eviction_policy, l3=self.l3)
+                                eviction_policy=self.eviction_policy, l3=self.l3,
+                                prefault_host_pool=self.prefault_host_pool)
 
     def to_toml_dict(self) -> dict[str, Any]:
         """The effective configuration as nested tables (secrets masked)."""
@@ -187,8 +191,12 @@ FIELDS: tuple[Setting, ...] = (
     Setting("layout.is_mla", _bool, (bool,), "one latent tensor per layer (MLA)"),
     Setting("l3.connector", str, _S, "L3 store: disk, redis, redis_cluster, mooncake, memory"),
     Setting("l3.options", _json_table, (dict,), "L3 connector options (a table; JSON in env/flags)"),
-    Setting("l3.write_policy", str, _S, "write_back or write_through"),
+    Setting("l3.write_policy", str, _S, "write_back, write_through or write_through_selective"),
     Setting("l3.timeout_s", float, _F, "longest wait for one batched L3 call"),
+    Setting("l3.selective_hits", int, _I, "write_through_selective: lookup hits before a page goes to L3"),
+    Setting("l3.backup_queue_bytes", int, _I, "memory for evicted pages waiting for their L3 write"),
+    Setting("prefault_host_pool", _bool, (bool,), "touch every page of L2 at start (slower start, "
+            "no first-touch cost on the first stores)"),
     Setting("auth.token_file", str, _S, "file holding the shared token (tcp)"),
     Setting("auth.token", str, _S, "the shared token (tcp)"),
     Setting("auth.curve_secret_key_file", str, _S, "daemon CURVE secret key file (tcp)"),
@@ -203,7 +211,8 @@ FIELDS: tuple[Setting, ...] = (
 )
 _BY_NAME = {s.name: s for s in FIELDS}
 _POSITIVE = {"host_pool_pages", "lease_ttl_s", "heartbeat_interval_s", "reservation_ttl_s",
-             "max_leases_per_client", "flush_deadline_s", "l3.timeout_s"}
+             "max_leases_per_client", "flush_deadline_s", "l3.timeout_s", "l3.selective_hits",
+             "l3.backup_queue_bytes"}
 
 
 def _get(config: DaemonConfig, name: str) -> Any:

@@ -95,3 +95,18 @@ def test_segment_is_removed_when_the_owner_is_killed():
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="num_slots"):
         HostPool(LAYOUT, 0)
+
+
+def test_prefault_touches_every_page_of_the_segment():
+    import mmap
+    import resource
+
+    from kvstore.layout import KVLayout
+
+    layout = KVLayout(num_layers=4, num_kv_heads=8, head_dim=64, page_size=16, dtype="float32")
+    num_slots = (32 << 20) // layout.page_bytes        # 32 MiB
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    with HostPool(layout, num_slots, pin=False, prefault=True) as pool:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        assert faults >= pool.num_slots * pool.slot_bytes // mmap.PAGESIZE * 0.9
+        assert not pool.tensor.any()
