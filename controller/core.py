@@ -149,7 +149,7 @@ class CacheCore:
         keys = list(keys)
         with self.lock:
             was_in_l2 = [slot is not None for slot in self.host.index.get_many(keys)]
-            num_hit = self.host.index.match_prefix(keys)
+            num_hit = next((i for i, present in enumerate(was_in_l2) if not present), len(keys))
             self.host.lease(keys[:num_hit])
             ticket = None
             if num_hit < len(keys) and self._prefetcher is not None:
@@ -309,11 +309,6 @@ class CacheCore:
         """Wait until the backup queue is empty (every queued page written or failed)."""
         return self._backup is None or self._backup.drain(timeout_s)
 
-    @property
-    def num_due_pages(self) -> int:
-        """Pages in L2 that L3 does not hold yet (what a flush would write)."""
-        return len(self._due)
-
     def flush(self, deadline_s: float) -> FlushReport:
         """Write every due page (and whatever the backup queue holds) down to L3, within
         ``deadline_s`` seconds. Pages stay in L2."""
@@ -379,12 +374,7 @@ class CacheCore:
         return report
 
     def _close_l3(self, deadline_s: float) -> FlushReport:
-        with self.lock:
-            running = list(self._prefetcher._running.values())
-        for ticket in running:
-            ticket.cancel()
-        with self.lock:
-            self._prefetcher.release_all_holds()
+        self._prefetcher.stop()
         report = self.flush(deadline_s)
         self._backup.close()
         self._stats.num_l3_dropped_pages += report.num_failed

@@ -239,9 +239,16 @@ class Prefetcher:
         """Leases the holds keep, per key (what an idle cache may still show)."""
         return Counter(key for _, keys in self._held.values() for key in keys)
 
-    def release_all_holds(self) -> None:
-        for ticket in list(self._held):
-            self._release_hold(ticket)
+    def stop(self) -> None:
+        """Cancel every running prefetch (waiting for its reads to stop) and end every
+        hold. Call without the core lock: a prefetch needs it to finish."""
+        with self._core.lock:
+            running = list(self._running.values())
+        for ticket in running:
+            ticket.cancel()
+        with self._core.lock:
+            for ticket in list(self._held):
+                self._release_hold(ticket)
 
     async def _read_chain(self, ticket: Prefetch, leased: list[PageKey], batch_pages: int) -> None:
         keys, pos = ticket.keys, ticket.start
