@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from controller.api import CacheClient, CacheError, LoadHandle, LookupResult, StoreResult
+from controller.api import CacheClient, CacheError, LoadError, LoadHandle, LookupResult, StoreResult
 from controller.config import ConfigError, ControllerConfig, L3Config
 from kvstore.page_keys import KeyNamespace
 
@@ -41,5 +41,5 @@ def connect_daemon(address: str | None, namespace: KeyNamespace, device_pool: to
 
 __all__ = [
     "CacheClient", "CacheError", "ConfigError", "ControllerConfig", "L3Config",
-    "LoadHandle", "LookupResult", "StoreResult", "connect", "connect_daemon",
+    "LoadError", "LoadHandle", "LookupResult", "StoreResult", "connect", "connect_daemon",
 ]

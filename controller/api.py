@@ -31,6 +31,27 @@ class CacheError(RuntimeError):
     """A cache operation was refused; the message says why and what to do."""
 
 
+class LoadError(CacheError):
+    """A load could not vouch for the bytes of some of its pages: their host slots
+    changed owner before the copy ended (the client's session was lost while it was
+    paused, say), or the copy failed. The device pages of ``bad_pages`` (indices into
+    the lookup result's ``keys`` and the load's ``device_pages``) may hold wrong KV.
+
+    The engine recovers by treating the hit as ending at ``first_bad_page``: pages
+    before it are good; it recomputes the rest. Never ignore it: the bytes are wrong."""
+
+    def __init__(self, message: str, bad_pages: Sequence[int]) -> None:
+        super().__init__(message)
+        if not bad_pages:
+            raise ValueError("LoadError needs at least one bad page")
+        self.bad_pages: tuple[int, ...] = tuple(sorted(set(int(i) for i in bad_pages)))
+
+    @property
+    def first_bad_page(self) -> int:
+        """Hit pages before this index are good; this one and every later one are recomputed."""
+        return self.bad_pages[0]
+
+
 @dataclass(frozen=True)
 class LookupResult:
     """The cached prefix of one token sequence, leased until ``release``.
@@ -76,6 +97,10 @@ class LoadHandle(ABC):
     Pages are readable in the device pool at layer ``i`` only after
     ``wait_layer(i)`` returns. Waits are valid only while the lease of the
     lookup is held: after ``release`` they raise CacheError.
+
+    A failed load is never silent: ``wait_layer``, ``wait_all`` and ``verify`` raise
+    ``LoadError`` naming the pages that cannot be trusted, and the engine recomputes
+    from the first of them (see ``LoadError``).
     """
 
     @abstractmethod
@@ -85,6 +110,14 @@ class LoadHandle(ABC):
     @abstractmethod
     def wait_all(self) -> None:
         """Make every layer readable by the engine (as wait_layer does for one)."""
+
+    def verify(self) -> None:
+        """Block until every layer has been copied, then raise LoadError if any loaded
+        page may not hold its committed bytes. Engines call it before they trust what
+        they computed from the loaded KV (sampled tokens, stored pages): ``wait_layer``
+        raises LoadError only for what is known by then, and on CUDA the copy of a layer
+        is still running when its wait returns. Raises CacheError after ``release``."""
+        self.wait_all()
 
 
 class PrefetchTicket(ABC):
