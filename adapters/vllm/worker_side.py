@@ -9,9 +9,10 @@ One step, in vLLM's call order::
     take_load_errors()     vLLM blocks that hold no trustworthy KV: vLLM recomputes them
 
 A load fails when pages left the cache between the scheduler's lookup and the
-worker's (fewer hit pages), when the cache went stale (``CacheError``), or when a
-wait or ``verify()`` raises ``LoadError`` (its ``first_bad_page`` counts from the
-load's first page). Its blocks from the first bad page on are reported, and so is
+worker's (fewer hit pages), when the cache went stale (``CacheError``: every page
+of the load), or when a wait or ``verify()`` raises ``LoadError`` (from its
+``first_bad_page``, counted from the load's first page; the pages before it stay
+good, so their later layers are still loaded). Those blocks are reported, and so is
 every save this step whose pages use a reported block: their KV was computed over
 wrong context, so they are aborted, never committed.
 """
@@ -102,14 +103,15 @@ class WorkerTransfers:
                 self._guard(load, lambda: load.handle.wait_layer(layer))
 
     def _guard(self, load: _Load, wait: Callable[[], None]) -> None:
-        """Run a wait; a failure marks the load's blocks from its first bad page on."""
+        """Run a wait. A LoadError marks the load's blocks from its first bad page on, and
+        the load goes on (the pages before it are good and need their later layers); any
+        other CacheError ends the load and marks all of its blocks."""
         t = load.transfer
         try:
             wait()
         except LoadError as exc:
             log.warning("kvstore load of request %s failed from page %d: %s", t.req_id,
                         t.first_page + exc.first_bad_page, exc)
-            load.is_failed = True
             self._report(t, t.first_page + exc.first_bad_page)
         except CacheError as exc:
             log.warning("kvstore load of request %s failed: %s", t.req_id, exc)

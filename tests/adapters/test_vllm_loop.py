@@ -4,6 +4,7 @@ allocation code (MHA and MLA), every context byte checked in every step, outputs
 compared with a run without cache."""
 
 import pytest
+import torch
 
 pytest.importorskip("vllm.v1.core.sched.scheduler", reason="vLLM is not installed (scripts/setup_adapters.sh)")
 
@@ -63,3 +64,178 @@ def test_no_hit_then_external_hit(tmp_path, request, is_mla, backend):
     run_and_check(eng, vl.new_request("b", prompt + [5, 6]))
     assert loads_of(eng, "b") == [(0, 5)]
     assert eng.worker.num_checked_tokens > 0
+
+
+def test_local_prefix_cache_hit_plus_external_hit(tmp_path, request):
+    """vLLM holds pages 0-1 itself, kvstore 0-3: only 2-3 load, into blocks after vLLM's."""
+    eng = make_engine(tmp_path, request)
+    prompt = prompt_of(2, 4 * P + 3)
+    run_and_check(eng, vl.new_request("a", prompt))
+    eng.forget_local_prefix_cache()
+    run_and_check(eng, vl.new_request("r", prompt[:2 * P + 1]))   # vLLM caches pages 0-1 again
+    run_and_check(eng, vl.new_request("b", prompt + [9]))
+    assert loads_of(eng, "b") == [(2, 4)]
+
+
+def test_chunked_prefill_saves_every_page(tmp_path, request):
+    eng = make_engine(tmp_path, request, max_batched_tokens=64)
+    prompt = prompt_of(3, 197)                                       # 12 full pages + 5
+    run_and_check(eng, vl.new_request("a", prompt))
+    assert saved_pages(eng, "a") == list(range(12))
+    eng.forget_local_prefix_cache()
+    run_and_check(eng, vl.new_request("b", prompt))
+    assert loads_of(eng, "b") == [(0, 12)]
+
+
+def test_preempted_request_resumes_exactly(tmp_path, request):
+    """Too few blocks for both decodes: vLLM preempts one, frees its blocks and resumes
+    it later (a new lookup, new blocks, resumed_req_ids)."""
+    eng = make_engine(tmp_path, request, num_blocks=13)
+    a, b = prompt_of(4, 5 * P + 1), prompt_of(5, 5 * P + 1)
+    run_and_check(eng, vl.new_request("a", a, max_tokens=40), vl.new_request("b", b, max_tokens=40),
+                  max_tokens=40)
+    assert eng.num_preemptions > 0
+
+
+def test_page_lost_between_lookup_and_load_is_recomputed(tmp_path, request):
+    eng = make_engine(tmp_path, request)
+    prompt = prompt_of(6, 5 * P + 3)
+    run_and_check(eng, vl.new_request("a", prompt))
+    eng.forget_local_prefix_cache()
+    keys = chain_keys(eng.worker.connector.namespace.digest(), prompt[:5 * P], P)
+    core = eng.worker.connector._cache.embedded.core
+
+    eng.add(vl.new_request("b", prompt))
+    eng.step(before_execute=lambda: core.host.discard(keys[2:]))      # pages 2-4 leave L2
+    assert loads_of(eng, "b") == [(0, 5)]
+    eng.run()
+    assert eng.outputs["b"] == vl.truth(prompt, 3)
+    assert saved_pages(eng, "b") == [2, 3, 4]                          # the recompute stored them
+    eng.forget_local_prefix_cache()
+    run_and_check(eng, vl.new_request("c", prompt))
+    assert loads_of(eng, "c") == [(0, 5)]
+
+
+def test_load_error_from_a_wait_is_reported_and_recomputed(tmp_path, request, monkeypatch):
+    """The failed-load contract: a wait raising LoadError (bad page 1 of the load) makes
+    the connector report that page's block and later ones; the step's saves that use
+    them are aborted; vLLM recomputes and the output stays exact."""
+    from adapters.vllm import worker_side
+    from controller.api import LoadError
+
+    class FencedLoad(worker_side.LazyLayerLoad):
+        def wait_layer(self, layer):
+            super().wait_layer(layer)
+            if layer == 1:
+                raise LoadError("slot 1 changed owner during the copy", bad_pages=[1])
+
+    eng = make_engine(tmp_path, request)
+    prompt = prompt_of(7, 4 * P + 3)
+    run_and_check(eng, vl.new_request("a", prompt))
+    eng.forget_local_prefix_cache()
+    monkeypatch.setattr(worker_side, "LazyLayerLoad", FencedLoad)
+    eng.add(vl.new_request("b", prompt))
+    eng.step()
+    monkeypatch.undo()
+    eng.run()
+    assert eng.outputs["b"] == vl.truth(prompt, 3)
+    assert loads_of(eng, "b") == [(0, 4)]
+    assert saved_pages(eng, "b") == [1, 2, 3]
+
+
+def test_two_requests_sharing_a_prefix_in_one_step(tmp_path, request):
+    eng = make_engine(tmp_path, request)
+    prefix = prompt_of(8, 3 * P)
+    run_and_check(eng, vl.new_request("a", prefix + [1, 2]))
+    eng.forget_local_prefix_cache()
+    b, c = vl.new_request("b", prefix + [5, 6, 7]), vl.new_request("c", prefix + [8, 9])
+    eng.add(b, c)
+    first = eng.step()
+    assert {r.req_id for r in first.scheduled_new_reqs} == {"b", "c"}
+    eng.run()
+    assert eng.outputs["b"] == vl.truth(prefix + [5, 6, 7], 3)
+    assert eng.outputs["c"] == vl.truth(prefix + [8, 9], 3)
+    assert (0, 3) in loads_of(eng, "b") + loads_of(eng, "c")
+
+
+@pytest.mark.parametrize("layout,kernel", [("BLHNC", None), ("LBHNC", 8)])
+def test_other_kv_layouts_and_kernel_blocks(tmp_path, request, layout, kernel):
+    """Block-outermost packing, and blocks split into kernel blocks of 8 tokens."""
+    eng = make_engine(tmp_path, request, layout=layout, kernel_block_size=kernel)
+    view = next(iter(eng.worker.kv.values()))
+    assert view.shape[2] == (kernel or P)
+    prompt = prompt_of(9, 3 * P + 1)
+    run_and_check(eng, vl.new_request("a", prompt))
+    eng.forget_local_prefix_cache()
+    run_and_check(eng, vl.new_request("b", prompt))
+    assert loads_of(eng, "b") == [(0, 3)]
+
+
+@pytest.mark.parametrize("backend", ["FLASH_ATTN", "CPU_ATTN"])
+def test_slots_hold_k_and_v_in_kvstore_order(tmp_path, request, backend):
+    """A stored page is [layer][k|v][token][head][dim] whatever the backend's encoding, so
+    other kvstore clients of the same model read the same K and V."""
+    eng = make_engine(tmp_path, request, backend=backend)
+    prompt = prompt_of(10, P + 1)
+    run_and_check(eng, vl.new_request("a", prompt))
+    conn = eng.worker.connector
+    lease = conn._cache.lookup_keys(chain_keys(conn.namespace.digest(), prompt[:P], P))
+    slot = conn._cache.host_tensor[lease.slots[0]]                     # [L, 2, P, H, D]
+    hashes = vl.prefix_hashes(prompt)
+    for layer in range(slot.shape[0]):
+        for pos in range(P):
+            for which in (0, 1):
+                want = vl.expected_kv(hashes[pos], layer, tuple(slot.shape[3:]), which)
+                assert torch.equal(slot[layer, which, pos], want)
+    conn._cache.release_keys(lease)
+
+
+def test_multimodal_items_change_the_keys():
+    from adapters.vllm.plan import MMSpan
+
+    tokens, seed = [7] * (3 * P), b"\x00" * 16
+    plain = chain_keys(seed, tokens, P)
+    cat = chain_keys(seed, tokens, P, [MMSpan(P + 2, 4, "cat")])
+    dog = chain_keys(seed, tokens, P, [MMSpan(P + 2, 4, "dog")])
+    assert cat[0] == plain[0] == dog[0]                               # before the image
+    assert len({cat[1], dog[1], plain[1]}) == 3 and cat[2] != dog[2]  # at it and after
+
+
+def test_connector_asks_for_piecewise_cuda_graphs():
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    cls = KVConnectorFactory.get_connector_class(vl.kv_transfer_config({}))
+    assert cls.requires_piecewise_for_cudagraph({}) is True
+
+
+def test_unknown_backend_and_quantized_cache_are_refused(tmp_path, request):
+    from adapters.vllm.kv_views import check_spec, kv_split_of
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVQuantMode
+
+    with pytest.raises(ValueError, match="ROCM_ATTN.*--attention-backend"):
+        kv_split_of("ROCM_ATTN", is_mla=False)
+    eng = make_engine(tmp_path, request)
+    spec = FullAttentionSpec(block_size=P, num_kv_heads=2, head_size=16, dtype=torch.float32,
+                             kv_quant_mode=KVQuantMode.FP8_PER_TENSOR)
+    with pytest.raises(ValueError, match="quantized"):
+        check_spec(spec, eng.worker.connector.layout)
+    with pytest.raises(ValueError, match="registered 1 KV layers"):
+        eng.worker.connector.register_kv_caches(dict(list(eng.worker.kv.items())[:1]))
+
+
+def test_salted_requests_do_not_share(tmp_path, request):
+    eng = make_engine(tmp_path, request)
+    prompt = prompt_of(11, 2 * P + 1)
+    run_and_check(eng, vl.new_request("a", prompt))
+    eng.forget_local_prefix_cache()
+    run_and_check(eng, vl.new_request("b", prompt, cache_salt="tenant-2"))
+    assert loads_of(eng, "b") == []
+
+
+def test_ask_again_while_the_lookup_runs(tmp_path, request):
+    eng = make_engine(tmp_path, request, kvstore_async_lookup=True)
+    prompt = prompt_of(12, 2 * P + 1)
+    run_and_check(eng, vl.new_request("a", prompt))
+    eng.forget_local_prefix_cache()
+    run_and_check(eng, vl.new_request("b", prompt))
+    assert loads_of(eng, "b") == [(0, 2)]

@@ -287,9 +287,13 @@ class Engine:
             self.outputs[r.request_id] = []
             self.scheduler.add_request(r)
 
-    def step(self) -> Any:
+    def step(self, before_execute: Any = None) -> Any:
+        """One engine step; ``before_execute()`` runs between scheduling and the forward
+        (where a page can leave the cache after the scheduler counted it)."""
         out = self.scheduler.schedule()
         self.plans.append(out.kv_connector_metadata.plan)
+        if before_execute is not None:
+            before_execute()
         tokens_of = {rid: list(r.all_token_ids) for rid, r in self.scheduler.requests.items()}
         result = self.worker.execute(out, tokens_of)
         for eco in self.scheduler.update_from_output(out, result).values():
