@@ -239,3 +239,53 @@ def test_ask_again_while_the_lookup_runs(tmp_path, request):
     eng.forget_local_prefix_cache()
     run_and_check(eng, vl.new_request("b", prompt))
     assert loads_of(eng, "b") == [(0, 2)]
+
+
+# ---- daemon mode: a `kvstore serve` process ------------------------------------------------
+def start_daemon(tmp_path, request, is_mla):
+    from daemon_proc import DaemonProcess
+    from kvstore.layout import KVLayout
+
+    layout = (KVLayout(num_layers=3, num_kv_heads=1, head_dim=40, page_size=P, dtype="float32",
+                       is_mla=True) if is_mla else
+              KVLayout(num_layers=3, num_kv_heads=2, head_dim=16, page_size=P, dtype="float32"))
+    daemon = DaemonProcess(tmp_path, layout=layout, host_pages=128,
+                           args=["--layout-is-mla", "true"] if is_mla else []).start()
+    request.addfinalizer(daemon.stop)
+    return daemon
+
+
+@pytest.mark.parametrize("is_mla,backend", [MHA_AND_MLA[0], MHA_AND_MLA[2]])
+def test_daemon_mode_both_roles_in_one_process(tmp_path, request, is_mla, backend):
+    daemon = start_daemon(tmp_path, request, is_mla)
+    eng = make_engine(tmp_path, request, is_mla=is_mla, backend=backend, kvstore_url=daemon.address)
+    prompt = prompt_of(13, 4 * P + 2)
+    run_and_check(eng, vl.new_request("a", prompt))
+    eng.forget_local_prefix_cache()
+    run_and_check(eng, vl.new_request("b", prompt))
+    assert loads_of(eng, "b") == [(0, 4)]
+    eng.close()
+    daemon.check_integrity(quiescent=True)
+
+
+def test_daemon_mode_scheduler_and_worker_in_two_processes(tmp_path, request):
+    """vLLM's split: the scheduler (and its connector) here, the worker connector and the
+    KV tensors in a spawned process; scheduler outputs cross a pipe, pages the daemon."""
+    from vllm_worker_proc import RemoteWorker
+
+    daemon = start_daemon(tmp_path, request, is_mla=False)
+    extra = {"kvstore_url": daemon.address}
+    model, num_blocks = vl.model_dir(tmp_path, False), 64
+    worker = RemoteWorker(model=model, backend="FLASH_ATTN", extra=extra, max_batched_tokens=64,
+                          max_model_len=512, num_blocks=num_blocks)
+    vc = vl.vllm_config(model, "FLASH_ATTN", extra, 64, 512)
+    _, sched_cfg, _ = vl.allocate(vc, "FLASH_ATTN", num_blocks)
+    eng = vl.Engine(vc, sched_cfg, worker)
+    request.addfinalizer(eng.close)
+    prompt = prompt_of(14, 6 * P + 5)                                  # two prefill chunks
+    run_and_check(eng, vl.new_request("a", prompt))
+    eng.forget_local_prefix_cache()
+    run_and_check(eng, vl.new_request("b", prompt + [3]))
+    assert loads_of(eng, "b") == [(0, 6)]
+    eng.close()
+    daemon.check_integrity(quiescent=True)
