@@ -70,10 +70,12 @@ class StepPlanner:
         if num_external_tokens <= 0:
             return
         P = self._page_size
-        if local % P or num_external_tokens % P:
-            raise ValueError(f"request {request.request_id}: hits must be whole pages of {P} "
-                             f"tokens (local {local}, external {num_external_tokens})")
-        end = (local + num_external_tokens) // P
+        if local % P:
+            raise ValueError(f"request {request.request_id}: vLLM's local hit of {local} tokens "
+                             f"does not end on a page of {P} tokens")
+        # Whole pages: a hit that vLLM cut inside a page (another connector capped it)
+        # still loads that page; vLLM recomputes its tail over the same KV.
+        end = -(-(local + num_external_tokens) // P)
         if len(block_ids) < end:
             raise ValueError(f"request {request.request_id}: vLLM allocated {len(block_ids)} "
                              f"blocks for a hit of {end} pages")

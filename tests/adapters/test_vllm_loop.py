@@ -243,6 +243,7 @@ def test_ask_again_while_the_lookup_runs(tmp_path, request):
 
 # ---- daemon mode: a `kvstore serve` process ------------------------------------------------
 def start_daemon(tmp_path, request, is_mla):
+    from controller.daemon.launch import wait_until_serving
     from daemon_proc import DaemonProcess
     from kvstore.layout import KVLayout
 
@@ -250,8 +251,10 @@ def start_daemon(tmp_path, request, is_mla):
                        is_mla=True) if is_mla else
               KVLayout(num_layers=3, num_kv_heads=2, head_dim=16, page_size=P, dtype="float32"))
     daemon = DaemonProcess(tmp_path, layout=layout, host_pages=128,
-                           args=["--layout-is-mla", "true"] if is_mla else []).start()
+                           args=["--layout-is-mla", "true"] if is_mla else []).start(wait=False)
     request.addfinalizer(daemon.stop)
+    # Two cores shared with vLLM imports: the daemon may need more than the usual 30 s.
+    wait_until_serving(daemon.address, daemon.proc, timeout_s=180)
     return daemon
 
 
