@@ -201,6 +201,28 @@ def test_multimodal_items_change_the_keys():
     assert len({cat[1], dog[1], plain[1]}) == 3 and cat[2] != dog[2]  # at it and after
 
 
+def test_an_image_behind_equal_placeholders_is_not_a_hit(tmp_path, request):
+    """vLLM's scheduler-side connector with real multimodal Requests: pages up to the
+    image hit, the page holding it and every later one only for the same image."""
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+
+    def with_image(req_id, prompt, ident):
+        feature = MultiModalFeatureSpec(data=None, modality="image", identifier=ident,
+                                        mm_position=PlaceholderRange(offset=P + 3, length=8))
+        return vl.new_request(req_id, prompt, mm_features=[feature])
+
+    eng = make_engine(tmp_path, request)
+    prompt = prompt_of(15, 3 * P + 1)
+    conn = eng.connector
+    # Store the pages as a request with image "cat" would (the text model cannot run one).
+    cat = with_image("cat", prompt, "cat")
+    keys = conn._keys(conn._planner._transfer(cat, 3 * P, (), 0))
+    conn._cache.store_keys(keys, lambda positions, slots: None)
+    assert conn.get_num_new_matched_tokens(with_image("cat2", prompt, "cat"), 0) == (3 * P, False)
+    assert conn.get_num_new_matched_tokens(with_image("dog", prompt, "dog"), 0) == (P, False)
+    assert conn.get_num_new_matched_tokens(vl.new_request("text", prompt), 0) == (P, False)
+
+
 def test_connector_asks_for_piecewise_cuda_graphs():
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 

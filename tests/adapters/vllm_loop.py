@@ -84,7 +84,10 @@ def vllm_config(model: str, backend: str, extra: dict, max_batched_tokens: int =
                      max_model_len=max_model_len)
     sc = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=max_batched_tokens,
                          max_model_len=max_model_len, enable_chunked_prefill=True,
-                         is_encoder_decoder=False)
+                         is_encoder_decoder=False,
+                         # The loop below is vLLM's synchronous one (Scheduler, one step in
+                         # flight); AsyncScheduler's pipelined steps are not driven here.
+                         async_scheduling=False)
     return VllmConfig(model_config=mc, scheduler_config=sc,
                       cache_config=CacheConfig(block_size=P, enable_prefix_caching=True),
                       kv_transfer_config=kv_transfer_config(extra), device_config=DeviceConfig("cpu"),
