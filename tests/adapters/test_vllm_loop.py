@@ -95,6 +95,9 @@ def test_preempted_request_resumes_exactly(tmp_path, request):
     run_and_check(eng, vl.new_request("a", a, max_tokens=40), vl.new_request("b", b, max_tokens=40),
                   max_tokens=40)
     assert eng.num_preemptions > 0
+    # The preempted request came back with vLLM's surviving blocks as a local hit and
+    # the rest of its prompt loaded from kvstore into its new blocks.
+    assert any(first > 0 for first, _ in loads_of(eng, "a") + loads_of(eng, "b"))
 
 
 def test_page_lost_between_lookup_and_load_is_recomputed(tmp_path, request):
