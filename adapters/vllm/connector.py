@@ -28,6 +28,7 @@ roles share it only when they run in one process; use the daemon otherwise.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,8 @@ from kvstore.layout import KVLayout
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,6 +111,11 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._planner = StepPlanner(self._cache, self.block_size, self._keys,
                                     bool(extra.get("kvstore_async_lookup", False)))
         self._worker: WorkerTransfers | None = None
+        policy = getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
+        if role == KVConnectorRole.SCHEDULER and policy != "recompute":
+            log.warning("kvstore: kv_load_failure_policy is %r, so a request whose pages leave "
+                        "the cache between lookup and load ends with an error; set "
+                        '"kv_load_failure_policy": "recompute" in --kv-transfer-config', policy)
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:

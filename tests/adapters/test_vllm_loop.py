@@ -317,3 +317,16 @@ def test_daemon_mode_scheduler_and_worker_in_two_processes(tmp_path, request):
     assert loads_of(eng, "b") == [(0, 6)]
     eng.close()
     daemon.check_integrity(quiescent=True)
+
+
+def test_the_fail_policy_is_warned_about(tmp_path, request, caplog):
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    extra = {"kvstore_url": "embedded", "kvstore_embedded_name": request.node.name}
+    vc = vl.vllm_config(vl.model_dir(tmp_path, False), "FLASH_ATTN", extra)
+    vc.kv_transfer_config.kv_load_failure_policy = "fail"
+    with caplog.at_level("WARNING", logger="adapters.vllm.connector"):
+        conn = KVConnectorFactory.create_connector(vc, KVConnectorRole.SCHEDULER, None)
+    conn.shutdown()
+    assert '"kv_load_failure_policy": "recompute"' in caplog.text
