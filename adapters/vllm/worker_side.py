@@ -19,6 +19,7 @@ wrong context, so they are aborted, never committed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -178,8 +179,6 @@ class _SlotsToLayerViews(LayerCopyPlan):
         self.num_layers, self.num_pages = len(views), len(self._slots)
 
     def launch(self, layer: int, stream=None) -> None:
-        import contextlib
-
         self._check_layer(layer)
         view = self._views[layer]
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
