@@ -21,11 +21,13 @@ def prompt_of(seed: int, n: int) -> list[int]:
 
 
 def make_engine(tmp_path, request, *, is_mla=False, backend="FLASH_ATTN", num_blocks=64,
-                layout=None, kernel_block_size=None, max_batched_tokens=256, **extra):
+                layout=None, kernel_block_size=None, max_batched_tokens=256, async_scheduling=False,
+                **extra):
     extra = {"kvstore_url": "embedded", "kvstore_embedded_name": request.node.name,
              "kvstore_host_pool_pages": 256, **extra}
     vc = vl.vllm_config(vl.model_dir(tmp_path, is_mla), backend, extra, max_batched_tokens,
-                        max_model_len=min(512, (num_blocks - 1) * P))
+                        max_model_len=min(512, (num_blocks - 1) * P),
+                        async_scheduling=async_scheduling)
     worker_cfg, sched_cfg, kv = vl.allocate(vc, backend, num_blocks, layout, kernel_block_size)
     engine = vl.Engine(vc, sched_cfg, vl.Runner(vc, worker_cfg, kv, backend))
     request.addfinalizer(engine.close)
@@ -330,3 +332,23 @@ def test_the_fail_policy_is_warned_about(tmp_path, request, caplog):
         conn = KVConnectorFactory.create_connector(vc, KVConnectorRole.SCHEDULER, None)
     conn.shutdown()
     assert '"kv_load_failure_policy": "recompute"' in caplog.text
+
+
+def test_async_scheduling_two_steps_in_flight(tmp_path, request):
+    """vLLM's default when serving: AsyncScheduler with a batch queue, so step k+1 is
+    planned (and its connector metadata built) before step k's output is fed back."""
+    eng = make_engine(tmp_path, request, max_batched_tokens=64, async_scheduling=True)
+    assert type(eng.scheduler).__name__ == "AsyncScheduler"
+    prompt = prompt_of(16, 6 * P + 5)
+
+    def run(*reqs, max_tokens=4):
+        eng.add(*reqs)
+        eng.run_pipelined()
+        for r in reqs:
+            assert eng.outputs[r.request_id] == vl.truth(list(r.prompt_token_ids), max_tokens)
+
+    run(vl.new_request("a", prompt, max_tokens=4))
+    assert saved_pages(eng, "a") == list(range(6))
+    eng.forget_local_prefix_cache()
+    run(vl.new_request("b", prompt + [4], max_tokens=4), vl.new_request("c", prompt_of(17, 40), max_tokens=4))
+    assert loads_of(eng, "b") == [(0, 6)]

@@ -19,6 +19,7 @@ wrong when the context is wrong, so outputs prove the run exact.
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
 from vllm.v1.core.kv_cache_planning import get_global_kv_cache_groups, get_kv_cache_configs
 from vllm.v1.core.kv_cache_utils import (generate_scheduler_kv_cache_config, get_request_block_hasher,
                                          init_none_hash)
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
@@ -79,15 +81,15 @@ def kv_transfer_config(extra: dict) -> KVTransferConfig:
 
 
 def vllm_config(model: str, backend: str, extra: dict, max_batched_tokens: int = 256,
-                max_model_len: int = 512) -> VllmConfig:
+                max_model_len: int = 512, async_scheduling: bool = False) -> VllmConfig:
     mc = ModelConfig(model=model, tokenizer=None, skip_tokenizer_init=True, dtype="float32",
                      max_model_len=max_model_len)
     sc = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=max_batched_tokens,
                          max_model_len=max_model_len, enable_chunked_prefill=True,
                          is_encoder_decoder=False,
-                         # The loop below is vLLM's synchronous one (Scheduler, one step in
-                         # flight); AsyncScheduler's pipelined steps are not driven here.
-                         async_scheduling=False)
+                         # False: vLLM's Scheduler, one step in flight (Engine.run);
+                         # True: AsyncScheduler, two steps in flight (Engine.run_pipelined).
+                         async_scheduling=async_scheduling)
     return VllmConfig(model_config=mc, scheduler_config=sc,
                       cache_config=CacheConfig(block_size=P, enable_prefix_caching=True),
                       kv_transfer_config=kv_transfer_config(extra), device_config=DeviceConfig("cpu"),
@@ -275,8 +277,9 @@ class Engine:
 
     def __init__(self, vc: VllmConfig, sched_cfg: Any, worker: Any) -> None:
         self.vc, self.worker = vc, worker
-        self.scheduler = Scheduler(vllm_config=vc, kv_cache_config=sched_cfg, log_stats=False,
-                                   structured_output_manager=StructuredOutputManager(vc), block_size=P)
+        cls = AsyncScheduler if vc.scheduler_config.async_scheduling else Scheduler
+        self.scheduler = cls(vllm_config=vc, kv_cache_config=sched_cfg, log_stats=False,
+                             structured_output_manager=StructuredOutputManager(vc), block_size=P)
         self.outputs: dict[str, list[int]] = {}
         self.num_preemptions = 0
         self.plans: list[Any] = []
@@ -305,6 +308,30 @@ class Engine:
         self.num_preemptions = max(self.num_preemptions, max(
             (r.num_preemptions for r in self.scheduler.requests.values()), default=0))
         return out
+
+    def run_pipelined(self, depth: int = 2, max_steps: int = 400) -> None:
+        """vLLM's engine core with a batch queue (``step_with_batch_queue``): the next step
+        is scheduled before the previous one's output is fed back; the runner continues
+        from the tokens it sampled in steps still in the queue, as a GPU runner does."""
+        queue: deque = deque()
+        for _ in range(max_steps):
+            if self.scheduler.has_requests():
+                out = self.scheduler.schedule()
+                self.plans.append(out.kv_connector_metadata.plan)
+                tokens_of = {rid: list(r.all_token_ids) for rid, r in self.scheduler.requests.items()}
+                for _, queued in reversed(queue):
+                    for rid, sampled in zip(queued.req_ids, queued.sampled_token_ids):
+                        tokens_of.get(rid, []).extend(sampled)
+                queue.appendleft((out, self.worker.execute(out, tokens_of)))
+                if len(queue) < depth:
+                    continue
+            elif not queue:
+                return
+            out, result = queue.pop()
+            for eco in self.scheduler.update_from_output(out, result).values():
+                for o in eco.outputs:
+                    self.outputs[o.request_id].extend(o.new_token_ids)
+        raise AssertionError(f"requests still unfinished after {max_steps} steps")
 
     def run(self, max_steps: int = 200) -> None:
         for _ in range(max_steps):
