@@ -85,11 +85,20 @@ class DaemonConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     """Credentials required on tcp://."""
     lease_ttl_s: float = 5.0
-    """A client silent for this long is dead: its leases and reservations are reclaimed."""
+    """A client silent for this long is presumed gone. Its leases and reservations are
+    reclaimed only once its process is verifiably gone (at once, even before this TTL);
+    a silent client whose process still lives (paused) keeps them. A client whose
+    process the daemon cannot watch (another pid namespace) loses its session, and its
+    slots are quarantined for orphan_quarantine_s before anyone else gets them."""
     heartbeat_interval_s: float = 1.0
     """How often clients say they are alive (must be well under lease_ttl_s)."""
     reservation_ttl_s: float = 30.0
-    """A store reserved but not committed for this long is aborted (its slots come back)."""
+    """A store reserved but not committed for this long is reported (log, metric). Its
+    slots stay the writer's until it commits or aborts, or its session ends: a slow but
+    live writer may still be copying into them."""
+    orphan_quarantine_s: float = 600.0
+    """How long the slots of a silent client whose process cannot be watched stay out of
+    use after its session ended (a paused writer could still copy into them)."""
     max_leases_per_client: int = 65536
     """Open leases one client may hold; more are refused (a leaking client can't pin L2)."""
     flush_deadline_s: float = 30.0
@@ -203,7 +212,8 @@ FIELDS: tuple[Setting, ...] = (
     Setting("auth.curve_public_keys_dir", str, _S, "directory of allowed client CURVE public keys"),
     Setting("lease_ttl_s", float, _F, "seconds of silence after which a client's leases are reclaimed"),
     Setting("heartbeat_interval_s", float, _F, "seconds between client heartbeats"),
-    Setting("reservation_ttl_s", float, _F, "seconds a store may stay reserved before it is aborted"),
+    Setting("reservation_ttl_s", float, _F, "seconds a store may stay reserved before it is reported as overdue"),
+    Setting("orphan_quarantine_s", float, _F, "seconds the slots of a silent, unwatchable client stay out of use"),
     Setting("max_leases_per_client", int, _I, "open leases one client may hold"),
     Setting("flush_deadline_s", float, _F, "seconds to write back pages to L3 on shutdown"),
     Setting("metrics_port", int, _I, "port of the Prometheus endpoint"),
@@ -211,6 +221,7 @@ FIELDS: tuple[Setting, ...] = (
 )
 _BY_NAME = {s.name: s for s in FIELDS}
 _POSITIVE = {"host_pool_pages", "lease_ttl_s", "heartbeat_interval_s", "reservation_ttl_s",
+             "orphan_quarantine_s",
              "max_leases_per_client", "flush_deadline_s", "l3.timeout_s", "l3.selective_hits",
              "l3.backup_queue_bytes"}
 
