@@ -42,8 +42,8 @@ import numpy as np
 import torch
 import zmq
 
-from controller.api import (CacheClient, CacheError, CacheStats, LoadHandle, LookupResult,
-                            PrefetchTicket, StoreResult)
+from controller.api import (CacheClient, CacheError, CacheStats, LoadError, LoadHandle,
+                            LookupResult, PrefetchTicket, StoreResult)
 from controller.config import PrefetchConfig
 from controller.daemon import protocol as p
 from controller.device_pool import DevicePool
@@ -500,6 +500,7 @@ class DaemonClient(CacheClient):
         self._device = DevicePool(self.layout, device_pool, copy_backend)
         self._ns_digest = namespace.digest()
         self._leases: dict[int, _Lease] = {}   # this client's lease id -> lease
+        self._lost_lease_ids: set[int] = set()
         self._lease_ids = itertools.count(1)
         self._is_closed = False
         self._link = DaemonLink(address, self.layout, credentials=credentials,
@@ -517,6 +518,8 @@ class DaemonClient(CacheClient):
         for lease in self._leases.values():
             for handle in lease.loads:
                 handle.abandon(reason)
+        # Remembered (ids only, until released) so load() can tell "lost" from "released".
+        self._lost_lease_ids.update(self._leases)
         self._leases.clear()
 
     def _keys(self, tokens) -> list[bytes]:
@@ -564,12 +567,21 @@ class DaemonClient(CacheClient):
                              f"for {result.num_hit_pages} hit pages")
         if not result.num_hit_pages:
             return CompletedLoad()
-        lease = self._leases.get(result.lease_id)
-        if lease is None or lease.result != result or lease.epoch != self._link.epoch:
-            raise CacheError(f"lease {result.lease_id} has ended (released, or the daemon restarted "
-                             "or reclaimed it): lookup() again before load()")
         pages = self._device.check_pages(device_pages, "device_pages")
-        self._link.require_fresh()
+        try:
+            self._link.require_fresh()
+        except CacheError as exc:
+            # The session was lost (and this lease with it): the engine recomputes.
+            raise LoadError(f"load() of lease {result.lease_id} failed: {exc}",
+                            range(result.num_hit_pages)) from None
+        lease = self._leases.get(result.lease_id)
+        if lease is None and result.lease_id in self._lost_lease_ids:
+            raise LoadError(f"lease {result.lease_id} was lost with the daemon session (daemon "
+                            "restarted, or this client was silent): recompute its pages",
+                            range(result.num_hit_pages))
+        if lease is None or lease.result != result or lease.epoch != self._link.epoch:
+            raise CacheError(f"lease {result.lease_id} has ended (released): lookup() again "
+                             "before load()")
         pool = self._link.pool
         fence = SlotFence(pool.generations, lease.slots, np.frombuffer(lease.generations, "<u4"))
         handle = self._device.load(pool, lease.slots, pages, fence)
@@ -629,6 +641,7 @@ class DaemonClient(CacheClient):
         self._check_open()
         lease = self._leases.get(result.lease_id)
         if lease is None:
+            self._lost_lease_ids.discard(result.lease_id)
             return
         if lease.result != result:
             raise CacheError(f"release() got a result that is not lease {result.lease_id} of this cache")

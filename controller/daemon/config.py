@@ -85,20 +85,22 @@ class DaemonConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     """Credentials required on tcp://."""
     lease_ttl_s: float = 5.0
-    """A client silent for this long is presumed gone. Its leases and reservations are
-    reclaimed only once its process is verifiably gone (at once, even before this TTL);
-    a silent client whose process still lives (paused) keeps them. A client whose
-    process the daemon cannot watch (another pid namespace) loses its session, and its
-    slots are quarantined for orphan_quarantine_s before anyone else gets them."""
+    """A client silent for this long is presumed gone. A client whose process the daemon
+    watches keeps its leases and reservations while that process lives (paused, say),
+    and loses them at once when it exits, even before this TTL. An unwatched one
+    (another pid namespace) loses its session: its leases end (its loads then fail as
+    LoadError if a slot is reused) and its reserved slots are quarantined."""
     heartbeat_interval_s: float = 1.0
     """How often clients say they are alive (must be well under lease_ttl_s)."""
     reservation_ttl_s: float = 30.0
     """A store reserved but not committed for this long is reported (log, metric). Its
     slots stay the writer's until it commits or aborts, or its session ends: a slow but
     live writer may still be copying into them."""
-    orphan_quarantine_s: float = 600.0
-    """How long the slots of a silent client whose process cannot be watched stay out of
-    use after its session ended (a paused writer could still copy into them)."""
+    orphan_quarantine_s: float | None = None
+    """How long the reserved slots of a silent, unwatched client stay out of use after its
+    session ended (a paused writer could still copy into them). None: until the daemon
+    stops (never a wrong byte; `kvstore status` shows the count). A number trades that
+    guarantee for the memory: a writer paused longer could land a late copy."""
     max_leases_per_client: int = 65536
     """Open leases one client may hold; more are refused (a leaking client can't pin L2)."""
     flush_deadline_s: float = 30.0

@@ -223,8 +223,8 @@ class DaemonServer:
             log.warning("%s exited without Goodbye: reclaimed %d leases, %d reservations",
                         who, num_leases, num_res)
         elif kind == "released":
-            log.warning("quarantine over: %d leases and %d reservations of orphaned clients "
-                        "return to the cache", num_leases, num_res)
+            log.warning("quarantine over: %d reservations of orphaned clients return to the "
+                        "cache", num_res)
         elif kind == "suspended":
             self.metrics.fence_events.labels("suspended").inc()
             log.warning("%s is silent but its process lives (paused?): its %d leases and %d "
@@ -233,8 +233,8 @@ class DaemonServer:
             self.metrics.reaped_clients.inc()
             self.metrics.fence_events.labels("orphaned").inc()
             log.warning("%s went silent and the daemon cannot watch its process (another pid "
-                        "namespace?): session ended, its %d leases and %d reservations stay out "
-                        "of use for %.0f s", who, num_leases, num_res, self.config.orphan_quarantine_s)
+                        "namespace?): session ended, %d leases released (its loads are fenced), "
+                        "the slots of %d reservations quarantined", who, num_leases, num_res)
         elif kind == "overdue":
             self.metrics.fence_events.labels("overdue").inc(num_res)
             log.warning("%s has %d store(s) open for more than %.0f s; their slots stay its own "
@@ -324,9 +324,9 @@ class DaemonServer:
             log.info("client %r (pid %d) attached", msg.client_name, msg.pid)
         else:
             log.warning("client %r (pid %d) attached, but its process cannot be watched from here "
-                        "(another pid namespace?): if it goes silent, its slots are quarantined for "
-                        "%.0f s, then reused; share the pid namespace for full fencing",
-                        msg.client_name, msg.pid, cfg.orphan_quarantine_s)
+                        "(another pid namespace?): if it goes silent past lease_ttl_s its session "
+                        "ends; share the pid namespace so a paused client keeps its leases",
+                        msg.client_name, msg.pid)
         return p.HelloReply(session.session_id, pool.name, pool.num_slots, pool.slot_bytes,
                             fingerprint, cfg.lease_ttl_s, cfg.heartbeat_interval_s,
                             cfg.reservation_ttl_s)

@@ -21,14 +21,16 @@ while its process may still copy:
   its process is gone. A process that is gone is reclaimed at once, sooner than
   ``lease_ttl_s``.
 - **unwatched** clients (another pid namespace): silent for ``lease_ttl_s``, the
-  session ends, and its leased and reserved slots are *quarantined* for
-  ``orphan_quarantine_s`` (kept out of use) before they return to the cache.
+  session ends. Its leases end at once (readers are fenced by generations, below);
+  its reserved slots are *quarantined* (kept out of use, since a paused writer
+  could still copy into them) until the daemon stops, or for
+  ``orphan_quarantine_s`` when that is set.
 - a reservation open past ``reservation_ttl_s`` is reported, never taken away
   from a live session: a slow writer may still be copying.
 
 What is left to readers: each leased slot's generation travels with the lease
-and is checked after the copy (``kvstore.slot_fence``), so a slot reused after a
-quarantine ended makes that load fail as a reported LoadError, never a silent
+and is checked after the copy (``kvstore.slot_fence``), so a slot reused under an
+unwatched reader makes its load fail as a reported LoadError, never a silent
 success. Goodbye ends a session at once (the client has finished its copies).
 """
 
@@ -73,14 +75,14 @@ class ClientSession:
 
 class _Quarantined(NamedTuple):
     release_at: float
-    leases: list[list[bytes]]
     plans: list[Any]
 
 
 class ReapEvent(NamedTuple):
     """Something the reaper did: ``kind`` is gone (process exited: reclaimed), suspended
-    (silent, process alive: kept), orphaned (silent, unwatched: quarantined),
-    released (a quarantine ended) or overdue (reservations past their TTL: kept)."""
+    (silent, process alive: kept), orphaned (silent, unwatched: leases ended, reserved
+    slots quarantined), released (a quarantine ended) or overdue (reservations past
+    their TTL: kept)."""
 
     kind: str
     session: ClientSession | None
@@ -92,13 +94,13 @@ class SessionTable:
     """Open sessions and their holdings; gives them back to ``core`` (a CacheCore)."""
 
     def __init__(self, core, lease_ttl_s: float, reservation_ttl_s: float,
-                 heartbeat_interval_s: float = 1.0, orphan_quarantine_s: float = 600.0) -> None:
+                 heartbeat_interval_s: float = 1.0, orphan_quarantine_s: float | None = None) -> None:
         self.core = core
         self.lease_ttl_s = lease_ttl_s
         self.reservation_ttl_s = reservation_ttl_s
         # A heartbeating client is never silent this long; past it, look at its process.
         self.silence_s = min(2 * heartbeat_interval_s, lease_ttl_s)
-        self.orphan_quarantine_s = orphan_quarantine_s
+        self.orphan_quarantine_s = float("inf") if orphan_quarantine_s is None else orphan_quarantine_s
         self.sessions: dict[bytes, ClientSession] = {}
         self._quarantine: list[_Quarantined] = []
         self._ids = itertools.count(1)
@@ -171,11 +173,13 @@ class SessionTable:
         return num_leases, num_res
 
     def _quarantine_session(self, session: ClientSession, now: float) -> tuple[int, int]:
-        """End the session but keep its slots out of use for ``orphan_quarantine_s``."""
+        """End the session: its leases now, its reserved slots after the quarantine."""
         counts = self._detach(session)
-        self._quarantine.append(_Quarantined(
-            now + self.orphan_quarantine_s, list(session.leases.values()),
-            [r.plan for r in session.reservations.values()]))
+        for keys in session.leases.values():
+            self.core.release(keys)
+        if session.reservations:
+            self._quarantine.append(_Quarantined(
+                now + self.orphan_quarantine_s, [r.plan for r in session.reservations.values()]))
         session.leases.clear()
         session.reservations.clear()
         return counts
@@ -216,17 +220,13 @@ class SessionTable:
             return []
         self._quarantine = [q for q in self._quarantine if q.release_at > now]
         for q in ended:
-            for keys in q.leases:
-                self.core.release(keys)
             for plan in q.plans:
                 self.core.abort_store(plan)
-        return [ReapEvent("released", None, sum(len(q.leases) for q in ended),
-                          sum(len(q.plans) for q in ended))]
+        return [ReapEvent("released", None, 0, sum(len(q.plans) for q in ended))]
 
     @property
     def num_quarantined_slots(self) -> int:
-        return sum(sum(len(k) for k in q.leases) + sum(len(p.slots) for p in q.plans)
-                   for q in self._quarantine)
+        return sum(len(plan.slots) for q in self._quarantine for plan in q.plans)
 
     @property
     def num_suspended(self) -> int:
