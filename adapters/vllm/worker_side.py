@@ -33,6 +33,7 @@ from controller.api import CacheError, LoadError
 from controller.load_handle import ControllerLoad, CudaStreamLoad, LayerIssuer, LazyLayerLoad
 from kvstore.copy_ops import LayerCopyPlan
 from kvstore.page_keys import PageKey
+from kvstore.slot_fence import SlotFence
 
 log = logging.getLogger(__name__)
 KeysOf = Callable[[PageTransfer], list[PageKey]]
@@ -79,7 +80,7 @@ class WorkerTransfers:
                 continue
             try:
                 self._cache.check_fresh()
-                handle = self._layer_load(lease.slots[t.first_page:n], t.block_ids[t.first_page:n])
+                handle = self._layer_load(lease, t.first_page, n, t.block_ids[t.first_page:n])
             except CacheError as exc:
                 log.warning("kvstore load of request %s not started: %s", t.req_id, exc)
                 self._report(t, t.first_page)
@@ -87,15 +88,20 @@ class WorkerTransfers:
                 continue
             self._loads.append(_Load(t, lease, handle))
 
-    def _layer_load(self, slots, blocks) -> ControllerLoad:
+    def _layer_load(self, lease: KeyedLease, first: int, end: int, blocks) -> ControllerLoad:
+        """Pages [first, end) of the lease into ``blocks``, fenced: a slot that changes
+        owner before its copy is over makes a wait or ``verify()`` raise LoadError, with
+        page indices counted from ``first``."""
+        slots = lease.slots[first:end]
+        fence = SlotFence(self._cache.generations, slots, lease.generations[first:end])
         host = host_layer_view(self._cache.host_tensor, self._kernel_tokens)
         plan = _SlotsToLayerViews(host, self._views, slots, blocks)
         device = self._views[0].device
         if device.type == "cuda":
             if self._issuer is None:
                 self._issuer = LayerIssuer(device)
-            return CudaStreamLoad(plan, torch.cuda.Stream(device), self._issuer)
-        return LazyLayerLoad(plan)
+            return CudaStreamLoad(plan, torch.cuda.Stream(device), self._issuer, fence, len(slots))
+        return LazyLayerLoad(plan, fence, len(slots))
 
     def wait_layer(self, name: str) -> None:
         layer = self.layer(name)

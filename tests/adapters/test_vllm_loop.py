@@ -121,31 +121,28 @@ def test_page_lost_between_lookup_and_load_is_recomputed(tmp_path, request):
     assert loads_of(eng, "c") == [(0, 5)]
 
 
-def test_load_error_from_a_wait_is_reported_and_recomputed(tmp_path, request, monkeypatch):
-    """The failed-load contract: a wait raising LoadError (bad page 1 of the load) makes
-    the connector report that page's block and later ones; the step's saves that use
-    them are aborted; vLLM recomputes and the output stays exact."""
-    from adapters.vllm import worker_side
-    from controller.api import LoadError
-
-    class FencedLoad(worker_side.LazyLayerLoad):
-        def wait_layer(self, layer):
-            super().wait_layer(layer)
-            if layer == 1:
-                raise LoadError("slot 1 changed owner during the copy", bad_pages=[1])
-
+def test_slot_reused_during_the_load_is_fenced_and_recomputed(tmp_path, request):
+    """The failed-load contract through the real fenced load: after the worker leased
+    the pages, the slot of page 1 changes owner (its generation moves on, as when the
+    daemon hands a silent client's slot to another writer). The load's wait raises
+    LoadError from page 1; the connector reports that block and the later ones, aborts
+    the step's saves over them, and vLLM recomputes: the output stays exact."""
     eng = make_engine(tmp_path, request)
     prompt = prompt_of(7, 4 * P + 3)
     run_and_check(eng, vl.new_request("a", prompt))
     eng.forget_local_prefix_cache()
-    monkeypatch.setattr(worker_side, "LazyLayerLoad", FencedLoad)
-    eng.add(vl.new_request("b", prompt))
-    eng.step()
-    monkeypatch.undo()
-    eng.run()
-    assert eng.outputs["b"] == vl.truth(prompt, 3)
+    conn = eng.worker.connector
+    core = conn._cache.embedded.core
+    (slot,) = core.slots_of(chain_keys(conn.namespace.digest(), prompt[:2 * P], P)[1:2])
+
+    def reuse_slot():
+        core.pool.generations[slot] += 1
+        eng.worker.after_start_load = None
+
+    eng.worker.after_start_load = reuse_slot
+    run_and_check(eng, vl.new_request("b", prompt))
     assert loads_of(eng, "b") == [(0, 4)]
-    assert saved_pages(eng, "b") == [1, 2, 3]
+    assert saved_pages(eng, "b") == [1, 2, 3]                          # recomputed, stored again
 
 
 def test_two_requests_sharing_a_prefix_in_one_step(tmp_path, request):

@@ -181,6 +181,7 @@ class Runner:
         self.token_kv = {name: TokenKV(t, backend, is_mla, heads) for name, t in kv.items()}
         self.reqs: dict[str, _ReqState] = {}
         self.num_checked_tokens = 0
+        self.after_start_load: Any = None
 
     def close(self) -> None:
         self.connector.shutdown()
@@ -192,6 +193,8 @@ class Runner:
         c.bind_connector_metadata(out.kv_connector_metadata)
         if out.has_sync_kv_loads:
             c.start_load_kv(None)
+            if self.after_start_load is not None:     # a test's event during the load
+                self.after_start_load()
         bad_pos: dict[str, int] = {}
         for layer, name in enumerate(self.kv):
             c.wait_for_layer_load(name)
