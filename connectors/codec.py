@@ -301,9 +301,11 @@ def _encode_page(raw: memoryview, codec: int, encoding: int, group_elems: int) -
     return fp8.encode(raw, group_elems or len(raw) // 2)
 
 
-def encode_frame(raw, codec: int, fingerprint: bytes, elem_size: int = 2, *, key: bytes = b"") -> bytes:
+def encode_frame(raw, codec: int, fingerprint: bytes, elem_size: int = 2, *, key: bytes = b"",
+                 encoding: int = LOSSLESS, group_elems: int = 0) -> bytes:
     """One contiguous frame (header + payload) for one page."""
-    return encode(raw, codec, fingerprint, elem_size, key=key).tobytes()
+    return encode(raw, codec, fingerprint, elem_size, key=key, encoding=encoding,
+                  group_elems=group_elems).tobytes()
 
 
 def parse_header(frame, frame_len: int | None = None) -> FrameHeader:

@@ -83,8 +83,14 @@ def _exponents(amax: torch.Tensor) -> torch.Tensor:
     """Per group the smallest k with amax * 2**-k <= FP8_MAX (0 for an all-zero group)."""
     _, exps = torch.frexp(amax / FP8_MAX)          # amax/448 = m * 2**e, m in [0.5, 1)
     exps = torch.where(amax > 0, exps, torch.zeros_like(exps))
-    # amax/448 rounds in float32: step up where the scaled max still lands above 448
-    exps = exps + (amax * torch.exp2(-exps.float()) > FP8_MAX).to(exps.dtype)
+
+    def fits(k: torch.Tensor) -> torch.Tensor:     # exact: scaling by a power of two
+        return amax * torch.exp2(-k.float()) <= FP8_MAX
+
+    # e is one too many where amax/448 is a power of two (m = 0.5), and the division rounds:
+    # settle on the smallest k that fits
+    exps = exps - fits(exps - 1).to(exps.dtype)
+    exps = exps + (~fits(exps)).to(exps.dtype)
     return exps.clamp(*_EXP_RANGE)
 
 
