@@ -93,7 +93,7 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     start = end - n
     if start == 0 or n == 1:   # nothing to split: the plain kernels already serve these
         return sdpa_attention(q, k, v)
-    key = (q.device.type, q.device.index, q.dtype, _backend(q, k, v))
+    key = _verdict_key(q, k, v)
     verdict = _split_verdicts.get(key)
     if verdict is False:
         return sdpa_attention(q, k, v)
@@ -122,10 +122,20 @@ def _agrees(out: torch.Tensor, reference: torch.Tensor, key: tuple) -> bool:
     return True
 
 
-def _backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
-    """The SDPA backend PyTorch's dispatcher picks for a non-causal call of these shapes."""
+def _verdict_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """(device type, index, dtype, backend the dispatcher picks for a non-causal call of
+    these shapes); backend None where the dispatcher cannot be asked (a torch without
+    ``_fused_sdp_choice``), whose verdict is then False."""
     qh, kh, vh = (_heads_first(t) for t in (q, k, v))
-    return int(torch._fused_sdp_choice(qh, kh, vh, None, 0.0, False, scale=None, enable_gqa=True))
+    try:
+        backend = int(torch._fused_sdp_choice(qh, kh, vh, None, 0.0, False, scale=None, enable_gqa=True))
+    except (AttributeError, RuntimeError, TypeError) as exc:
+        key = (q.device.type, q.device.index, q.dtype, None)
+        if key not in _split_verdicts:
+            log.warning("cannot ask SDPA for its backend (%s); using the lower-right kernel", exc)
+            _split_verdicts[key] = False
+        return key
+    return (q.device.type, q.device.index, q.dtype, backend)
 
 
 def _split_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:

@@ -84,3 +84,13 @@ def test_split_attention_on_cuda_is_taken_and_close(n, end):
     ref = reference(q, k, v)
     err = (out.float() - ref).norm() / ref.norm()
     assert err < 1e-2
+
+
+def test_a_torch_that_cannot_name_its_backend_uses_the_lower_right_kernel(monkeypatch):
+    def no_choice(*args, **kwargs):
+        raise TypeError("_fused_sdp_choice() got an unexpected keyword argument 'enable_gqa'")
+
+    monkeypatch.setattr(torch, "_fused_sdp_choice", no_choice)
+    q, k, v = qkv(6, 30, seed=6)
+    assert torch.equal(split_attention(q, k, v), sdpa_attention(q, k, v))
+    assert list(attn._split_verdicts.values()) == [False]
