@@ -94,3 +94,25 @@ def test_a_torch_that_cannot_name_its_backend_uses_the_lower_right_kernel(monkey
     q, k, v = qkv(6, 30, seed=6)
     assert torch.equal(split_attention(q, k, v), sdpa_attention(q, k, v))
     assert list(attn._split_verdicts.values()) == [False]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_cache_run_on_cuda_equals_a_split_run_bit_for_bit():
+    """The GPU exactness contract with the split attention: a cache run computing [B, end)
+    after loading [0, B) equals a cache-off run split at B (tokens and logits)."""
+    from decoder_fakes import FakeCache, random_tokens
+
+    from decoder import DecoderConfig, ReferenceDecoder, ReferenceEngine
+
+    config = DecoderConfig.preset("tiny")
+    model = ReferenceDecoder(config, device="cuda", dtype=torch.bfloat16, attention="sdpa")
+    layout = config.kv_layout(8, dtype="bfloat16")
+    prompt, boundary = random_tokens(150, 5), 96
+    cached = ReferenceEngine(model, layout, 64, prefill_chunk_len=64)
+    cached.attach_cache(FakeCache(layout, cached.kv_pool))
+    cached.generate(prompt[:boundary], 1)
+    with_cache = cached.generate(prompt, 6)
+    assert with_cache.num_cached_tokens == boundary
+    split = ReferenceEngine(model, layout, 64, prefill_chunk_len=64).generate(prompt, 6, split_at=boundary)
+    assert with_cache.tokens == split.tokens and torch.equal(with_cache.logits, split.logits)
