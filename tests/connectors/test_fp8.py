@@ -252,3 +252,30 @@ def test_the_decode_table_is_the_exact_fp8_value_times_the_scale():
         as_float = lambda byte: torch.tensor([byte], dtype=torch.uint8).view(torch.float8_e4m3fn).float() * 2.0**exp
         assert torch.tensor([lo], dtype=torch.int16).view(torch.bfloat16).float() == as_float(b0)
         assert torch.tensor([hi - (1 << 16) if hi >= 1 << 15 else hi], dtype=torch.int16).view(torch.bfloat16).float() == as_float(b1)
+
+
+def test_every_backend_round_trips_fp8_and_misses_the_other_encoding(make_conn):
+    """The contract of an fp8 store on every backend: pages come back close, the bytes
+    moved are half, and a lossless reader of the same store misses them (counted)."""
+    data, ks = pages(3), keys_of(3)
+
+    async def scenario():
+        async with make_conn(encoding="fp8_e4m3", encoding_group_elems=1024) as conn:
+            assert await conn.put(ks, data) == [True] * 3
+            got = await conn.get(ks)
+            bufs = [bytearray(len(p)) for p in data]
+            into = await conn.get_into(ks, [memoryview(b) for b in bufs])
+            st = conn.stats()
+        async with make_conn() as plain:
+            missed = await plain.get(ks)
+            plain_st = plain.stats()
+        return got, bufs, into, st, missed, plain_st
+
+    got, bufs, into, st, missed, plain_st = asyncio.run(scenario())
+    assert into == [True] * 3 and [bytes(b) for b in bufs] == got
+    for page, value in zip(data, got):
+        x = torch.frombuffer(bytearray(page), dtype=torch.bfloat16).float()
+        y = torch.frombuffer(bytearray(value), dtype=torch.bfloat16).float()
+        assert bool(((y - x).abs() <= x.abs() * 2**-4 + x.abs().amax() * 2**-9).all())
+    assert 0.49 <= st.bytes_out / st.raw_bytes_out <= 0.51
+    assert missed == [None] * 3 and plain_st.wrong_encoding == 3 and plain_st.corrupt == 0
