@@ -21,7 +21,8 @@ fused kernels (cuDNN, flash; a chunk after a cached prefix in two calls merged b
 their log-sum-exp, decoder/attention.py), whose result may depend on the chunking,
 so exactness there holds only between runs that cut prefill at the same positions.
 ``draw_on="device"`` draws the weights with a seeded generator on the model's device
-(an 8B model never passes through host memory); such weights are reproducible on that kind of device, not across kinds.
+(an 8B model never passes through host memory); such weights are reproducible on
+that kind of device, not across kinds.
 """
 
 from __future__ import annotations
