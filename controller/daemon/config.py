@@ -204,6 +204,7 @@ FIELDS: tuple[Setting, ...] = (
     Setting("l3.options", _json_table, (dict,), "L3 connector options (a table; JSON in env/flags)"),
     Setting("l3.write_policy", str, _S, "write_back, write_through or write_through_selective"),
     Setting("l3.timeout_s", float, _F, "longest wait for one batched L3 call"),
+    Setting("l3.encoding", str, _S, "L3 copies: lossless (default) or fp8_e4m3 (half the bytes, lossy)"),
     Setting("l3.selective_hits", int, _I, "write_through_selective: lookup hits before a page goes to L3"),
     Setting("l3.backup_queue_bytes", int, _I, "memory for evicted pages waiting for their L3 write"),
     Setting("prefault_host_pool", _bool, (bool,), "touch every page of L2 at start (slower start, "

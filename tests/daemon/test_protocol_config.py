@@ -76,3 +76,12 @@ def test_a_layout_is_required_and_unknown_file_keys_are_named(tmp_path):
     path.write_text("host_pool_pagez = 3\n")
     with pytest.raises(ConfigError, match="unknown setting 'host_pool_pagez'"):
         load_config(path, environ=LAYOUT_ENV)
+
+
+def test_l3_encoding_is_a_daemon_setting():
+    environ = dict(LAYOUT_ENV, KVSTORE_HOST_POOL_PAGES="8", KVSTORE_L3_CONNECTOR="memory",
+                   KVSTORE_L3_ENCODING="fp8_e4m3")
+    assert load_config(None, environ=environ).l3.encoding == "fp8_e4m3"
+    assert load_config(None, environ=LAYOUT_ENV, flags={"host_pool_pages": "8"}).l3.encoding == "lossless"
+    with pytest.raises(ConfigError, match="encoding 'fp9' is unknown"):
+        load_config(None, environ=dict(environ, KVSTORE_L3_ENCODING="fp9"))
