@@ -138,13 +138,18 @@ class CacheCore:
 
     # ---- lookup and prefetch ---------------------------------------------------------
     def lookup(self, keys: Sequence[PageKey], wait: bool = True,
-               start_prefetch: bool = True) -> LookupOutcome:
+               start_prefetch: bool = True, num_counted: int | None = None) -> LookupOutcome:
         """Lease the longest cached prefix of a chain (one lease per page).
 
         Pages only in L3 come up through a prefetch (one is started unless
         ``start_prefetch`` is False); how long this waits for it is
         ``config.prefetch.policy``'s choice (see PrefetchConfig), or not at all when
-        ``wait`` is False (the daemon, whose clients wait without holding its loop)."""
+        ``wait`` is False (the daemon, whose clients wait without holding its loop).
+
+        ``num_counted``: this lookup completes an earlier one of the same chain (the
+        daemon's client looks again after waiting on the prefetch) that already counted
+        the lookup and its first ``num_counted`` hit pages; only the pages hit beyond
+        them are counted, as L3 hits."""
         self.check_open()
         keys = list(keys)
         with self.lock:
@@ -172,7 +177,10 @@ class CacheCore:
         # gap too); the rest came up from L3.
         num_l2 = sum(was_in_l2[:num_hit])
         with self.lock:
-            self._count_hits(keys[:num_hit], len(keys), num_l2, num_hit - num_l2)
+            if num_counted is None:
+                self._count_hits(keys[:num_hit], len(keys), num_l2, num_hit - num_l2)
+            else:
+                self._count_more_hits(keys[:num_hit], num_counted)
             if self._prefetcher is not None:
                 self._prefetcher.claim(keys[:num_hit])
         return LookupOutcome(num_l2, num_hit - num_l2, num_pending, ticket)
@@ -192,6 +200,15 @@ class CacheCore:
         stats.num_lookup_pages += num_asked
         stats.num_l2_hit_pages += num_l2
         stats.num_l3_hit_pages += num_l3
+        self._note_selective_hits(hits)
+
+    def _count_more_hits(self, hits: list[PageKey], num_counted: int) -> None:
+        """The second half of a lookup counted by ``_count_hits`` (see ``lookup``)."""
+        self.host.touch(hits)
+        self._stats.num_l3_hit_pages += max(0, len(hits) - num_counted)
+        self._note_selective_hits(hits[num_counted:])
+
+    def _note_selective_hits(self, hits: list[PageKey]) -> None:
         if self.config.l3.write_policy == "write_through_selective" and self._backup is not None:
             due = [k for k in hits if k in self._due]
             self._hits_while_due.update(due)

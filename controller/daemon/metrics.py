@@ -59,17 +59,6 @@ class DaemonMetrics:
                           registry=r)
         self._server = None
 
-    def observe_lookup(self, num_keys: int, num_l2: int, num_l3: int, page_bytes: int,
-                       seconds: float) -> None:
-        self.lookups.inc()
-        self.lookup_seconds.observe(seconds)
-        for tier, n in (("l2", num_l2), ("l3", num_l3), ("miss", num_keys - num_l2 - num_l3)):
-            if n:
-                self.lookup_pages[tier].inc(n)
-                self.lookup_bytes[tier].inc(n * page_bytes)
-        if num_l3:
-            self.l3_fetch_seconds.observe(seconds)
-
     def refresh_core(self, stats: dict, free: int, reserved: int, total: int) -> None:
         for name, value in stats.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):

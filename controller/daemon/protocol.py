@@ -26,7 +26,7 @@ from typing import Any, Callable, ClassVar
 import msgpack
 import numpy as np
 
-VERSION = 2
+VERSION = 3
 KEY_BYTES = 16
 ID_BYTES = 16
 MAX_KEYS = 32768
@@ -148,11 +148,16 @@ class Hello(Message):
 class Lookup(Message):
     """Lease the longest cached prefix of a chain of keys. The daemon never waits on L3
     here: pages only in L3 come up by a prefetch (started unless ``start_prefetch`` is
-    False), which the client may wait for with WaitPrefetch and then look up again."""
+    False), which the client may wait for with WaitPrefetch and then look up again.
+
+    ``follows`` is 0 for a new lookup. A look-again after waiting names the prefetch id
+    of the lookup it completes: the two are counted as one lookup, and pages hit beyond
+    the first one's hit count as L3 hits (they came up by that prefetch)."""
     TYPE = 2
     keys: bytes
     start_prefetch: bool
-    SPEC = (_key_blob, _bool)
+    follows: int = 0
+    SPEC = (_key_blob, _bool, u64)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from controller.core import CacheCore
 from controller.daemon import protocol as p
 from controller.daemon.auth import TokenCheck, bind_ipc, start_curve
 from controller.daemon.config import DaemonConfig
+from controller.daemon.lookup_counts import LookupCounts
 from controller.daemon.metrics import DaemonMetrics
 from controller.daemon.runtime import InstanceLock
 from controller.daemon.sessions import ClientSession, SessionTable
@@ -55,6 +56,7 @@ class DaemonServer:
         self.should_exit = threading.Event()
         self.core = None
         self.sessions: SessionTable | None = None
+        self.lookup_counts: LookupCounts | None = None
         self._lock: InstanceLock | None = None
         self._context: zmq.Context | None = None
         self._socket: zmq.Socket | None = None
@@ -90,6 +92,7 @@ class DaemonServer:
             self.core = CacheCore(cfg.controller_config(), cfg.layout)
             self._lock.record(os.getpid(), self.core.pool.name)
             self.sessions = SessionTable(self.core, cfg.lease_ttl_s, cfg.reservation_ttl_s)
+            self.lookup_counts = LookupCounts(self.metrics, self.core.pool.slot_bytes)
             self._bind()
             if cfg.metrics_port is not None:
                 self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
@@ -207,6 +210,7 @@ class DaemonServer:
             self.metrics.reclaimed.labels("lease").inc(num_leases)
             self.metrics.reclaimed.labels("reservation").inc(num_res)
         m, s, pool = self.metrics, self.sessions, self.core.pool
+        self.lookup_counts.close_ended(s.sessions)
         m.clients.set(len(s.sessions))
         m.leases.set(s.num_leases)
         m.reservations.set(s.num_reservations)
@@ -304,9 +308,11 @@ class DaemonServer:
             return p.ErrorReply("limit", f"client holds {len(session.leases)} leases: release some")
         start = time.perf_counter()
         keys = p.split_keys(msg.keys)
+        first = self.lookup_counts.take(session.session_id, msg.follows)
         # Never wait on L3 here: the client waits (WaitPrefetch) while others are served.
         num_l2, num_l3, num_pending, ticket = self.core.lookup(
-            keys, wait=False, start_prefetch=msg.start_prefetch)
+            keys, wait=False, start_prefetch=msg.start_prefetch,
+            num_counted=first.num_hit if first is not None else None)
         num_hit = num_l2 + num_l3
         if num_hit:
             hit = keys[:num_hit]
@@ -315,8 +321,8 @@ class DaemonServer:
         else:
             slots, lease_id = b"", 0
         prefetch_id = self.sessions.add_prefetch(session, ticket) if num_pending else 0
-        self.metrics.observe_lookup(len(keys), num_l2, num_l3, self.core.pool.slot_bytes,
-                                    time.perf_counter() - start)
+        self.lookup_counts.observe(session.session_id, len(keys), num_l2, num_l3, num_pending,
+                                   prefetch_id, first, start)
         return p.LookupReply(lease_id, num_l2, num_l3, slots, num_pending, prefetch_id)
 
     # ---- prefetch -----------------------------------------------------------------------
