@@ -254,7 +254,7 @@ class DiskConnector(Connector):
                 head, payload = frame[:_codec.HEADER_LEN], frame[_codec.HEADER_LEN:]
                 num_read = os.preadv(fd, [frame], 0)
         except OSError as exc:
-            log.warning("disk store: cannot read %s: %s", path, exc)
+            self._health.failed("read", f"cannot read {path}: {exc}")
             return "unreadable"
         finally:
             os.close(fd)
@@ -276,7 +276,7 @@ class DiskConnector(Connector):
             frame = bytearray(size)
             return frame if os.preadv(fd, [frame], 0) == size else "resized"
         except OSError as exc:
-            log.warning("disk store: cannot read %s: %s", path, exc)
+            self._health.failed("read", f"cannot read {path}: {exc}")
             return "unreadable"
         finally:
             os.close(fd)
@@ -292,13 +292,13 @@ class DiskConnector(Connector):
         except FileNotFoundError:
             return "gone"
         except OSError as exc:
-            log.warning("disk store: cannot open %s: %s", path, exc)
+            self._health.failed("read", f"cannot open {path}: {exc}")
             return "unreadable"
         try:
             on_disk = os.fstat(fd).st_size
         except OSError as exc:
             os.close(fd)
-            log.warning("disk store: cannot stat %s: %s", path, exc)
+            self._health.failed("read", f"cannot stat {path}: {exc}")
             return "unreadable"
         if on_disk != size or on_disk > self._max_frame_bytes:
             os.close(fd)
@@ -363,7 +363,7 @@ class DiskConnector(Connector):
             await asyncio.shield(job)
         except OSError as exc:   # disk full, I/O error, permissions: this page is not stored
             self._used -= size
-            log.warning("disk store: cannot write %s: %s", final, exc)
+            self._write_failed(f"cannot write {final}: {exc}")
             _unlink_quietly(tmp)
             if had_old:
                 _unlink_quietly(final)

@@ -358,10 +358,15 @@ class CacheCore:
             # The connector turns store faults into misses and refused puts; its
             # counters are where they show.
             l3 = self._l3.stats()
-            snapshot.num_l3_errors += l3.errors + l3.timeouts
+            snapshot.num_l3_errors += l3.errors + l3.timeouts + l3.write_errors
             snapshot.num_l3_bad_values = l3.corrupt + l3.wrong_key + l3.wrong_fingerprint + l3.wrong_size
             snapshot.l3_bytes_read = l3.bytes_in
         return snapshot
+
+    def l3_health(self):
+        """The L3 store's health (connectors.health.HealthSnapshot), None without L3."""
+        l3 = self._l3
+        return l3.health() if l3 is not None else None
 
     def check_integrity(self, quiescent: bool = False) -> None:
         """Raise if L2's pool, index and leases disagree (``quiescent``: and nothing is held)."""

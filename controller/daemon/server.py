@@ -32,7 +32,7 @@ from controller.daemon import protocol as p
 from controller.daemon.auth import TokenCheck, bind_ipc, start_curve
 from controller.daemon.config import DaemonConfig
 from controller.daemon.lookup_counts import LookupCounts
-from controller.daemon.metrics import DaemonMetrics
+from controller.daemon.metrics import DaemonMetrics, l3_health_fields
 from controller.daemon.runtime import InstanceLock
 from controller.daemon.sessions import ClientSession, SessionTable
 
@@ -216,6 +216,7 @@ class DaemonServer:
         m.reservations.set(s.num_reservations)
         m.refresh_core(dataclasses.asdict(self.core.stats()), pool.num_free, pool.num_reserved,
                        pool.num_slots)
+        m.refresh_l3(self.core.l3_health())
 
     # ---- requests ---------------------------------------------------------------------
     def _serve_ready(self, limit: int) -> int:
@@ -423,6 +424,7 @@ class DaemonServer:
             num_reaped_clients=int(self.metrics.reaped_clients._value.get()),
             l3=self.config.l3.connector or "none",
         )
+        stats.update(l3_health_fields(self.core.l3_health()))
         return p.StatsReply(stats)
 
 
