@@ -144,7 +144,7 @@ class DaemonServer:
                 next_tick = now + _TICK_S
 
     def shutdown(self) -> None:
-        log.info("shutting down: draining requests, then flushing to L3 (up to %.0f s)",
+        log.info("shutting down: draining requests, then flushing to L3 (up to %g s)",
                  self.config.flush_deadline_s)
         if self._socket is not None:
             end = time.monotonic() + _DRAIN_S
@@ -179,8 +179,13 @@ class DaemonServer:
         start = time.monotonic()
         report = self.core.close(flush_deadline_s)
         self.metrics.flush_seconds.observe(time.monotonic() - start)
-        if report is not None and (report.num_written or report.num_failed):
-            log.info("wrote %d pages back to L3 (%d failed)", report.num_written, report.num_failed)
+        if report is not None and report.num_failed:
+            log.warning("shutdown flush: wrote %d pages back to L3, %d pages LOST (not written within "
+                        "flush_deadline_s=%.1f s, or refused by L3); what was written is usable "
+                        "(parents first)", report.num_written, report.num_failed,
+                        self.config.flush_deadline_s)
+        elif report is not None and report.num_written:
+            log.info("wrote %d pages back to L3", report.num_written)
         self.core = None
 
     @contextlib.contextmanager
