@@ -345,15 +345,14 @@ class CacheCore:
         self._backup.drain(deadline_s)
         return self._flush_report(asked, written_before, self._backup.num_staged_pages)
 
-    def _start_flush(self, queue: bool = True) -> tuple[set[PageKey], int]:
-        """Queue every due page still in L2 (unless not ``queue``) and order the queue
-        parents first; (the due pages, the written count so far)."""
+    def _start_flush(self) -> tuple[set[PageKey], int]:
+        """Queue every due page still in L2 and order the queue parents first; (the due
+        pages, the written count so far)."""
         with self.lock:
             asked = set(self._due)
-            if queue:
-                resident = [k for k in asked if k in self.host.index]
-                self._backup.add_resident(resident, [self._due[k] for k in resident])
-                self._backup.sort_by_depth()
+            resident = [k for k in asked if k in self.host.index]
+            self._backup.add_resident(resident, [self._due[k] for k in resident])
+            self._backup.sort_by_depth()
             return asked, self._stats.num_l3_written_pages
 
     def _flush_report(self, asked: set[PageKey], written_before: int, num_staged: int) -> FlushReport:
@@ -420,10 +419,14 @@ class CacheCore:
         self._prefetcher.stop()
         # A deadline of 0 writes nothing more; otherwise the batch in flight at the
         # deadline may finish (bounded): see BackupQueue.close.
-        asked, written_before = self._start_flush(queue=deadline_s > 0)
-        self._backup.drain(deadline_s)
-        grace_s = min(self.config.l3.timeout_s, _CLOSE_GRACE_S) if deadline_s > 0 else 0.0
-        num_staged_lost = self._backup.close(grace_s)
+        if deadline_s > 0:
+            asked, written_before = self._start_flush()
+            self._backup.drain(deadline_s)
+            num_staged_lost = self._backup.close(min(self.config.l3.timeout_s, _CLOSE_GRACE_S))
+        else:
+            with self.lock:
+                asked, written_before = set(self._due), self._stats.num_l3_written_pages
+            num_staged_lost = self._backup.close()
         report = self._flush_report(asked, written_before, num_staged_lost)
         self._stats.num_l3_dropped_pages += report.num_failed
         if report.num_failed:
