@@ -36,7 +36,7 @@ import logging
 import os
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from controller.config import PrefetchConfig
 from controller.daemon import protocol as p
 from controller.device_pool import DevicePool
 from controller.load_handle import CompletedLoad, ControllerLoad
+from controller.pending_stores import PendingStore, PendingStores
 from controller.process_identity import own_identity
 from kvstore.host_pool import generations_view, segment_bytes
 from kvstore.layout import KVLayout
@@ -479,6 +480,14 @@ class _RemotePrefetch(PrefetchTicket):
             self._last = dataclasses.replace(self._last, is_done=True)
 
 
+class _Reserved(NamedTuple):
+    """A daemon reservation being written (what ``_publish`` needs)."""
+
+    reservation_id: int
+    fence: SlotFence
+    num_skipped: int
+
+
 @dataclasses.dataclass
 class _Lease:
     result: LookupResult
@@ -502,6 +511,8 @@ class DaemonClient(CacheClient):
         self._ns_digest = namespace.digest()
         self._leases: dict[int, _Lease] = {}   # this client's lease id -> lease
         self._lost_lease_ids: set[int] = set()
+        self._pending = PendingStores(self._publish,
+                                      lambda store: self._link.abort_store(store.plan.reservation_id))
         self._lease_ids = itertools.count(1)
         self._is_closed = False
         self._link = DaemonLink(address, self.layout, credentials=credentials,
@@ -533,6 +544,7 @@ class DaemonClient(CacheClient):
         P = self.layout.page_size
         if not keys:
             return LookupResult(0, (), P, 0, 0)
+        self._pending.publish_done(wanted=keys)
         try:
             reply = self._link.lookup(keys, len(keys) * P)
         except DaemonUnavailable as exc:
@@ -568,6 +580,7 @@ class DaemonClient(CacheClient):
                              f"for {result.num_hit_pages} hit pages")
         if not result.num_hit_pages:
             return CompletedLoad()
+        self._pending.publish_done()
         pages = self._device.check_pages(device_pages, "device_pages")
         try:
             self._link.require_fresh()
@@ -590,7 +603,12 @@ class DaemonClient(CacheClient):
         return handle
 
     def store(self, tokens: Sequence[int] | np.ndarray, device_pages: Sequence[int]) -> StoreResult:
+        """See ``CacheClient.store``. On CUDA this returns once the device-to-host copy is
+        enqueued (the engine may reuse its pages at once: ``DevicePool.start_save``); the
+        pages are committed by a later call that finds the copy complete, or by close.
+        ``num_new_pages`` then counts the pages being written."""
         self._check_open()
+        self._pending.publish_done()
         keys = self._keys(tokens)
         if len(device_pages) < len(keys):
             raise CacheError(f"store() got {len(device_pages)} device pages for {len(keys)} full "
@@ -615,18 +633,36 @@ class DaemonClient(CacheClient):
             self._link.require_fresh()
             pool = self._link.pool
             fence = SlotFence(pool.generations, slots, np.frombuffer(plan.generations, "<u4"))
-            self._device.save([pages[i] for i in positions], pool, slots)
+            copy = self._device.start_save([pages[i] for i in positions], pool, slots)
         except BaseException:
             self._link.abort_store(plan.reservation_id)
             raise
-        if not self._owns_slots(fence):
-            self._link.abort_store(plan.reservation_id)
-            return StoreResult(len(keys), 0, len(keys))
-        reply = self._link.session.call(p.CommitStore(plan.reservation_id))
+        store = PendingStore(keys, _Reserved(plan.reservation_id, fence, plan.num_skipped), copy)
+        if not copy.is_done():
+            # CUDA: the copy runs behind this call; published by a later call once done.
+            self._pending.add(store)
+            return StoreResult(len(keys), len(slots), plan.num_skipped)
+        num_published = self._publish(store)
+        if num_published is None:
+            return StoreResult(len(keys), 0, len(keys) - plan.num_skipped)
+        return StoreResult(len(keys), num_published, plan.num_skipped)
+
+    def _publish(self, store: PendingStore) -> int | None:
+        """Commit a store whose copy has completed; the pages published, or None if it
+        could not be (its slots changed owner, the daemon refused or did not answer)."""
+        reserved = store.plan
+        if not self._owns_slots(reserved.fence):
+            self._link.abort_store(reserved.reservation_id)
+            return None
+        try:
+            reply = self._link.session.call(p.CommitStore(reserved.reservation_id))
+        except DaemonUnavailable as exc:
+            log.warning("store not published: %s", exc)
+            return None
         if type(reply) is not p.CommitReply:
             log.warning("store not published: %s", getattr(reply, "message", reply))
-            return StoreResult(len(keys), 0, len(keys) - plan.num_skipped)
-        return StoreResult(len(keys), reply.num_published, plan.num_skipped)
+            return None
+        return reply.num_published
 
     @staticmethod
     def _owns_slots(fence: SlotFence) -> bool:
@@ -655,21 +691,34 @@ class DaemonClient(CacheClient):
     def stats(self) -> CacheStats:
         """The daemon's cache counters (shared by every client of the daemon)."""
         self._check_open()
+        self._pending.publish_done()
         return self._link.cache_stats()
 
     def daemon_stats(self) -> dict:
         self._check_open()
+        self._pending.publish_done()
         return self._link.daemon_stats()
 
+    @property
+    def num_pending_stores(self) -> int:
+        """Stores whose copies were in flight at the last call (not yet visible)."""
+        return len(self._pending)
+
     def check_integrity(self, quiescent: bool = False) -> None:
-        """Run the daemon's integrity check; raises CacheError with its finding."""
+        """Run the daemon's integrity check (after the stores in flight, when ``quiescent``);
+        raises CacheError with its finding."""
         self._check_open()
+        self._pending.publish_done(wait=quiescent)
         self._link.check_integrity(quiescent)
 
     def close(self) -> None:
-        """Release every lease (Goodbye), stop the heartbeat, unmap the segment. Idempotent."""
+        """Publish the stores in flight, release every lease (Goodbye), stop the heartbeat,
+        unmap the segment. Idempotent."""
         if self._is_closed:
             return
         self._is_closed = True
-        self._drop_leases()
-        self._link.close()
+        try:
+            self._pending.publish_done(wait=True)
+        finally:
+            self._drop_leases()
+            self._link.close()
