@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from connectors import codec as _codec
+from connectors.health import HealthSnapshot, StoreHealth
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ class ConnectorStats:
     deletes: int = 0
     errors: int = 0
     timeouts: int = 0
+    write_errors: int = 0
+    """Pages a put could not write for a store fault (disk full, I/O error) inside a call
+    that did not fail as a whole (those count in `errors`); refusals (no room) are not."""
     bytes_in: int = 0
     bytes_out: int = 0
     raw_bytes_in: int = 0
@@ -169,6 +173,7 @@ class Connector(ABC):
         self._codec_threads = codec_threads or min(4, os.cpu_count() or 1)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._stats = ConnectorStats()
+        self._health = StoreHealth(type(self).__name__)
         self._closed = False
 
     # ------------------------------------------------------------ raw methods
@@ -298,6 +303,7 @@ class Connector(ABC):
         result = [False] * len(keys)
 
         async def one(lo: int, hi: int) -> None:
+            errors_before = self._stats.write_errors
             stored = await self._call(self._raw_put_many, keys[lo:hi], frames[lo:hi])
             if stored is not None and _length(stored) != hi - lo:   # a backend bug
                 self._stats.errors += 1
@@ -305,6 +311,8 @@ class Connector(ABC):
                             type(self).__name__, _length(stored), hi - lo)
             elif stored is not None:
                 result[lo:hi] = [bool(s) for s in stored]
+                if any(result[lo:hi]) and self._stats.write_errors == errors_before:
+                    self._health.succeeded("write")   # a batch with no page lost to a fault
 
         if keys:
             await run_ranges(split_ranges([len(f) for f in frames], self._max_keys, self._max_bytes),
@@ -346,6 +354,15 @@ class Connector(ABC):
     def stats(self) -> ConnectorStats:
         """A snapshot of the counters."""
         return dataclasses.replace(self._stats)
+
+    def health(self) -> HealthSnapshot:
+        """Whether reads and writes work, since when they fail, the last error (any thread)."""
+        return self._health.snapshot()
+
+    def _write_failed(self, message: str) -> None:
+        """A backend's page write failed for a store fault: counted, logged rate-limited."""
+        self._stats.write_errors += 1
+        self._health.failed("write", message)
 
     async def __aenter__(self) -> "Connector":
         return self
@@ -466,21 +483,25 @@ class Connector(ABC):
         if time.monotonic() < self._down_until:
             self._stats.errors += 1
             return None
+        direction = "write" if fn in (self._raw_put_many, self._raw_delete_many) else "read"
         try:
-            return await asyncio.wait_for(fn(*args), self.timeout_s)
+            result = await asyncio.wait_for(fn(*args), self.timeout_s)
         except self.timeout_errors as exc:
             self._stats.timeouts += 1
-            self._fail(fn, exc)
+            self._fail(fn, exc, direction)
         except self.transient_errors as exc:
             self._stats.errors += 1
-            self._fail(fn, exc)
+            self._fail(fn, exc, direction)
+        else:
+            if direction == "read":
+                self._health.succeeded("read")
+            return result
         return None
 
-    def _fail(self, fn: Callable, exc: BaseException) -> None:
+    def _fail(self, fn: Callable, exc: BaseException, direction: str) -> None:
         self._down_until = time.monotonic() + self._backoff_s
-        log.warning("%s.%s failed (%s: %s); failing fast for %.2fs",
-                    type(self).__name__, getattr(fn, "__name__", fn),
-                    type(exc).__name__, exc, self._backoff_s)
+        self._health.failed(direction, f"{getattr(fn, '__name__', fn)} failed ({type(exc).__name__}: "
+                                       f"{exc}); failing fast for {self._backoff_s:.2f} s")
 
     def _checked_keys(self, keys: Sequence[bytes]) -> list[bytes]:
         if self._closed:

@@ -10,9 +10,11 @@ Ownership: the store keeps its files in a directory it owns. It takes a new or
 empty directory and writes the marker there; it refuses a directory that holds
 anything else without a marker (the user's files are never touched), a marker
 of another format version, a directory it cannot write, and a directory that
-another live connector holds (an exclusive ``flock`` on the marker, held until
-close: each process counts only its own writes, so two owners would exceed the
-capacity together). Engines that should share one disk tier attach to one
+another live connector holds (exclusive ``flock`` locks on the directory itself
+and on the marker, held until close: each process counts only its own writes, so
+two owners would exceed the capacity together). Contents or the directory
+removed while the store runs are noticed before the next file I/O (see
+``connectors.disk_home``). Engines that should share one disk tier attach to one
 daemon (``kvstore serve``), which owns the directory. Even inside its own
 directory it removes only files it could have written: temp files by their
 exact name, page files whose name is a key and whose header starts with the
@@ -33,8 +35,6 @@ approximated by write time across restarts).
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import json
 import logging
 import os
 import re
@@ -46,12 +46,12 @@ import aiofiles.os
 
 from connectors import codec as _codec
 from connectors.base import Connector, ConnectorError, ReadInto, frame_status
+from connectors.disk_home import DISK_FORMAT_VERSION, EMPTIED, INTACT, MARKER_NAME, DiskHome
 
 log = logging.getLogger(__name__)
 
 _MAX_DISK_KEY_LEN = 100  # hex file names must stay under NAME_MAX (255)
-MARKER_NAME = "KVSTORE_DISK"
-DISK_FORMAT_VERSION = 1
+__all__ = ["DiskConnector", "DISK_FORMAT_VERSION", "MARKER_NAME"]
 # read outcomes of files that were not read (see DiskConnector._open_sized)
 _NOT_READ = frozenset({"gone", "resized", "unreadable"})
 _TEMP_NAME = re.compile(r"\.([0-9a-f]{2,200})\.[0-9a-f]{8}\.tmp")
@@ -87,11 +87,13 @@ class DiskConnector(Connector):
         # largest frame file accepted: max_value_bytes of page, its header,
         # and the worst-case growth of the lz4/zstd codecs on random data
         self._max_frame_bytes = _codec.HEADER_LEN + self._max_value + (self._max_value >> 7) + 4096
-        self._marker_fd = _claim_directory(self.path)
+        self._home = DiskHome(self.path)
+        self._lost: str | None = None   # why the directory is no longer ours (tier off)
+        self.num_home_losses = 0         # times the directory or its marker vanished
         try:
             self._rebuild_index()
         except BaseException:
-            os.close(self._marker_fd)
+            self._home.close()
             raise
 
     @property
@@ -101,6 +103,7 @@ class DiskConnector(Connector):
 
     # ------------------------------------------------------------ raw methods
     async def _raw_get_many(self, keys):
+        self._hold_home()
         plan = self._plan_reads(keys)
         frames = [None] * len(keys)
         outcomes = await self._read_files(plan, lambda i, path, size: self._read_frame(path, size))
@@ -113,6 +116,7 @@ class DiskConnector(Connector):
         return frames
 
     async def _raw_get_into_many(self, keys, views):
+        self._hold_home()
         plan = self._plan_reads(keys)
         outcomes = await self._read_files(
             plan, lambda i, path, size: self._read_into(path, size, keys[i], views[i]))
@@ -125,12 +129,15 @@ class DiskConnector(Connector):
         return ReadInto(statuses, num_bytes)
 
     async def _raw_put_many(self, keys, frames):
+        self._hold_home()
         return await asyncio.gather(*(self._write(k, f) for k, f in zip(keys, frames)))
 
     async def _raw_exists_many(self, keys):
+        self._hold_home()
         return [k in self._index for k in keys]
 
     async def _raw_delete_many(self, keys):
+        self._hold_home()
         num = 0
         for k in keys:
             self._check_disk_key(k)
@@ -138,6 +145,41 @@ class DiskConnector(Connector):
                 await self._drop(k)
                 num += 1
         return num
+
+    def _hold_home(self) -> None:
+        """Before any file I/O: make sure the directory is still ours (see disk_home).
+        Its marker gone (``rm -rf DIR/*``): written anew, vanished pages forgotten. The
+        directory gone: claimed anew, every page forgotten, or, if another store owns
+        the path now, the tier is off (OSError: each call a counted error) until restart."""
+        if self._lost is not None:
+            raise OSError(self._lost)
+        what = self._home.check()
+        if what == INTACT:
+            return
+        self.num_home_losses += 1
+        self._stats.errors += 1
+        try:
+            self._home.reclaim(what)
+        except ConnectorError as exc:
+            self._lost = (f"disk store directory {self.path!r} was removed and cannot be claimed "
+                          f"again ({exc}); the disk tier is off until restart")
+            self._forget_all(lambda key: True)
+            log.error("%s", self._lost)
+            raise OSError(self._lost) from None
+        if what == EMPTIED:
+            num = self._forget_all(lambda key: not os.path.exists(self._file(key)))
+            log.warning("disk store %s: its contents were removed behind its back (marker "
+                        "gone): marker written anew, %d vanished pages forgotten", self.path, num)
+        else:
+            num = self._forget_all(lambda key: True)
+            log.warning("disk store %s: the directory was removed behind its back: claimed "
+                        "anew, %d pages forgotten", self.path, num)
+
+    def _forget_all(self, vanished) -> int:
+        keys = [k for k in self._index if vanished(k)]
+        for key in keys:
+            self._forget(key)
+        return len(keys)
 
     async def _close(self):
         """Wait for abandoned (timed-out, cancelled) writes to be undone, for
@@ -147,9 +189,7 @@ class DiskConnector(Connector):
             if self._finishing:
                 await asyncio.wait(list(self._finishing.values()), timeout=self.timeout_s + 5.0)
         finally:
-            if self._marker_fd is not None:
-                os.close(self._marker_fd)   # closing the descriptor drops the flock
-                self._marker_fd = None
+            self._home.close()
 
     async def _on_corrupt(self, keys):
         for k in keys:
@@ -214,7 +254,7 @@ class DiskConnector(Connector):
                 head, payload = frame[:_codec.HEADER_LEN], frame[_codec.HEADER_LEN:]
                 num_read = os.preadv(fd, [frame], 0)
         except OSError as exc:
-            log.warning("disk store: cannot read %s: %s", path, exc)
+            self._health.failed("read", f"cannot read {path}: {exc}")
             return "unreadable"
         finally:
             os.close(fd)
@@ -236,7 +276,7 @@ class DiskConnector(Connector):
             frame = bytearray(size)
             return frame if os.preadv(fd, [frame], 0) == size else "resized"
         except OSError as exc:
-            log.warning("disk store: cannot read %s: %s", path, exc)
+            self._health.failed("read", f"cannot read {path}: {exc}")
             return "unreadable"
         finally:
             os.close(fd)
@@ -252,13 +292,13 @@ class DiskConnector(Connector):
         except FileNotFoundError:
             return "gone"
         except OSError as exc:
-            log.warning("disk store: cannot open %s: %s", path, exc)
+            self._health.failed("read", f"cannot open {path}: {exc}")
             return "unreadable"
         try:
             on_disk = os.fstat(fd).st_size
         except OSError as exc:
             os.close(fd)
-            log.warning("disk store: cannot stat %s: %s", path, exc)
+            self._health.failed("read", f"cannot stat {path}: {exc}")
             return "unreadable"
         if on_disk != size or on_disk > self._max_frame_bytes:
             os.close(fd)
@@ -323,7 +363,7 @@ class DiskConnector(Connector):
             await asyncio.shield(job)
         except OSError as exc:   # disk full, I/O error, permissions: this page is not stored
             self._used -= size
-            log.warning("disk store: cannot write %s: %s", final, exc)
+            self._write_failed(f"cannot write {final}: {exc}")
             _unlink_quietly(tmp)
             if had_old:
                 _unlink_quietly(final)
@@ -336,7 +376,7 @@ class DiskConnector(Connector):
 
     def _write_file(self, tmp: str, final: str, frame) -> None:
         """Write a frame to tmp and rename it over final (on a worker thread)."""
-        os.makedirs(os.path.dirname(final), exist_ok=True)
+        self._home.shard_dir(os.path.basename(os.path.dirname(final)))
         with open(tmp, "wb") as f:
             f.write(frame.head)
             f.write(frame.payload)
@@ -443,77 +483,6 @@ def _classify(entry: os.DirEntry, shard: str) -> str:
     except ValueError:   # FrameError: ours, but truncated or of an older format
         return "own-broken"
     return "page"
-
-
-def _claim_directory(path: str) -> int:
-    """Make `path` this store's directory and lock it; returns the locked marker's fd.
-
-    Raises ConnectorError, saying what to do, for a directory that holds other
-    files, another format, cannot be written, or is held by another connector.
-    """
-    try:
-        os.makedirs(path, exist_ok=True)
-        entries = os.listdir(path)
-    except OSError as exc:
-        raise ConnectorError(f"cannot create disk store directory {path!r}: {exc}; "
-                             "choose a path this user may create and write") from exc
-    marker = os.path.join(path, MARKER_NAME)
-    if MARKER_NAME not in entries and entries:
-        raise ConnectorError(
-            f"disk store directory {path!r} holds files kvstore did not write "
-            f"({', '.join(sorted(entries)[:3])}...) and has no {MARKER_NAME} marker; "
-            "give the disk tier a new or empty directory of its own")
-    try:
-        fd = os.open(marker, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise ConnectorError(f"cannot write the disk store directory {path!r}: {exc}; "
-                             "choose a directory on a writable file system") from exc
-    try:
-        _lock_and_check_marker(fd, path)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _lock_and_check_marker(fd: int, path: str) -> None:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ConnectorError(
-            f"disk store directory {path!r} is in use by another kvstore process or connector "
-            f"({_read_marker(fd).get('pid', 'unknown pid')}); give each its own directory, or run "
-            "one daemon (kvstore serve) and attach the engines to it") from None
-    except OSError as exc:
-        raise ConnectorError(f"cannot lock the disk store directory {path!r}: {exc}") from exc
-    info = _read_marker(fd)
-    if info and info.get("format") != DISK_FORMAT_VERSION:
-        raise ConnectorError(
-            f"disk store directory {path!r} has format {info.get('format')!r}, this kvstore "
-            f"writes format {DISK_FORMAT_VERSION}; give it a new directory")
-    record = json.dumps({"format": DISK_FORMAT_VERSION, "owner": "kvstore", "pid": os.getpid()})
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record.encode() + b"\n", 0)
-        os.fsync(fd)
-    except OSError as exc:
-        raise ConnectorError(f"cannot write the disk store directory {path!r}: {exc}; "
-                             "choose a directory on a writable file system") from exc
-
-
-def _read_marker(fd: int) -> dict:
-    """The marker's record, {} if it is empty (new); a foreign marker raises."""
-    data = os.pread(fd, 4096, 0)
-    if not data.strip():
-        return {}
-    try:
-        info = json.loads(data)
-    except ValueError:
-        info = None
-    if not isinstance(info, dict) or info.get("owner") != "kvstore":
-        raise ConnectorError(f"{MARKER_NAME} marker is not one kvstore wrote; give the disk "
-                             "tier a new or empty directory of its own")
-    return info
 
 
 async def _remove_quietly(path: str) -> None:

@@ -353,16 +353,17 @@ class DaemonLink:
         pages as ``prefetch_config.policy`` says. Raises DaemonUnavailable, CacheError."""
         reply = self._lookup_once(keys, start_prefetch=True)
         if reply.num_pending and self._wait_for_prefetch(reply.prefetch_id, num_tokens):
-            # Look again for what arrived; the first lease ends once the second holds.
-            again = self._lookup_once(keys, start_prefetch=False)
+            # Look again for what arrived (counted with the first as one lookup); the
+            # first lease ends once the second holds.
+            again = self._lookup_once(keys, start_prefetch=False, follows=reply.prefetch_id)
             self.release_lease(reply.lease_id)
             num_l2 = min(reply.num_l2, again.num_l2 + again.num_l3)
             reply = dataclasses.replace(again, num_l2=num_l2,
                                         num_l3=again.num_l2 + again.num_l3 - num_l2)
         return reply
 
-    def _lookup_once(self, keys: list[bytes], start_prefetch: bool) -> p.LookupReply:
-        reply = self.call(p.Lookup(p.join_keys(keys), start_prefetch))
+    def _lookup_once(self, keys: list[bytes], start_prefetch: bool, follows: int = 0) -> p.LookupReply:
+        reply = self.call(p.Lookup(p.join_keys(keys), start_prefetch, follows))
         if type(reply) is p.ErrorReply:
             raise CacheError(f"lookup refused by the daemon: {reply.code}: {reply.message}")
         if type(reply) is not p.LookupReply or reply.num_l2 + reply.num_l3 > len(keys) \

@@ -79,6 +79,10 @@ class FlushReport:
     num_failed: int = 0
 
 
+_CLOSE_GRACE_S = 5.0
+"""Longest close waits, past the flush deadline, for the backup batch being written."""
+
+
 class CacheCore:
     """L2 + L3 + the pipelines; see the module docstring."""
 
@@ -87,7 +91,9 @@ class CacheCore:
         self.layout = layout
         self.lock = threading.RLock()
         self._stats = CacheStats()
-        self._due: set[PageKey] = set()
+        # Pages L3 lacks -> their position in their chain (0: a chain's first page), so a
+        # flush writes parents before children: what a cut-short flush wrote is usable.
+        self._due: dict[PageKey, int] = {}
         self._hits_while_due: Counter[PageKey] = Counter()   # write_through_selective
         self._runner: AsyncRunner | None = None
         self._l3 = None
@@ -150,13 +156,18 @@ class CacheCore:
 
     # ---- lookup and prefetch ---------------------------------------------------------
     def lookup(self, keys: Sequence[PageKey], wait: bool = True,
-               start_prefetch: bool = True) -> LookupOutcome:
+               start_prefetch: bool = True, num_counted: int | None = None) -> LookupOutcome:
         """Lease the longest cached prefix of a chain (one lease per page).
 
         Pages only in L3 come up through a prefetch (one is started unless
         ``start_prefetch`` is False); how long this waits for it is
         ``config.prefetch.policy``'s choice (see PrefetchConfig), or not at all when
-        ``wait`` is False (the daemon, whose clients wait without holding its loop)."""
+        ``wait`` is False (the daemon, whose clients wait without holding its loop).
+
+        ``num_counted``: this lookup completes an earlier one of the same chain (the
+        daemon's client looks again after waiting on the prefetch) that already counted
+        the lookup and its first ``num_counted`` hit pages; only the pages hit beyond
+        them are counted, as L3 hits."""
         self.check_open()
         keys = list(keys)
         with self.lock:
@@ -184,7 +195,10 @@ class CacheCore:
         # gap too); the rest came up from L3.
         num_l2 = sum(was_in_l2[:num_hit])
         with self.lock:
-            self._count_hits(keys[:num_hit], len(keys), num_l2, num_hit - num_l2)
+            if num_counted is None:
+                self._count_hits(keys[:num_hit], len(keys), num_l2, num_hit - num_l2)
+            else:
+                self._count_more_hits(keys[:num_hit], num_counted)
             if self._prefetcher is not None:
                 self._prefetcher.claim(keys[:num_hit])
         return LookupOutcome(num_l2, num_hit - num_l2, num_pending, ticket)
@@ -204,12 +218,21 @@ class CacheCore:
         stats.num_lookup_pages += num_asked
         stats.num_l2_hit_pages += num_l2
         stats.num_l3_hit_pages += num_l3
+        self._note_selective_hits(hits)
+
+    def _count_more_hits(self, hits: list[PageKey], num_counted: int) -> None:
+        """The second half of a lookup counted by ``_count_hits`` (see ``lookup``)."""
+        self.host.touch(hits)
+        self._stats.num_l3_hit_pages += max(0, len(hits) - num_counted)
+        self._note_selective_hits(hits[num_counted:])
+
+    def _note_selective_hits(self, hits: list[PageKey]) -> None:
         if self.config.l3.write_policy == "write_through_selective" and self._backup is not None:
             due = [k for k in hits if k in self._due]
             self._hits_while_due.update(due)
             ripe = [k for k in due if self._hits_while_due[k] >= self.config.l3.selective_hits]
             if ripe:
-                self._backup.add_resident(ripe)
+                self._backup.add_resident(ripe, [self._due[k] for k in ripe])
 
     def prefetch(self, keys: Sequence[PageKey]) -> Prefetch | None:
         """Start bringing the L3 pages of a chain into L2 (a hint); None when L2 holds
@@ -275,9 +298,10 @@ class CacheCore:
             self.host.commit(new_keys, [s for _, s in fresh], [keys[p - 1] if p else None for p, _ in fresh])
             self._stats.num_stored_pages += len(new_keys)
             if self._backup is not None:
-                self._due.update(new_keys)
+                depths = [p for p, _ in fresh]
+                self._due.update(zip(new_keys, depths))
                 if self.config.l3.write_policy == "write_through":
-                    self._backup.add_resident(new_keys)
+                    self._backup.add_resident(new_keys, depths)
             return len(new_keys)
 
     def abort_store(self, plan: StorePlan) -> None:
@@ -293,18 +317,19 @@ class CacheCore:
         due = [(k, s) for k, s in zip(keys, slots) if k in self._due]
         if not due:
             return
-        self._due.difference_update(k for k, _ in due)
+        depths = [self._due.pop(k) for k, _ in due]
         for key, _ in due:
             self._hits_while_due.pop(key, None)
-        dropped = self._backup.add_evicted([k for k, _ in due], [self.pool.slot_view(s) for _, s in due])
+        dropped = self._backup.add_evicted([k for k, _ in due], [self.pool.slot_view(s) for _, s in due],
+                                           depths)
         self._stats.num_l3_dropped_pages += dropped
 
     def on_backup_result(self, keys: list[PageKey], stored: list[bool], evicted: bool) -> None:
         """Count a finished put; written pages stop being due."""
         written = [k for k, ok in zip(keys, stored) if ok]
         self._stats.num_l3_written_pages += len(written)
-        self._due.difference_update(written)
         for key in written:
+            self._due.pop(key, None)
             self._hits_while_due.pop(key, None)
         if evicted:
             self._stats.num_l3_dropped_pages += len(keys) - len(written)
@@ -323,17 +348,29 @@ class CacheCore:
 
     def flush(self, deadline_s: float) -> FlushReport:
         """Write every due page (and whatever the backup queue holds) down to L3, within
-        ``deadline_s`` seconds. Pages stay in L2."""
+        ``deadline_s`` seconds, parents before children (by chain position, over all
+        chains), so that pages written before the deadline form usable prefixes. Pages
+        stay in L2."""
         if self._backup is None:
             return FlushReport()
+        asked, written_before = self._start_flush()
+        self._backup.drain(deadline_s)
+        return self._flush_report(asked, written_before, self._backup.num_staged_pages)
+
+    def _start_flush(self) -> tuple[set[PageKey], int]:
+        """Queue every due page still in L2 and order the queue parents first; (the due
+        pages, the written count so far)."""
         with self.lock:
             asked = set(self._due)
-            self._backup.add_resident([k for k in asked if k in self.host.index])
-            written_before = self._stats.num_l3_written_pages
-        self._backup.drain(deadline_s)
+            resident = [k for k in asked if k in self.host.index]
+            self._backup.add_resident(resident, [self._due[k] for k in resident])
+            self._backup.sort_by_depth()
+            return asked, self._stats.num_l3_written_pages
+
+    def _flush_report(self, asked: set[PageKey], written_before: int, num_staged: int) -> FlushReport:
         with self.lock:
-            # Due pages still only in L2, and evicted pages whose copy is still queued.
-            num_failed = len(asked & self._due) + self._backup.num_staged_pages
+            # Due pages still only in L2, and evicted pages whose copy was not written.
+            num_failed = len(asked & self._due.keys()) + num_staged
             return FlushReport(self._stats.num_l3_written_pages - written_before, num_failed)
 
     # ---- state ------------------------------------------------------------------------
@@ -353,12 +390,17 @@ class CacheCore:
             # The connector turns store faults into misses and refused puts; its
             # counters are where they show.
             l3 = self._l3.stats()
-            snapshot.num_l3_errors += l3.errors + l3.timeouts
+            snapshot.num_l3_errors += l3.errors + l3.timeouts + l3.write_errors
             snapshot.num_l3_bad_values = (l3.corrupt + l3.wrong_key + l3.wrong_fingerprint
                                           + l3.wrong_size + l3.wrong_encoding)
             snapshot.l3_bytes_read = l3.bytes_in
             snapshot.l3_bytes_written, snapshot.l3_page_bytes_written = l3.bytes_out, l3.raw_bytes_out
         return snapshot
+
+    def l3_health(self):
+        """The L3 store's health (connectors.health.HealthSnapshot), None without L3."""
+        l3 = self._l3
+        return l3.health() if l3 is not None else None
 
     def check_integrity(self, quiescent: bool = False) -> None:
         """Raise if L2's pool, index and leases disagree (``quiescent``: and nothing is held)."""
@@ -389,12 +431,23 @@ class CacheCore:
 
     def _close_l3(self, deadline_s: float) -> FlushReport:
         self._prefetcher.stop()
-        report = self.flush(deadline_s)
-        self._backup.close()
+        # A deadline of 0 writes nothing more; otherwise the batch in flight at the
+        # deadline may finish (bounded): see BackupQueue.close.
+        if deadline_s > 0:
+            asked, written_before = self._start_flush()
+            self._backup.drain(deadline_s)
+            num_staged_lost = self._backup.close(min(self.config.l3.timeout_s, _CLOSE_GRACE_S))
+        else:
+            with self.lock:
+                asked, written_before = set(self._due), self._stats.num_l3_written_pages
+            num_staged_lost = self._backup.close()
+        report = self._flush_report(asked, written_before, num_staged_lost)
         self._stats.num_l3_dropped_pages += report.num_failed
         if report.num_failed:
-            log.warning("close: %d of %d pages due to L3 could not be written there",
-                        report.num_failed, report.num_failed + report.num_written)
+            log.warning("close: %d of %d pages due to L3 were not written there within the flush "
+                        "deadline of %.1f s (or L3 refused them); they are lost (raise the deadline: "
+                        "close_flush_s, or the daemon's flush_deadline_s)",
+                        report.num_failed, report.num_failed + report.num_written, deadline_s)
         l3, self._l3 = self._l3, None
         self._runner.run(l3.close(), self.config.l3.timeout_s)
         return report

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 
@@ -76,7 +77,23 @@ def format_stats(s: dict) -> str:
         f"{s.get('num_lookup_pages', 0)})",
         f"  stored   {s.get('num_stored_pages', 0)} pages, evicted {s.get('num_evicted_pages', 0)}",
         f"  refused  {s['num_refused']} requests, {s['num_bad_messages']} bad messages",
+        *_l3_lines(s),
     ])
+
+
+def _l3_lines(s: dict) -> list[str]:
+    """The L3 store's health: ok, or failing since when, its error counts and last error."""
+    status = s.get("l3_status", "none")
+    if status == "none":
+        return []
+    counts = (f"{s.get('l3_write_errors', 0)} write errors, {s.get('l3_read_errors', 0)} read "
+              f"errors, {s.get('num_l3_dropped_pages', 0)} pages dropped")
+    if status == "ok":
+        return [f"  L3       ok ({counts} since start)"]
+    since = s.get("l3_failing_since", 0.0)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+    return [f"  L3       {status.upper()} since {when} ({time.time() - since:.0f} s ago); {counts}",
+            f"           last error: {s.get('l3_last_error', '')}"]
 
 
 if __name__ == "__main__":

@@ -134,6 +134,18 @@ def layer_view(pool: torch.Tensor, layout: KVLayout, layer: int) -> torch.Tensor
     return pool[:, layer].transpose(0, 1)
 
 
+def page_major_view(pool: torch.Tensor, layout: KVLayout, layer: int) -> torch.Tensor:
+    """View of one layer as [page][kv][token][head][dim], whatever the arrangement.
+
+    Pages lead, so ``view[idx]`` gathers and ``view[idx] = x`` scatters only the pages
+    in ``idx``: index kernels walk a strided view in place. (``index_select`` on a
+    non-contiguous view first copies the whole view: for a page_first host pool that
+    is the whole layer of every slot, at every load.)"""
+    if layout.arrangement == "layer_first":
+        return pool[layer].transpose(0, 1)
+    return pool[:, layer]
+
+
 class CopyBackend(ABC):
     """Moves pages between pools on one device type. ``copy_backend_for`` shares one
     instance per process; a backend may keep device resources (kernels, staging
@@ -248,11 +260,12 @@ class TorchCopyBackend(CopyBackend):
             src_idx = plan.src_pages.to(src.device)
             dst_idx = plan.dst_pages.to(dst.device)
             for layer in plan.layers:
-                chunk = layer_view(src, src_layout, layer).index_select(1, src_idx)
-                view = layer_view(dst, dst_layout, layer)
+                # Only the asked pages are read and written: [n][kv][token][head][dim].
+                chunk = page_major_view(src, src_layout, layer)[src_idx]
                 # A non-blocking copy into host memory could be read by the CPU scatter
                 # below before it lands, so the device->host leg is synchronous.
-                view[:, dst_idx] = chunk.to(dst.device, non_blocking=dst.device.type != "cpu")
+                chunk = chunk.to(dst.device, non_blocking=dst.device.type != "cpu")
+                page_major_view(dst, dst_layout, layer)[dst_idx] = chunk
 
 
 def _stream_context(stream: Any):

@@ -35,6 +35,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from kvstore.host_memory import check_pool_fits
 from kvstore.layout import KVLayout
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class HostPool:
         self.layout = layout.with_arrangement("page_first")
         self.num_slots = num_slots
         self.slot_bytes = self.layout.page_bytes
+        check_pool_fits(num_slots, self.slot_bytes)  # the segment is sparse: fail now, not at OOM
         self._shm = shared_memory.SharedMemory(
             name=name or unique_shm_name(), create=True, size=segment_bytes(num_slots, self.slot_bytes)
         )

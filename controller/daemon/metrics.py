@@ -66,18 +66,15 @@ class DaemonMetrics:
         self.core = Gauge("kvstore_cache_counter", "Counters of the cache core (CacheStats fields: "
                           "hits per tier, evictions, L3 errors, pages written/dropped)", ["name"],
                           registry=r)
+        self.l3_up = Gauge("kvstore_l3_up", "1 while L3 reads and writes work, 0 while either "
+                           "fails (see kvstore status for the last error)", registry=r)
+        self.l3_failing_since = Gauge("kvstore_l3_failing_since_seconds", "Unix time L3 began "
+                                      "failing; 0 while it works", registry=r)
+        l3_errors = Gauge("kvstore_l3_errors", "L3 errors since start, by direction (a failed "
+                          "call, or a page a write could not store, e.g. disk full)", ["direction"],
+                          registry=r)
+        self.l3_errors = {d: l3_errors.labels(d) for d in ("read", "write")}
         self._server = None
-
-    def observe_lookup(self, num_keys: int, num_l2: int, num_l3: int, page_bytes: int,
-                       seconds: float) -> None:
-        self.lookups.inc()
-        self.lookup_seconds.observe(seconds)
-        for tier, n in (("l2", num_l2), ("l3", num_l3), ("miss", num_keys - num_l2 - num_l3)):
-            if n:
-                self.lookup_pages[tier].inc(n)
-                self.lookup_bytes[tier].inc(n * page_bytes)
-        if num_l3:
-            self.l3_fetch_seconds.observe(seconds)
 
     def refresh_core(self, stats: dict, free: int, reserved: int, total: int) -> None:
         for name, value in stats.items():
@@ -86,6 +83,14 @@ class DaemonMetrics:
         self.slots.labels("free").set(free)
         self.slots.labels("reserved").set(reserved)
         self.slots.labels("ready").set(total - free - reserved)
+
+    def refresh_l3(self, health) -> None:
+        """Mirror the L3 store's HealthSnapshot (None: no L3, reported as up)."""
+        self.l3_up.set(1 if health is None or health.is_ok else 0)
+        self.l3_failing_since.set(0 if health is None or health.failing_since is None
+                                  else health.failing_since)
+        self.l3_errors["read"].set(health.num_read_errors if health is not None else 0)
+        self.l3_errors["write"].set(health.num_write_errors if health is not None else 0)
 
     def serve(self, host: str, port: int) -> None:
         """Start the text endpoint on a thread of prometheus_client's."""
@@ -98,3 +103,12 @@ class DaemonMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def l3_health_fields(health) -> dict:
+    """The L3 store's HealthSnapshot as flat stats entries (for GetStats and kvstore status)."""
+    if health is None:
+        return {"l3_status": "none"}
+    return {"l3_status": health.status, "l3_failing_since": health.failing_since or 0.0,
+            "l3_last_error": health.last_error[:300], "l3_last_error_at": health.last_error_at or 0.0,
+            "l3_read_errors": health.num_read_errors, "l3_write_errors": health.num_write_errors}

@@ -26,9 +26,10 @@ from typing import Any, Callable, ClassVar
 import msgpack
 import numpy as np
 
-VERSION = 3
+VERSION = 4
 """3: Hello names the client process (start time, pid namespace); lookups and store
-plans carry the slots' generations (slot fencing)."""
+plans carry the slots' generations (slot fencing). 4: Lookup.follows (a look-again
+after waiting on L3 is counted with the lookup it completes)."""
 KEY_BYTES = 16
 ID_BYTES = 16
 MAX_KEYS = 32768
@@ -155,11 +156,16 @@ class Hello(Message):
 class Lookup(Message):
     """Lease the longest cached prefix of a chain of keys. The daemon never waits on L3
     here: pages only in L3 come up by a prefetch (started unless ``start_prefetch`` is
-    False), which the client may wait for with WaitPrefetch and then look up again."""
+    False), which the client may wait for with WaitPrefetch and then look up again.
+
+    ``follows`` is 0 for a new lookup. A look-again after waiting names the prefetch id
+    of the lookup it completes: the two are counted as one lookup, and pages hit beyond
+    the first one's hit count as L3 hits (they came up by that prefetch)."""
     TYPE = 2
     keys: bytes
     start_prefetch: bool
-    SPEC = (_key_blob, _bool)
+    follows: int = 0
+    SPEC = (_key_blob, _bool, u64)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,8 @@ from controller.core import CacheCore
 from controller.daemon import protocol as p
 from controller.daemon.auth import TokenCheck, bind_ipc, start_curve
 from controller.daemon.config import DaemonConfig
-from controller.daemon.metrics import DaemonMetrics
+from controller.daemon.lookup_counts import LookupCounts
+from controller.daemon.metrics import DaemonMetrics, l3_health_fields
 from controller.daemon.runtime import InstanceLock
 from controller.daemon.sessions import ClientSession, SessionTable
 from controller.process_identity import ProcessIdentity
@@ -56,6 +57,7 @@ class DaemonServer:
         self.should_exit = threading.Event()
         self.core = None
         self.sessions: SessionTable | None = None
+        self.lookup_counts: LookupCounts | None = None
         self._lock: InstanceLock | None = None
         self._context: zmq.Context | None = None
         self._socket: zmq.Socket | None = None
@@ -92,6 +94,7 @@ class DaemonServer:
             self._lock.record(os.getpid(), self.core.pool.name)
             self.sessions = SessionTable(self.core, cfg.lease_ttl_s, cfg.reservation_ttl_s,
                                          cfg.heartbeat_interval_s, cfg.orphan_quarantine_s)
+            self.lookup_counts = LookupCounts(self.metrics, self.core.pool.slot_bytes)
             self._bind()
             if cfg.metrics_port is not None:
                 self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
@@ -143,7 +146,7 @@ class DaemonServer:
                 next_tick = now + _TICK_S
 
     def shutdown(self) -> None:
-        log.info("shutting down: draining requests, then flushing to L3 (up to %.0f s)",
+        log.info("shutting down: draining requests, then flushing to L3 (up to %g s)",
                  self.config.flush_deadline_s)
         if self._socket is not None:
             end = time.monotonic() + _DRAIN_S
@@ -178,8 +181,13 @@ class DaemonServer:
         start = time.monotonic()
         report = self.core.close(flush_deadline_s)
         self.metrics.flush_seconds.observe(time.monotonic() - start)
-        if report is not None and (report.num_written or report.num_failed):
-            log.info("wrote %d pages back to L3 (%d failed)", report.num_written, report.num_failed)
+        if report is not None and report.num_failed:
+            log.warning("shutdown flush: wrote %d pages back to L3, %d pages LOST (not written within "
+                        "flush_deadline_s=%.1f s, or refused by L3); what was written is usable "
+                        "(parents first)", report.num_written, report.num_failed,
+                        self.config.flush_deadline_s)
+        elif report is not None and report.num_written:
+            log.info("wrote %d pages back to L3", report.num_written)
         self.core = None
 
     @contextlib.contextmanager
@@ -204,6 +212,7 @@ class DaemonServer:
         for event in self.sessions.reap(now):
             self._report_reap(event)
         m, s, pool = self.metrics, self.sessions, self.core.pool
+        self.lookup_counts.close_ended(s.sessions)
         m.clients.set(len(s.sessions))
         m.leases.set(s.num_leases)
         m.reservations.set(s.num_reservations)
@@ -211,6 +220,7 @@ class DaemonServer:
         m.quarantined.set(s.num_quarantined_slots)
         m.refresh_core(dataclasses.asdict(self.core.stats()), pool.num_free, pool.num_reserved,
                        pool.num_slots)
+        m.refresh_l3(self.core.l3_health())
 
     def _report_reap(self, event) -> None:
         kind, session, num_leases, num_res = event
@@ -341,9 +351,11 @@ class DaemonServer:
             return p.ErrorReply("limit", f"client holds {len(session.leases)} leases: release some")
         start = time.perf_counter()
         keys = p.split_keys(msg.keys)
+        first = self.lookup_counts.take(session.session_id, msg.follows)
         # Never wait on L3 here: the client waits (WaitPrefetch) while others are served.
         num_l2, num_l3, num_pending, ticket = self.core.lookup(
-            keys, wait=False, start_prefetch=msg.start_prefetch)
+            keys, wait=False, start_prefetch=msg.start_prefetch,
+            num_counted=first.num_hit if first is not None else None)
         num_hit = num_l2 + num_l3
         if num_hit:
             hit = keys[:num_hit]
@@ -353,8 +365,8 @@ class DaemonServer:
         else:
             slots, gens, lease_id = b"", b"", 0
         prefetch_id = self.sessions.add_prefetch(session, ticket) if num_pending else 0
-        self.metrics.observe_lookup(len(keys), num_l2, num_l3, self.core.pool.slot_bytes,
-                                    time.perf_counter() - start)
+        self.lookup_counts.observe(session.session_id, len(keys), num_l2, num_l3, num_pending,
+                                   prefetch_id, first, start)
         return p.LookupReply(lease_id, num_l2, num_l3, slots, num_pending, prefetch_id, gens)
 
     # ---- prefetch -----------------------------------------------------------------------
@@ -456,6 +468,7 @@ class DaemonServer:
             num_reaped_clients=int(self.metrics.reaped_clients._value.get()),
             l3=self.config.l3.connector or "none",
         )
+        stats.update(l3_health_fields(self.core.l3_health()))
         return p.StatsReply(stats)
 
 

@@ -51,8 +51,9 @@ class BackupQueue:
         self._loop = loop
         self._max_bytes = max_bytes
         self._prefetch_idle = prefetch_idle
-        # (key, bytes or None for a resident page, time queued); appended under the core lock
-        self._items: deque[tuple[PageKey, bytes | None, float]] = deque()
+        # (key, bytes or None for a resident page, time queued, position in its chain);
+        # appended under the core lock
+        self._items: deque[tuple[PageKey, bytes | None, float, int]] = deque()
         self._queued: set[PageKey] = set()
         # evicted pages not yet written, by key: a prefetch takes them from here, since
         # L3 does not have them yet (a victim buffer)
@@ -60,28 +61,30 @@ class BackupQueue:
         self.staged_bytes = 0
         self.num_dropped = 0
         self._num_busy = 0
+        self._is_stopping = False
         self._wake: asyncio.Event | None = None
         self._drained = threading.Condition()
         self._task = asyncio.run_coroutine_threadsafe(self._worker(), loop)
 
     # ---- producers (any thread, under the core lock) --------------------------------
-    def add_resident(self, keys: list[PageKey]) -> None:
+    def add_resident(self, keys: list[PageKey], depths: list[int]) -> None:
+        """Queue pages still in L2; ``depths[i]``: position of ``keys[i]`` in its chain."""
         now = time.monotonic()
-        for key in keys:
+        for key, depth in zip(keys, depths):
             if key not in self._queued:
                 self._queued.add(key)
-                self._items.append((key, None, now))
+                self._items.append((key, None, now, depth))
         self._poke()
 
-    def add_evicted(self, keys: list[PageKey], pages: list[memoryview]) -> int:
+    def add_evicted(self, keys: list[PageKey], pages: list[memoryview], depths: list[int]) -> int:
         """Copy evicted pages out for writing; returns how many did not fit (dropped)."""
         now, dropped = time.monotonic(), 0
-        for key, page in zip(keys, pages):
+        for key, page, depth in zip(keys, pages, depths):
             if self.staged_bytes + len(page) > self._max_bytes:
                 dropped += 1
                 continue
             data = bytes(page)
-            self._items.append((key, data, now))
+            self._items.append((key, data, now, depth))
             self._staged[key] = data
             self.staged_bytes += len(page)
         self.num_dropped += dropped
@@ -94,6 +97,12 @@ class BackupQueue:
     def _wake_worker(self) -> None:
         if self._wake is not None:
             self._wake.set()
+
+    def sort_by_depth(self) -> None:
+        """Put what is queued in chain order, parents before children over all chains
+        (stable: arrival order within a depth), so that writes cut short by a deadline
+        leave each chain's written pages a prefix. Call under the core lock."""
+        self._items = deque(sorted(self._items, key=lambda item: item[3]))
 
     def staged_page(self, key: PageKey) -> bytes | None:
         """The bytes of an evicted page still waiting for its write (under the core lock)."""
@@ -127,24 +136,33 @@ class BackupQueue:
                 self._drained.wait(min(left, 0.05))
         return True
 
-    def close(self) -> int:
-        """Stop the worker; returns the pages still queued (not written)."""
-        self._task.cancel()
+    def close(self, grace_s: float = 0.0) -> int:
+        """Stop the worker; returns the evicted pages whose copies were never written
+        (lost: L2 no longer holds them). It takes no new
+        batch; the batch being written may finish for up to ``grace_s`` (a batch cut
+        mid-write could keep a child whose parent's write was stopped), then it is
+        cancelled."""
+        self._is_stopping = True
+        self._poke()
         try:
-            self._task.result(timeout=10)
-        except BaseException:  # noqa: BLE001 - cancelled is the normal end
-            pass
-        left = len(self._items)
+            self._task.result(timeout=grace_s)
+        except BaseException:  # noqa: BLE001 - not done in time (or failed): cancel it
+            self._task.cancel()
+            try:
+                self._task.result(timeout=10)
+            except BaseException:  # noqa: BLE001 - cancelled is the normal end
+                pass
+        lost = len(self._staged)
         self._items.clear()
         self._queued.clear()
         self._staged.clear()
         self.staged_bytes = 0
-        return left
+        return lost
 
     # ---- the worker (on the L3 loop) --------------------------------------------------
     async def _worker(self) -> None:
         self._wake = asyncio.Event()
-        while True:
+        while not self._is_stopping:
             if not self._items:
                 self._wake.clear()
                 await self._wake.wait()
@@ -160,21 +178,26 @@ class BackupQueue:
                 self._drained.notify_all()
 
     async def _write_batch(self) -> None:
+        """Write the next batch in queue order, as one put (so the flush's parents-first
+        order holds within a batch too)."""
         with self._core.lock:
             batch = [self._items.popleft() for _ in range(min(_BATCH_PAGES, len(self._items)))]
             self._num_busy = len(batch)
-            resident = [key for key, data, _ in batch if data is None]
-            self._queued.difference_update(resident)
+            self._queued.difference_update(key for key, data, _, _ in batch if data is None)
             index = self._core.host.index
-            resident = [key for key in resident if key in index]   # evicted meanwhile: see add_evicted
-            slots = self._core.host.lease(resident)
-        evicted = [(key, data) for key, data, _ in batch if data is not None]
+            # a resident page evicted meanwhile was queued again with its bytes (add_evicted)
+            batch = [item for item in batch if item[1] is not None or item[0] in index]
+            resident = [key for key, data, _, _ in batch if data is None]
+            slots = iter(self._core.host.lease(resident))
+            values = [data if data is not None else self._core.host.pool.slot_view(next(slots))
+                      for _, data, _, _ in batch]
+        evicted = [(key, data) for key, data, _, _ in batch if data is not None]
         try:
-            if resident:
-                await self._put(resident, [self._core.host.pool.slot_view(s) for s in slots], False)
-            if evicted:
-                await self._put([k for k, _ in evicted], [d for _, d in evicted], True)
+            if batch:
+                await self._put([key for key, *_ in batch], values,
+                                [data is not None for _, data, _, _ in batch])
         finally:
+            del values
             with self._core.lock:
                 self._core.host.release(resident)
                 self.staged_bytes -= sum(len(d) for _, d in evicted)
@@ -183,7 +206,7 @@ class BackupQueue:
                         del self._staged[key]
                 self._num_busy = 0
 
-    async def _put(self, keys: list[PageKey], values: list, evicted: bool) -> None:
+    async def _put(self, keys: list[PageKey], values: list, is_evicted: list[bool]) -> None:
         try:
             stored = await self._l3.put(keys, values)
         except Exception as exc:  # noqa: BLE001 - a lost backup is a counted drop, not a crash
@@ -193,4 +216,8 @@ class BackupQueue:
         finally:
             del values
         with self._core.lock:
-            self._core.on_backup_result(keys, stored, evicted)
+            for evicted in (False, True):
+                part = [i for i, e in enumerate(is_evicted) if e is evicted]
+                if part:
+                    self._core.on_backup_result([keys[i] for i in part], [stored[i] for i in part],
+                                                evicted)

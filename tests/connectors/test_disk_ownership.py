@@ -3,6 +3,7 @@ refuses a directory it cannot own, and has one owner at a time."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -125,3 +126,89 @@ def test_capacity_holds_for_the_directory_as_a_whole(tmp_path):
 def test_unwritable_or_system_directory_fails_at_connect(path):
     with pytest.raises(ConnectorError, match="choose|new or empty directory"):
         _open(path)
+
+
+# ---- the directory removed while its owner runs ------------------------------------------
+def _open_elsewhere(path) -> subprocess.CompletedProcess:
+    """Another process trying to own ``path`` (as a second daemon would)."""
+    code = ("from connectors import open_connector\n"
+            f"open_connector('disk', path={str(path)!r}, capacity_bytes=1 << 20)\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": os.getcwd()})
+
+
+def _rm_contents(path) -> None:
+    subprocess.run(f"rm -rf {path}/* {path}/.??*", shell=True, check=True)
+
+
+def test_emptied_directory_stays_owned_and_gets_its_marker_back(tmp_path):
+    """``rm -rf DIR/*`` used to unlink the locked marker, so a second owner could lock a new one."""
+    home = tmp_path / "l3"
+    ks, page = keys_of(4, b"emp"), os.urandom(PAGE)
+
+    async def scenario():
+        async with _open(home) as c:
+            assert await c.put(ks[:2], [page] * 2) == [True, True]
+            _rm_contents(home)
+            assert not (home / disk_mod.MARKER_NAME).exists()
+            other = _open_elsewhere(home)              # a second daemon on the same directory
+            assert other.returncode != 0 and "in use by another" in other.stderr
+            with pytest.raises(ConnectorError, match="in use by another"):
+                _open(home)
+            errors_before = c.stats().errors
+            # The owner notices before its next I/O: marker back, vanished pages forgotten.
+            assert await c.put(ks[2:], [page] * 2) == [True, True]
+            assert c.num_home_losses == 1 and c.stats().errors == errors_before + 1
+            info = json.loads((home / disk_mod.MARKER_NAME).read_text())
+            assert info["pid"] == os.getpid() and info["owner"] == "kvstore"
+            assert await c.get(ks) == [None, None, page, page]
+            assert await c.exists(ks[2:]) == 2 and await c.exists(ks) == 0
+            assert _open_elsewhere(home).returncode != 0
+        async with _open(home) as again:               # a restart accepts its own directory
+            assert await again.get(ks[2:]) == [page, page]
+
+    run(scenario())
+
+
+def test_removed_directory_is_claimed_anew_not_recreated_without_a_marker(tmp_path):
+    """``rm -rf DIR`` used to make the next put re-create DIR/<shard> without the marker,
+    and the next start refused the directory as foreign."""
+    home = tmp_path / "l3"
+    ks, page = keys_of(3, b"rmd"), os.urandom(PAGE)
+
+    async def scenario():
+        async with _open(home) as c:
+            assert await c.put(ks[:1], [page]) == [True]
+            subprocess.run(["rm", "-rf", str(home)], check=True)
+            assert await c.put(ks[1:], [page] * 2) == [True, True]
+            assert c.num_home_losses == 1
+            assert json.loads((home / disk_mod.MARKER_NAME).read_text())["pid"] == os.getpid()
+            assert await c.get(ks) == [None, page, page]
+            assert "in use by another" in _open_elsewhere(home).stderr   # still locked: ours
+        async with _open(home) as again:               # the next start takes it
+            assert await again.get(ks[1:]) == [page, page]
+
+    run(scenario())
+
+
+def test_removed_directory_taken_by_another_store_turns_the_tier_off(tmp_path):
+    """Whoever claims the path first owns it; the old owner never writes into it."""
+    home = tmp_path / "l3"
+    ks, page = keys_of(3, b"lost"), os.urandom(PAGE)
+
+    async def scenario():
+        async with _open(home) as first:
+            assert await first.put(ks[:1], [page]) == [True]
+            subprocess.run(["rm", "-rf", str(home)], check=True)
+            async with _open(home) as second:          # a new daemon, started meanwhile
+                errors_before = first.stats().errors
+                assert await first.put(ks[1:], [page] * 2) == [False, False]
+                assert await first.get(ks) == [None, None, None]
+                assert first.stats().errors > errors_before and first.num_home_losses == 1
+                assert await second.exists(ks) == 0    # nothing of the first's landed there
+                assert sorted(os.listdir(home)) == [disk_mod.MARKER_NAME]
+                assert await second.put(ks[:1], [page]) == [True]
+            await asyncio.sleep(first._backoff_s + 0.05)
+            assert await first.put(ks[2:], [page]) == [False]   # off until restart
+
+    run(scenario())

@@ -149,3 +149,21 @@ def spawn_worker(daemon: DaemonProcess, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(Path(__file__).with_name("daemon_worker.py")),
                              daemon.address, *args], env=child_env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size_bytes: int):
+    """A real file system of ``size_bytes`` mounted at ``path`` (a tmpfs: writes past its
+    size fail with ENOSPC, as on a full disk); unmounted after. Needs root (CAP_SYS_ADMIN);
+    skips the test otherwise."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs (needs root): {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

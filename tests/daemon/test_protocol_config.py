@@ -31,7 +31,7 @@ def test_every_message_round_trips():
     (msgpack.packb([p.VERSION, 3, 1, b"", True]), "bad_message"),            # bool is not an int
     (msgpack.packb([p.VERSION, 3, 1, b"", 1, 2]), "bad_message"),            # extra field
     (msgpack.packb([p.VERSION, 3, 1, b"abc", 1]), "bad_message"),            # session of 3 bytes
-    (msgpack.packb([p.VERSION, 2, 1, b"", b"\0" * 16 * (p.MAX_KEYS + 1), True]), "too_large"),
+    (msgpack.packb([p.VERSION, 2, 1, b"", b"\0" * 16 * (p.MAX_KEYS + 1), True, 0]), "too_large"),
     (b"\xc1", "bad_message"), (b"", "bad_message"),
     (msgpack.packb(msgpack.ExtType(1, b"x")), "bad_message"),
 ])
