@@ -67,6 +67,8 @@ import heapq
 import math
 from typing import Callable, Sequence
 
+import numpy as np
+
 from kvstore.eviction import make_policy
 from kvstore.eviction.base import EvictionPolicy
 from kvstore.page_keys import PageKey
@@ -105,6 +107,19 @@ def key_hash(key: PageKey) -> int:
     little-endian counters, whose low bytes alone would sample a range of ids.
     """
     return ((int.from_bytes(key[:8], "little") * _GOLDEN + _OFFSET) & _MASK64) >> 32
+
+
+def _sampled(keys: Sequence[PageKey], start: int, end: int, threshold: int) -> list[int]:
+    """Positions in [start, end) of the keys with ``key_hash(key) < threshold``,
+    hashed as one array when the keys are of one length of at least 8 bytes."""
+    chunk = keys[start:end]
+    size = len(chunk[0]) if chunk else 0
+    if size < 8 or len(set(map(len, chunk))) != 1:
+        return [start + j for j, key in enumerate(chunk) if key_hash(key) < threshold]
+    rows = np.frombuffer(b"".join(chunk), dtype=np.uint8).reshape(len(chunk), size)
+    low = np.ascontiguousarray(rows[:, :8]).view("<u8").ravel()  # int.from_bytes(key[:8], "little")
+    hashes = (low * np.uint64(_GOLDEN) + np.uint64(_OFFSET)) >> np.uint64(32)  # wraps mod 2**64
+    return (np.flatnonzero(hashes < threshold) + start).tolist()
 
 
 def pick_leader(scores: Sequence[float], ahead: Sequence[Sequence[float]], leader: int,
@@ -193,6 +208,12 @@ class _LeafGuard(EvictionPolicy):
         self._clock += 1
         self._last[key] = self._clock
         self.policy.on_access(key)
+
+    def on_access_run(self, keys: Sequence[PageKey]) -> None:
+        start = self._clock
+        self._clock += len(keys)
+        self._last.update(zip(keys, range(start + 1, self._clock + 1)))
+        self.policy.on_access_run(keys)
 
     def on_remove(self, key: PageKey) -> None:
         del self._last[key]
@@ -385,6 +406,25 @@ class AdaptivePolicy(EvictionPolicy):
         if clock >= self._next_epoch:
             self._end_epoch()
         self._live.on_access(key)
+
+    def on_access_run(self, keys: Sequence[PageKey]) -> None:
+        """``on_access`` of each key in order, with the same effect: keys go to the live
+        expert in runs cut where an epoch ends (an epoch's end may switch experts)."""
+        i, n = 0, len(keys)
+        while i < n:
+            # keys[i + j] is reference clock + 1 + j; the one reaching _next_epoch ends it
+            end = min(n, i + max(self._next_epoch - self._clock, 1))
+            if self._threshold:
+                for j in _sampled(keys, i, end, self._threshold):
+                    self._sample(keys[j], True)
+            self._clock += end - i
+            if self._clock < self._next_epoch:
+                self._live.on_access_run(keys[i:end])
+            else:  # the epoch ends between the last key's sample and its live access
+                self._live.on_access_run(keys[i:end - 1])
+                self._end_epoch()
+                self._live.on_access(keys[end - 1])
+            i = end
 
     def on_remove(self, key: PageKey) -> None:  # replaced per instance by _bind
         self._live.on_remove(key)

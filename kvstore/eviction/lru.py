@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Callable
+from collections import OrderedDict, deque
+from typing import Callable, Sequence
 
 from kvstore.eviction.base import EvictionPolicy
 from kvstore.page_keys import PageKey
@@ -21,6 +21,9 @@ class LRUPolicy(EvictionPolicy):
 
     def on_access(self, key: PageKey) -> None:
         self._order.move_to_end(key)
+
+    def on_access_run(self, keys: Sequence[PageKey]) -> None:
+        deque(map(self._order.move_to_end, keys), maxlen=0)  # the loop in C
 
     def on_remove(self, key: PageKey) -> None:
         del self._order[key]

@@ -66,8 +66,9 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
+from typing import Callable, Sequence
 
-from typing import Callable
+import numpy as np
 
 from kvstore.eviction.base import EvictionPolicy
 from kvstore.page_keys import PageKey
@@ -217,6 +218,16 @@ class PrefixLHDPolicy(EvictionPolicy):
     def on_access(self, key: PageKey) -> None:
         self._use(key, self._stamp[key])
 
+    def on_access_run(self, keys: Sequence[PageKey]) -> None:
+        """``on_access`` of each key in order, batched between fits (same effect)."""
+        if len(set(keys)) != len(keys):  # a key used twice sees its own first use
+            return super().on_access_run(keys)
+        i, n = 0, len(keys)
+        while i < n:
+            end = min(n, i + max(self._next_fit - self._clock, 1))
+            self._use_run(keys[i:end])  # its last key may reach the fit, as in _use
+            i = end
+
     def on_remove(self, key: PageKey) -> None:
         k, num_children = self._num_classes, self._num_children
         stamp = self._stamp.pop(key)
@@ -303,6 +314,34 @@ class PrefixLHDPolicy(EvictionPolicy):
         self._stamp[key] = clock * k + cls
         if key not in self._num_children:  # a leaf: a candidate; a parent waits for its children
             heapq.heappush(self._heap, (clock + self._retention[cls], clock, key))
+        if clock >= self._next_fit:
+            self._fit()
+
+    def _use_run(self, keys: Sequence[PageKey]) -> None:
+        """``_use(key, stamp of key)`` for distinct cached keys, in order, as array work::
+
+            key j:  clock c0+1+j,  interval c0+1+j - used_j,  class min(prev class+1, k-1)
+        """
+        m, k, c0 = len(keys), self._num_classes, self._clock
+        stamps = self._stamp
+        prev = np.fromiter(map(stamps.__getitem__, keys), dtype=np.int64, count=m)
+        clocks = np.arange(c0 + 1, c0 + m + 1, dtype=np.int64)
+        prev_cls = prev % k
+        buckets = np.minimum((_BUCKETS_PER_OCTAVE * np.log2(clocks - prev // k)).astype(np.int64),
+                             _NUM_BUCKETS - 1)
+        counts = np.array(self._counts)
+        np.add.at(counts, (prev_cls, buckets), 1.0)  # one add per use, in order: as _use
+        self._counts = counts.tolist()
+        # += 1.0 per use, in order (a sequential scan, so the float result is _use's)
+        self._num_refs = float(np.add.accumulate(np.r_[self._num_refs, np.ones(m)])[-1])
+        new = clocks * k + np.minimum(prev_cls + 1, k - 1)
+        stamps.update(zip(keys, new.tolist()))
+        self._clock = clock = c0 + m
+        num_children, retention, heap = self._num_children, self._retention, self._heap
+        is_parent = np.fromiter(map(num_children.__contains__, keys), dtype=bool, count=m)
+        for j in np.flatnonzero(~is_parent).tolist():  # leaves: candidates, as in _use
+            used = c0 + 1 + j
+            heapq.heappush(heap, (used + retention[int(new[j]) % k], used, keys[j]))
         if clock >= self._next_fit:
             self._fit()
 

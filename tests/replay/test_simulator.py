@@ -16,7 +16,7 @@ from kvstore.replay import (
     trace_from_block_ids,
 )
 from kvstore.replay.report import trace_refs
-from kvstore.tier_index import TierIndex
+from kvstore.index.tier_index import TierIndex
 
 
 def trace(*requests: list[int]):
