@@ -66,6 +66,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
+from itertools import compress
 from typing import Callable, Sequence
 
 import numpy as np
@@ -364,11 +365,13 @@ class PrefixLHDPolicy(EvictionPolicy):
 
     def _rebuild(self) -> None:
         """The heap from the live leaves, under the ages just fitted: O(cached pages)."""
-        k, retention, num_children = self._num_classes, self._retention, self._num_children
-        heap = []
-        for key, stamp in self._stamp.items():
-            if key not in num_children:
-                used = stamp // k
-                heap.append((used + retention[stamp % k], used, key))
+        k, stamps, num_children = self._num_classes, self._stamp, self._num_children
+        # As arrays: (used + retention[class], used, key) of each leaf, in the map's order.
+        leaf = ~np.fromiter(map(num_children.__contains__, stamps), dtype=bool, count=len(stamps))
+        stamp = np.fromiter(stamps.values(), dtype=np.int64, count=len(stamps))[leaf]
+        used = stamp // k
+        expiry = used + np.asarray(self._retention, dtype=np.float64)[stamp % k]
+        keys = list(compress(stamps, leaf.tolist()))
+        heap = list(zip(expiry.tolist(), used.tolist(), keys))
         heapq.heapify(heap)
         self._heap = heap
