@@ -41,12 +41,16 @@ LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, page_size=16, dtype=
 STORE_PAGES = 128
 
 
-def p50_ms(fn, reps: int) -> float:
+def p50_ms(fn, reps: int, best: dict | None = None, name: str = "") -> float:
+    """p50 of ``reps`` calls in ms; the fastest goes to ``best[name]`` (a shared box's
+    other load shows in the median, less in the minimum)."""
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
+    if best is not None:
+        best[name] = 1e3 * min(times)
     return 1e3 * statistics.median(times)
 
 
@@ -79,19 +83,20 @@ def measure(num_pages: int, reps: int, seed: int = 0) -> dict:
             core.pool.lease(slots)
             core.pool.unlease(slots)
 
+        best: dict[str, float] = {}
         row = {"pages": num_pages, "tokens": num_pages * LAYOUT.page_size,
-               "total_ms": p50_ms(api_lookup_release, reps),
+               "total_ms": p50_ms(api_lookup_release, reps, best, "total_min_ms"),
                "hashing_ms": p50_ms(lambda: page_keys(digest, tokens, LAYOUT.page_size), reps),
-               "index_ms": p50_ms(index_lookup_release, reps),
-               "pool_ms": p50_ms(pool_lease_unlease, reps)}
-        row["store128_ms"] = store_p50(core, digest, rng, max(reps, 20))
+               "index_ms": p50_ms(index_lookup_release, reps, best, "index_min_ms"),
+               "pool_ms": p50_ms(pool_lease_unlease, reps, best, "pool_min_ms")}
+        row["store128_ms"] = store_p50(core, digest, rng, max(reps, 20), best)
         core.check_integrity(quiescent=True)
-        return row
+        return {**row, **best}
     finally:
         cache.close()
 
 
-def store_p50(core, digest: bytes, rng: np.random.Generator, reps: int) -> float:
+def store_p50(core, digest: bytes, rng: np.random.Generator, reps: int, best: dict) -> float:
     """begin_store + commit_store of 128 new pages each time (the tier fills, then evicts)."""
     prompts = [page_keys(digest, rng.integers(0, 32000, STORE_PAGES * LAYOUT.page_size),
                          LAYOUT.page_size) for _ in range(reps + 8)]
@@ -104,6 +109,7 @@ def store_p50(core, digest: bytes, rng: np.random.Generator, reps: int) -> float
         published = core.commit_store(keys, plan)
         times.append(time.perf_counter() - start)
         assert published == STORE_PAGES, f"stored {published} of {STORE_PAGES} new pages"
+    best["store128_min_ms"] = 1e3 * min(times)
     return 1e3 * statistics.median(times)
 
 

@@ -41,18 +41,33 @@ import numpy as np
 from kvstore.page_keys import PageKey
 
 
-class _Run:
-    """One node: ``keys[i]`` at ``entries[i]``; ``keys[0]``'s chain parent is ``parent_key``."""
+_EMPTY = np.zeros(0, dtype=np.int64)
 
-    __slots__ = ("id", "keys", "entries", "base", "parent_key", "children")
+
+class _Run:
+    """One node: ``keys[i]`` at entry ``buf[i]``; ``keys[0]``'s chain parent is ``parent_key``.
+    ``buf`` is a growable array whose first ``len(keys)`` items are the run's entries."""
+
+    __slots__ = ("id", "keys", "buf", "base", "parent_key", "children")
 
     def __init__(self, run_id: int, parent_key: PageKey | None, base: int = 0) -> None:
         self.id = run_id
         self.keys: list[PageKey] = []
-        self.entries: list[int] = []
+        self.buf = _EMPTY
         self.base = base  # pos[e] - base is the place of entry e in this run
         self.parent_key = parent_key
         self.children: set[_Run] = set()  # runs whose parent_key is keys[-1]
+
+    @property
+    def entries(self) -> np.ndarray:
+        return self.buf[:len(self.keys)]
+
+    def reserve(self, size: int) -> None:
+        """Room in ``buf`` for ``size`` entries (doubling, so appends stay O(1) amortised)."""
+        if size > len(self.buf):
+            buf = np.empty(max(size, 2 * len(self.buf), 8), dtype=np.int64)
+            buf[:len(self.keys)] = self.buf[:len(self.keys)]
+            self.buf = buf
 
 
 class RunTree:
@@ -101,12 +116,12 @@ class RunTree:
         """How many leading keys are cached."""
         return sum(m for _, _, m in self.segments(keys))
 
-    def entries_of(self, keys: Sequence[PageKey]) -> list[int] | None:
+    def entries_of(self, keys: Sequence[PageKey]) -> np.ndarray | None:
         """Entries of the keys, in order, or None if one is absent."""
-        out: list[int] = []
-        for run, p, m in self.segments(keys):
-            out += run.entries[p:p + m]
-        return out if len(out) == len(keys) else None
+        parts = [run.buf[p:p + m] for run, p, m in self.segments(keys)]
+        if sum(map(len, parts)) != len(keys):
+            return None
+        return parts[0] if len(parts) == 1 else np.concatenate(parts or [_EMPTY])
 
     # ---- changes ---------------------------------------------------------------------
     def add(self, key: PageKey, slot: int, parent: PageKey | None) -> tuple[int, list[PageKey]]:
@@ -144,7 +159,6 @@ class RunTree:
         if cut < len(run.keys):
             self._split(run, cut)  # now key is run's tail
         run.keys.pop()
-        run.entries.pop()
         if run.children:
             self._waiting[key] = run.children
             run.children = set()
@@ -164,16 +178,17 @@ class RunTree:
     def _append(self, run: _Run, key: PageKey, e: int) -> None:
         self._run_id[e] = run.id
         self._pos[e] = run.base + len(run.keys)
+        run.reserve(len(run.keys) + 1)
+        run.buf[len(run.keys)] = e
         run.keys.append(key)
-        run.entries.append(e)
 
     def _split(self, run: _Run, cut: int) -> None:
         """Cut ``run`` after its ``cut`` first pages; the rest becomes its only child."""
         tail = self._new_run(run.keys[cut - 1], base=run.base + cut)
-        tail.keys, tail.entries = run.keys[cut:], run.entries[cut:]
-        del run.keys[cut:], run.entries[cut:]
+        tail.keys, tail.buf = run.keys[cut:], run.entries[cut:].copy()
+        del run.keys[cut:]
         tail.children, run.children = run.children, {tail}
-        self._run_id[tail.entries] = tail.id  # positions stay: tail.base absorbs the cut
+        self._run_id[tail.buf] = tail.id  # positions stay: tail.base absorbs the cut
 
     def _adopt(self, run: _Run, key: PageKey) -> list[PageKey]:
         """Runs waiting for ``key`` (now ``run``'s tail) become its children; a single
@@ -185,10 +200,13 @@ class RunTree:
         if len(orphans) == 1:
             (child,) = orphans
             shift = run.base + len(run.keys) - child.base
-            self._run_id[child.entries] = run.id
-            self._pos[child.entries] += shift
+            moved = child.entries
+            self._run_id[moved] = run.id
+            self._pos[moved] += shift
+            n = len(run.keys)
+            run.reserve(n + len(moved))
+            run.buf[n:n + len(moved)] = moved
             run.keys += child.keys
-            run.entries += child.entries
             run.children = child.children
             del self._runs[child.id]
         else:
@@ -226,9 +244,9 @@ class RunTree:
         return None
 
     def _check_run(self, run: _Run) -> str | None:
-        if not run.keys or len(run.keys) != len(run.entries):
+        if not run.keys or len(run.buf) < len(run.keys):
             return f"run {run.id} is empty or ragged"
-        for i, (key, e) in enumerate(zip(run.keys, run.entries)):
+        for i, (key, e) in enumerate(zip(run.keys, run.entries.tolist())):
             if self.entry_of.get(key) != e or self._run_id[e] != run.id or self._pos[e] != run.base + i:
                 return f"page {key.hex()} is misplaced in run {run.id}"
         if any(child.parent_key != run.keys[-1] or child.id not in self._runs for child in run.children):

@@ -103,7 +103,7 @@ class TierIndex:
         if entries is None:
             missing = [k.hex() for k in keys if k not in self._tree.entry_of]
             raise error(f"keys not in the index: {missing[:4]}")
-        return np.asarray(entries, dtype=np.int64)
+        return entries
 
     # ---- changes ------------------------------------------------------------
     def touch(self, keys: Iterable[PageKey]) -> None:
