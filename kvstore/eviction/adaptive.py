@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from itertools import repeat
 from typing import Callable, Sequence
 
 import numpy as np
@@ -214,6 +215,20 @@ class _LeafGuard(EvictionPolicy):
         self._clock += len(keys)
         self._last.update(zip(keys, range(start + 1, self._clock + 1)))
         self.policy.on_access_run(keys)
+
+    def on_insert_run(self, keys: Sequence[PageKey], parent: PageKey | None) -> None:
+        if len(set(keys)) != len(keys):
+            return super().on_insert_run(keys, parent)
+        start = self._clock
+        self._clock += len(keys)
+        self._last.update(zip(keys, range(start + 1, self._clock + 1)))
+        num_children = self._num_children
+        if parent is not None:
+            self._parent[keys[0]] = parent
+            num_children[parent] = num_children.get(parent, 0) + 1
+        self._parent.update(zip(keys[1:], keys))
+        num_children.update(zip(keys[:-1], repeat(1)))  # new pages: one child each, the next
+        self.policy.on_insert_run(keys, parent)
 
     def on_remove(self, key: PageKey) -> None:
         del self._last[key]
@@ -408,22 +423,35 @@ class AdaptivePolicy(EvictionPolicy):
         self._live.on_access(key)
 
     def on_access_run(self, keys: Sequence[PageKey]) -> None:
-        """``on_access`` of each key in order, with the same effect: keys go to the live
+        """``on_access`` of each key in order, with the same effect (see _feed)."""
+        self._feed(keys, True, None)
+
+    def on_insert_run(self, keys: Sequence[PageKey], parent: PageKey | None) -> None:
+        """``on_insert`` of each key in order, each under the one before (see _feed)."""
+        self._feed(keys, False, parent)
+
+    def _feed(self, keys: Sequence[PageKey], hit: bool, parent: PageKey | None) -> None:
+        """References in order, as per-key calls would make them: keys go to the live
         expert in runs cut where an epoch ends (an epoch's end may switch experts)."""
+        live_one = (lambda j: self._live.on_access(keys[j])) if hit else \
+            (lambda j: self._live.on_insert(keys[j], keys[j - 1] if j else parent))
         i, n = 0, len(keys)
         while i < n:
             # keys[i + j] is reference clock + 1 + j; the one reaching _next_epoch ends it
             end = min(n, i + max(self._next_epoch - self._clock, 1))
             if self._threshold:
                 for j in _sampled(keys, i, end, self._threshold):
-                    self._sample(keys[j], True)
+                    self._sample(keys[j], hit)
             self._clock += end - i
-            if self._clock < self._next_epoch:
-                self._live.on_access_run(keys[i:end])
-            else:  # the epoch ends between the last key's sample and its live access
-                self._live.on_access_run(keys[i:end - 1])
+            last = end if self._clock < self._next_epoch else end - 1
+            if last > i:
+                if hit:
+                    self._live.on_access_run(keys[i:last])
+                else:
+                    self._live.on_insert_run(keys[i:last], keys[i - 1] if i else parent)
+            if last < end:  # the epoch ends between the last key's sample and its live call
                 self._end_epoch()
-                self._live.on_access(keys[end - 1])
+                live_one(last)
             i = end
 
     def on_remove(self, key: PageKey) -> None:  # replaced per instance by _bind

@@ -58,6 +58,15 @@ class EvictionPolicy(ABC):
         for key in keys:
             on_access(key)
 
+    def on_insert_run(self, keys: Sequence[PageKey], parent: PageKey | None) -> None:
+        """``on_insert`` of each key in order, ``keys[i]``'s parent being ``keys[i-1]``
+        (the first's ``parent``, if cached): one store's new chain. This default does
+        exactly that; a policy may batch it with the same effect."""
+        on_insert = self.on_insert
+        for key in keys:
+            on_insert(key, parent)
+            parent = key
+
     @abstractmethod
     def on_remove(self, key: PageKey) -> None:
         """``key`` left the tier (evicted or deleted)."""

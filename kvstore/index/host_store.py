@@ -12,6 +12,8 @@ caller's ``on_evict`` hook, run while the slots still hold the data.
 from __future__ import annotations
 
 from collections import Counter
+from itertools import compress
+from operator import ne
 from typing import Callable, Sequence
 
 from kvstore.host_pool import HostPool
@@ -66,8 +68,14 @@ class HostStore:
         """Publish written slots under ``keys``; ``parents[i]`` is the page before ``keys[i]``
         in its chain (None for a chain's first page)."""
         self.pool.mark_ready(slots)
-        for key, slot, parent in zip(keys, slots, parents):
-            self.index.insert(key, slot, parent)
+        keys, slots = list(keys), list(slots)
+        if not keys:
+            return
+        # Cut where a page does not follow the one before it; each piece is one chain.
+        cuts = [0, *(i + 1 for i in compress(range(len(keys) - 1), map(ne, parents[1:], keys[:-1]))),
+                len(keys)]
+        for start, end in zip(cuts, cuts[1:]):
+            self.index.insert_chain(keys[start:end], slots[start:end], parents[start])
 
     def discard(self, keys: Sequence[PageKey]) -> None:
         """Drop present, unleased pages without passing them to ``on_evict``.

@@ -150,6 +150,35 @@ class RunTree:
         self._append(run, key, e)
         return e, self._adopt(run, key)
 
+    def add_chain(self, keys: list[PageKey], slots: Sequence[int],
+                  parent: PageKey | None) -> list[tuple[int, list[PageKey]]]:
+        """``add`` each key in order, ``keys[i]``'s parent being ``keys[i-1]`` (the first's
+        ``parent``). Returns (i, children adopted by keys[i]) where any were. When nothing
+        waits for keys[1:], they join the first's run as arrays, without a step per page."""
+        _, children = self.add(keys[0], slots[0], parent)
+        adopted = [(0, children)] if children else []
+        rest = keys[1:]
+        if not rest:
+            return adopted
+        if children or not self._waiting.keys().isdisjoint(rest):
+            for i in range(1, len(keys)):
+                _, children = self.add(keys[i], slots[i], keys[i - 1])
+                if children:
+                    adopted.append((i, children))
+            return adopted
+        run = self._runs[int(self._run_id[self.entry_of[keys[0]]])]  # keys[0] is its tail
+        entries = np.array(self._free_entries[-1:-len(rest) - 1:-1], dtype=np.int64)
+        del self._free_entries[-len(rest):]
+        n = len(run.keys)
+        self.slot[entries] = slots[1:]
+        self._run_id[entries] = run.id
+        self._pos[entries] = np.arange(run.base + n, run.base + n + len(rest))
+        run.reserve(n + len(rest))
+        run.buf[n:n + len(rest)] = entries
+        run.keys += rest
+        self.entry_of.update(zip(rest, entries.tolist()))
+        return adopted
+
     def remove(self, key: PageKey) -> int:
         """Take a present key out; returns its (now free) entry. Its cached children
         wait under its key until it comes back."""

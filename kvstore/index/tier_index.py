@@ -125,6 +125,30 @@ class TierIndex:
         for child in children:
             self.policy.on_link(child, key)
 
+    def insert_chain(self, keys: Sequence[PageKey], slots: Sequence[int],
+                     parent: PageKey | None = None) -> None:
+        """``insert`` each key in order, ``keys[i]`` following ``keys[i-1]`` (the first
+        follows ``parent``): one store's new pages. Raises (and changes nothing) if a key
+        is present or named twice, or the pages do not fit."""
+        keys, tree = list(keys), self._tree
+        if not keys:
+            return
+        if len(slots) != len(keys) or len(set(keys)) != len(keys) or not tree.entry_of.keys().isdisjoint(keys):
+            raise TierIndexError("insert_chain() needs one slot per key and keys new to the index")
+        if len(tree) + len(keys) > self.capacity:
+            raise TierIndexError(f"index is full ({self.capacity} pages): evict() before insert()")
+        cached_parent = parent if parent is not None and parent in tree.entry_of else None
+        adopted = tree.add_chain(keys, slots, parent)
+        policy = self.policy
+        if not adopted:
+            policy.on_insert_run(keys, cached_parent)
+            return
+        children_of = dict(adopted)
+        for i, key in enumerate(keys):  # the order insert() keeps: each page, then its links
+            policy.on_insert(key, keys[i - 1] if i else cached_parent)
+            for child in children_of.get(i, ()):
+                policy.on_link(child, key)
+
     def remove(self, key: PageKey) -> int:
         """Drop ``key`` and return its slot. Raises if it is absent or leased."""
         e = self._tree.entry_of[key]

@@ -1,4 +1,5 @@
-"""on_access_run (a lookup's run of hits in one call) has the effect of on_access per key."""
+"""on_access_run / on_insert_run (a lookup's hits, a store's new chain, in one call) have
+the effect of on_access / on_insert per key."""
 
 import random
 
@@ -23,14 +24,15 @@ def drive_two(name: str, capacity: int, steps: int, max_run: int, seed: int) -> 
     for _ in range(steps):
         roll = rnd.random()
         if len(cached) < capacity and roll < 0.5:
-            new = key(rnd.randrange(1 << 40))
-            if new in present:
+            room = min(capacity - len(cached), rnd.randrange(1, max_run))
+            chain = [key(rnd.randrange(1 << 40)) for _ in range(room)]
+            if present.intersection(chain) or len(set(chain)) != len(chain):
                 continue
             parent = cached[-1] if cached and rnd.random() < 0.8 else None
-            batched.on_insert(new, parent)
-            per_key.on_insert(new, parent)
-            cached.append(new)
-            present.add(new)
+            batched.on_insert_run(chain, parent)
+            EvictionPolicy.on_insert_run(per_key, chain, parent)  # the per-key default
+            cached.extend(chain)
+            present.update(chain)
         elif cached and roll < 0.8:
             start = rnd.randrange(len(cached))
             run = cached[start:start + rnd.randrange(1, max_run)]
