@@ -58,6 +58,6 @@ def test_a_batched_run_evicts_as_per_key_accesses_do(name):
 
 
 def test_the_adaptive_policy_samples_and_ends_epochs_inside_runs_as_per_key():
-    # 9,000 pages: every expert's miniature runs (sampled 1/128) and epochs end
-    # every 4,500 references, so runs of up to 600 cross epoch ends and switches.
-    assert drive_two("adaptive", capacity=9000, steps=30000, max_run=600, seed=2) > 1000
+    # 8,200 pages: every expert's miniature runs (64 pages, sampled 1/128) and epochs
+    # end every 4,100 references, so runs of up to 300 cross epoch ends.
+    assert drive_two("adaptive", capacity=8200, steps=5000, max_run=300, seed=2) > 500
