@@ -38,7 +38,7 @@ from controller.config import ConfigError, ControllerConfig
 from controller.pipelines.backup import BackupQueue
 from controller.pipelines.prefetch import Prefetch, Prefetcher
 from kvstore.host_pool import HostPool
-from kvstore.host_store import HostStore
+from kvstore.index.host_store import HostStore
 from kvstore.layout import KVLayout
 from kvstore.page_keys import PageKey
 
@@ -171,16 +171,16 @@ class CacheCore:
         self.check_open()
         keys = list(keys)
         with self.lock:
-            was_in_l2 = [slot is not None for slot in self.host.index.get_many(keys)]
-            num_hit = next((i for i, present in enumerate(was_in_l2) if not present), len(keys))
+            num_hit = self.host.match_prefix(keys)  # work per radix run, not per page
             self.host.lease(keys[:num_hit])
-            ticket = None
+            ticket, in_l2_after_gap = None, []
             if num_hit < len(keys) and self._prefetcher is not None:
+                # Pages past the gap that L2 holds now count as L2 hits if the gap fills.
+                in_l2_after_gap = [s is not None for s in self.host.index.get_many(keys[num_hit:])]
                 ticket = (self._prefetch_locked(keys, num_hit) if start_prefetch
                           else self._prefetcher.find(keys, num_hit))
-        num_pending = 0
+        num_pending, first_missing = 0, num_hit
         if ticket is not None:
-            first_missing = num_hit
             try:
                 if wait:
                     self._wait_per_policy(ticket, len(keys) * self.layout.page_size)
@@ -193,7 +193,7 @@ class CacheCore:
                 ticket.is_claimed = True   # its request goes ahead now: nothing to hold for
         # Pages of the hit that were in L2 when asked count as L2 hits (a run after a
         # gap too); the rest came up from L3.
-        num_l2 = sum(was_in_l2[:num_hit])
+        num_l2 = first_missing + sum(in_l2_after_gap[:num_hit - first_missing])
         with self.lock:
             if num_counted is None:
                 self._count_hits(keys[:num_hit], len(keys), num_l2, num_hit - num_l2)

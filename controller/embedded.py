@@ -27,7 +27,7 @@ from controller.device_pool import DevicePool
 from controller.pending_stores import PendingStore, PendingStores
 from controller.leases import LeaseBook
 from controller.pipelines.prefetch import CompletedPrefetch
-from kvstore.host_store import HostStore
+from kvstore.index.host_store import HostStore
 from kvstore.layout import KVLayout
 from kvstore.page_keys import KeyNamespace, PageKey, page_keys
 from kvstore.slot_fence import SlotFence

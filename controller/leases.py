@@ -37,7 +37,7 @@ class LeaseBook:
         held = self._results.get(result.lease_id)
         if held is None:
             return None
-        if held != result:
+        if held is not result and held != result:  # (equality compares every key)
             raise CacheError(f"release() got a result that is not lease {result.lease_id} of this cache")
         del self._results[result.lease_id]
         for handle in self._loads.pop(result.lease_id, ()):

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from typing import Callable, Protocol
 
-from kvstore.host_store import HostStore
+from kvstore.index.host_store import HostStore
 from kvstore.page_keys import PageKey
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from typing import Callable, Protocol, Sequence
 
 from controller.api import PrefetchTicket
 from controller.config import PrefetchConfig
-from kvstore.host_store import HostStore
+from kvstore.index.host_store import HostStore
 from kvstore.page_keys import PageKey
 
 log = logging.getLogger(__name__)

@@ -65,7 +65,10 @@ from __future__ import annotations
 
 import heapq
 import math
+from itertools import repeat
 from typing import Callable, Sequence
+
+import numpy as np
 
 from kvstore.eviction import make_policy
 from kvstore.eviction.base import EvictionPolicy
@@ -105,6 +108,19 @@ def key_hash(key: PageKey) -> int:
     little-endian counters, whose low bytes alone would sample a range of ids.
     """
     return ((int.from_bytes(key[:8], "little") * _GOLDEN + _OFFSET) & _MASK64) >> 32
+
+
+def _sampled(keys: Sequence[PageKey], start: int, end: int, threshold: int) -> list[int]:
+    """Positions in [start, end) of the keys with ``key_hash(key) < threshold``,
+    hashed as one array when the keys are of one length of at least 8 bytes."""
+    chunk = keys[start:end]
+    size = len(chunk[0]) if chunk else 0
+    if size < 8 or len(set(map(len, chunk))) != 1:
+        return [start + j for j, key in enumerate(chunk) if key_hash(key) < threshold]
+    rows = np.frombuffer(b"".join(chunk), dtype=np.uint8).reshape(len(chunk), size)
+    low = np.ascontiguousarray(rows[:, :8]).view("<u8").ravel()  # int.from_bytes(key[:8], "little")
+    hashes = (low * np.uint64(_GOLDEN) + np.uint64(_OFFSET)) >> np.uint64(32)  # wraps mod 2**64
+    return (np.flatnonzero(hashes < threshold) + start).tolist()
 
 
 def pick_leader(scores: Sequence[float], ahead: Sequence[Sequence[float]], leader: int,
@@ -193,6 +209,26 @@ class _LeafGuard(EvictionPolicy):
         self._clock += 1
         self._last[key] = self._clock
         self.policy.on_access(key)
+
+    def on_access_run(self, keys: Sequence[PageKey]) -> None:
+        start = self._clock
+        self._clock += len(keys)
+        self._last.update(zip(keys, range(start + 1, self._clock + 1)))
+        self.policy.on_access_run(keys)
+
+    def on_insert_run(self, keys: Sequence[PageKey], parent: PageKey | None) -> None:
+        if len(set(keys)) != len(keys):
+            return super().on_insert_run(keys, parent)
+        start = self._clock
+        self._clock += len(keys)
+        self._last.update(zip(keys, range(start + 1, self._clock + 1)))
+        num_children = self._num_children
+        if parent is not None:
+            self._parent[keys[0]] = parent
+            num_children[parent] = num_children.get(parent, 0) + 1
+        self._parent.update(zip(keys[1:], keys))
+        num_children.update(zip(keys[:-1], repeat(1)))  # new pages: one child each, the next
+        self.policy.on_insert_run(keys, parent)
 
     def on_remove(self, key: PageKey) -> None:
         del self._last[key]
@@ -385,6 +421,38 @@ class AdaptivePolicy(EvictionPolicy):
         if clock >= self._next_epoch:
             self._end_epoch()
         self._live.on_access(key)
+
+    def on_access_run(self, keys: Sequence[PageKey]) -> None:
+        """``on_access`` of each key in order, with the same effect (see _feed)."""
+        self._feed(keys, True, None)
+
+    def on_insert_run(self, keys: Sequence[PageKey], parent: PageKey | None) -> None:
+        """``on_insert`` of each key in order, each under the one before (see _feed)."""
+        self._feed(keys, False, parent)
+
+    def _feed(self, keys: Sequence[PageKey], hit: bool, parent: PageKey | None) -> None:
+        """References in order, as per-key calls would make them: keys go to the live
+        expert in runs cut where an epoch ends (an epoch's end may switch experts)."""
+        live_one = (lambda j: self._live.on_access(keys[j])) if hit else \
+            (lambda j: self._live.on_insert(keys[j], keys[j - 1] if j else parent))
+        i, n = 0, len(keys)
+        while i < n:
+            # keys[i + j] is reference clock + 1 + j; the one reaching _next_epoch ends it
+            end = min(n, i + max(self._next_epoch - self._clock, 1))
+            if self._threshold:
+                for j in _sampled(keys, i, end, self._threshold):
+                    self._sample(keys[j], hit)
+            self._clock += end - i
+            last = end if self._clock < self._next_epoch else end - 1
+            if last > i:
+                if hit:
+                    self._live.on_access_run(keys[i:last])
+                else:
+                    self._live.on_insert_run(keys[i:last], keys[i - 1] if i else parent)
+            if last < end:  # the epoch ends between the last key's sample and its live call
+                self._end_epoch()
+                live_one(last)
+            i = end
 
     def on_remove(self, key: PageKey) -> None:  # replaced per instance by _bind
         self._live.on_remove(key)

@@ -16,8 +16,9 @@ original's REPLACE; the ordering inside each list is the paper's.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Callable
+from collections import OrderedDict, deque
+from itertools import repeat
+from typing import Callable, Sequence
 
 from kvstore.eviction.base import EvictionPolicy
 from kvstore.page_keys import PageKey
@@ -60,6 +61,12 @@ class ARCPolicy(EvictionPolicy):
             self._t2[key] = None
         else:
             self._t2.move_to_end(key)
+
+    def on_access_run(self, keys: Sequence[PageKey]) -> None:
+        # Each hit key ends up in T2, most recent last, in the order of its last hit.
+        deque(map(self._t1.pop, keys, repeat(None)), maxlen=0)
+        deque(map(self._t2.pop, keys, repeat(None)), maxlen=0)
+        self._t2.update(zip(reversed(dict.fromkeys(reversed(keys))), repeat(None)))
 
     def on_remove(self, key: PageKey) -> None:
         if self._t1.pop(key, False) is None:

@@ -8,7 +8,7 @@ the index and pool, see vLLM's block pool for the same split).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Sequence
 
 from kvstore.page_keys import PageKey
 
@@ -49,6 +49,23 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def on_access(self, key: PageKey) -> None:
         """``key`` was hit (or stored again)."""
+
+    def on_access_run(self, keys: Sequence[PageKey]) -> None:
+        """Each of ``keys`` was hit, in this order (a lookup's run of pages): the same
+        as ``on_access`` per key, which is what this default does. A policy whose
+        per-page cost shows overrides it with batched work of the same effect."""
+        on_access = self.on_access
+        for key in keys:
+            on_access(key)
+
+    def on_insert_run(self, keys: Sequence[PageKey], parent: PageKey | None) -> None:
+        """``on_insert`` of each key in order, ``keys[i]``'s parent being ``keys[i-1]``
+        (the first's ``parent``, if cached): one store's new chain. This default does
+        exactly that; a policy may batch it with the same effect."""
+        on_insert = self.on_insert
+        for key in keys:
+            on_insert(key, parent)
+            parent = key
 
     @abstractmethod
     def on_remove(self, key: PageKey) -> None:

@@ -66,8 +66,10 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
+from itertools import compress, repeat
+from typing import Callable, Sequence
 
-from typing import Callable
+import numpy as np
 
 from kvstore.eviction.base import EvictionPolicy
 from kvstore.page_keys import PageKey
@@ -217,6 +219,46 @@ class PrefixLHDPolicy(EvictionPolicy):
     def on_access(self, key: PageKey) -> None:
         self._use(key, self._stamp[key])
 
+    def on_access_run(self, keys: Sequence[PageKey]) -> None:
+        """``on_access`` of each key in order, batched between fits (same effect)."""
+        if len(set(keys)) != len(keys):  # a key used twice sees its own first use
+            return super().on_access_run(keys)
+        i, n = 0, len(keys)
+        while i < n:
+            end = min(n, i + max(self._next_fit - self._clock, 1))
+            seg = keys[i:end]
+            self._use_run(seg, np.fromiter(map(self._stamp.__getitem__, seg), np.int64, len(seg)))
+            i = end
+
+    def on_insert_run(self, keys: Sequence[PageKey], parent: PageKey | None) -> None:
+        """``on_insert`` of each key in order (each under the one before), batched between
+        fits. A page is pushed on the heap only if it is still a leaf once its chain is
+        in: the entries per-key inserts push for the others are dead on arrival."""
+        if len(set(keys)) != len(keys):
+            return super().on_insert_run(keys, parent)
+        i, n = 0, len(keys)
+        while i < n:
+            end = min(n, i + max(self._next_fit - self._clock, 1))
+            self._insert_links(keys[i:end], parent if i == 0 else keys[i - 1])
+            i = end
+
+    def _insert_links(self, keys: Sequence[PageKey], parent: PageKey | None) -> None:
+        num_children = self._num_children
+        if parent is not None and parent in self._stamp:
+            self._parent[keys[0]] = parent
+            num_children[parent] = num_children.get(parent, 0) + 1
+        self._parent.update(zip(keys[1:], keys))
+        num_children.update(zip(keys[:-1], repeat(1)))  # new pages: one child each, the next
+        prev = np.full(len(keys), -1, dtype=np.int64)
+        if self._ghost:
+            back = list(map(self._ghost.pop, keys, repeat(None)))
+            for j, previous in enumerate(back):
+                if previous is not None:  # evicted, now back: counted as "no reuse", it was one
+                    cls = previous % self._num_classes
+                    self._censored[cls] = max(self._censored[cls] - 1.0, 0.0)
+                    prev[j] = previous
+        self._use_run(keys, prev)
+
     def on_remove(self, key: PageKey) -> None:
         k, num_children = self._num_classes, self._num_children
         stamp = self._stamp.pop(key)
@@ -306,6 +348,37 @@ class PrefixLHDPolicy(EvictionPolicy):
         if clock >= self._next_fit:
             self._fit()
 
+    def _use_run(self, keys: Sequence[PageKey], prev: np.ndarray) -> None:
+        """``_use(key, previous stamp)`` for distinct keys, in order, as array work
+        (``prev[j]`` is -1 for a key with no previous use)::
+
+            key j:  clock c0+1+j,  interval c0+1+j - used_j,  class min(prev class+1, k-1) or 0
+        """
+        m, k, c0 = len(keys), self._num_classes, self._clock
+        stamps = self._stamp
+        clocks = np.arange(c0 + 1, c0 + m + 1, dtype=np.int64)
+        seen = prev >= 0
+        prev_cls = np.where(seen, prev % k, -1)
+        if seen.any():
+            used = prev[seen] // k
+            buckets = np.minimum((_BUCKETS_PER_OCTAVE * np.log2(clocks[seen] - used)).astype(np.int64),
+                                 _NUM_BUCKETS - 1)
+            counts = np.array(self._counts)
+            np.add.at(counts, (prev_cls[seen], buckets), 1.0)  # one add per use, in order: as _use
+            self._counts = counts.tolist()
+        # += 1.0 per use, in order (a sequential scan, so the float result is _use's)
+        self._num_refs = float(np.add.accumulate(np.r_[self._num_refs, np.ones(m)])[-1])
+        new = clocks * k + np.minimum(prev_cls + 1, k - 1)  # (no previous use: class 0)
+        stamps.update(zip(keys, new.tolist()))
+        self._clock = clock = c0 + m
+        num_children, retention, heap = self._num_children, self._retention, self._heap
+        is_parent = np.fromiter(map(num_children.__contains__, keys), dtype=bool, count=m)
+        for j in np.flatnonzero(~is_parent).tolist():  # leaves: candidates, as in _use
+            used = c0 + 1 + j
+            heapq.heappush(heap, (used + retention[int(new[j]) % k], used, keys[j]))
+        if clock >= self._next_fit:
+            self._fit()
+
     def _fit(self) -> None:
         self._next_fit = self._clock + self._fit_period
         if self._num_victims:
@@ -325,11 +398,13 @@ class PrefixLHDPolicy(EvictionPolicy):
 
     def _rebuild(self) -> None:
         """The heap from the live leaves, under the ages just fitted: O(cached pages)."""
-        k, retention, num_children = self._num_classes, self._retention, self._num_children
-        heap = []
-        for key, stamp in self._stamp.items():
-            if key not in num_children:
-                used = stamp // k
-                heap.append((used + retention[stamp % k], used, key))
+        k, stamps, num_children = self._num_classes, self._stamp, self._num_children
+        # As arrays: (used + retention[class], used, key) of each leaf, in the map's order.
+        leaf = ~np.fromiter(map(num_children.__contains__, stamps), dtype=bool, count=len(stamps))
+        stamp = np.fromiter(stamps.values(), dtype=np.int64, count=len(stamps))[leaf]
+        used = stamp // k
+        expiry = used + np.asarray(self._retention, dtype=np.float64)[stamp % k]
+        keys = list(compress(stamps, leaf.tolist()))
+        heap = list(zip(expiry.tolist(), used.tolist(), keys))
         heapq.heapify(heap)
         self._heap = heap

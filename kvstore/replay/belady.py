@@ -1,6 +1,6 @@
 """Belady's offline optimum as an eviction policy: evict the page used farthest in the future.
 
-It runs through the same :class:`~kvstore.tier_index.TierIndex` as every
+It runs through the same :class:`~kvstore.index.tier_index.TierIndex` as every
 online policy, so the bound and the policies are measured by one replay. It
 knows the future because it is built from the trace; it is not registered for
 the service (no online cache can know the future).

@@ -29,7 +29,7 @@ from typing import Callable, TextIO
 from kvstore.eviction import EvictionPolicy, make_policy
 from kvstore.page_keys import PageKey
 from kvstore.replay.trace import Trace
-from kvstore.tier_index import TierIndex
+from kvstore.index.tier_index import TierIndex
 
 ProgressFn = Callable[[int], None]  # called with the number of references replayed so far
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvstore.eviction import DEFAULT_POLICY, EvictionPolicy, make_policy, policy_names
-from kvstore.tier_index import TierIndex
+from kvstore.index.tier_index import TierIndex
 
 ALL = policy_names()
 PREFIX_AWARE = [n for n in ALL if n.startswith("prefix-")]

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from kvstore.eviction import DEFAULT_POLICY, make_policy
 from kvstore.eviction.adaptive import AdaptivePolicy, key_hash, pick_leader
-from kvstore.tier_index import TierIndex
+from kvstore.index.tier_index import TierIndex
 
 
 def key(i: int) -> bytes:

@@ -3,7 +3,7 @@
 import pytest
 
 from kvstore.eviction import policy_names
-from kvstore.tier_index import TierIndex
+from kvstore.index.tier_index import TierIndex
 
 
 def key(i: int) -> bytes:

@@ -8,7 +8,7 @@ import pytest
 
 from kvstore.eviction import prefix_lhd
 from kvstore.replay import replay, trace_from_block_ids
-from kvstore.tier_index import TierIndex
+from kvstore.index.tier_index import TierIndex
 
 ANY = lambda k: True  # noqa: E731
 

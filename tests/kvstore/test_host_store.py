@@ -4,9 +4,9 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from kvstore.host_pool import HostPool
-from kvstore.host_store import HostStore
+from kvstore.index.host_store import HostStore
 from kvstore.layout import KVLayout
-from kvstore.tier_index import TierIndexError
+from kvstore.index.tier_index import TierIndexError
 
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, page_size=2, dtype="float32")
 

@@ -3,7 +3,7 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvstore.eviction import policy_names
-from kvstore.tier_index import TierIndex, TierIndexError
+from kvstore.index.tier_index import TierIndex, TierIndexError
 
 
 def key(i: int) -> bytes:

@@ -16,7 +16,7 @@ from kvstore.replay import (
     trace_from_block_ids,
 )
 from kvstore.replay.report import trace_refs
-from kvstore.tier_index import TierIndex
+from kvstore.index.tier_index import TierIndex
 
 
 def trace(*requests: list[int]):
@@ -42,6 +42,10 @@ def test_replay_runs_the_service_index_and_policy_objects() -> None:
         def on_access(self, key) -> None:
             self.calls += 1
             super().on_access(key)
+
+        def on_access_run(self, keys) -> None:  # a lookup's hits come as one run
+            self.calls += len(keys)
+            super().on_access_run(keys)
 
     policy = Recording()
     result = replay(trace([1, 2], [1, 3]), 8, policy)
