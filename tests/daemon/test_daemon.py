@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from controller.api import CacheError
+from controller.api import CacheError, LoadError
 from controller.client import Credentials, DaemonClient
 from kvstore.page_keys import KeyNamespace
 
@@ -134,8 +134,9 @@ def test_daemon_kill9_and_restart_with_disk_serves_what_disk_holds(tmp_path):
         assert not os.path.exists(f"/dev/shm/{old_segment}")  # the new daemon removed it
         result = cache.lookup(tokens(5, 6))  # re-attaches by itself
         assert (result.num_l2_pages, result.num_l3_pages) == (0, 6)
-        with pytest.raises(CacheError, match="lookup\\(\\) again"):
+        with pytest.raises(LoadError, match="recompute its pages") as lost:
             cache.load(held, list(range(10, 16)))  # its slots belong to a dead instance
+        assert lost.value.first_bad_page == 0      # the engine recomputes the whole hit
         cache.release(held)  # a no-op, not an error
         cache.load(result, list(range(10, 16))).wait_all()
         assert pages_equal(pool, range(6), pool, range(10, 16))
