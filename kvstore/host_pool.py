@@ -61,6 +61,14 @@ def generations_view(buf, num_slots: int, slot_bytes: int) -> np.ndarray:
                       offset=generations_offset(num_slots, slot_bytes))
 
 
+def _slot_array(slots: Iterable[int] | np.ndarray) -> np.ndarray:
+    """Slot numbers as one index array (converted once per call)."""
+    if isinstance(slots, np.ndarray):
+        return slots.astype(np.intp, copy=False)
+    return np.fromiter(slots, dtype=np.intp) if not isinstance(slots, Sequence) \
+        else np.asarray(slots, dtype=np.intp)
+
+
 class HostPoolError(RuntimeError):
     """A slot operation broke the pool's rules (e.g. freeing a leased slot)."""
 
@@ -198,22 +206,25 @@ class HostPool:
 
     def lease(self, slots: Iterable[int]) -> None:
         """Pin ready slots for a reader; they can't be freed until unleased."""
-        slots = list(slots)
-        self._require_state(slots, READY, "lease")
-        np.add.at(self._leases, slots, 1)
+        idx = _slot_array(slots)
+        self._require_state(idx, READY, "lease")
+        # Repeated slots count once each (nested leases): np.add.at, with a typed one so
+        # numpy stays on its fast path.
+        np.add.at(self._leases, idx, np.int32(1))
 
     def unlease(self, slots: Iterable[int]) -> None:
-        slots = list(slots)
-        if slots and (self._leases[slots] <= 0).any():
-            raise HostPoolError(f"unlease() of slots without a lease: {slots}")
-        np.subtract.at(self._leases, slots, 1)
+        idx = _slot_array(slots)
+        if len(idx) and (self._leases[idx] <= 0).any():
+            raise HostPoolError(f"unlease() of slots without a lease: {idx.tolist()}")
+        np.subtract.at(self._leases, idx, np.int32(1))
 
     def lease_count(self, slot: int) -> int:
         return int(self._leases[slot])
 
-    def _require_state(self, slots: Sequence[int], state: int, op: str) -> None:
-        if len(slots) and (self._states[list(slots)] != state).any():
-            found = {s: self.state(s) for s in slots if self._states[s] != state}
+    def _require_state(self, slots: Sequence[int] | np.ndarray, state: int, op: str) -> None:
+        idx = _slot_array(slots)
+        if len(idx) and (self._states[idx] != state).any():
+            found = {int(s): self.state(s) for s in idx if self._states[s] != state}
             raise HostPoolError(f"{op}() needs {_STATE_NAMES[state]} slots, found {found}")
 
     def check_integrity(self) -> None:
