@@ -15,8 +15,12 @@ Liveness and restarts:
   is replaced, so a late reply or a queued request never reaches a new daemon;
 - a reply from a new daemon instance, or "unknown session", drops the old
   mapping and leases (load of an old result raises CacheError), attaches again
-  and retries once; a daemon that does not answer turns lookups into misses
-  and stores into skipped pages;
+  and retries once;
+- fail open, fast (``controller.liveness``): the first request that times out marks
+  the daemon down (one WARNING); until a background Ping on its own socket is
+  answered (one INFO), every request fails at once, so lookups are misses, stores
+  skipped pages and prefetches no-ops within milliseconds; then the session
+  re-attaches by itself. ``DaemonClient.link_health()`` shows it;
 - before copying from leased or into reserved slots the client makes sure the
   daemon heard from it within half the TTL, so it never touches a slot the
   daemon may have reclaimed and reused.
@@ -46,16 +50,14 @@ from controller.api import (CacheClient, CacheError, CacheStats, LoadHandle, Loo
                             PrefetchTicket, StoreResult)
 from controller.config import PrefetchConfig
 from controller.daemon import protocol as p
+from controller.daemon.address import parse_address
 from controller.device_pool import DevicePool
+from controller.liveness import DaemonDown, DaemonUnavailable, DaemonWatch, LinkHealth
 from controller.load_handle import CompletedLoad, ControllerLoad
 from kvstore.layout import KVLayout
 from kvstore.page_keys import KeyNamespace, page_keys
 
 log = logging.getLogger(__name__)
-
-
-class DaemonUnavailable(CacheError):
-    """The daemon did not answer within the request's deadline."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,12 +136,15 @@ class Session:
     def __init__(self, address: str, layout_fingerprint: str | None = None, *,
                  credentials: Credentials = Credentials(), request_timeout_s: float = 10.0,
                  client_name: str | None = None) -> None:
-        self.address = address
+        self.address = parse_address(address).url   # a malformed one would wait forever
         self.credentials = credentials
         self.request_timeout_s = request_timeout_s
         self.client_name = client_name or f"pid-{os.getpid()}"
         self._context = zmq.Context()
         self.channel = Channel(address, credentials, self._context)
+        self.watch = DaemonWatch(address, self._probe, self._close_probe, request_timeout_s)
+        """Up or down; while down, requests fail at once (``controller.liveness``)."""
+        self._probe_channel: Channel | None = None
         self.layout_fingerprint = layout_fingerprint
         self.hello: p.HelloReply | None = None
         self.instance: bytes | None = None
@@ -148,8 +153,36 @@ class Session:
         self.last_ack_sent = 0.0
         """monotonic send time of the latest request the daemon answered."""
 
+    def _request(self, msg: p.Message, session: bytes, timeout_s: float) -> tuple[p.Message, bytes]:
+        """``channel.request``, refused at once while the daemon is down; a timeout marks
+        it down (so the engine waits at most one timeout)."""
+        self.watch.check()
+        try:
+            return self.channel.request(msg, session, timeout_s)
+        except DaemonUnavailable as exc:
+            self.watch.mark_down(str(exc))
+            raise
+
+    def _probe(self, timeout_s: float) -> None:
+        """On the probe thread: Ping on a socket of its own (and a context of its own, so
+        closing this session never waits on it)."""
+        if self._probe_channel is None:
+            self._probe_channel = Channel(self.address, self.credentials, zmq.Context())
+        try:
+            reply, _ = self._probe_channel.request(p.Ping(), b"", timeout_s)
+        except zmq.ZMQError as exc:
+            raise CacheError(f"probe of {self.address} failed: {exc}") from None
+        if type(reply) is not p.PongReply:
+            raise CacheError(f"probe of {self.address} got {type(reply).__name__}")
+
+    def _close_probe(self) -> None:
+        channel, self._probe_channel = self._probe_channel, None
+        if channel is not None:
+            channel.reset()
+            channel._context.term()
+
     def ping(self) -> p.PongReply:
-        reply, _ = self.channel.request(p.Ping(), b"", self.request_timeout_s)
+        reply, _ = self._request(p.Ping(), b"", self.request_timeout_s)
         if type(reply) is not p.PongReply:
             raise CacheError(f"ping of {self.address} failed: {reply}")
         return reply
@@ -160,7 +193,7 @@ class Session:
         hello = p.Hello(self.client_name[:200], os.getpid() & 0xFFFFFFFF, self.layout_fingerprint,
                         self.credentials.token)
         sent = time.monotonic()
-        reply, instance = self.channel.request(hello, b"", self.request_timeout_s)
+        reply, instance = self._request(hello, b"", self.request_timeout_s)
         if type(reply) is p.ErrorReply:
             raise CacheError(f"the kvstore daemon at {self.address} refused this client: "
                              f"{reply.code}: {reply.message}")
@@ -179,7 +212,7 @@ class Session:
             if self.hello is None:
                 self.attach()
             sent = time.monotonic()
-            reply, instance = self.channel.request(msg, self.hello.session, timeout_s)
+            reply, instance = self._request(msg, self.hello.session, timeout_s)
             if type(reply) is p.ErrorReply and reply.code == "unknown_session":
                 self.hello = None
                 if attempt == 0:
@@ -190,11 +223,12 @@ class Session:
         return reply
 
     def close(self) -> None:
+        self.watch.close()
         if self.hello is not None:
             try:
-                self.channel.request(p.Goodbye(), self.hello.session, min(self.request_timeout_s, 2.0))
+                self._request(p.Goodbye(), self.hello.session, min(self.request_timeout_s, 2.0))
             except CacheError:
-                pass
+                pass  # the daemon reclaims the session after lease_ttl_s
             self.hello = None
         self.channel.reset()
         self._context.term()
@@ -215,7 +249,7 @@ class _Heartbeat(threading.Thread):
             while not self.stop_event.is_set():
                 hello = s.hello
                 interval = hello.heartbeat_interval_s if hello else 1.0
-                if hello is not None:
+                if hello is not None and not s.watch.is_down:  # the probe finds it back
                     sent = time.monotonic()
                     try:
                         reply, instance = channel.request(p.Heartbeat(), hello.session, interval)
@@ -413,6 +447,19 @@ class DaemonLink:
         except CacheError:
             pass  # the daemon aborts it after reservation_ttl_s, or has restarted
 
+    def commit_store(self, reservation_id: int) -> p.Message | None:
+        """CommitStore; None when the daemon did not answer (the store is skipped: the
+        daemon aborts the reservation, or has restarted)."""
+        try:
+            return self.session.call(p.CommitStore(reservation_id))
+        except DaemonUnavailable:
+            return None
+
+    @property
+    def health(self) -> LinkHealth:
+        """Whether the daemon answers this client, and its outages so far."""
+        return self.session.watch.health()
+
     def daemon_stats(self) -> dict:
         reply = self.call(p.GetStats())
         if type(reply) is not p.StatsReply:
@@ -545,7 +592,7 @@ class DaemonClient(CacheClient):
         try:
             reply = self._link.lookup(keys, len(keys) * P)
         except DaemonUnavailable as exc:
-            log.warning("lookup is a miss: %s", exc)
+            log.debug("lookup is a miss: %s", exc)  # DaemonWatch logs the outage once
             return LookupResult(0, (), P, 0, 0)
         num_hit = reply.num_l2 + reply.num_l3
         # The result carries an id of this client's own: a restarted daemon numbers its
@@ -564,7 +611,7 @@ class DaemonClient(CacheClient):
         try:
             reply = self._link.call_prefetch(p.StartPrefetch(p.join_keys(keys))) if keys else None
         except DaemonUnavailable as exc:
-            log.warning("prefetch not started: %s", exc)
+            log.debug("prefetch not started: %s", exc)
             reply = None
         if type(reply) is p.ErrorReply:
             raise CacheError(f"prefetch refused by the daemon: {reply.code}: {reply.message}")
@@ -600,7 +647,7 @@ class DaemonClient(CacheClient):
         try:
             plan = self._link.call(p.BeginStore(p.join_keys(keys)))
         except DaemonUnavailable as exc:
-            log.warning("store skipped: %s", exc)
+            log.debug("store skipped: %s", exc)
             return StoreResult(len(keys), 0, len(keys))
         if type(plan) is p.ErrorReply:
             raise CacheError(f"store refused by the daemon: {plan.code}: {plan.message}")
@@ -613,12 +660,16 @@ class DaemonClient(CacheClient):
             self._link.require_fresh()
             self._device.save([pages[i] for i in positions], self._link.pool, slots)
             self._link.require_fresh()
+        except DaemonUnavailable:  # went down meanwhile: fail open, the store is skipped
+            reply = None
         except BaseException:
             self._link.abort_store(plan.reservation_id)
             raise
-        reply = self._link.session.call(p.CommitStore(plan.reservation_id))
+        else:
+            reply = self._link.commit_store(plan.reservation_id)
         if type(reply) is not p.CommitReply:
-            log.warning("store not published: %s", getattr(reply, "message", reply))
+            if reply is not None:
+                log.warning("store not published: %s", getattr(reply, "message", reply))
             return StoreResult(len(keys), 0, len(keys) - plan.num_skipped)
         return StoreResult(len(keys), reply.num_published, plan.num_skipped)
 
@@ -643,6 +694,12 @@ class DaemonClient(CacheClient):
     def daemon_stats(self) -> dict:
         self._check_open()
         return self._link.daemon_stats()
+
+    def link_health(self) -> LinkHealth:
+        """This client's view of the daemon: up or down, outages, requests failed fast.
+        Answered locally (``stats()`` asks the daemon, and fails fast while it is down)."""
+        self._check_open()
+        return self._link.health
 
     def check_integrity(self, quiescent: bool = False) -> None:
         """Run the daemon's integrity check; raises CacheError with its finding."""

@@ -21,6 +21,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from controller.config import ConfigError, ControllerConfig, L3Config
+from controller.daemon.address import parse_address
 from kvstore.layout import KVLayout, LayoutError
 
 try:
@@ -103,9 +104,7 @@ class DaemonConfig:
     touch (seconds per GiB), which would otherwise land on the first stores."""
 
     def __post_init__(self) -> None:
-        if not self.address.startswith(("ipc://", "tcp://")):
-            raise ConfigError(f"address {self.address!r} must start with ipc:// or tcp://")
-        if self.address.startswith("tcp://"):
+        if parse_address(self.address).is_tcp:
             if self.auth.read_token() is None and not self.auth.is_curve:
                 raise ConfigError(
                     f"address {self.address} is tcp:// but no credentials are set: set auth.token_file "
