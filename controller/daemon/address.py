@@ -47,37 +47,37 @@ class DaemonAddress:
 def parse_address(text: object) -> DaemonAddress:
     """``text`` as a DaemonAddress; AddressError naming what is wrong and the forms expected."""
     if not isinstance(text, str):
-        raise AddressError(f"a daemon address must be a string like {FORMS}, got "
-                           f"{type(text).__name__}")
+        raise AddressError(f"a daemon address must be a string, got {type(text).__name__}; "
+                           f"expected {FORMS}")
     scheme, sep, rest = text.partition("://")
     if not sep or scheme not in ("ipc", "tcp"):
-        raise AddressError(f"daemon address {text!r} is not {FORMS}")
+        raise _bad(text, "unknown form")
     if scheme == "ipc":
         return _parse_ipc(text, rest)
     return _parse_tcp(text, rest)
 
 
+def _bad(text: str, what: str) -> AddressError:
+    return AddressError(f"daemon address {text!r}: {what}; expected {FORMS}")
+
+
 def _parse_ipc(text: str, path: str) -> DaemonAddress:
     if not path.startswith("/"):
-        raise AddressError(f"daemon address {text!r} needs an absolute socket path: "
-                           "ipc:///ABSOLUTE/PATH (three slashes)")
+        raise _bad(text, "the socket path must be absolute (ipc:// and then /PATH: three slashes)")
     if path.endswith("/") or "\0" in path:
-        raise AddressError(f"daemon address {text!r} does not name a socket file: ipc:///DIR/NAME.sock")
+        raise _bad(text, "it names a directory, not a socket file")
     if len(path.encode()) > MAX_IPC_PATH_BYTES:
-        raise AddressError(f"the socket path of {text!r} is {len(path.encode())} bytes; Unix "
-                           f"sockets allow {MAX_IPC_PATH_BYTES}: choose a shorter ipc:// path")
+        raise _bad(text, f"the socket path is {len(path.encode())} bytes, Unix sockets allow "
+                   f"{MAX_IPC_PATH_BYTES}")
     return DaemonAddress(text, "ipc", path=path)
 
 
 def _parse_tcp(text: str, rest: str) -> DaemonAddress:
     host, sep, port_text = rest.rpartition(":")
     if not sep or not host or (host.count(":") and not host.startswith("[")):
-        raise AddressError(f"daemon address {text!r} needs a host and a port: tcp://HOST:PORT "
-                           "(an IPv6 host in brackets: tcp://[::1]:7600)")
+        raise _bad(text, "it needs a host and a port (an IPv6 host in brackets: tcp://[::1]:7600)")
     if not _HOST.fullmatch(host):
-        raise AddressError(f"daemon address {text!r}: {host!r} is not a host name or address "
-                           "(tcp://HOST:PORT)")
+        raise _bad(text, f"{host!r} is not a host name or address")
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise AddressError(f"daemon address {text!r}: the port {port_text!r} must be a number in "
-                           "1..65535 (tcp://HOST:PORT)")
+        raise _bad(text, f"the port {port_text!r} must be a number in 1..65535")
     return DaemonAddress(text, "tcp", host=host, port=int(port_text))
