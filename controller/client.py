@@ -54,6 +54,7 @@ from controller.daemon.address import parse_address
 from controller.device_pool import DevicePool
 from controller.liveness import DaemonDown, DaemonUnavailable, DaemonWatch, LinkHealth
 from controller.load_handle import CompletedLoad, ControllerLoad
+from controller.segment import attach_segment
 from kvstore.layout import KVLayout
 from kvstore.page_keys import KeyNamespace, page_keys
 
@@ -266,20 +267,10 @@ class _MappedPool:
     """The daemon's host pool, mapped into this process (page_first, like HostPool.tensor)."""
 
     def __init__(self, hello: p.HelloReply, layout: KVLayout, pin: bool) -> None:
-        from multiprocessing import shared_memory
-
-        try:
-            self._shm = shared_memory.SharedMemory(name=hello.segment_name, track=False)
-        except TypeError:  # Python < 3.13: attach, then stop the tracker from unlinking it at exit
-            from multiprocessing import resource_tracker
-
-            self._shm = shared_memory.SharedMemory(name=hello.segment_name)
-            resource_tracker.unregister(self._shm._name, "shared_memory")
-        except FileNotFoundError:
-            raise CacheError(f"the daemon's segment {hello.segment_name} is gone (daemon restarting?)")
         size = hello.num_slots * hello.slot_bytes
+        self._shm = attach_segment(hello.segment_name, size)  # CacheError saying why not
         self.layout = layout.with_arrangement("page_first")
-        if hello.slot_bytes != self.layout.page_bytes or self._shm.size < size:
+        if hello.slot_bytes != self.layout.page_bytes:
             self._shm.close()
             raise CacheError(f"segment {hello.segment_name} does not hold {hello.num_slots} pages of "
                              f"layout {layout.fingerprint()}")
