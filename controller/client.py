@@ -48,6 +48,7 @@ import zmq
 
 from controller.api import (CacheClient, CacheError, CacheStats, LoadHandle, LookupResult,
                             PrefetchTicket, StoreResult)
+from controller.arguments import page_id_list, token_array
 from controller.config import PrefetchConfig
 from controller.daemon import protocol as p
 from controller.daemon.address import parse_address
@@ -571,7 +572,7 @@ class DaemonClient(CacheClient):
         self._leases.clear()
 
     def _keys(self, tokens) -> list[bytes]:
-        return page_keys(self._ns_digest, tokens, self.layout.page_size)
+        return page_keys(self._ns_digest, token_array(tokens), self.layout.page_size)
 
     # ---- the API ------------------------------------------------------------------------
     def lookup(self, tokens: Sequence[int] | np.ndarray) -> LookupResult:
@@ -610,11 +611,12 @@ class DaemonClient(CacheClient):
 
     def load(self, result: LookupResult, device_pages: Sequence[int]) -> LoadHandle:
         self._check_open()
+        device_pages = page_id_list(device_pages, "load() device_pages")
         if len(device_pages) != result.num_hit_pages:
             raise CacheError(f"load() needs one device page per hit page: got {len(device_pages)} "
                              f"for {result.num_hit_pages} hit pages")
         if not result.num_hit_pages:
-            return CompletedLoad()
+            return CompletedLoad(self.layout.num_layers)
         lease = self._leases.get(result.lease_id)
         if lease is None or lease.result != result or lease.epoch != self._link.epoch:
             raise CacheError(f"lease {result.lease_id} has ended (released, or the daemon restarted "
@@ -629,6 +631,7 @@ class DaemonClient(CacheClient):
     def store(self, tokens: Sequence[int] | np.ndarray, device_pages: Sequence[int]) -> StoreResult:
         self._check_open()
         keys = self._keys(tokens)
+        device_pages = page_id_list(device_pages, "store() device_pages")
         if len(device_pages) < len(keys):
             raise CacheError(f"store() got {len(device_pages)} device pages for {len(keys)} full "
                              "pages of tokens")

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from controller.api import CacheError, LoadHandle
+from controller.arguments import layer_index
 from kvstore.copy_ops import LayerCopyPlan
 
 
@@ -48,7 +49,11 @@ class ControllerLoad(LoadHandle):
 class CompletedLoad(ControllerLoad):
     """A load with nothing to move (no hit pages)."""
 
+    def __init__(self, num_layers: int | None = None) -> None:
+        self._num_layers = num_layers   # None: any int layer
+
     def wait_layer(self, layer: int) -> None:
+        layer_index(layer, self._num_layers if self._num_layers is not None else 2**31)
         self._check_live()
 
     def wait_all(self) -> None:
@@ -64,8 +69,7 @@ class LazyLayerLoad(ControllerLoad):
         self._num_done = 0
 
     def wait_layer(self, layer: int) -> None:
-        if not 0 <= layer < self._num_layers:
-            raise ValueError(f"layer must be in [0, {self._num_layers}), got {layer}")
+        layer = layer_index(layer, self._num_layers)
         self._check_live()  # after release the slots may hold another page
         while self._num_done <= layer:
             self._plan.launch(self._num_done)
@@ -148,8 +152,7 @@ class CudaStreamLoad(ControllerLoad):
                 self._cond.notify_all()
 
     def wait_layer(self, layer: int) -> None:
-        if not 0 <= layer < len(self._events):
-            raise ValueError(f"layer must be in [0, {len(self._events)}), got {layer}")
+        layer = layer_index(layer, len(self._events))
         self._check_live()
         with self._cond:
             while self._num_issued <= layer and self._is_issuing:
