@@ -75,8 +75,11 @@ def _int_array(values: Any, what: str, kind: str) -> np.ndarray:
         arr = np.asarray(list(values), dtype=object)
     if arr.ndim != 1:
         raise CacheError(f"{expected}, got {type(values).__name__} of shape {arr.shape}")
-    if arr.size and arr.dtype.kind not in "iu":  # find the entry to name (the slow path)
-        for i, item in enumerate(arr.tolist()):
+    # numpy turns [True, 2] into ints: a bool among ints is refused like a float
+    is_bad = arr.dtype.kind not in "iu" or (isinstance(values, (list, tuple))
+                                          and bool in set(map(type, values)))
+    if arr.size and is_bad:  # find the entry to name (the slow path)
+        for i, item in enumerate(values if isinstance(values, (list, tuple)) else arr.tolist()):
             if isinstance(item, bool) or not isinstance(item, numbers.Integral):
                 raise CacheError(f"{what}[{i}] is {item!r} ({type(item).__name__}); {kind} must be ints")
             if abs(item) >= 2**63:
