@@ -36,7 +36,7 @@ def test_parser_accepts_ipc():
     assert (parsed.scheme, parsed.path) == ("ipc", "/run/user/1000/kvstore/kvstore.sock")
 
 
-def _run(args: list[str], timeout_s: float = 30.0) -> subprocess.CompletedProcess:
+def _run(args: list[str], timeout_s: float = 120.0) -> subprocess.CompletedProcess:
     # A hang (what main did) fails the test by timeout instead of hanging the suite.
     return subprocess.run([sys.executable, *args], env=child_env(), cwd=REPO, capture_output=True,
                           text=True, timeout=timeout_s)
