@@ -13,7 +13,7 @@ import torch
 from daemon_proc import DaemonProcess, device_pool, wait_until
 
 TIMEOUT_S = 1.0
-FAST_S = 0.05     # "a few ms"; generous for a busy 2-core box
+FAST_S = 0.02     # "a few ms", with room for a busy 2-core box
 TOKENS = list(range(16))   # 4 pages of 4 tokens
 PAGES = [0, 1, 2, 3]
 
@@ -35,7 +35,7 @@ def _calls_while_down(client) -> None:
     """The first call waits at most one timeout; every later one returns at once."""
     result, first_s = _timed(lambda: client.lookup(TOKENS))
     assert result.num_hit_pages == 0 and first_s < TIMEOUT_S + 0.5
-    slowest = 0.0
+    times = []
     for _ in range(20):
         result, lookup_s = _timed(lambda: client.lookup(TOKENS))
         assert result.num_hit_pages == 0
@@ -43,8 +43,12 @@ def _calls_while_down(client) -> None:
         assert stored.num_new_pages == 0 and stored.num_skipped_pages == 4
         ticket, prefetch_s = _timed(lambda: client.prefetch(TOKENS))
         assert ticket.is_done and ticket.num_ready == 0
-        slowest = max(slowest, lookup_s, store_s, prefetch_s)
-    assert slowest < FAST_S, f"a call took {slowest * 1000:.0f} ms while the daemon was down"
+        times += [lookup_s, store_s, prefetch_s]
+    times.sort()
+    # None waits on the socket (the max, with room for a descheduled thread on a busy
+    # box); the typical call takes a few ms (the median).
+    assert times[-1] < TIMEOUT_S / 2, f"a call took {times[-1] * 1000:.0f} ms while down"
+    assert times[len(times) // 2] < FAST_S, f"median {times[len(times) // 2] * 1000:.1f} ms"
     health = client.link_health()
     assert not health.is_up and health.num_outages == 1 and health.num_failed_fast >= 60
 
