@@ -31,6 +31,7 @@ from controller.pipelines.prefetch import CompletedPrefetch
 from kvstore.host_store import HostStore
 from kvstore.layout import KVLayout
 from kvstore.page_keys import KeyNamespace, PageKey, page_keys
+from kvstore.slot_fence import SlotFence
 
 
 class _PendingStore(NamedTuple):
@@ -87,7 +88,11 @@ class EmbeddedController(CacheClient):
                 f"load() needs one device page per hit page: got {len(pages)} "
                 f"for {result.num_hit_pages} hit pages"
             )
-        handle = self._device.load(self._core.pool, self._core.slots_of(result.keys), pages)
+        slots = self._core.slots_of(result.keys)
+        # Leased slots can't change owner in-process; the fence costs one compare and
+        # keeps one code path for both modes.
+        fence = SlotFence.current(self._core.pool.generations, slots)
+        handle = self._device.load(self._core.pool, slots, pages, fence)
         self._leases.add_load(result.lease_id, handle)
         return handle
 

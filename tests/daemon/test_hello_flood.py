@@ -19,7 +19,7 @@ def _flood(address: str, num_sockets: int, hellos_each: int) -> int:
     """Send Hellos as fast as zmq takes them; wait for every reply; the number answered."""
     context = zmq.Context()
     socks = [context.socket(zmq.DEALER) for _ in range(num_sockets)]
-    hello = p.Hello("flood", 1, LAYOUT.fingerprint(), b"")
+    hello = p.Hello("flood", 1, LAYOUT.fingerprint(), b"", 0, 0)
     try:
         for sock in socks:
             sock.setsockopt(zmq.LINGER, 0)
