@@ -53,7 +53,7 @@ from controller.config import PrefetchConfig
 from controller.daemon import protocol as p
 from controller.daemon.address import parse_address
 from controller.device_pool import DevicePool
-from controller.liveness import DaemonDown, DaemonUnavailable, DaemonWatch, LinkHealth
+from controller.liveness import DaemonDown, DaemonUnavailable, DaemonWatch, LinkHealth  # noqa: F401
 from controller.load_handle import CompletedLoad, ControllerLoad
 from controller.process_identity import own_identity
 from controller.segment import attach_segment
@@ -172,7 +172,8 @@ class Session:
         """On the probe thread: Ping on a socket of its own (and a context of its own, so
         closing this session never waits on it)."""
         if self._probe_channel is None:
-            self._probe_channel = Channel(self.address, self.credentials, zmq.Context())
+            self._probe_context = zmq.Context()
+            self._probe_channel = Channel(self.address, self.credentials, self._probe_context)
         try:
             reply, _ = self._probe_channel.request(p.Ping(), b"", timeout_s)
         except zmq.ZMQError as exc:
@@ -184,7 +185,7 @@ class Session:
         channel, self._probe_channel = self._probe_channel, None
         if channel is not None:
             channel.reset()
-            channel._context.term()
+            self._probe_context.term()
 
     def ping(self) -> p.PongReply:
         reply, _ = self._request(p.Ping(), b"", self.request_timeout_s)
