@@ -26,7 +26,7 @@ from controller.api import CacheError
 log = logging.getLogger("controller.client")
 
 FIRST_PROBE_S = 0.25
-MAX_PROBE_INTERVAL_S = 5.0
+MAX_PROBE_INTERVAL_S = 2.0
 MAX_PROBE_TIMEOUT_S = 1.0
 
 
