@@ -18,11 +18,17 @@ TOKENS = list(range(16))   # 4 pages of 4 tokens
 PAGES = [0, 1, 2, 3]
 
 
-def _store_and_hit(client) -> None:
+def _store_and_hit(client) -> bool:
     client.store(TOKENS, PAGES)
     result = client.lookup(TOKENS)
-    assert result.num_hit_pages == 4
     client.release(result)
+    return result.num_hit_pages == 4
+
+
+def _recovers(client) -> bool:
+    """Back and hitting. (On a loaded box the daemon just started may miss a 1 s deadline
+    once more: that is another short outage, which the probe ends again.)"""
+    return wait_until(lambda: client.link_health().is_up and _store_and_hit(client), 60, 0.2)
 
 
 def _timed(call):
@@ -53,6 +59,12 @@ def _calls_while_down(client) -> None:
     assert not health.is_up and health.num_outages == 1 and health.num_failed_fast >= 60
 
 
+def _one_warning_for_the_outage(caplog) -> None:
+    down, back = _outage_logs(caplog)
+    assert len(down) == 1 and "down" in down[0].getMessage(), [r.getMessage() for r in down]
+    assert back == []
+
+
 def _outage_logs(caplog) -> tuple[list, list]:
     records = [r for r in caplog.records if r.name == "controller.client"]
     down = [r for r in records if r.levelno >= logging.WARNING]
@@ -66,20 +78,19 @@ def test_daemon_killed_calls_fail_fast_then_client_recovers(tmp_path, caplog):
     pool = device_pool(seed=1)
     client = daemon.client(pool, request_timeout_s=TIMEOUT_S)
     try:
-        _store_and_hit(client)
+        assert _store_and_hit(client)
         daemon.kill9()
         _calls_while_down(client)
+        _one_warning_for_the_outage(caplog)   # 60 calls, one line
         daemon.start()
-        assert wait_until(lambda: client.link_health().is_up, 20)
-        _store_and_hit(client)   # re-attached to the new daemon, mapped its segment
+        assert _recovers(client)   # re-attached to the new daemon, mapped its segment
         result = client.lookup(TOKENS)
         assert not torch.equal(pool[:, :, 10:14], pool[:, :, 0:4])   # layer_first: [L][kv][page]
         client.load(result, [10, 11, 12, 13]).wait_all()
         assert torch.equal(pool[:, :, 10:14], pool[:, :, 0:4])
         client.release(result)
         down, back = _outage_logs(caplog)
-        assert len(down) == 1 and "down" in down[0].getMessage(), [r.getMessage() for r in down]
-        assert len(back) == 1
+        assert len(down) == client.link_health().num_outages == len(back)   # one line each
     finally:
         client.close()
         daemon.stop()
@@ -90,17 +101,20 @@ def test_daemon_frozen_calls_fail_fast_then_client_hits_again(tmp_path, caplog):
     daemon = DaemonProcess(tmp_path).start()
     client = daemon.client(device_pool(seed=2), request_timeout_s=TIMEOUT_S)
     try:
-        _store_and_hit(client)
+        assert _store_and_hit(client)
         daemon.proc.send_signal(signal.SIGSTOP)
         try:
             _calls_while_down(client)
+            _one_warning_for_the_outage(caplog)
         finally:
             daemon.proc.send_signal(signal.SIGCONT)
-        assert wait_until(lambda: client.link_health().is_up, 20)
-        result = client.lookup(TOKENS)   # the pages stayed in L2 while it was frozen
-        assert result.num_l2_pages == 4
-        client.release(result)
-        assert [len(x) for x in _outage_logs(caplog)] == [1, 1]
+        assert wait_until(lambda: client.link_health().is_up, 60)
+        hits = []   # the pages stayed in L2 while it was frozen
+        assert wait_until(lambda: hits.append(client.lookup(TOKENS)) or hits[-1].num_l2_pages == 4, 60)
+        for result in hits:
+            client.release(result)
+        down, back = _outage_logs(caplog)
+        assert len(down) == client.link_health().num_outages == len(back)
     finally:
         client.close()
         daemon.stop()
