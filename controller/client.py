@@ -40,7 +40,7 @@ import logging
 import os
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -55,6 +55,7 @@ from controller.daemon.address import parse_address
 from controller.device_pool import DevicePool
 from controller.liveness import DaemonDown, DaemonUnavailable, DaemonWatch, LinkHealth  # noqa: F401
 from controller.load_handle import CompletedLoad, ControllerLoad
+from controller.pending_stores import PendingStore, PendingStores
 from controller.process_identity import own_identity
 from controller.segment import attach_segment
 from kvstore.host_pool import generations_view, segment_bytes
@@ -424,14 +425,6 @@ class DaemonLink:
         except CacheError:
             pass  # the daemon aborts it after reservation_ttl_s, or has restarted
 
-    def commit_store(self, reservation_id: int) -> p.Message | None:
-        """CommitStore; None when the daemon did not answer (the store is skipped: the
-        daemon aborts the reservation, or has restarted)."""
-        try:
-            return self.session.call(p.CommitStore(reservation_id))
-        except DaemonUnavailable:
-            return None
-
     @property
     def health(self) -> LinkHealth:
         """Whether the daemon answers this client, and its outages so far."""
@@ -518,6 +511,14 @@ class _RemotePrefetch(PrefetchTicket):
             self._last = dataclasses.replace(self._last, is_done=True)
 
 
+class _Reserved(NamedTuple):
+    """A daemon reservation being written (what ``_publish`` needs)."""
+
+    reservation_id: int
+    fence: SlotFence
+    num_skipped: int
+
+
 @dataclasses.dataclass
 class _Lease:
     result: LookupResult
@@ -541,6 +542,8 @@ class DaemonClient(CacheClient):
         self._ns_digest = namespace.digest()
         self._leases: dict[int, _Lease] = {}   # this client's lease id -> lease
         self._lost_lease_ids: set[int] = set()
+        self._pending = PendingStores(self._publish,
+                                      lambda store: self._link.abort_store(store.plan.reservation_id))
         self._lease_ids = itertools.count(1)
         self._is_closed = False
         self._link = DaemonLink(address, self.layout, credentials=credentials,
@@ -572,6 +575,7 @@ class DaemonClient(CacheClient):
         P = self.layout.page_size
         if not keys:
             return LookupResult(0, (), P, 0, 0)
+        self._pending.publish_done(wanted=keys)
         try:
             reply = self._link.lookup(keys, len(keys) * P)
         except DaemonUnavailable as exc:
@@ -608,6 +612,7 @@ class DaemonClient(CacheClient):
                              f"for {result.num_hit_pages} hit pages")
         if not result.num_hit_pages:
             return CompletedLoad(self.layout.num_layers)
+        self._pending.publish_done()
         pages = self._device.check_pages(device_pages, "device_pages")
         try:
             self._link.require_fresh()
@@ -630,7 +635,12 @@ class DaemonClient(CacheClient):
         return handle
 
     def store(self, tokens: Sequence[int] | np.ndarray, device_pages: Sequence[int]) -> StoreResult:
+        """See ``CacheClient.store``. On CUDA this returns once the device-to-host copy is
+        enqueued (the engine may reuse its pages at once: ``DevicePool.start_save``); the
+        pages are committed by a later call that finds the copy complete, or by close.
+        ``num_new_pages`` then counts the pages being written."""
         self._check_open()
+        self._pending.publish_done()
         keys = self._keys(tokens)
         device_pages = page_id_list(device_pages, "store() device_pages")
         if len(device_pages) < len(keys):
@@ -656,21 +666,38 @@ class DaemonClient(CacheClient):
             self._link.require_fresh()
             pool = self._link.pool
             fence = SlotFence(pool.generations, slots, np.frombuffer(plan.generations, "<u4"))
-            self._device.save([pages[i] for i in positions], pool, slots)
+            copy = self._device.start_save([pages[i] for i in positions], pool, slots)
         except DaemonUnavailable:  # went down meanwhile: fail open, the store is skipped
             return StoreResult(len(keys), 0, len(keys))
         except BaseException:
             self._link.abort_store(plan.reservation_id)
             raise
-        if not self._owns_slots(fence):
-            self._link.abort_store(plan.reservation_id)
-            return StoreResult(len(keys), 0, len(keys))
-        reply = self._link.commit_store(plan.reservation_id)   # None: the daemon went down
-        if type(reply) is not p.CommitReply:
-            if reply is not None:
-                log.warning("store not published: %s", getattr(reply, "message", reply))
+        store = PendingStore(keys, _Reserved(plan.reservation_id, fence, plan.num_skipped), copy)
+        if not copy.is_done():
+            # CUDA: the copy runs behind this call; published by a later call once done.
+            self._pending.add(store)
+            return StoreResult(len(keys), len(slots), plan.num_skipped)
+        num_published = self._publish(store)
+        if num_published is None:
             return StoreResult(len(keys), 0, len(keys) - plan.num_skipped)
-        return StoreResult(len(keys), reply.num_published, plan.num_skipped)
+        return StoreResult(len(keys), num_published, plan.num_skipped)
+
+    def _publish(self, store: PendingStore) -> int | None:
+        """Commit a store whose copy has completed; the pages published, or None if it
+        could not be (its slots changed owner, the daemon refused or did not answer)."""
+        reserved = store.plan
+        if not self._owns_slots(reserved.fence):
+            self._link.abort_store(reserved.reservation_id)
+            return None
+        try:
+            reply = self._link.session.call(p.CommitStore(reserved.reservation_id))
+        except DaemonUnavailable as exc:
+            log.debug("store not published: %s", exc)  # DaemonWatch logs the outage once
+            return None
+        if type(reply) is not p.CommitReply:
+            log.warning("store not published: %s", getattr(reply, "message", reply))
+            return None
+        return reply.num_published
 
     @staticmethod
     def _owns_slots(fence: SlotFence) -> bool:
@@ -699,10 +726,12 @@ class DaemonClient(CacheClient):
     def stats(self) -> CacheStats:
         """The daemon's cache counters (shared by every client of the daemon)."""
         self._check_open()
+        self._pending.publish_done()
         return self._link.cache_stats()
 
     def daemon_stats(self) -> dict:
         self._check_open()
+        self._pending.publish_done()
         return self._link.daemon_stats()
 
     def link_health(self) -> LinkHealth:
@@ -711,15 +740,26 @@ class DaemonClient(CacheClient):
         self._check_open()
         return self._link.health
 
+    @property
+    def num_pending_stores(self) -> int:
+        """Stores whose copies were in flight at the last call (not yet visible)."""
+        return len(self._pending)
+
     def check_integrity(self, quiescent: bool = False) -> None:
-        """Run the daemon's integrity check; raises CacheError with its finding."""
+        """Run the daemon's integrity check (after the stores in flight, when ``quiescent``);
+        raises CacheError with its finding."""
         self._check_open()
+        self._pending.publish_done(wait=quiescent)
         self._link.check_integrity(quiescent)
 
     def close(self) -> None:
-        """Release every lease (Goodbye), stop the heartbeat, unmap the segment. Idempotent."""
+        """Publish the stores in flight, release every lease (Goodbye), stop the heartbeat,
+        unmap the segment. Idempotent."""
         if self._is_closed:
             return
         self._is_closed = True
-        self._drop_leases()
-        self._link.close()
+        try:
+            self._pending.publish_done(wait=True)
+        finally:
+            self._drop_leases()
+            self._link.close()

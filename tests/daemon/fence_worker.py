@@ -3,10 +3,10 @@
 Every page's KV is a function of its page key (``page_values``), so any process can
 check any page it loads, byte for byte, whoever stored it.
 
-    churn SEED SECONDS OTHER store fresh 8-page prompts as fast as it can (every store
-                             evicts, so slots are reused all the time), loading and
-                             checking earlier ones, until the file STOP exists; then
-                             look up every prompt it stored and prompt(OTHER), and check
+    churn SEED SECONDS OTHER...  store fresh 8-page prompts as fast as it can (every
+                             store evicts, so slots are reused all the time), loading and
+                             checking earlier ones, until the file STOP exists; then look
+                             up every prompt it stored and prompt(OTHER) of each, and check
     reader SEED POINT        store a prompt, look it up, stop itself (SIGSTOP) at POINT
                              (before_copy | mid_load | before_verify), then finish the load
     writer SEED POINT        store a prompt, stopping itself at POINT (before_copy |
@@ -97,7 +97,8 @@ def load_and_check(cache: DaemonClient, pool: torch.Tensor, tokens: list[int], p
     return {"outcome": "ok", "pages": result.num_hit_pages, "wrong": wrong}
 
 
-def churn(cache: DaemonClient, pool: torch.Tensor, seed: int, seconds: float, other: int) -> dict:
+def churn(cache: DaemonClient, pool: torch.Tensor, seed: int, seconds: float,
+          others: list[int]) -> dict:
     end, stored = time.monotonic() + seconds, []
     totals = {"stores": 0, "pages": 0, "wrong": 0, "load_errors": 0}
     while time.monotonic() < end and not os.path.exists("STOP"):
@@ -109,7 +110,7 @@ def churn(cache: DaemonClient, pool: torch.Tensor, seed: int, seconds: float, ot
             _count(totals, load_and_check(cache, pool, stored[-2], list(range(NUM_PAGES, 2 * NUM_PAGES))))
     totals["stores"] = len(stored)
     sweep = {"pages": 0, "wrong": 0, "load_errors": 0}
-    for tokens in stored + [prompt(other)]:
+    for tokens in stored + [prompt(other) for other in others]:
         _count(sweep, load_and_check(cache, pool, tokens, list(range(NUM_PAGES, 2 * NUM_PAGES))))
     totals["sweep"] = sweep
     return totals
@@ -122,10 +123,10 @@ def _count(totals: dict, got: dict) -> None:
 
 
 def _pausing_save(point: str):
-    """DevicePool.save (CPU) that stops this process, or dawdles, at ``point`` of the copy:
-    the same plan, launched a layer at a time."""
+    """DevicePool.start_save (CPU) that stops this process, or dawdles, at ``point`` of the
+    copy: the same plan, launched a layer at a time."""
 
-    def save(self, pages, host, slots):
+    def start_save(self, pages, host, slots):
         if point == "before_copy":
             stop_here()
         plan = self._copy.plan_layers(self.tensor, self.layout, pages, host.tensor, host.layout,
@@ -139,7 +140,7 @@ def _pausing_save(point: str):
         if point == "before_commit":
             stop_here()
         return SaveCopy(None)
-    return save
+    return start_save
 
 
 def main(address: str, role: str, *args: str) -> int:
@@ -149,7 +150,7 @@ def main(address: str, role: str, *args: str) -> int:
     pages = list(range(NUM_PAGES))
     try:
         if role == "churn":
-            out = churn(cache, pool, int(args[0]), float(args[1]), int(args[2]))
+            out = churn(cache, pool, int(args[0]), float(args[1]), [int(a) for a in args[2:]])
         elif role == "reader":
             tokens = prompt(int(args[0]))
             fill(pool, tokens, pages)
@@ -164,7 +165,7 @@ def main(address: str, role: str, *args: str) -> int:
         elif role == "writer":
             tokens = prompt(int(args[0]))
             fill(pool, tokens, pages)
-            DevicePool.save = _pausing_save(args[1])
+            DevicePool.start_save = _pausing_save(args[1])
             stored = cache.store(tokens, pages)
             out = {"outcome": "ok" if stored.num_new_pages else "not_published",
                    "new_pages": stored.num_new_pages}

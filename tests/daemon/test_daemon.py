@@ -278,3 +278,32 @@ def test_prefetch_through_the_daemon_hints_best_effort_and_waits(tmp_path):
         eager.close()
         cache.close()
         daemon.check_integrity(quiescent=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_daemon_store_returns_before_its_copy_and_publishes_it_later(daemon):
+    """The daemon client's store is asynchronous on CUDA, like the embedded one: it returns
+    with the copy enqueued behind the engine's work, the engine may overwrite its pages at
+    once, and the pages become visible (with the old bytes) once the copy has completed."""
+    pool = torch.randn(LAYOUT.pool_shape(32), device="cuda")
+    want = pool[:, :, :6].clone()
+    writer = daemon.client(pool)
+    reader_pool = torch.zeros(LAYOUT.pool_shape(32), device="cuda")
+    reader = daemon.client(reader_pool)
+    try:
+        torch.cuda._sleep(200_000_000)            # the engine's stream is busy: the copy waits
+        stored = writer.store(tokens(91, 6), list(range(6)))
+        assert stored.num_new_pages == 6 and writer.num_pending_stores == 1
+        pool.zero_()                              # reused at once, ordered after the copy
+        writer.check_integrity(quiescent=True)    # waits for the copy and publishes it
+        result = reader.lookup(tokens(91, 6))
+        assert result.num_hit_pages == 6
+        handle = reader.load(result, list(range(10, 16)))
+        handle.verify()
+        torch.cuda.synchronize()
+        assert torch.equal(reader_pool[:, :, 10:16], want)
+        reader.release(result)
+    finally:
+        reader.close()
+        writer.close()
