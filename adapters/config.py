@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from controller.config import ConfigError, ControllerConfig, L3Config
+from controller.daemon.address import AddressError, parse_address
 
 EMBEDDED = "embedded"
 _KEYS = ("kvstore_url", "kvstore_host_pool_pages", "kvstore_eviction_policy", "kvstore_l3",
@@ -42,11 +43,12 @@ class AdapterConfig:
     """Pages stored under one salt are never served under another (tenant isolation)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.url, str) or not (
-            self.url == EMBEDDED or self.url.startswith(("ipc://", "tcp://"))
-        ):
-            raise ConfigError(f"kvstore_url {self.url!r} must be 'embedded' or a daemon address "
-                              "(ipc://PATH or tcp://HOST:PORT, as given to `kvstore serve`)")
+        if self.url != EMBEDDED:
+            try:
+                parse_address(self.url)
+            except AddressError as exc:
+                raise ConfigError(f"kvstore_url must be 'embedded' or a daemon address, as given "
+                                  f"to `kvstore serve`: {exc}") from None
         if self.request_timeout_s <= 0:
             raise ConfigError(f"kvstore_request_timeout_s must be > 0, got {self.request_timeout_s}")
 

@@ -28,15 +28,22 @@ def connect(config: ControllerConfig, namespace: KeyNamespace, device_pool: torc
 
 def connect_daemon(address: str | None, namespace: KeyNamespace, device_pool: torch.Tensor,
                    **options) -> CacheClient:
-    """A cache client attached to the daemon at ``address`` (None: the default ipc:// address).
+    """A cache client attached to the daemon at ``address`` (None: ``KVSTORE_ADDRESS``, else
+    the default ipc:// address, as ``kvstore serve`` and ``kvstore status`` choose it).
 
+    The client must run on the daemon's node, as its user, sharing its /dev/shm: it maps
+    the daemon's shared-memory segment. A malformed address raises ConfigError at once.
     Options (see controller.client.DaemonClient): copy_backend, credentials
-    (controller.client.Credentials: token / CURVE key files), request_timeout_s, client_name.
+    (controller.client.Credentials: token / CURVE key files), request_timeout_s,
+    client_name, prefetch.
     """
+    import os
+
     from controller.client import DaemonClient
     from controller.daemon.config import default_address
 
-    return DaemonClient(address or default_address(), namespace, device_pool, **options)
+    address = address or os.environ.get("KVSTORE_ADDRESS") or default_address()
+    return DaemonClient(address, namespace, device_pool, **options)
 
 
 __all__ = [

@@ -15,8 +15,12 @@ Liveness and restarts:
   is replaced, so a late reply or a queued request never reaches a new daemon;
 - a reply from a new daemon instance, or "unknown session", drops the old
   mapping and leases (load of an old result raises CacheError), attaches again
-  and retries once; a daemon that does not answer turns lookups into misses
-  and stores into skipped pages;
+  and retries once;
+- fail open, fast (``controller.liveness``): the first request that times out marks
+  the daemon down (one WARNING); until a background Ping on its own socket is
+  answered (one INFO), every request fails at once, so lookups are misses, stores
+  skipped pages and prefetches no-ops within milliseconds; then the session
+  re-attaches by itself. ``DaemonClient.link_health()`` shows it;
 - before copying from leased or into reserved slots the client makes sure the
   daemon heard from it within half the TTL, so it never touches a slot the
   daemon may have reclaimed and reused.
@@ -44,22 +48,22 @@ import zmq
 
 from controller.api import (CacheClient, CacheError, CacheStats, LoadError, LoadHandle,
                             LookupResult, PrefetchTicket, StoreResult)
+from controller.arguments import page_id_list, token_array
 from controller.config import PrefetchConfig
 from controller.daemon import protocol as p
+from controller.daemon.address import parse_address
 from controller.device_pool import DevicePool
+from controller.liveness import DaemonDown, DaemonUnavailable, DaemonWatch, LinkHealth  # noqa: F401
 from controller.load_handle import CompletedLoad, ControllerLoad
 from controller.pending_stores import PendingStore, PendingStores
 from controller.process_identity import own_identity
+from controller.segment import attach_segment
 from kvstore.host_pool import generations_view, segment_bytes
 from kvstore.layout import KVLayout
 from kvstore.page_keys import KeyNamespace, page_keys
 from kvstore.slot_fence import SlotFence
 
 log = logging.getLogger(__name__)
-
-
-class DaemonUnavailable(CacheError):
-    """The daemon did not answer within the request's deadline."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,12 +142,15 @@ class Session:
     def __init__(self, address: str, layout_fingerprint: str | None = None, *,
                  credentials: Credentials = Credentials(), request_timeout_s: float = 10.0,
                  client_name: str | None = None) -> None:
-        self.address = address
+        self.address = parse_address(address).url   # a malformed one would wait forever
         self.credentials = credentials
         self.request_timeout_s = request_timeout_s
         self.client_name = client_name or f"pid-{os.getpid()}"
         self._context = zmq.Context()
         self.channel = Channel(address, credentials, self._context)
+        self.watch = DaemonWatch(address, self._probe, self._close_probe, request_timeout_s)
+        """Up or down; while down, requests fail at once (``controller.liveness``)."""
+        self._probe_channel: Channel | None = None
         self.layout_fingerprint = layout_fingerprint
         self.hello: p.HelloReply | None = None
         self.instance: bytes | None = None
@@ -152,8 +159,37 @@ class Session:
         self.last_ack_sent = 0.0
         """monotonic send time of the latest request the daemon answered."""
 
+    def _request(self, msg: p.Message, session: bytes, timeout_s: float) -> tuple[p.Message, bytes]:
+        """``channel.request``, refused at once while the daemon is down; a timeout marks
+        it down (so the engine waits at most one timeout)."""
+        self.watch.check()
+        try:
+            return self.channel.request(msg, session, timeout_s)
+        except DaemonUnavailable as exc:
+            self.watch.mark_down(str(exc))
+            raise
+
+    def _probe(self, timeout_s: float) -> None:
+        """On the probe thread: Ping on a socket of its own (and a context of its own, so
+        closing this session never waits on it)."""
+        if self._probe_channel is None:
+            self._probe_context = zmq.Context()
+            self._probe_channel = Channel(self.address, self.credentials, self._probe_context)
+        try:
+            reply, _ = self._probe_channel.request(p.Ping(), b"", timeout_s)
+        except zmq.ZMQError as exc:
+            raise CacheError(f"probe of {self.address} failed: {exc}") from None
+        if type(reply) is not p.PongReply:
+            raise CacheError(f"probe of {self.address} got {type(reply).__name__}")
+
+    def _close_probe(self) -> None:
+        channel, self._probe_channel = self._probe_channel, None
+        if channel is not None:
+            channel.reset()
+            self._probe_context.term()
+
     def ping(self) -> p.PongReply:
-        reply, _ = self.channel.request(p.Ping(), b"", self.request_timeout_s)
+        reply, _ = self._request(p.Ping(), b"", self.request_timeout_s)
         if type(reply) is not p.PongReply:
             raise CacheError(f"ping of {self.address} failed: {reply}")
         return reply
@@ -165,7 +201,7 @@ class Session:
         hello = p.Hello(self.client_name[:200], me.pid & 0xFFFFFFFF, self.layout_fingerprint,
                         self.credentials.token, me.start_ticks, me.pid_namespace)
         sent = time.monotonic()
-        reply, instance = self.channel.request(hello, b"", self.request_timeout_s)
+        reply, instance = self._request(hello, b"", self.request_timeout_s)
         if type(reply) is p.ErrorReply:
             raise CacheError(f"the kvstore daemon at {self.address} refused this client: "
                              f"{reply.code}: {reply.message}")
@@ -184,7 +220,7 @@ class Session:
             if self.hello is None:
                 self.attach()
             sent = time.monotonic()
-            reply, instance = self.channel.request(msg, self.hello.session, timeout_s)
+            reply, instance = self._request(msg, self.hello.session, timeout_s)
             if type(reply) is p.ErrorReply and reply.code == "unknown_session":
                 self.hello = None
                 if attempt == 0:
@@ -195,11 +231,12 @@ class Session:
         return reply
 
     def close(self) -> None:
+        self.watch.close()
         if self.hello is not None:
             try:
-                self.channel.request(p.Goodbye(), self.hello.session, min(self.request_timeout_s, 2.0))
+                self._request(p.Goodbye(), self.hello.session, min(self.request_timeout_s, 2.0))
             except CacheError:
-                pass
+                pass  # the daemon reclaims the session after lease_ttl_s
             self.hello = None
         self.channel.reset()
         self._context.term()
@@ -220,7 +257,7 @@ class _Heartbeat(threading.Thread):
             while not self.stop_event.is_set():
                 hello = s.hello
                 interval = hello.heartbeat_interval_s if hello else 1.0
-                if hello is not None:
+                if hello is not None and not s.watch.is_down:  # the probe finds it back
                     sent = time.monotonic()
                     try:
                         reply, instance = channel.request(p.Heartbeat(), hello.session, interval)
@@ -237,21 +274,11 @@ class _MappedPool:
     """The daemon's host pool, mapped into this process (page_first, like HostPool.tensor)."""
 
     def __init__(self, hello: p.HelloReply, layout: KVLayout, pin: bool) -> None:
-        from multiprocessing import shared_memory
-
-        try:
-            self._shm = shared_memory.SharedMemory(name=hello.segment_name, track=False)
-        except TypeError:  # Python < 3.13: attach, then stop the tracker from unlinking it at exit
-            from multiprocessing import resource_tracker
-
-            self._shm = shared_memory.SharedMemory(name=hello.segment_name)
-            resource_tracker.unregister(self._shm._name, "shared_memory")
-        except FileNotFoundError:
-            raise CacheError(f"the daemon's segment {hello.segment_name} is gone (daemon restarting?)")
         size = hello.num_slots * hello.slot_bytes
+        # CacheError saying why it cannot be mapped, or is too small
+        self._shm = attach_segment(hello.segment_name, segment_bytes(hello.num_slots, hello.slot_bytes))
         self.layout = layout.with_arrangement("page_first")
-        if hello.slot_bytes != self.layout.page_bytes or \
-                self._shm.size < segment_bytes(hello.num_slots, hello.slot_bytes):
+        if hello.slot_bytes != self.layout.page_bytes:
             self._shm.close()
             raise CacheError(f"segment {hello.segment_name} does not hold {hello.num_slots} pages of "
                              f"layout {layout.fingerprint()}")
@@ -399,6 +426,11 @@ class DaemonLink:
         except CacheError:
             pass  # the daemon aborts it after reservation_ttl_s, or has restarted
 
+    @property
+    def health(self) -> LinkHealth:
+        """Whether the daemon answers this client, and its outages so far."""
+        return self.session.watch.health()
+
     def daemon_stats(self) -> dict:
         reply = self.call(p.GetStats())
         if type(reply) is not p.StatsReply:
@@ -535,7 +567,7 @@ class DaemonClient(CacheClient):
         self._leases.clear()
 
     def _keys(self, tokens) -> list[bytes]:
-        return page_keys(self._ns_digest, tokens, self.layout.page_size)
+        return page_keys(self._ns_digest, token_array(tokens), self.layout.page_size)
 
     # ---- the API ------------------------------------------------------------------------
     def lookup(self, tokens: Sequence[int] | np.ndarray) -> LookupResult:
@@ -548,7 +580,7 @@ class DaemonClient(CacheClient):
         try:
             reply = self._link.lookup(keys, len(keys) * P)
         except DaemonUnavailable as exc:
-            log.warning("lookup is a miss: %s", exc)
+            log.debug("lookup is a miss: %s", exc)  # DaemonWatch logs the outage once
             return LookupResult(0, (), P, 0, 0)
         num_hit = reply.num_l2 + reply.num_l3
         # The result carries an id of this client's own: a restarted daemon numbers its
@@ -567,7 +599,7 @@ class DaemonClient(CacheClient):
         try:
             reply = self._link.call_prefetch(p.StartPrefetch(p.join_keys(keys))) if keys else None
         except DaemonUnavailable as exc:
-            log.warning("prefetch not started: %s", exc)
+            log.debug("prefetch not started: %s", exc)
             reply = None
         if type(reply) is p.ErrorReply:
             raise CacheError(f"prefetch refused by the daemon: {reply.code}: {reply.message}")
@@ -575,11 +607,12 @@ class DaemonClient(CacheClient):
 
     def load(self, result: LookupResult, device_pages: Sequence[int]) -> LoadHandle:
         self._check_open()
+        device_pages = page_id_list(device_pages, "load() device_pages")
         if len(device_pages) != result.num_hit_pages:
             raise CacheError(f"load() needs one device page per hit page: got {len(device_pages)} "
                              f"for {result.num_hit_pages} hit pages")
         if not result.num_hit_pages:
-            return CompletedLoad()
+            return CompletedLoad(self.layout.num_layers)
         self._pending.publish_done()
         pages = self._device.check_pages(device_pages, "device_pages")
         try:
@@ -610,6 +643,7 @@ class DaemonClient(CacheClient):
         self._check_open()
         self._pending.publish_done()
         keys = self._keys(tokens)
+        device_pages = page_id_list(device_pages, "store() device_pages")
         if len(device_pages) < len(keys):
             raise CacheError(f"store() got {len(device_pages)} device pages for {len(keys)} full "
                              "pages of tokens")
@@ -619,7 +653,7 @@ class DaemonClient(CacheClient):
         try:
             plan = self._link.call(p.BeginStore(p.join_keys(keys)))
         except DaemonUnavailable as exc:
-            log.warning("store skipped: %s", exc)
+            log.debug("store skipped: %s", exc)
             return StoreResult(len(keys), 0, len(keys))
         if type(plan) is p.ErrorReply:
             raise CacheError(f"store refused by the daemon: {plan.code}: {plan.message}")
@@ -634,6 +668,8 @@ class DaemonClient(CacheClient):
             pool = self._link.pool
             fence = SlotFence(pool.generations, slots, np.frombuffer(plan.generations, "<u4"))
             copy = self._device.start_save([pages[i] for i in positions], pool, slots)
+        except DaemonUnavailable:  # went down meanwhile: fail open, the store is skipped
+            return StoreResult(len(keys), 0, len(keys))
         except BaseException:
             self._link.abort_store(plan.reservation_id)
             raise
@@ -657,7 +693,7 @@ class DaemonClient(CacheClient):
         try:
             reply = self._link.session.call(p.CommitStore(reserved.reservation_id))
         except DaemonUnavailable as exc:
-            log.warning("store not published: %s", exc)
+            log.debug("store not published: %s", exc)  # DaemonWatch logs the outage once
             return None
         if type(reply) is not p.CommitReply:
             log.warning("store not published: %s", getattr(reply, "message", reply))
@@ -698,6 +734,12 @@ class DaemonClient(CacheClient):
         self._check_open()
         self._pending.publish_done()
         return self._link.daemon_stats()
+
+    def link_health(self) -> LinkHealth:
+        """This client's view of the daemon: up or down, outages, requests failed fast.
+        Answered locally (``stats()`` asks the daemon, and fails fast while it is down)."""
+        self._check_open()
+        return self._link.health
 
     @property
     def num_pending_stores(self) -> int:

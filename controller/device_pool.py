@@ -18,12 +18,12 @@ client's mapping of the daemon's segment): the copies only need the bytes.
 
 from __future__ import annotations
 
-import numbers
 from typing import Protocol, Sequence
 
 import torch
 
 from controller.api import CacheError
+from controller.arguments import check_page_ids
 from controller.load_handle import CompletedLoad, ControllerLoad, CudaStreamLoad, LayerIssuer, LazyLayerLoad
 from kvstore.copy_ops import CopyBackend, copy_backend_for
 from kvstore.layout import KVLayout
@@ -73,26 +73,9 @@ class DevicePool:
 
     def check_pages(self, pages: Sequence[int], what: str) -> list[int]:
         """``pages`` as a list of ints, or CacheError naming the first bad entry: each
-        must be an int (not a float or bool), inside the pool, and named once."""
-        try:
-            out = list(pages)
-        except TypeError:
-            raise CacheError(f"{what} must be a sequence of device page ids, got "
-                             f"{type(pages).__name__}") from None
-        for i, page in enumerate(out):
-            if isinstance(page, bool) or not isinstance(page, numbers.Integral):
-                raise CacheError(f"{what}[{i}] is {page!r} ({type(page).__name__}); device page "
-                                 "ids must be ints")
-            if not 0 <= page < self.num_pages:
-                raise CacheError(f"{what}[{i}] = {page} is outside the engine pool of "
-                                 f"{self.num_pages} pages (valid ids: 0..{self.num_pages - 1})")
-        out = [int(p) for p in out]
-        if len(set(out)) != len(out):
-            seen: set[int] = set()
-            dup = next(p for p in out if p in seen or seen.add(p))
-            raise CacheError(f"{what} names device page {dup} twice; each page holds one "
-                             "page of tokens")
-        return out
+        must be an int (not a float or bool), inside the pool, and named once
+        (``controller.arguments``: one rule for both clients)."""
+        return check_page_ids(pages, self.num_pages, what)
 
     def load(self, host: HostPages, slots: Sequence[int], pages: list[int],
              fence: SlotFence | None = None) -> ControllerLoad:
@@ -101,7 +84,7 @@ class DevicePool:
         the calling thread on CUDA. ``fence``: the generations the slots had when leased,
         checked once the copies are over (a reused slot is a LoadError, never silent)."""
         if not pages:
-            return CompletedLoad()
+            return CompletedLoad(self.layout.num_layers)
         plan = self._copy.plan_layers(host.tensor, host.layout, list(slots), self.tensor, self.layout, pages)
         if self._stream is not None:
             return CudaStreamLoad(plan, self._stream, self._issuer, fence, len(pages))

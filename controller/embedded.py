@@ -21,6 +21,7 @@ import torch
 
 from controller.api import (CacheClient, CacheError, CacheStats, LoadHandle, LookupResult,
                             PrefetchTicket, StoreResult)
+from controller.arguments import token_array
 from controller.config import ControllerConfig
 from controller.core import CacheCore, FlushReport
 from controller.device_pool import DevicePool
@@ -56,6 +57,7 @@ class EmbeddedController(CacheClient):
         return self._core.host
 
     def lookup(self, tokens: Sequence[int] | np.ndarray) -> LookupResult:
+        tokens = token_array(tokens)
         self._commit_stores(tokens=tokens)
         self._core.check_open()
         keys = page_keys(self._ns_digest, tokens, self.layout.page_size)
@@ -67,7 +69,7 @@ class EmbeddedController(CacheClient):
 
     def prefetch(self, tokens: Sequence[int] | np.ndarray) -> PrefetchTicket:
         self._core.check_open()
-        ticket = self._core.prefetch(page_keys(self._ns_digest, tokens, self.layout.page_size))
+        ticket = self._core.prefetch(page_keys(self._ns_digest, token_array(tokens), self.layout.page_size))
         return ticket if ticket is not None else CompletedPrefetch()
 
     def load(self, result: LookupResult, device_pages: Sequence[int]) -> LoadHandle:
@@ -95,7 +97,7 @@ class EmbeddedController(CacheClient):
         the pages being written (a concurrent store of the same pages may publish first)."""
         self._core.check_open()
         self._commit_stores()
-        keys = page_keys(self._ns_digest, tokens, self.layout.page_size)
+        keys = page_keys(self._ns_digest, token_array(tokens), self.layout.page_size)
         pages = self._device.check_pages(device_pages, "store() device_pages")
         if len(pages) < len(keys):
             raise CacheError(

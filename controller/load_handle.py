@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from controller.api import CacheError, LoadError, LoadHandle
+from controller.arguments import layer_index
 from kvstore.copy_ops import LayerCopyPlan
 from kvstore.slot_fence import SlotFence
 
@@ -77,7 +78,11 @@ def _fence_error(fence: SlotFence | None) -> LoadError | None:
 class CompletedLoad(ControllerLoad):
     """A load with nothing to move (no hit pages)."""
 
+    def __init__(self, num_layers: int | None = None) -> None:
+        self._num_layers = num_layers   # None: any int layer
+
     def wait_layer(self, layer: int) -> None:
+        layer_index(layer, self._num_layers if self._num_layers is not None else 2**31)
         self._check_live()
 
     def wait_all(self) -> None:
@@ -97,8 +102,7 @@ class LazyLayerLoad(ControllerLoad):
         self._error: LoadError | None = None
 
     def wait_layer(self, layer: int) -> None:
-        if not 0 <= layer < self._num_layers:
-            raise ValueError(f"layer must be in [0, {self._num_layers}), got {layer}")
+        layer = layer_index(layer, self._num_layers)
         self._check_live()  # after release the slots may hold another page
         if self._error is None:
             self._copy_through(layer)
@@ -195,8 +199,7 @@ class CudaStreamLoad(ControllerLoad):
                 self._cond.notify_all()
 
     def wait_layer(self, layer: int) -> None:
-        if not 0 <= layer < len(self._events):
-            raise ValueError(f"layer must be in [0, {len(self._events)}), got {layer}")
+        layer = layer_index(layer, len(self._events))
         self._check_live()
         with self._cond:
             while self._num_issued <= layer and self._is_issuing:

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from controller.api import CacheError
+    from controller.config import ConfigError
     from controller.daemon.config import default_address
 
     address = args.address or os.environ.get("KVSTORE_ADDRESS") or default_address()
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         os.environ.get("KVSTORE_AUTH_TOKEN", "").encode()
     try:
         stats = fetch_stats(address, token, args.timeout)
-    except (CacheError, RuntimeError) as exc:
+    except (CacheError, ConfigError, RuntimeError) as exc:
         print(f"kvstore status: {exc}", file=sys.stderr)
         return 1
     if args.json:

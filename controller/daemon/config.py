@@ -21,6 +21,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from controller.config import ConfigError, ControllerConfig, L3Config
+from controller.daemon.address import parse_address
 from kvstore.layout import KVLayout, LayoutError
 
 try:
@@ -50,7 +51,8 @@ class AuthConfig:
     token_file: str | None = None
     """File holding the shared token clients present in Hello (read at start; keep it 0600)."""
     token: str | None = None
-    """The shared token itself (prefer token_file or KVSTORE_AUTH_TOKEN over a config file)."""
+    """The shared token itself, from KVSTORE_AUTH_TOKEN or the config file (never a flag:
+    ``ps`` shows command lines to every user; prefer token_file)."""
     curve_secret_key_file: str | None = None
     """The daemon's CURVE secret key file (zmq.auth.create_certificates); enables CURVE."""
     curve_public_keys_dir: str | None = None
@@ -62,9 +64,15 @@ class AuthConfig:
 
     def read_token(self) -> bytes | None:
         if self.token is not None:
+            if not self.token.strip():
+                raise ConfigError("auth.token is empty; an empty token would admit every client")
             return self.token.encode()
         if self.token_file is not None:
-            return Path(self.token_file).read_bytes().strip()
+            token = Path(self.token_file).read_bytes().strip()
+            if not token:  # an empty token would admit every client
+                raise ConfigError(f"auth.token_file {self.token_file} is empty; write the shared "
+                                  "token into it")
+            return token
         return None
 
 
@@ -114,9 +122,7 @@ class DaemonConfig:
     touch (seconds per GiB), which would otherwise land on the first stores."""
 
     def __post_init__(self) -> None:
-        if not self.address.startswith(("ipc://", "tcp://")):
-            raise ConfigError(f"address {self.address!r} must start with ipc:// or tcp://")
-        if self.address.startswith("tcp://"):
+        if parse_address(self.address).is_tcp:
             if self.auth.read_token() is None and not self.auth.is_curve:
                 raise ConfigError(
                     f"address {self.address} is tcp:// but no credentials are set: set auth.token_file "
@@ -210,7 +216,8 @@ FIELDS: tuple[Setting, ...] = (
     Setting("prefault_host_pool", _bool, (bool,), "touch every page of L2 at start (slower start, "
             "no first-touch cost on the first stores)"),
     Setting("auth.token_file", str, _S, "file holding the shared token (tcp)"),
-    Setting("auth.token", str, _S, "the shared token (tcp)"),
+    Setting("auth.token", str, _S, "refused: use --auth-token-file or KVSTORE_AUTH_TOKEN "
+            "(a flag shows the token in ps)"),
     Setting("auth.curve_secret_key_file", str, _S, "daemon CURVE secret key file (tcp)"),
     Setting("auth.curve_public_keys_dir", str, _S, "directory of allowed client CURVE public keys"),
     Setting("lease_ttl_s", float, _F, "seconds of silence after which a client's leases are reclaimed"),
@@ -264,6 +271,7 @@ def read_sources(
             raise ConfigError(f"config file {config_file}: {exc}") from None
         for name, value in _flatten(table).items():
             values[name] = (value, f"{config_file}")
+    _refuse_secret_flags(flags)
     for source, texts in (("environment", {s.name: environ.get(s.env) for s in FIELDS}),
                           ("flag", flags)):
         for name, text in texts.items():
@@ -276,6 +284,15 @@ def read_sources(
             except ValueError as exc:
                 raise ConfigError(f"{name} (from {where}): {exc}") from None
     return values
+
+
+def _refuse_secret_flags(flags: Mapping[str, str | None]) -> None:
+    """A token on the command line is shown to every user of the host (ps, /proc/PID/cmdline)."""
+    if flags.get("auth.token") is not None:
+        raise ConfigError(f"{_BY_NAME['auth.token'].flag} would show the token to every user of this "
+                          "host (ps); put it in a file only the daemon's user can read (chmod 600) "
+                          f"and pass {_BY_NAME['auth.token_file'].flag} FILE, or set "
+                          f"{_BY_NAME['auth.token'].env}")
 
 
 def build_config(values: Mapping[str, tuple[Any, str]]) -> DaemonConfig:

@@ -14,6 +14,7 @@ import time
 from typing import Sequence
 
 from controller.api import CacheError
+from controller.daemon.address import parse_address
 from kvstore.layout import KVLayout
 
 
@@ -31,21 +32,29 @@ def layout_flags(layout: KVLayout) -> list[str]:
 
 
 def wait_until_serving(address: str, proc: subprocess.Popen | None, timeout_s: float) -> None:
-    """Return once a daemon answers on ``address``; RuntimeError if ``proc`` exits first
-    or ``timeout_s`` passes."""
-    from controller.client import Session
+    """Return once a daemon answers a Ping on ``address``; RuntimeError if ``proc`` exits
+    first or ``timeout_s`` passes. (A bare channel, not a Session: a daemon that is not
+    up yet is expected here, not an outage to report.)"""
+    import zmq
 
+    from controller.client import Channel, Credentials
+    from controller.daemon import protocol as p
+
+    context = zmq.Context()
+    channel = Channel(parse_address(address).url, Credentials(), context)
     deadline = time.monotonic() + timeout_s
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"kvstore serve exited with status {proc.returncode} before serving")
-        session = Session(address, request_timeout_s=0.3)
-        try:
-            session.ping()
-            return
-        except CacheError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"kvstore serve did not answer on {address} within {timeout_s} s") from None
-            time.sleep(0.1)
-        finally:
-            session.close()
+    try:
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"kvstore serve exited with status {proc.returncode} before serving")
+            try:
+                channel.request(p.Ping(), b"", 0.3)
+                return
+            except CacheError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"kvstore serve did not answer on {address} within "
+                                       f"{timeout_s} s") from None
+                time.sleep(0.1)
+    finally:
+        channel.reset()
+        context.term()

@@ -29,6 +29,7 @@ import zmq
 
 from controller.core import CacheCore
 from controller.daemon import protocol as p
+from controller.daemon.admission import FreshSessions
 from controller.daemon.auth import TokenCheck, bind_ipc, start_curve
 from controller.daemon.config import DaemonConfig
 from controller.daemon.lookup_counts import LookupCounts
@@ -72,6 +73,7 @@ class DaemonServer:
             p.CancelPrefetch: self._cancel_prefetch,
         }
         self._bad = {}
+        self._fresh = FreshSessions()   # sessions that sent nothing but Hello (a flood's)
         # WaitPrefetch requests answered later: (deadline, identity, request_id, id, ticket)
         self._waiters: list[tuple[float, bytes, int, int, object]] = []
 
@@ -288,7 +290,7 @@ class DaemonServer:
         self.metrics.requests.labels(type(msg).__name__).inc()
         try:
             if type(msg) is p.Hello:
-                return self._hello(msg), request_id
+                return self._admit(self._hello(msg), identity), request_id
             if type(msg) is p.Ping:
                 return self._pong(), request_id
             session = self.sessions.sessions.get(session_id)
@@ -296,6 +298,7 @@ class DaemonServer:
                 self._refuse("unknown_session")
                 return p.ErrorReply("unknown_session", "no such session (the daemon restarted or "
                                     "reclaimed it): send Hello again"), request_id
+            self._fresh.graduate(session_id)
             if self.sessions.touch(session):
                 self.metrics.fence_events.labels("resumed").inc()
                 log.info("client %r (pid %d) resumed; its leases and reservations stood",
@@ -324,7 +327,7 @@ class DaemonServer:
             self._refuse("bad_layout")
             return p.ErrorReply("bad_layout", f"this daemon serves layout {fingerprint}, the client "
                                 f"has {msg.layout_fingerprint}; start a daemon for that layout")
-        if len(self.sessions.sessions) >= _MAX_SESSIONS:
+        if self._is_full():
             self._refuse("too_many_clients")
             return p.ErrorReply("limit", f"{_MAX_SESSIONS} clients are attached; try again later")
         session = self.sessions.open(
@@ -340,6 +343,24 @@ class DaemonServer:
         return p.HelloReply(session.session_id, pool.name, pool.num_slots, pool.slot_bytes,
                             fingerprint, cfg.lease_ttl_s, cfg.heartbeat_interval_s,
                             cfg.reservation_ttl_s)
+
+    def _is_full(self) -> bool:
+        """Whether _MAX_SESSIONS established clients are attached (fresh ones never count:
+        a flood of Hellos only churns their own bounded pool, ``admission``)."""
+        live = self.sessions.sessions
+        if len(live) < _MAX_SESSIONS:
+            return False
+        self._fresh.prune(live)
+        return len(live) - len(self._fresh) >= _MAX_SESSIONS
+
+    def _admit(self, reply: p.Message, identity: bytes) -> p.Message:
+        """Track the session a Hello opened as fresh; close the fresh ones it displaces."""
+        if type(reply) is p.HelloReply:
+            live = self.sessions.sessions
+            for session_id in self._fresh.add(reply.session, identity, live):
+                self.sessions.close(live[session_id])
+                self._refuse("idle_after_hello")
+        return reply
 
     def _pong(self) -> p.Message:
         if self._is_tcp:  # no session: tell a stranger nothing about the host
@@ -466,6 +487,7 @@ class DaemonServer:
             num_bad_messages=sum(self._bad.values()),
             num_refused=int(sum(m.value for m in _samples(self.metrics.refused))),
             num_reaped_clients=int(self.metrics.reaped_clients._value.get()),
+            num_fresh_clients=len(self._fresh), num_evicted_fresh_clients=self._fresh.num_evicted,
             l3=self.config.l3.connector or "none",
         )
         stats.update(l3_health_fields(self.core.l3_health()))

@@ -157,3 +157,59 @@ def test_a_closed_cache_refuses_every_call(make_cache):
 def test_layout_is_the_engines(make_cache):
     cache, _ = make_cache()
     assert cache.layout == LAYOUT
+
+
+# ---- arguments: one rule for both clients (issue 16, item 4) --------------------------
+def test_integer_tensors_work_as_tokens_and_page_ids(make_cache):
+    cache, pool = make_cache(3)
+    prompt = torch.tensor(tokens(1108, 2), dtype=torch.int32)
+    assert cache.store(prompt, torch.arange(2)).num_new_pages == 2
+    result = cache.lookup(prompt.long())
+    assert result.num_hit_pages == 2
+    cache.load(result, torch.tensor([22, 23])).wait_all()
+    assert torch.equal(pool[:, :, 22:24], pool[:, :, 0:2])
+    cache.release(result)
+    assert cache.prefetch(prompt.numpy().astype(np.uint16)).wait(5.0)
+
+
+BAD_TOKENS = [None, [1.0, 2.0] * (2 * P), [-1] * (2 * P), [[1] * P] * 2, "abcd" * P,
+              ["a"] * (2 * P), [None] * (2 * P), [True] * (2 * P), [2**31] * (2 * P),
+              torch.zeros(2 * P), np.zeros(2 * P), 7]
+
+
+@pytest.mark.parametrize("bad", BAD_TOKENS, ids=lambda b: type(b).__name__)
+def test_bad_tokens_are_cache_errors(make_cache, bad):
+    cache, _ = make_cache()
+    for call in (lambda: cache.lookup(bad), lambda: cache.prefetch(bad),
+                 lambda: cache.store(bad, [0, 1])):
+        with pytest.raises(CacheError, match="tokens"):
+            call()
+
+
+@pytest.mark.parametrize("pages", [None, 3, [0.0, 1.0], [True, False], torch.zeros(2),
+                                   np.array([[0, 1]]), ["0", "1"]], ids=repr)
+def test_bad_page_ids_are_cache_errors(make_cache, pages):
+    cache, _ = make_cache()
+    prompt = tokens(1109, 2)
+    with pytest.raises(CacheError, match="device_pages"):
+        cache.store(prompt, pages)
+    cache.store(prompt, [0, 1])
+    result = cache.lookup(prompt)
+    with pytest.raises(CacheError, match="device_pages"):
+        cache.load(result, pages)
+    cache.release(result)
+
+
+@pytest.mark.parametrize("layer", [1.0, True, -1, LAYOUT.num_layers, "0", None], ids=repr)
+def test_bad_layers_are_cache_errors(make_cache, layer):
+    cache, _ = make_cache()
+    prompt = tokens(1110, 2)
+    cache.store(prompt, [0, 1])
+    result = cache.lookup(prompt)
+    handle = cache.load(result, [8, 9])
+    empty = cache.load(cache.lookup(tokens(1111, 1)), [])
+    for h in (handle, empty):
+        with pytest.raises(CacheError, match="layer"):
+            h.wait_layer(layer)
+    handle.wait_layer(np.int64(1))   # numpy ints are ints
+    cache.release(result)

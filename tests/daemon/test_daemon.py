@@ -132,6 +132,8 @@ def test_daemon_kill9_and_restart_with_disk_serves_what_disk_holds(tmp_path):
 
         daemon.start()
         assert not os.path.exists(f"/dev/shm/{old_segment}")  # the new daemon removed it
+        # misses (fail open) until the client's probe sees the daemon back
+        assert wait_until(lambda: cache.link_health().is_up, timeout_s=20.0)
         result = cache.lookup(tokens(5, 6))  # re-attaches by itself
         assert (result.num_l2_pages, result.num_l3_pages) == (0, 6)
         with pytest.raises(LoadError, match="recompute its pages") as lost:

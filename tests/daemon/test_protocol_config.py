@@ -55,7 +55,7 @@ def test_flags_override_environment_which_overrides_the_file(tmp_path):
 @pytest.mark.parametrize("env, flags, message", [
     ({}, {"layout.num_layers": None}, "host_pool_pages .from KVSTORE_HOST_POOL_PAGES. must be > 0"),
     ({"KVSTORE_LEASE_TTL_S": "soon"}, {}, "lease_ttl_s .from KVSTORE_LEASE_TTL_S."),
-    ({}, {"address": "http://x"}, "must start with ipc:// or tcp://"),
+    ({}, {"address": "http://x"}, "expected ipc:///ABSOLUTE/PATH"),
     ({}, {"address": "tcp://127.0.0.1:7600"}, "no credentials"),
     ({}, {"heartbeat_interval_s": "4"}, "at most half of lease_ttl_s"),
     ({}, {"eviction_policy": "nope"}, "eviction_policy"),
