@@ -84,7 +84,8 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         self.layout = layout_of(mem_pool_host)
         self.namespace = namespace_for(self.storage_config, self.layout, self.config)
         self._ns_digest = self.namespace.digest()
-        self._view = page_view(mem_pool_host.kv_buffer, mem_pool_host.layout, self.layout)
+        self._mem_layout = str(mem_pool_host.layout)
+        self._view = page_view(mem_pool_host.kv_buffer, self._mem_layout, self.layout)
         self._cache = open_keyed_cache(self.config, self.layout)
         check_page_view(self._view, self._cache.host_tensor, "SGLang host pool")
 
@@ -159,7 +160,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         try:
             cache.check_fresh()
             for slot, flat in zip(lease.slots, target_locations):
-                flat_page_view(flat, self.layout).copy_(cache.host_tensor[slot])
+                flat_page_view(flat, self._mem_layout, self.layout).copy_(cache.host_tensor[slot])
         finally:
             cache.release_keys(lease)
         n = lease.num_hit_pages
@@ -178,7 +179,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
 
         def write(positions, slots):
             for i, slot in zip(positions, slots):
-                cache.host_tensor[slot].copy_(flat_page_view(values[i], self.layout))
+                cache.host_tensor[slot].copy_(flat_page_view(values[i], self._mem_layout, self.layout))
 
         return all(cache.store_keys(self._keys(keys), write).stored_flags())
 
