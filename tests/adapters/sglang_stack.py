@@ -127,15 +127,20 @@ class HiCacheRank:
     """One SGLang engine rank's HiCache with the kvstore backend attached."""
 
     def __init__(self, mem_layout: str, is_mla: bool, extra_config_json: str, *,
-                 tp_rank: int = 0, tp_size: int = 1, model_name: str = "tiny-llama") -> None:
+                 tp_rank: int = 0, tp_size: int = 1, model_name: str = "tiny-llama",
+                 side_pool: PoolName | None = None) -> None:
+        """``side_pool``: also give the model a hybrid model's side pool of that name (an
+        MHA pool, as SGLang builds for an SWA window)."""
         self.mem_layout, self.is_mla = mem_layout, is_mla
         self.axes = _HOST_AXES[(is_mla, mem_layout)]
         self.device_pool = self._device_pool(is_mla)
-        self.host_pool = self._host_pool(mem_layout, is_mla)
-        self.group = HostPoolGroup([build_pool_entry(
-            name=PoolName.KV, host_pool=self.host_pool, device_pool=self.device_pool,
-            layer_mapping={i: i for i in range(LAYERS)}, transfer_layer_id_max=LAYERS,
-            is_anchor=True)])
+        self.host_pool = self._host_pool(self.device_pool, mem_layout, is_mla)
+        entries = [self._entry(PoolName.KV, self.host_pool, self.device_pool, anchor=True)]
+        if side_pool is not None:
+            side_device = self._device_pool(False)
+            entries.append(self._entry(side_pool, self._host_pool(side_device, mem_layout, False),
+                                       side_device, anchor=False))
+        self.group = HostPoolGroup(entries)
         allocator = PagedTokenToKVPoolAllocator(DEVICE_TOKENS, PAGE, torch.float32, "cpu",
                                                 self.device_pool, need_sort=False)
         extra, threshold, *_ = HybridCacheController.parse_storage_backend_extra_config(
@@ -158,11 +163,17 @@ class HiCacheRank:
         return MHATokenToKVPool(DEVICE_TOKENS, PAGE, torch.float32, HEADS, HEAD_DIM, LAYERS,
                                 "cpu", False)
 
-    def _host_pool(self, mem_layout: str, is_mla: bool):
-        info = self.device_pool.get_device_pool_infos()[0].buffer_info
+    @staticmethod
+    def _entry(name: PoolName, host_pool, device_pool, anchor: bool):
+        return build_pool_entry(name=name, host_pool=host_pool, device_pool=device_pool,
+                                layer_mapping={i: i for i in range(LAYERS)},
+                                transfer_layer_id_max=LAYERS, is_anchor=anchor)
+
+    @staticmethod
+    def _host_pool(device_pool, mem_layout: str, is_mla: bool):
+        info = device_pool.get_device_pool_infos()[0].buffer_info
         common = dict(pin_memory=False, device="cpu", device_capacity_tokens=DEVICE_TOKENS,
-                      start_layer=self.device_pool.start_layer,
-                      end_layer=self.device_pool.end_layer)
+                      start_layer=device_pool.start_layer, end_layer=device_pool.end_layer)
         if is_mla:
             return MLATokenToKVPoolHost(info, 2.0, 0, PAGE, mem_layout,
                                         target_layer_num=LAYERS, **common)
@@ -189,12 +200,13 @@ class HiCacheRank:
         self.host_pool.free(host_indices)
         return done.completed_tokens
 
-    def prefetch(self, tokens: Sequence[int]) -> tuple[int, torch.Tensor]:
-        """Look a prompt up in storage and load its hit, as SGLang's prefetch does.
+    def prefetch(self, tokens: Sequence[int], extra_pools=None) -> tuple[int, torch.Tensor]:
+        """Look a prompt up in storage and load its hit, as SGLang's prefetch does
+        (``extra_pools``: the side-pool transfers a hybrid model's tree cache adds).
         Returns (tokens loaded, the host rows they were loaded into)."""
         self._num_prefetches += 1
         handle = CacheRequestHandle(rid=f"req-{self._num_prefetches}", attempt_id=0)
-        op = self.controller.prefetch(handle, full_pages(tokens))
+        op = self.controller.prefetch(handle, full_pages(tokens), extra_pools=extra_pools)
         hit = self.controller.prefetch_hit_queue.get(timeout=WAIT_S)
         assert hit is op
         if op.storage_hit_count == 0:

@@ -15,6 +15,9 @@ import torch
 
 from sglang_stack import (ALL_LAYOUTS, MHA_LAYOUTS, MLA_LAYOUTS, PAGE, HiCacheRank, page_hashes,
                           page_kv, readme_extra_config)
+from sglang.srt.mem_cache.hicache_storage import PoolName, PoolTransfer
+
+from controller.config import ConfigError
 
 from adapters.sglang.host_layout import flat_page_view, layout_of, page_view
 
@@ -128,6 +131,27 @@ def test_a_flat_page_of_another_pool_is_refused(request):
         flat_page_view(torch.zeros(layout.page_bytes // 4 - 1), "page_first", layout)
     with pytest.raises(ValueError, match="page_head"):
         flat_page_view(torch.zeros(layout.page_bytes // 4), "page_unified", layout)
+
+
+# ---- hybrid models: side pools are refused --------------------------------------------------
+@pytest.mark.parametrize("side_pool", [PoolName.SWA, PoolName.MAMBA, PoolName.INDEXER])
+def test_a_hybrid_models_side_pool_fails_sglangs_attach(request, side_pool):
+    """SGLang's controller registers every host pool with the backend as it attaches it;
+    kvstore refuses a side pool there, so the engine does not start with a cache that
+    would serve KV without its state, and says what to do."""
+    extra = readme_extra_config(kvstore_embedded_name=request.node.name)
+    with pytest.raises(ConfigError, match=f"'{side_pool.value}' host pool.*without --hicache-storage-backend"):
+        HiCacheRank("page_first", False, extra, side_pool=side_pool)
+
+
+def test_side_pool_transfers_are_misses_if_sglang_asks_anyway(request):
+    """Were a side pool's transfer to reach the backend (SGLang's hit query with a hybrid
+    request's extra pools), it is a miss: the KV pages alone are never served for it."""
+    rank = make_rank(request)
+    assert rank.backup(PROMPT) == 12
+    swa = PoolTransfer(name=PoolName.SWA, keys=page_hashes(PROMPT))
+    assert rank.prefetch(PROMPT, extra_pools=[swa])[0] == 0
+    assert rank.prefetch(PROMPT)[0] == 12
 
 
 # ---- namespaces: who shares pages -----------------------------------------------------------
