@@ -23,14 +23,14 @@ import json
 import threading
 from typing import Sequence
 
-import pytest
 import torch
 
 import torchvision_stub
+from engine_imports import import_engine
 
-pytest.importorskip("sglang.srt.mem_cache.hicache_storage",
-                    reason="SGLang is not installed (bash scripts/setup_adapters.sh)")
+import_engine("sglang.srt.mem_cache.hicache_storage")
 torchvision_stub.install()
+import_engine("sglang.srt.mem_cache.hybrid_cache.hybrid_cache_controller")  # the whole stack
 
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator  # noqa: E402
 from sglang.srt.mem_cache.base_prefix_cache import CacheRequestHandle  # noqa: E402
