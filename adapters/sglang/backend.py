@@ -11,7 +11,10 @@ behind it, so every SGLang process on a node shares one cache::
 
 Keys are SGLang's page hashes digested into the namespace of ``namespace_for``.
 The zero-copy v1 calls need ``"interface_v1": 1`` in the extra config (else SGLang
-uses the older get/set calls with flat pages, which work too, one copy more).
+uses the older get/set calls with flat pages, one copy more). Both store pages in
+kvstore's slot order, whatever SGLang's host layout: a page written through either
+call from any layout reads back the same through the other. Hybrid models' side
+pools (the v2 calls) are refused when SGLang registers them, which fails its attach.
 """
 
 from __future__ import annotations
