@@ -53,7 +53,7 @@ ALL_LAYOUTS = [(m, False) for m in MHA_LAYOUTS] + [(m, True) for m in MLA_LAYOUT
 LAYERS, HEADS, HEAD_DIM, PAGE = 3, 2, 8, 4     # MHA: 3 layers, 2 KV heads of 8, 4-token pages
 LORA_RANK, ROPE_DIM = 12, 4                    # MLA: one latent row of 16 per token
 DEVICE_TOKENS = 64                             # host pool: 2x the device pool (SGLang's ratio)
-WAIT_S = 30.0
+WAIT_S = 120.0                                 # a hang, not a slow box (2 shared cores)
 
 # The axes of one page as SGLang's get_data_page(i, flat=False) slices it from the
 # kv_buffer that init_kv_buffer allocates ("_" is a page axis of length 1), and the
