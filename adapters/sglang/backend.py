@@ -11,7 +11,10 @@ behind it, so every SGLang process on a node shares one cache::
 
 Keys are SGLang's page hashes digested into the namespace of ``namespace_for``.
 The zero-copy v1 calls need ``"interface_v1": 1`` in the extra config (else SGLang
-uses the older get/set calls with flat pages, which work too, one copy more).
+uses the older get/set calls with flat pages, one copy more). Both store pages in
+kvstore's slot order, whatever SGLang's host layout: a page written through either
+call from any layout reads back the same through the other. Hybrid models' side
+pools (the v2 calls) are refused when SGLang registers them, which fails its attach.
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ from typing import Any, List, Optional
 
 import torch
 
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
+from sglang.srt.mem_cache.hicache_storage import (
+    HiCacheStorage,
+    HiCacheStorageConfig,
+    PoolName,
+    PoolTransfer,
+    PoolTransferResult,
+)
 
 from adapters.config import AdapterConfig
 from adapters.keyed import KeyedCache, open_keyed_cache
@@ -33,6 +42,7 @@ from adapters.page_copy import check_page_view, pages_to_slots, slots_to_pages
 from adapters.sglang.host_layout import flat_page_view, layout_of, page_view
 from adapters.sglang.namespace import namespace_for
 from controller.api import CacheError
+from controller.config import ConfigError
 from kvstore.page_keys import PageKey
 
 log = logging.getLogger(__name__)
@@ -84,7 +94,8 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         self.layout = layout_of(mem_pool_host)
         self.namespace = namespace_for(self.storage_config, self.layout, self.config)
         self._ns_digest = self.namespace.digest()
-        self._view = page_view(mem_pool_host.kv_buffer, mem_pool_host.layout, self.layout)
+        self._mem_layout = str(mem_pool_host.layout)
+        self._view = page_view(mem_pool_host.kv_buffer, self._mem_layout, self.layout)
         self._cache = open_keyed_cache(self.config, self.layout)
         check_page_view(self._view, self._cache.host_tensor, "SGLang host pool")
 
@@ -159,7 +170,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         try:
             cache.check_fresh()
             for slot, flat in zip(lease.slots, target_locations):
-                flat_page_view(flat, self.layout).copy_(cache.host_tensor[slot])
+                flat_page_view(flat, self._mem_layout, self.layout).copy_(cache.host_tensor[slot])
         finally:
             cache.release_keys(lease)
         n = lease.num_hit_pages
@@ -178,12 +189,46 @@ class KVStoreHiCacheStorage(HiCacheStorage):
 
         def write(positions, slots):
             for i, slot in zip(positions, slots):
-                cache.host_tensor[slot].copy_(flat_page_view(values[i], self.layout))
+                cache.host_tensor[slot].copy_(flat_page_view(values[i], self._mem_layout, self.layout))
 
         return all(cache.store_keys(self._keys(keys), write).stored_flags())
 
     def exists(self, key: str) -> bool:
         return self.batch_exists([key]) == 1
+
+    # ---- hybrid models' side pools: refused ------------------------------------------------
+    def register_mem_host_pool_v2(self, host_pool: Any, host_pool_name: Any) -> None:
+        """SGLang registers each host pool of the model here as it attaches the backend:
+        the KV pool (already registered by ``register_mem_pool_host``) and, for hybrid
+        models, side pools (Mamba/linear-attention state, SWA window, DSA indexer, draft
+        KV). kvstore stores KV pages only, so a side pool is refused with ConfigError,
+        which fails SGLang's attach (``HiCacheStorage.on_host_pools_registered``: raising
+        fails the attach): the engine does not start serving KV pages without the state
+        they belong to, and the runtime attach API answers with this message."""
+        if str(host_pool_name) == PoolName.KV.value:
+            super().register_mem_host_pool_v2(host_pool, host_pool_name)
+            return
+        self.close()
+        raise ConfigError(
+            f"the kvstore HiCache backend stores KV pages only, but this model also has a "
+            f"{str(host_pool_name)!r} host pool (a hybrid model's side state: Mamba, SWA, DSA "
+            "indexer or draft KV). kvstore cannot store that state yet; run this model "
+            "without --hicache-storage-backend (HiCache keeps L1/L2), or with a backend that "
+            "serves the batch_*_v2 calls")
+
+    def batch_exists_v2(self, keys: List[str], pool_transfers: Optional[List[PoolTransfer]] = None,
+                        extra_info: Any = None) -> PoolTransferResult:
+        """Unreachable once side pools are refused at attach; if SGLang asks anyway, nothing
+        is cached for a chain that needs side state (a miss, which SGLang recomputes)."""
+        return PoolTransferResult.empty()
+
+    def batch_get_v2(self, transfers: List[PoolTransfer], extra_info: Any = None) -> dict:
+        """As ``batch_exists_v2``: every page of every pool is reported not read."""
+        return {t.name: [False] * len(t.keys or []) for t in transfers}
+
+    def batch_set_v2(self, transfers: List[PoolTransfer], extra_info: Any = None) -> dict:
+        """As ``batch_exists_v2``: every page of every pool is reported not written."""
+        return {t.name: [False] * len(t.keys or []) for t in transfers}
 
     # ---- housekeeping ------------------------------------------------------------------------
     def _record(self, kind: str, num_pages: int, start: float) -> None:

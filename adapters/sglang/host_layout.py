@@ -13,12 +13,19 @@ order ``[page][layer][kv][token][head][dim]``; ``N`` pages of ``P`` tokens,
          page_first         [size][L][1][D]      -> view(N, P, L, 1, D).permute(0, 2, 1, 3, 4), kv axis added
          page_first_direct  [N][L][P][1][D]      -> kv axis added
 
-SGLang's older get/set calls pass one page as a flat tensor: MHA ``[2][L][P][H][D]``,
-MLA ``[L][P][1][D]``; ``flat_page_view`` views that in slot order the same way.
+SGLang's older get/set calls pass one page as a flat tensor in the order of the host
+layout, not one fixed order: ``get_data_page(i).flatten()`` is the page's slice of
+``kv_buffer`` and ``set_from_flat_data_page`` reshapes by the layout (MHA layer_first
+``[2][L][P][H][D]``, page_first ``[2][P][L][H][D]``, page_first_direct
+``[2][1][L][P][H][D]``, page_head ``[2][1][H][P][L][D]``; MLA ``[L][P][1][D]``,
+``[P][L][1][D]``, ``[1][L][P][1][D]``). So a flat page is a one-page ``kv_buffer`` of
+that layout, and ``flat_page_view`` views it through ``page_view``: kvstore holds every
+page in slot order, whichever layout or call wrote it and whichever reads it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -73,9 +80,28 @@ def page_view(kv_buffer: torch.Tensor, mem_layout: str, layout: KVLayout) -> tor
     return kv_buffer.permute(1, 4, 0, 3, 2, 5)
 
 
-def flat_page_view(flat: torch.Tensor, layout: KVLayout) -> torch.Tensor:
-    """One flat page of SGLang's get/set calls as ``[layer][kv][token][head][dim]``."""
+def one_page_buffer_shape(mem_layout: str, layout: KVLayout) -> tuple[int, ...]:
+    """The shape of a one-page ``kv_buffer`` of ``mem_layout``: a flat page's order."""
     L, P, H, D = layout.num_layers, layout.page_size, layout.num_kv_heads, layout.head_dim
     if layout.is_mla:
-        return flat.view(L, P, 1, D).unsqueeze(1)
-    return flat.view(2, L, P, H, D).permute(1, 0, 2, 3, 4)
+        shapes = {"layer_first": (L, P, 1, D), "page_first": (P, L, 1, D),
+                  "page_first_direct": (1, L, P, 1, D)}
+    else:
+        shapes = {"layer_first": (2, L, P, H, D), "page_first": (2, P, L, H, D),
+                  "page_first_direct": (2, 1, L, P, H, D), "page_head": (2, 1, H, P, L, D)}
+    if mem_layout not in shapes:
+        kind = "MLA" if layout.is_mla else "MHA"
+        raise ValueError(f"SGLang {kind} host layout {mem_layout!r} is not supported; use one "
+                         f"of {tuple(shapes)} (--hicache-mem-layout)")
+    return shapes[mem_layout]
+
+
+def flat_page_view(flat: torch.Tensor, mem_layout: str, layout: KVLayout) -> torch.Tensor:
+    """One flat page of SGLang's get/set calls, from a host pool of ``mem_layout``, as
+    ``[layer][kv][token][head][dim]`` (a view; writes go through to ``flat``)."""
+    shape = one_page_buffer_shape(mem_layout, layout)
+    if flat.numel() != math.prod(shape) or dtype_name(flat.dtype) != layout.dtype:
+        raise ValueError(f"SGLang flat page is {flat.numel()} x {flat.dtype}, but a page of the "
+                         f"{mem_layout} host pool is {shape} x {layout.dtype}; the page does not "
+                         "come from the host pool this backend registered")
+    return page_view(flat.view(shape), mem_layout, layout)[0]

@@ -25,10 +25,13 @@ def serve_command(address: str, layout: KVLayout, host_pages: int, extra: Sequen
 
 
 def layout_flags(layout: KVLayout) -> list[str]:
-    """The `kvstore serve` flags that name ``layout``."""
-    return ["--layout-num-layers", str(layout.num_layers), "--layout-num-kv-heads",
-            str(layout.num_kv_heads), "--layout-head-dim", str(layout.head_dim),
-            "--layout-page-size", str(layout.page_size), "--layout-dtype", layout.dtype]
+    """The `kvstore serve` flags that name ``layout`` (MLA included)."""
+    flags = ["--layout-num-layers", str(layout.num_layers), "--layout-num-kv-heads",
+             str(layout.num_kv_heads), "--layout-head-dim", str(layout.head_dim),
+             "--layout-page-size", str(layout.page_size), "--layout-dtype", layout.dtype]
+    if layout.is_mla:
+        flags += ["--layout-is-mla", "true"]
+    return flags
 
 
 def wait_until_serving(address: str, proc: subprocess.Popen | None, timeout_s: float) -> None:
