@@ -28,7 +28,7 @@ def _serve_command_of_readme(readme: str) -> list[str]:
     """The README's first `kvstore serve --layout-...` command line, as arguments."""
     match = re.search(r"^kvstore serve (--layout-.*?)(?<!\\)$", readme, re.S | re.M)
     assert match, "README lost its `kvstore serve --layout-...` example"
-    return shlex.split(match.group(1).replace("\\\n", " "))
+    return shlex.split(match.group(1).replace("\\\n", " "), comments=True)
 
 
 def _flags_without(args: list[str], drop: set[str]) -> list[str]:

@@ -125,15 +125,18 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         cache = self._require_cache()
         start = time.perf_counter()
         lease = cache.lookup_keys(self._keys(keys))
+        num_hit = lease.num_hit_pages
         try:
-            if lease.num_hit_pages:
+            if num_hit:
                 cache.check_fresh()
-                pages = self._pages_of(host_indices, lease.num_hit_pages)
+                pages = self._pages_of(host_indices, num_hit)
                 slots_to_pages(cache.host_tensor, lease.slots, self._view, pages)
+                # Pages whose slot changed owner during the copy are misses (the fence).
+                num_hit = cache.num_intact_pages(lease)
         finally:
             cache.release_keys(lease)
-        self._record("prefetch", lease.num_hit_pages, start)
-        return [True] * lease.num_hit_pages + [False] * (len(keys) - lease.num_hit_pages)
+        self._record("prefetch", num_hit, start)
+        return [True] * num_hit + [False] * (len(keys) - num_hit)
 
     def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor,
                      extra_info: Any = None) -> List[bool]:
@@ -171,9 +174,9 @@ class KVStoreHiCacheStorage(HiCacheStorage):
             cache.check_fresh()
             for slot, flat in zip(lease.slots, target_locations):
                 flat_page_view(flat, self._mem_layout, self.layout).copy_(cache.host_tensor[slot])
+            n = cache.num_intact_pages(lease)   # a slot that changed owner: a miss from there
         finally:
             cache.release_keys(lease)
-        n = lease.num_hit_pages
         return list(target_locations[:n]) + [None] * (len(keys) - n)
 
     def set(self, key: str, value: Optional[Any] = None, target_location: Optional[Any] = None,

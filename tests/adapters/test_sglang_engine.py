@@ -229,3 +229,24 @@ def test_ranks_share_pages_through_a_live_daemon(request, tmp_path, is_mla):
     stats = daemon.stats()
     assert stats["num_stored_pages"] == 3 and stats["num_leases"] == 0
     daemon.check_integrity(quiescent=True)
+
+
+def test_a_slot_reused_during_the_copy_is_a_miss_from_that_page(request, monkeypatch):
+    """The fence in SGLang's v1 get: a page whose kvstore slot changed owner while it was
+    copied into SGLang's host pool (another writer was handed the slot) is reported as
+    not loaded, with every page after it; SGLang recomputes them."""
+    import adapters.sglang.backend as backend_module
+
+    writer = make_rank(request)
+    reader = make_rank(request)
+    assert writer.backup(PROMPT) == 12
+    cache = reader.backend._require_cache()
+    real_copy = backend_module.slots_to_pages
+
+    def copy_then_reuse(host, slots, view, pages):
+        real_copy(host, slots, view, pages)
+        cache.generations[slots[1]] += 1      # page 1's slot went to another writer meanwhile
+    monkeypatch.setattr(backend_module, "slots_to_pages", copy_then_reuse)
+    loaded, rows = reader.prefetch(PROMPT)
+    assert loaded == PAGE, "only page 0 is vouched for"
+    assert_loaded(reader, PROMPT, rows, 1)
