@@ -26,7 +26,8 @@ from controller.config import ControllerConfig
 from controller.core import CacheCore, FlushReport, StorePlan
 from controller.device_pool import DevicePool, SaveCopy
 from controller.leases import LeaseBook
-from controller.pipelines.prefetch import CompletedPrefetch
+from controller.pipelines.cost_model import worth_waiting_s
+from controller.pipelines.prefetch import CompletedPrefetch, Prefetch
 from kvstore.host_store import HostStore
 from kvstore.layout import KVLayout
 from kvstore.page_keys import KeyNamespace, PageKey, page_keys
@@ -74,6 +75,19 @@ class EmbeddedController(CacheClient):
         self._core.check_open()
         ticket = self._core.prefetch(page_keys(self._ns_digest, tokens, self.layout.page_size))
         return ticket if ticket is not None else CompletedPrefetch()
+
+    def report_prefill(self, num_tokens: int, num_cached: int, seconds: float,
+                       load_wait_s: float = 0.0) -> None:
+        cost = self._core.cost
+        cost.observe_prefill(num_tokens, num_cached, seconds)
+        if num_cached:
+            cost.observe_l2_load(num_cached // self.layout.page_size * self.layout.page_bytes, load_wait_s)
+
+    def worth_waiting_s(self, ticket: PrefetchTicket, num_tokens: int, waited_s: float = 0.0) -> float:
+        if ticket.is_done or not isinstance(ticket, Prefetch):
+            return 0.0
+        return worth_waiting_s(self._core.cost, num_tokens, ticket.start + ticket.num_ready,
+                               ticket.num_pending, ticket.is_checking, waited_s)
 
     def load(self, result: LookupResult, device_pages: Sequence[int]) -> LoadHandle:
         self._core.check_open()

@@ -1,0 +1,306 @@
+"""The load-or-recompute cost model behind the ``auto`` prefetch policy.
+
+For one request it predicts the time to first token of every choice "load the first
+k hit pages, recompute the rest" and picks the least, from rates measured online:
+
+    T(k) = wait(k) + load(k) + prefill(tokens - k*P | prefix k*P)
+
+    wait(k)    0 while page k is already in L2; else the predicted arrival of page k from
+               the running prefetch: calls(j) * l3_latency + j * page_bytes / l3_rate,
+               j = k - pages ready, calls(j) = ceil(j / batch_pages) (+ the existence
+               check while it runs)
+    load(k)    k * page_bytes / l2_rate (L2 -> device; 0 until a rate is measured)
+    prefill    a + b*n + c*n*(p + n/2)   (n tokens computed over a prefix of p: per-token
+               matmuls and causal attention), fitted to what the engine reports
+
+k = 0 (recompute everything) is always a candidate, so the choice never predicts more
+than recompute. Priors, before anything is measured (conservative: the cache may cost
+a little, never much): L2 pages always load; with no prefill rate the wait for L3 pages
+is the ``timeout`` policy's budget; with a prefill rate but no L3 rate it is
+``explore_fraction`` of the predicted recompute (the prefetch meanwhile measures L3).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from controller.api import PrefetchTicket
+    from controller.config import ControllerConfig
+
+
+class DecayedFit:
+    """Non-negative least squares y ~ w . x over exponentially decayed samples.
+
+    Keeps only the decayed Gram matrix and moment vector (O(features^2) state); a feature
+    whose weight would go negative is dropped from the solve (active set), so predictions
+    never fall below what the kept features say."""
+
+    def __init__(self, num_features: int, decay: float = 0.97, ridge: float = 1e-9) -> None:
+        self._gram = np.zeros((num_features, num_features))
+        self._moment = np.zeros(num_features)
+        self._decay, self._ridge = decay, ridge
+        self.num_samples = 0
+        self._weights: np.ndarray | None = None
+
+    def add(self, x: np.ndarray, y: float) -> None:
+        self._gram = self._decay * self._gram + np.outer(x, x)
+        self._moment = self._decay * self._moment + x * y
+        self.num_samples += 1
+        self._weights = None
+
+    @property
+    def weights(self) -> np.ndarray:
+        if self._weights is None:
+            self._weights = self._solve()
+        return self._weights
+
+    def _solve(self) -> np.ndarray:
+        n = len(self._moment)
+        active = list(range(n))
+        weights = np.zeros(n)
+        while active:
+            gram = self._gram[np.ix_(active, active)]
+            # Ridge relative to the Gram's scale: degenerate samples (every batch the same
+            # size) split the weight smoothly instead of blowing up.
+            ridge = self._ridge * max(1e-30, float(np.trace(gram))) * np.eye(len(active))
+            solved = np.linalg.solve(gram + ridge, self._moment[active])
+            if (solved >= 0).all():
+                weights[:] = 0
+                weights[active] = solved
+                return weights
+            active.pop(int(np.argmin(solved)))
+        return weights
+
+
+class PrefillRate:
+    """Engine prefill seconds as a function of tokens computed and cached prefix."""
+
+    _MIN_FIT_SAMPLES = 4
+
+    def __init__(self) -> None:
+        self._fit = DecayedFit(3)
+        self._tokens = 0.0
+        self._seconds = 0.0
+
+    @property
+    def is_known(self) -> bool:
+        return self._tokens > 0
+
+    @staticmethod
+    def _features(num_tokens: np.ndarray, num_cached: np.ndarray) -> np.ndarray:
+        n, p = num_tokens / 1e3, num_cached / 1e3   # thousands of tokens: a well-scaled Gram
+        return np.stack([np.ones_like(n), n, n * (p + n / 2)], axis=-1)
+
+    def observe(self, num_tokens: int, num_cached: int, seconds: float) -> None:
+        if num_tokens <= 0 or seconds <= 0:
+            return
+        x = self._features(np.array(float(num_tokens)), np.array(float(num_cached)))
+        self._fit.add(x, seconds)
+        self._tokens = 0.9 * self._tokens + num_tokens
+        self._seconds = 0.9 * self._seconds + seconds
+
+    def predict(self, num_tokens: np.ndarray, num_cached: np.ndarray) -> np.ndarray:
+        """Seconds to prefill ``num_tokens`` over ``num_cached`` (arrays of equal shape)."""
+        num_tokens = np.asarray(num_tokens, dtype=float)
+        per_token = num_tokens * (self._seconds / self._tokens)
+        if self._fit.num_samples < self._MIN_FIT_SAMPLES:
+            return per_token   # one rate until there is enough to fit a shape
+        fitted = self._features(num_tokens, np.asarray(num_cached, dtype=float)) @ self._fit.weights
+        return np.where(fitted > 0, fitted, per_token)
+
+
+class L3Rate:
+    """Seconds of one L3 call as latency + bytes / rate (reads and existence checks)."""
+
+    def __init__(self) -> None:
+        self._fit = DecayedFit(2, ridge=1e-6)
+        self.num_reads = 0
+
+    @property
+    def is_known(self) -> bool:
+        return self.num_reads > 0
+
+    def observe(self, nbytes: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        self._fit.add(np.array([1.0, nbytes / 1e6]), seconds)
+        self.num_reads += nbytes > 0
+
+    @property
+    def latency_s(self) -> float:
+        return float(self._fit.weights[0])
+
+    @property
+    def seconds_per_mb(self) -> float:
+        return float(self._fit.weights[1])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do for one request now.
+
+    ``num_pages``: load the first this many hit pages, recompute the rest. ``wait_s``:
+    that needs pages still on their way from L3; wait this long, then plan again
+    (0: go now, with what is ready). ``give_up_s``: waiting longer than this from now
+    cannot pay even if every page then arrived at once (what is ready wins)."""
+
+    num_pages: int
+    wait_s: float = 0.0
+    give_up_s: float = 0.0
+    predicted_ttft_s: float = math.nan
+    predicted_recompute_s: float = math.nan
+    is_modelled: bool = False
+    """From measured rates (else a prior's budget, counted from the first wait)."""
+
+
+class CostModel:
+    """Rates measured online and the per-request choice (module doc). Thread-safe: the
+    engine thread plans and reports prefills, the L3 loop reports reads."""
+
+    def __init__(self, page_size: int, page_bytes: int, batch_pages: int,
+                 explore_fraction: float = 0.02, prior_wait_s: float = 0.002,
+                 prior_wait_per_1k_tokens_s: float = 0.001) -> None:
+        self.page_size, self.page_bytes, self.batch_pages = page_size, page_bytes, batch_pages
+        self.explore_fraction = explore_fraction
+        self.prior_wait_s, self.prior_wait_per_1k_tokens_s = prior_wait_s, prior_wait_per_1k_tokens_s
+        self.prefill = PrefillRate()
+        self.l3 = L3Rate()
+        self._l2_bytes = 0.0
+        self._l2_seconds = 0.0
+        self._lock = threading.Lock()
+
+    # ---- measurements ------------------------------------------------------------------
+    def observe_prefill(self, num_tokens: int, num_cached: int, seconds: float) -> None:
+        with self._lock:
+            self.prefill.observe(num_tokens, num_cached, seconds)
+
+    def observe_l3(self, nbytes: int, seconds: float) -> None:
+        """One L3 call: a read of ``nbytes`` (0 for an existence check) took ``seconds``."""
+        with self._lock:
+            self.l3.observe(nbytes, seconds)
+
+    def observe_l2_load(self, nbytes: int, seconds: float) -> None:
+        """A load of ``nbytes`` from L2 held the engine up ``seconds`` (its exposed part)."""
+        if nbytes > 0 and seconds >= 0:
+            with self._lock:
+                self._l2_bytes = 0.9 * self._l2_bytes + nbytes
+                self._l2_seconds = 0.9 * self._l2_seconds + seconds
+
+    def rates(self) -> dict[str, float | None]:
+        """What is known now (for stats and reports); None where nothing was measured."""
+        with self._lock:
+            l3 = self.l3.is_known
+            return {
+                "l3_latency_s": self.l3.latency_s if l3 else None,
+                "l3_read_gbps": 1e-3 / self.l3.seconds_per_mb if l3 and self.l3.seconds_per_mb else None,
+                "l2_load_gbps": self._l2_bytes / self._l2_seconds / 1e9 if self._l2_seconds else None,
+                "l2_loads_measured": bool(self._l2_bytes),
+                "prefill_tokens_per_s": (self.prefill._tokens / self.prefill._seconds
+                                         if self.prefill.is_known else None),
+            }
+
+    # ---- the choice ----------------------------------------------------------------------
+    def plan(self, num_tokens: int, num_ready: int, num_pending: int,
+             is_checking: bool = False, waited_s: float = 0.0) -> Plan:
+        """The choice for a prompt of ``num_tokens`` whose first ``num_ready`` pages are in
+        L2 and whose next ``num_pending`` pages a prefetch is reading (``is_checking``: its
+        existence check has not answered yet). ``waited_s``: waited for them so far."""
+        with self._lock:
+            num_ready = max(0, min(num_ready, num_tokens // self.page_size))
+            num_pending = max(0, min(num_pending, num_tokens // self.page_size - num_ready))
+            if not self.prefill.is_known:
+                budget = self.prior_wait_s + self.prior_wait_per_1k_tokens_s * num_tokens / 1000
+                return self._plan_without_prefill(num_ready, num_pending, waited_s, budget)
+            k = np.arange(num_ready + num_pending + 1)
+            cost = self._load_s(k) + self.prefill.predict(num_tokens - k * self.page_size,
+                                                          k * self.page_size)
+            best_ready = int(np.argmin(cost[: num_ready + 1]))
+            recompute_s = float(cost[0])
+            if not num_pending:
+                return Plan(best_ready, 0.0, 0.0, float(cost[best_ready]), recompute_s)
+            if not self.l3.is_known:
+                return self._plan_exploring(num_ready, num_pending, cost, best_ready, waited_s)
+            # Sunk waiting does not count here: what is best from now on is chosen.
+            wait = self._arrival_s(k - num_ready, is_checking)
+            total = cost + wait
+            best = int(np.argmin(total))
+            give_up = max(0.0, float(cost[best_ready] - cost[best]))
+            if best <= num_ready:
+                return Plan(best_ready, 0.0, give_up, float(cost[best_ready]), recompute_s, True)
+            return Plan(best, float(wait[best]), give_up, float(total[best]), recompute_s, True)
+
+    @staticmethod
+    def _plan_without_prefill(num_ready: int, num_pending: int, waited_s: float, budget: float) -> Plan:
+        # Nothing known of the engine: L2 pages load; L3 pages get the timeout budget.
+        if num_pending and waited_s < budget:
+            return Plan(num_ready + num_pending, budget - waited_s, budget)
+        return Plan(num_ready, 0.0, budget)
+
+    def _plan_exploring(self, num_ready: int, num_pending: int, cost: np.ndarray,
+                        best_ready: int, waited_s: float) -> Plan:
+        # L3 rate unknown: risk at most explore_fraction of a recompute on it.
+        budget = self.explore_fraction * float(cost[0])
+        if waited_s < budget:
+            return Plan(num_ready + num_pending, budget - waited_s, budget,
+                        predicted_recompute_s=float(cost[0]))
+        return Plan(best_ready, 0.0, budget, float(cost[best_ready]), float(cost[0]))
+
+    def _load_s(self, k: np.ndarray) -> np.ndarray:
+        if not self._l2_seconds:   # unmeasured, or every load hidden behind compute
+            return np.zeros(len(k))
+        return k * self.page_bytes * (self._l2_seconds / self._l2_bytes)
+
+    def _arrival_s(self, j: np.ndarray, is_checking: bool) -> np.ndarray:
+        """Seconds until the j-th pending page is in L2 (0 for j <= 0)."""
+        j = np.maximum(j, 0)
+        calls = np.ceil(j / self.batch_pages) + (1 if is_checking else 0)
+        seconds = calls * self.l3.latency_s + j * self.page_bytes / 1e6 * self.l3.seconds_per_mb
+        return np.where(j > 0, seconds, 0.0)
+
+
+def new_cost_model(config: "ControllerConfig", page_size: int, page_bytes: int) -> CostModel:
+    """The cost model of a cache with this config (its priors from PrefetchConfig)."""
+    prefetch = config.prefetch
+    return CostModel(page_size, page_bytes, prefetch.batch_pages, prefetch.auto_explore_fraction,
+                     prefetch.timeout_base_s, prefetch.timeout_per_1k_tokens_s)
+
+
+_MIN_WAIT_S = 2e-4   # never spin: each round waits at least this long
+
+
+def wait_auto(model: CostModel, ticket: "PrefetchTicket", num_tokens: int,
+              num_ready: Callable[[], int], is_checking: Callable[[], bool],
+              max_rounds: int = 1000) -> Plan:
+    """Wait on ``ticket`` while the model says the pages it brings are worth it, planning
+    again after each wait (the rates and the progress change); returns the last plan.
+
+    Late pages cannot keep it waiting: each modelled plan's ``give_up_s`` sets a deadline
+    that later plans may only bring forward."""
+    started = time.monotonic()
+    deadline = math.inf
+    for _ in range(max_rounds):
+        now = time.monotonic()
+        plan = model.plan(num_tokens, num_ready(), ticket.num_pending, is_checking(), now - started)
+        if plan.is_modelled:
+            deadline = min(deadline, now + plan.give_up_s)
+        if plan.wait_s <= 0 or ticket.is_done or now >= deadline:
+            return plan
+        ticket.wait(max(_MIN_WAIT_S, min(plan.wait_s, deadline - now)))
+    return plan
+
+
+def worth_waiting_s(model: CostModel, num_tokens: int, num_ready: int, num_pending: int,
+                    is_checking: bool, waited_s: float) -> float:
+    """For a scheduler that polls instead of blocking: how much longer to wait (0: go).
+    Never past the predicted time of recomputing the whole prompt, whatever the pages do."""
+    plan = model.plan(num_tokens, num_ready, num_pending, is_checking, waited_s)
+    if plan.is_modelled and waited_s >= plan.predicted_recompute_s:
+        return 0.0
+    return plan.wait_s
