@@ -89,7 +89,11 @@ class PrefetchConfig:
     auto_explore_fraction: float = 0.02
     """``auto``: while no L3 read rate has been measured, the longest wait for L3 pages as a
     fraction of the predicted recompute (what the cache may cost a request before it knows
-    the store); before any prefill was reported the wait is the ``timeout`` budget."""
+    the store)."""
+    auto_prefill_tokens_per_s: float | None = None
+    """``auto``: the engine's prefill rate to assume until it reports one
+    (``CacheClient.report_prefill``); None: until then lookups wait for L3 pages as
+    ``wait_complete`` does (there is nothing to weigh the wait against)."""
 
     def __post_init__(self) -> None:
         if self.policy not in PREFETCH_POLICIES:
@@ -97,6 +101,10 @@ class PrefetchConfig:
         if not isinstance(self.auto_explore_fraction, (int, float)) or not 0 <= self.auto_explore_fraction <= 1:
             raise ConfigError(f"PrefetchConfig.auto_explore_fraction must be in [0, 1] (0.02: risk 2% "
                               f"of a recompute on an unmeasured L3), got {self.auto_explore_fraction!r}")
+        rate = self.auto_prefill_tokens_per_s
+        if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0):
+            raise ConfigError(f"PrefetchConfig.auto_prefill_tokens_per_s must be None or > 0 tokens/s "
+                              f"(e.g. 20000 for an 8B model on one H200), got {rate!r}")
         if not isinstance(self.max_hold_fraction, (int, float)) or not 0 <= self.max_hold_fraction <= 1:
             raise ConfigError(f"PrefetchConfig.max_hold_fraction must be in [0, 1], got "
                               f"{self.max_hold_fraction!r}")

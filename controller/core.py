@@ -212,7 +212,7 @@ class CacheCore:
         policy = self.config.prefetch
         if policy.policy == "auto":
             wait_auto(self.cost, ticket, num_tokens, lambda: ticket.start + ticket.num_ready,
-                      lambda: ticket.is_checking)
+                      lambda: ticket.is_checking, 4 * self.config.l3.timeout_s)
         elif policy.policy in ("wait_complete", "sync"):
             # An L3 read that hangs ends by its own timeout; this bound is only a backstop.
             ticket.wait(4 * self.config.l3.timeout_s)

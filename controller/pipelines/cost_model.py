@@ -14,10 +14,13 @@ k hit pages, recompute the rest" and picks the least, from rates measured online
                matmuls and causal attention), fitted to what the engine reports
 
 k = 0 (recompute everything) is always a candidate, so the choice never predicts more
-than recompute. Priors, before anything is measured (conservative: the cache may cost
-a little, never much): L2 pages always load; with no prefill rate the wait for L3 pages
-is the ``timeout`` policy's budget; with a prefill rate but no L3 rate it is
-``explore_fraction`` of the predicted recompute (the prefetch meanwhile measures L3).
+than recompute. Priors, before anything is measured: L2 pages always load (an L2 page
+loads in a small fraction of its recompute on every device we know); with a prefill
+rate but no L3 rate, the wait for L3 pages is at most ``explore_fraction`` of the
+predicted recompute (the prefetch measures L3 meanwhile, and the next request plans
+with the rate). With no prefill rate at all (an engine that never reported one, and
+no ``auto_prefill_tokens_per_s`` prior in the config) there is nothing to weigh a wait
+against: the lookup waits for the prefetch, as ``wait_complete`` does.
 """
 
 from __future__ import annotations
@@ -84,10 +87,11 @@ class PrefillRate:
 
     _MIN_FIT_SAMPLES = 4
 
-    def __init__(self) -> None:
+    def __init__(self, prior_tokens_per_s: float | None = None) -> None:
         self._fit = DecayedFit(3)
-        self._tokens = 0.0
-        self._seconds = 0.0
+        # A prior rate counts as one small sample, which the first reports outweigh.
+        self._tokens = 1.0 if prior_tokens_per_s else 0.0
+        self._seconds = 1.0 / prior_tokens_per_s if prior_tokens_per_s else 0.0
 
     @property
     def is_known(self) -> bool:
@@ -165,12 +169,10 @@ class CostModel:
     engine thread plans and reports prefills, the L3 loop reports reads."""
 
     def __init__(self, page_size: int, page_bytes: int, batch_pages: int,
-                 explore_fraction: float = 0.02, prior_wait_s: float = 0.002,
-                 prior_wait_per_1k_tokens_s: float = 0.001) -> None:
+                 explore_fraction: float = 0.02, prior_tokens_per_s: float | None = None) -> None:
         self.page_size, self.page_bytes, self.batch_pages = page_size, page_bytes, batch_pages
         self.explore_fraction = explore_fraction
-        self.prior_wait_s, self.prior_wait_per_1k_tokens_s = prior_wait_s, prior_wait_per_1k_tokens_s
-        self.prefill = PrefillRate()
+        self.prefill = PrefillRate(prior_tokens_per_s)
         self.l3 = L3Rate()
         self._l2_bytes = 0.0
         self._l2_seconds = 0.0
@@ -215,9 +217,8 @@ class CostModel:
         with self._lock:
             num_ready = max(0, min(num_ready, num_tokens // self.page_size))
             num_pending = max(0, min(num_pending, num_tokens // self.page_size - num_ready))
-            if not self.prefill.is_known:
-                budget = self.prior_wait_s + self.prior_wait_per_1k_tokens_s * num_tokens / 1000
-                return self._plan_without_prefill(num_ready, num_pending, waited_s, budget)
+            if not self.prefill.is_known:   # nothing to weigh a wait against: wait_complete
+                return Plan(num_ready + num_pending, math.inf if num_pending else 0.0, math.inf)
             k = np.arange(num_ready + num_pending + 1)
             cost = self._load_s(k) + self.prefill.predict(num_tokens - k * self.page_size,
                                                           k * self.page_size)
@@ -235,13 +236,6 @@ class CostModel:
             if best <= num_ready:
                 return Plan(best_ready, 0.0, give_up, float(cost[best_ready]), recompute_s, True)
             return Plan(best, float(wait[best]), give_up, float(total[best]), recompute_s, True)
-
-    @staticmethod
-    def _plan_without_prefill(num_ready: int, num_pending: int, waited_s: float, budget: float) -> Plan:
-        # Nothing known of the engine: L2 pages load; L3 pages get the timeout budget.
-        if num_pending and waited_s < budget:
-            return Plan(num_ready + num_pending, budget - waited_s, budget)
-        return Plan(num_ready, 0.0, budget)
 
     def _plan_exploring(self, num_ready: int, num_pending: int, cost: np.ndarray,
                         best_ready: int, waited_s: float) -> Plan:
@@ -269,7 +263,7 @@ def new_cost_model(config: "ControllerConfig", page_size: int, page_bytes: int) 
     """The cost model of a cache with this config (its priors from PrefetchConfig)."""
     prefetch = config.prefetch
     return CostModel(page_size, page_bytes, prefetch.batch_pages, prefetch.auto_explore_fraction,
-                     prefetch.timeout_base_s, prefetch.timeout_per_1k_tokens_s)
+                     prefetch.auto_prefill_tokens_per_s)
 
 
 _MIN_WAIT_S = 2e-4   # never spin: each round waits at least this long
@@ -277,14 +271,15 @@ _MIN_WAIT_S = 2e-4   # never spin: each round waits at least this long
 
 def wait_auto(model: CostModel, ticket: "PrefetchTicket", num_tokens: int,
               num_ready: Callable[[], int], is_checking: Callable[[], bool],
-              max_rounds: int = 1000) -> Plan:
+              backstop_s: float, max_rounds: int = 1000) -> Plan:
     """Wait on ``ticket`` while the model says the pages it brings are worth it, planning
     again after each wait (the rates and the progress change); returns the last plan.
 
     Late pages cannot keep it waiting: each modelled plan's ``give_up_s`` sets a deadline
-    that later plans may only bring forward."""
+    that later plans may only bring forward; ``backstop_s`` bounds the whole wait (an L3
+    read that hangs ends by its own timeout; this is only a backstop)."""
     started = time.monotonic()
-    deadline = math.inf
+    deadline = started + backstop_s
     for _ in range(max_rounds):
         now = time.monotonic()
         plan = model.plan(num_tokens, num_ready(), ticket.num_pending, is_checking(), now - started)

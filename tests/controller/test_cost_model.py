@@ -18,8 +18,7 @@ def model(prefill_us_per_token: float | None = 100.0, l3_latency_s: float | None
           l3_gbps: float = 1.0, batch_pages: int = 8) -> CostModel:
     """A cost model fed with simulated measurements: prefill at a fixed cost per token plus
     attention, L3 calls at a latency plus bytes / rate."""
-    m = CostModel(P, PAGE_BYTES, batch_pages, explore_fraction=0.02, prior_wait_s=0.002,
-                  prior_wait_per_1k_tokens_s=0.001)
+    m = CostModel(P, PAGE_BYTES, batch_pages, explore_fraction=0.02)
     if prefill_us_per_token is not None:
         for n, p in ((PROMPT, 0), (PROMPT // 2, PROMPT // 2), (P, PROMPT - P), (PROMPT // 4, 0),
                      (PROMPT // 8, PROMPT // 2)):
@@ -104,11 +103,14 @@ def test_slow_l2_load_is_weighed_against_recompute():
 
 
 def test_priors_bound_the_wait_for_an_unmeasured_l3():
+    # No prefill rate: nothing to weigh against, so wait for the prefetch (wait_complete).
     no_prefill = model(prefill_us_per_token=None)
     plan = no_prefill.plan(PROMPT, num_ready=4, num_pending=20)
-    budget = 0.002 + 0.001 * PROMPT / 1000   # the timeout policy's budget
-    assert plan.num_pages == 24 and plan.wait_s == pytest.approx(budget)
-    assert no_prefill.plan(PROMPT, 4, 20, waited_s=budget).num_pages == 4
+    assert plan.num_pages == 24 and plan.wait_s == float("inf")
+    assert no_prefill.plan(PROMPT, num_ready=4, num_pending=0).num_pages == 4
+    # A configured prior rate counts as known.
+    prior = CostModel(P, PAGE_BYTES, 8, prior_tokens_per_s=1e4)
+    assert prior.prefill.is_known and prior.plan(PROMPT, 4, 20).wait_s < 1
     exploring = model()   # prefill known, L3 not: 2% of the predicted recompute
     plan = exploring.plan(PROMPT, num_ready=4, num_pending=20)
     assert plan.wait_s == pytest.approx(0.02 * plan.predicted_recompute_s)
@@ -154,13 +156,14 @@ class FakeTicket(PrefetchTicket):
 
 
 def test_waits_on_a_prefetch_that_pays_and_not_on_one_that_does_not():
-    fast = model(l3_latency_s=1e-4, l3_gbps=50.0, batch_pages=1)   # ~0.1 ms a page
+    # ~1 ms a page against ~30 ms to recompute one: worth waiting even for late pages.
+    fast = model(prefill_us_per_token=1000.0, l3_latency_s=1e-3, l3_gbps=50.0, batch_pages=1)
     ticket = FakeTicket(20, 0.001)
-    plan = wait_auto(fast, ticket, PROMPT, lambda: ticket.num_ready, lambda: False)
+    plan = wait_auto(fast, ticket, PROMPT, lambda: ticket.num_ready, lambda: False, 10.0)
     assert ticket.is_done and ticket.num_ready == 20 and plan.num_pages == 20
     slow = model(l3_latency_s=0.05, l3_gbps=0.01, batch_pages=1)
     ticket = FakeTicket(20, 0.05)
     started = time.monotonic()
-    plan = wait_auto(slow, ticket, PROMPT, lambda: ticket.num_ready, lambda: False)
+    plan = wait_auto(slow, ticket, PROMPT, lambda: ticket.num_ready, lambda: False, 10.0)
     assert plan.num_pages == 0 and time.monotonic() - started < 0.04
     ticket.cancel()
