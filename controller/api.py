@@ -281,6 +281,10 @@ class CacheStats:
     """Hit pages lookups handed to the engine to load that were in L2 when asked."""
     num_loaded_l3_pages: int = 0
     """Hit pages lookups handed to the engine to load that came up from L3 for them."""
+    l3_read_latency_s: float = 0.0
+    """Latency of one L3 call as the prefetches measure it (0: not measured yet)."""
+    l3_read_gbps: float = 0.0
+    """L3 read rate past that latency as the prefetches measure it (0: not measured yet)."""
     num_recomputed_by_choice_pages: int = 0
     """``auto``: pages the cache held or was reading from L3 that the cost model chose to
     have recomputed (loading or waiting for them was predicted to be slower)."""

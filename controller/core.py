@@ -36,7 +36,7 @@ from controller.api import CacheError, CacheStats
 from controller.async_runner import AsyncRunner
 from controller.config import ControllerConfig
 from controller.pipelines.backup import BackupQueue
-from controller.pipelines.cost_model import new_cost_model, wait_auto
+from controller.pipelines.cost_model import Progress, new_cost_model, wait_auto
 from controller.pipelines.prefetch import Prefetch, Prefetcher
 from kvstore.host_pool import HostPool
 from kvstore.host_store import HostStore
@@ -97,7 +97,7 @@ class CacheCore:
         self._is_closed = False
         pool = HostPool(layout, config.host_pool_pages, prefault=config.prefault_host_pool)
         self.host = HostStore(pool, policy=config.eviction_policy, on_evict=self._on_evict)
-        self.cost = new_cost_model(config, layout.page_size, pool.slot_bytes)
+        self.cost = new_cost_model(config.prefetch, layout.page_size, pool.slot_bytes)
         """The ``auto`` policy's rates and choices (fed by the prefetcher and the client)."""
         if config.l3.connector is not None:
             try:
@@ -211,8 +211,13 @@ class CacheCore:
     def _wait_per_policy(self, ticket: Prefetch, num_l2: int, num_tokens: int) -> None:
         policy = self.config.prefetch
         if policy.policy == "auto":
-            wait_auto(self.cost, ticket, num_tokens, lambda: ticket.start + ticket.num_ready,
-                      lambda: ticket.is_checking, 4 * self.config.l3.timeout_s)
+            def poll(wait_s: float) -> Progress:
+                if wait_s:
+                    ticket.wait(wait_s)
+                return Progress(num_l2 + ticket.num_ready, ticket.num_pending, ticket.is_checking,
+                                ticket.is_done)
+
+            wait_auto(self.cost, num_tokens, poll, 4 * self.config.l3.timeout_s)
         elif policy.policy in ("wait_complete", "sync"):
             # An L3 read that hangs ends by its own timeout; this bound is only a backstop.
             ticket.wait(4 * self.config.l3.timeout_s)
@@ -365,6 +370,9 @@ class CacheCore:
             snapshot = CacheStats(**vars(self._stats))
             snapshot.num_l2_pages = len(self.host.index)
             snapshot.num_due_pages = len(self._due)
+            rates = self.cost.rates()
+            snapshot.l3_read_latency_s = rates["l3_latency_s"] or 0.0
+            snapshot.l3_read_gbps = rates["l3_read_gbps"] or 0.0
             if self._prefetcher is not None:
                 snapshot.num_prefetch_held_pages = self._prefetcher.num_held_pages
             if self._backup is not None:

@@ -66,7 +66,7 @@ class DaemonServer:
             p.CommitStore: self._commit_store, p.AbortStore: self._abort_store,
             p.Heartbeat: self._ok, p.GetStats: self._stats, p.Goodbye: self._goodbye,
             p.CheckIntegrity: self._check_integrity, p.StartPrefetch: self._start_prefetch,
-            p.CancelPrefetch: self._cancel_prefetch,
+            p.CancelPrefetch: self._cancel_prefetch, p.CountLoads: self._count_loads,
         }
         self._bad = {}
         # WaitPrefetch requests answered later: (deadline, identity, request_id, id, ticket)
@@ -384,6 +384,11 @@ class DaemonServer:
         if found is not None:
             self.core.abort_store(found.plan)
             self.metrics.store_pages["aborted"].inc(len(found.plan.slots))
+        return p.OkReply()
+
+    def _count_loads(self, session: ClientSession, msg: p.CountLoads) -> p.Message:
+        self.core.count_loaded(msg.num_l2, msg.num_l3)
+        self.core.count_recomputed_by_choice(msg.num_recomputed)
         return p.OkReply()
 
     def _ok(self, session: ClientSession, msg: p.Message) -> p.Message:

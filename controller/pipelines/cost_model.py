@@ -29,13 +29,12 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from controller.api import PrefetchTicket
-    from controller.config import ControllerConfig
+    from controller.config import PrefetchConfig
 
 
 class DecayedFit:
@@ -126,10 +125,15 @@ class L3Rate:
     def __init__(self) -> None:
         self._fit = DecayedFit(2, ridge=1e-6)
         self.num_reads = 0
+        self._told: tuple[float, float] | None = None
 
     @property
     def is_known(self) -> bool:
-        return self.num_reads > 0
+        return self.num_reads > 0 or self._told is not None
+
+    def assume(self, latency_s: float, gbps: float) -> None:
+        """Rates measured where the reads run (a daemon client learns its daemon's)."""
+        self._told = (latency_s, 1e-3 / gbps) if gbps > 0 else None
 
     def observe(self, nbytes: int, seconds: float) -> None:
         if seconds <= 0:
@@ -139,11 +143,11 @@ class L3Rate:
 
     @property
     def latency_s(self) -> float:
-        return float(self._fit.weights[0])
+        return self._told[0] if self._told and not self.num_reads else float(self._fit.weights[0])
 
     @property
     def seconds_per_mb(self) -> float:
-        return float(self._fit.weights[1])
+        return self._told[1] if self._told and not self.num_reads else float(self._fit.weights[1])
 
 
 @dataclass(frozen=True)
@@ -259,9 +263,8 @@ class CostModel:
         return np.where(j > 0, seconds, 0.0)
 
 
-def new_cost_model(config: "ControllerConfig", page_size: int, page_bytes: int) -> CostModel:
-    """The cost model of a cache with this config (its priors from PrefetchConfig)."""
-    prefetch = config.prefetch
+def new_cost_model(prefetch: "PrefetchConfig", page_size: int, page_bytes: int) -> CostModel:
+    """The cost model of a cache with this prefetch config (its priors)."""
     return CostModel(page_size, page_bytes, prefetch.batch_pages, prefetch.auto_explore_fraction,
                      prefetch.auto_prefill_tokens_per_s)
 
@@ -269,25 +272,38 @@ def new_cost_model(config: "ControllerConfig", page_size: int, page_bytes: int) 
 _MIN_WAIT_S = 2e-4   # never spin: each round waits at least this long
 
 
-def wait_auto(model: CostModel, ticket: "PrefetchTicket", num_tokens: int,
-              num_ready: Callable[[], int], is_checking: Callable[[], bool],
+@dataclass(frozen=True)
+class Progress:
+    """A prefetch as a waiting lookup sees it: pages ready (in L2, from the chain's start),
+    pages still coming, whether L3 has not yet answered its existence check, whether done."""
+
+    num_ready: int
+    num_pending: int
+    is_checking: bool = False
+    is_done: bool = False
+
+
+def wait_auto(model: CostModel, num_tokens: int, poll: Callable[[float], Progress],
               backstop_s: float, max_rounds: int = 1000) -> Plan:
-    """Wait on ``ticket`` while the model says the pages it brings are worth it, planning
+    """Wait on a prefetch while the model says the pages it brings are worth it, planning
     again after each wait (the rates and the progress change); returns the last plan.
+    ``poll(wait_s)`` waits up to ``wait_s`` (0: not at all) and returns the progress.
 
     Late pages cannot keep it waiting: each modelled plan's ``give_up_s`` sets a deadline
     that later plans may only bring forward; ``backstop_s`` bounds the whole wait (an L3
     read that hangs ends by its own timeout; this is only a backstop)."""
     started = time.monotonic()
     deadline = started + backstop_s
+    progress = poll(0.0)
     for _ in range(max_rounds):
         now = time.monotonic()
-        plan = model.plan(num_tokens, num_ready(), ticket.num_pending, is_checking(), now - started)
+        plan = model.plan(num_tokens, progress.num_ready, progress.num_pending, progress.is_checking,
+                          now - started)
         if plan.is_modelled:
             deadline = min(deadline, now + plan.give_up_s)
-        if plan.wait_s <= 0 or ticket.is_done or now >= deadline:
+        if plan.wait_s <= 0 or progress.is_done or now >= deadline:
             return plan
-        ticket.wait(max(_MIN_WAIT_S, min(plan.wait_s, deadline - now)))
+        progress = poll(max(_MIN_WAIT_S, min(plan.wait_s, deadline - now)))
     return plan
 
 

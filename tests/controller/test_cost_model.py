@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from controller.api import PrefetchTicket
-from controller.pipelines.cost_model import CostModel, DecayedFit, PrefillRate, wait_auto
+from controller.pipelines.cost_model import CostModel, DecayedFit, PrefillRate, Progress, wait_auto
 
 P = 32                 # tokens per page
 PAGE_BYTES = 1 << 20   # 1 MiB pages
@@ -154,16 +154,21 @@ class FakeTicket(PrefetchTicket):
     def cancel(self):
         self._done.set()
 
+    def poll(self, wait_s):
+        if wait_s:
+            self.wait(wait_s)
+        return Progress(self.num_ready, self.num_pages - self.num_ready, False, self.is_done)
+
 
 def test_waits_on_a_prefetch_that_pays_and_not_on_one_that_does_not():
     # ~1 ms a page against ~30 ms to recompute one: worth waiting even for late pages.
     fast = model(prefill_us_per_token=1000.0, l3_latency_s=1e-3, l3_gbps=50.0, batch_pages=1)
     ticket = FakeTicket(20, 0.001)
-    plan = wait_auto(fast, ticket, PROMPT, lambda: ticket.num_ready, lambda: False, 10.0)
+    plan = wait_auto(fast, PROMPT, ticket.poll, 10.0)
     assert ticket.is_done and ticket.num_ready == 20 and plan.num_pages == 20
     slow = model(l3_latency_s=0.05, l3_gbps=0.01, batch_pages=1)
     ticket = FakeTicket(20, 0.05)
     started = time.monotonic()
-    plan = wait_auto(slow, ticket, PROMPT, lambda: ticket.num_ready, lambda: False, 10.0)
+    plan = wait_auto(slow, PROMPT, ticket.poll, 10.0)
     assert plan.num_pages == 0 and time.monotonic() - started < 0.04
     ticket.cancel()
