@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -81,20 +82,40 @@ class DecayedFit:
         return weights
 
 
+class RecentMedian:
+    """The median of the last ``size`` values: one slow outlier (a first call that builds
+    kernels, a stall of the host) moves it not at all, a lasting change within size/2."""
+
+    def __init__(self, size: int = 16) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+
+    def add(self, value: float) -> None:
+        self._values.append(value)
+
+    @property
+    def value(self) -> float | None:
+        return float(np.median(self._values)) if self._values else None
+
+
 class PrefillRate:
     """Engine prefill seconds as a function of tokens computed and cached prefix."""
 
     _MIN_FIT_SAMPLES = 4
+    _FIT_BAND = (0.2, 5.0)   # a fitted prediction this far from the per-token one is not trusted
 
     def __init__(self, prior_tokens_per_s: float | None = None) -> None:
         self._fit = DecayedFit(3)
-        # A prior rate counts as one small sample, which the first reports outweigh.
-        self._tokens = 1.0 if prior_tokens_per_s else 0.0
-        self._seconds = 1.0 / prior_tokens_per_s if prior_tokens_per_s else 0.0
+        self._per_token = RecentMedian()
+        self._prior = 1.0 / prior_tokens_per_s if prior_tokens_per_s else None
 
     @property
     def is_known(self) -> bool:
-        return self._tokens > 0
+        return self.seconds_per_token is not None
+
+    @property
+    def seconds_per_token(self) -> float | None:
+        measured = self._per_token.value
+        return measured if measured is not None else self._prior
 
     @staticmethod
     def _features(num_tokens: np.ndarray, num_cached: np.ndarray) -> np.ndarray:
@@ -106,17 +127,17 @@ class PrefillRate:
             return
         x = self._features(np.array(float(num_tokens)), np.array(float(num_cached)))
         self._fit.add(x, seconds)
-        self._tokens = 0.9 * self._tokens + num_tokens
-        self._seconds = 0.9 * self._seconds + seconds
+        self._per_token.add(seconds / num_tokens)
 
     def predict(self, num_tokens: np.ndarray, num_cached: np.ndarray) -> np.ndarray:
         """Seconds to prefill ``num_tokens`` over ``num_cached`` (arrays of equal shape)."""
         num_tokens = np.asarray(num_tokens, dtype=float)
-        per_token = num_tokens * (self._seconds / self._tokens)
+        per_token = num_tokens * self.seconds_per_token
         if self._fit.num_samples < self._MIN_FIT_SAMPLES:
             return per_token   # one rate until there is enough to fit a shape
         fitted = self._features(num_tokens, np.asarray(num_cached, dtype=float)) @ self._fit.weights
-        return np.where(fitted > 0, fitted, per_token)
+        low, high = self._FIT_BAND
+        return np.where((fitted >= low * per_token) & (fitted <= high * per_token), fitted, per_token)
 
 
 class L3Rate:
@@ -178,8 +199,7 @@ class CostModel:
         self.explore_fraction = explore_fraction
         self.prefill = PrefillRate(prior_tokens_per_s)
         self.l3 = L3Rate()
-        self._l2_bytes = 0.0
-        self._l2_seconds = 0.0
+        self._l2_seconds_per_byte = RecentMedian()
         self._lock = threading.Lock()
 
     # ---- measurements ------------------------------------------------------------------
@@ -196,8 +216,7 @@ class CostModel:
         """A load of ``nbytes`` from L2 held the engine up ``seconds`` (its exposed part)."""
         if nbytes > 0 and seconds >= 0:
             with self._lock:
-                self._l2_bytes = 0.9 * self._l2_bytes + nbytes
-                self._l2_seconds = 0.9 * self._l2_seconds + seconds
+                self._l2_seconds_per_byte.add(seconds / nbytes)
 
     def rates(self) -> dict[str, float | None]:
         """What is known now (for stats and reports); None where nothing was measured."""
@@ -206,9 +225,8 @@ class CostModel:
             return {
                 "l3_latency_s": self.l3.latency_s if l3 else None,
                 "l3_read_gbps": 1e-3 / self.l3.seconds_per_mb if l3 and self.l3.seconds_per_mb else None,
-                "l2_load_gbps": self._l2_bytes / self._l2_seconds / 1e9 if self._l2_seconds else None,
-                "l2_loads_measured": bool(self._l2_bytes),
-                "prefill_tokens_per_s": (self.prefill._tokens / self.prefill._seconds
+                "l2_load_gbps": 1e-9 / l2 if (l2 := self._l2_seconds_per_byte.value) else None,
+                "prefill_tokens_per_s": (1 / self.prefill.seconds_per_token
                                          if self.prefill.is_known else None),
             }
 
@@ -251,9 +269,10 @@ class CostModel:
         return Plan(best_ready, 0.0, budget, float(cost[best_ready]), float(cost[0]))
 
     def _load_s(self, k: np.ndarray) -> np.ndarray:
-        if not self._l2_seconds:   # unmeasured, or every load hidden behind compute
+        per_byte = self._l2_seconds_per_byte.value
+        if not per_byte:   # unmeasured, or loads hidden behind compute
             return np.zeros(len(k))
-        return k * self.page_bytes * (self._l2_seconds / self._l2_bytes)
+        return k * self.page_bytes * per_byte
 
     def _arrival_s(self, j: np.ndarray, is_checking: bool) -> np.ndarray:
         """Seconds until the j-th pending page is in L2 (0 for j <= 0)."""
