@@ -373,7 +373,9 @@ def run_point(world: World, client: CacheClient, mode: str, context: int, fracti
     world.cached.generate(prompt, 1)  # warm-up: first use of these shapes (recompute had one too)
     timed.calls.clear()
     timed.num_loaded_pages = 0
+    chosen_before = client.stats().num_recomputed_by_choice_pages
     runs = [world.cached.generate(prompt, 1) for _ in range(world.args.reps)]
+    chosen = client.stats().num_recomputed_by_choice_pages - chosen_before
     ttft = statistics.median(r.ttft_s for r in runs)
     num_cached = runs[0].num_cached_tokens
     loaded = timed.num_loaded_pages // len(runs) * world.page_bytes
@@ -392,6 +394,7 @@ def run_point(world: World, client: CacheClient, mode: str, context: int, fracti
         "compute_uncached_over_floor": compute_s / compute_floor,
         "copy_floor_s": copy_floor, "lower_bound_s": lower, "ttft_over_lower_bound": ttft / lower,
         "prefetch_policy": _policy_of(client),
+        "recomputed_by_choice_pages": chosen / len(runs),
         "host_lookup_s": timed.calls.get("lookup_s", 0.0) / len(runs),
         "host_load_issue_s": timed.calls.get("load_issue_s", 0.0) / len(runs),
     }

@@ -62,7 +62,9 @@ def test_tiny_grid_through_a_daemon_it_starts_and_a_two_process_handoff(tmp_path
     out = e2e.main(argv + ["--disk-context", "0", "--out", str(tmp_path / "e2e.json")])
     daemon_points = [p for p in out["points"] if p["mode"] == "daemon"]
     assert len(daemon_points) == 6 and out["skipped"] == []
-    assert all(p["bytes_loaded"] > 0 for p in daemon_points if p["cached_fraction"] == 1.0)
+    # auto loads the hit, or (tiny model on a busy CPU) says it chose to recompute it
+    assert all(p["bytes_loaded"] > 0 or p["recomputed_by_choice_pages"] > 0
+               for p in daemon_points if p["cached_fraction"] == 1.0)
     check = out["correctness"]["daemon"]
     assert check["split_run_tokens_equal"] and check["split_run_logits_bit_equal"]
     handoff = out["handoff_daemon"]
@@ -95,7 +97,8 @@ def test_tiny_grid_writes_json_with_every_part(tmp_path):
     points = {(p["context"], p["cached_fraction"]) for p in saved["points"]}
     assert points == {(c, f) for c in (64, 128) for f in (0.0, 0.5, 1.0)}
     full = [p for p in saved["points"] if p["cached_fraction"] == 1.0]
-    assert all(p["computed_tokens"] == 8 and p["bytes_loaded"] > 0 for p in full)
+    assert all(p["computed_tokens"] == 8 and p["bytes_loaded"] > 0
+               or p["recomputed_by_choice_pages"] > 0 for p in full)
     assert all(p["bytes_loaded"] == 0 for p in saved["points"] if p["cached_fraction"] == 0.0)
     check = saved["correctness"]["embedded"]
     assert check["split_run_tokens_equal"] and check["split_run_logits_bit_equal"]
