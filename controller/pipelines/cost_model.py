@@ -101,7 +101,7 @@ class PrefillRate:
     """Engine prefill seconds as a function of tokens computed and cached prefix."""
 
     _MIN_FIT_SAMPLES = 4
-    _FIT_BAND = (0.2, 5.0)   # a fitted prediction this far from the per-token one is not trusted
+    _FIT_BAND = (0.05, 20.0)   # a fitted prediction this far from the per-token one is not trusted
 
     def __init__(self, prior_tokens_per_s: float | None = None) -> None:
         self._fit = DecayedFit(3)

@@ -104,7 +104,7 @@ def test_tiny_grid_writes_json_with_every_part(tmp_path):
     assert check["split_run_tokens_equal"] and check["split_run_logits_bit_equal"]
     assert saved["disk_l3"]["l3_tokens"] == 56
     disk = saved["disk_l3"]
-    assert disk["wait_complete"]["l3_tokens"] == 56 and disk["auto"]["warmed_on_other_prompt"]
+    assert disk["wait_complete"]["l3_tokens"] == 56 and disk["auto"]["warmed_on_other_prompts"] == 2
     assert disk["auto"]["l3_read_gbps_measured"] > 0   # the warm-up's prefetch measured the disk
     assert disk["auto"]["cached_tokens"] + disk["auto"]["recomputed_by_choice_pages"] * 8 >= 56
     assert all(p["prefetch_policy"] == "auto" for p in saved["points"])
