@@ -241,6 +241,12 @@ class CostModel:
             num_pending = max(0, min(num_pending, num_tokens // self.page_size - num_ready))
             if not self.prefill.is_known:   # nothing to weigh a wait against: wait_complete
                 return Plan(num_ready + num_pending, math.inf if num_pending else 0.0, math.inf)
+            if not num_pending and self._l2_seconds_per_byte.value is None:
+                # Free loads and a prefill that only shrinks as the prefix grows: load all
+                # (an L2 hit's hot path predicts two points, not every k).
+                ends = self.prefill.predict(np.array([num_tokens - num_ready * self.page_size, num_tokens]),
+                                            np.array([num_ready * self.page_size, 0]))
+                return Plan(num_ready, 0.0, 0.0, float(ends[0]), float(ends[1]), True)
             k = np.arange(num_ready + num_pending + 1)
             cost = self._load_s(k) + self.prefill.predict(num_tokens - k * self.page_size,
                                                           k * self.page_size)
