@@ -211,6 +211,9 @@ class CacheCore:
     def _wait_per_policy(self, ticket: Prefetch, num_l2: int, num_tokens: int) -> None:
         policy = self.config.prefetch
         if policy.policy == "auto":
+            if ticket.is_waited_out:   # its request already waited as long as it paid
+                return
+
             def poll(wait_s: float) -> Progress:
                 if wait_s:
                     ticket.wait(wait_s)

@@ -86,8 +86,10 @@ class EmbeddedController(CacheClient):
     def worth_waiting_s(self, ticket: PrefetchTicket, num_tokens: int, waited_s: float = 0.0) -> float:
         if ticket.is_done or not isinstance(ticket, Prefetch):
             return 0.0
-        return worth_waiting_s(self._core.cost, num_tokens, ticket.start + ticket.num_ready,
-                               ticket.num_pending, ticket.is_checking, waited_s)
+        wait_s = worth_waiting_s(self._core.cost, num_tokens, ticket.start + ticket.num_ready,
+                                 ticket.num_pending, ticket.is_checking, waited_s)
+        ticket.is_waited_out = wait_s <= 0   # the lookup that follows does not wait again
+        return wait_s
 
     def load(self, result: LookupResult, device_pages: Sequence[int]) -> LoadHandle:
         self._core.check_open()

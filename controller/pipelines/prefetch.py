@@ -71,6 +71,9 @@ class Prefetch(PrefetchTicket):
         self.is_claimed = False
         """Set when the request it was started for went ahead without it (best_effort,
         timeout): its pages are then not held when it ends."""
+        self.is_waited_out = False
+        """Set when a scheduler waited on it as long as the ``auto`` cost model said it paid:
+        the lookup of its request then takes what is ready without waiting again."""
         self._done = threading.Event()
         self._cancel: Callable[[], None] | None = None
         self._drop_hold: Callable[["Prefetch"], None] | None = None
