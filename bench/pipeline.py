@@ -18,6 +18,7 @@ whether every output token and logit equals the no-cache run.
 
     python bench/pipeline.py --out bench/results/pipeline.json      # the default run, ~minutes
     python bench/pipeline.py --quick --out /tmp/pipeline.json         # a check of every part
+    python bench/pipeline.py --all-rows h200host                      # the three grids of issue 21
 
 The added latency is a bench-only subclass of the real connector (``DelayedRedis``,
 ``DelayedDisk``) registered under its own name in ``connectors.BACKENDS``: every raw
@@ -487,8 +488,26 @@ def _cpu_name() -> str:
         return platform.processor() or "cpu"
 
 
+# The rows of issue 21: (file name part, extra arguments); the machine is added to the name.
+ALL_ROWS = (
+    ("pipeline", []),
+    ("pipeline_l2_128", ["--host-pages", "128"]),
+    ("pipeline_l2_128_redis20ms", ["--host-pages", "128", "--l3", "redis", "--redis-latency-ms", "20"]),
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--all-rows" in argv:   # every row, one JSON each: bench/results/<row>_<machine>.json
+        machine = argv[argv.index("--all-rows") + 1]
+        rest = [a for i, a in enumerate(argv) if i not in (argv.index("--all-rows"), argv.index("--all-rows") + 1)]
+        codes = [run_and_report(parse_args([*rest, *extra, "--out", f"bench/results/{name}_{machine}.json"]))
+                 for name, extra in ALL_ROWS]
+        return max(codes)
+    return run_and_report(parse_args(argv))
+
+
+def run_and_report(args: argparse.Namespace) -> int:
     out = run_grid(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, default=str))
