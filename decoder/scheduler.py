@@ -23,9 +23,9 @@ Admission policies (by name, the same names as the cache's ``PrefetchConfig.poli
                    other requests meanwhile
     timeout        prefetch at arrival; admit once it is done or the budget
                    base_s + per_1k_tokens_s * prompt_len / 1000 since arrival has passed
-    auto           prefetch at arrival; admit once the cache's cost model says waiting
-                   for it no longer pays (``CacheClient.worth_waiting_s``), running other
-                   requests meanwhile; the lookup then loads the pages it chose
+    auto           prefetch at arrival; admit at once; the lookup waits for the prefetch
+                   as long as the cache's cost model says it pays, and loads the pages
+                   it chose (see AutoAdmission)
 
 Prefill recomputes only what the lookup did not find (the engine's page-chunked
 prefill), so output is bit-exact whatever was loaded.
@@ -138,9 +138,6 @@ class AdmissionPolicy(ABC):
     def deadline_s(self, waiting: _Waiting) -> float | None:
         return None
 
-    def bind(self, engine: ReferenceEngine) -> None:
-        """The scheduler's engine (a policy that asks its cache keeps it)."""
-
 
 class SyncAdmission(AdmissionPolicy):
     name, starts_prefetch = "sync", False
@@ -180,21 +177,19 @@ class TimeoutAdmission(AdmissionPolicy):
 
 
 class AutoAdmission(AdmissionPolicy):
-    """Asks the cache's cost model whether the prefetch is still worth waiting for."""
+    """Admits at once; the lookup then waits for the prefetch only as long as the cache's
+    cost model says it pays (``PrefetchConfig.policy = "auto"``), else recomputes.
+
+    Deferring a request until its prefetch is done (``wait_complete``, or polling
+    ``CacheClient.worth_waiting_s``) costs it its place: the requests admitted meanwhile
+    run their prefills first, back to back. On the pipeline bench that cost more than
+    the short waits the cost model accepts (auto admitted by ``worth_waiting_s`` had
+    wait_complete's queueing), so the choice is left to the lookup."""
 
     name = "auto"
 
-    def __init__(self) -> None:
-        self._engine: ReferenceEngine | None = None
-
-    def bind(self, engine: ReferenceEngine) -> None:
-        self._engine = engine
-
     def is_admissible(self, waiting: _Waiting, now_s: float) -> bool:
-        ticket, cache = waiting.ticket, self._engine.cache if self._engine is not None else None
-        if ticket is None or cache is None or ticket.is_done:
-            return True
-        return cache.worth_waiting_s(ticket, len(waiting.prompt), now_s - waiting.arrival_s) <= 0
+        return True
 
 
 ADMISSION_POLICIES: dict[str, type[AdmissionPolicy]] = {
@@ -218,7 +213,6 @@ class Scheduler:
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.engine = engine
         self.policy = admission_policy(policy) if isinstance(policy, str) else policy
-        self.policy.bind(engine)
         self.clock = clock
         self._waiting: list[_Waiting] = []
         self._running: deque[_Running] = deque()
