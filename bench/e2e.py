@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -139,10 +140,14 @@ def client_factory(mode: str, config: ControllerConfig, namespace: KeyNamespace,
 
 
 class TimedClient(CacheClient):
-    """Forwards to a client, records host time per call; ``store_enabled=False`` skips stores."""
+    """Forwards to a client, records host time per call; ``store_enabled=False`` skips stores.
+    ``store_sync``: the store's span ends only when the device is idle again, so a store whose
+    device-to-host copy runs behind the call (the embedded client on CUDA) is timed whole."""
 
-    def __init__(self, inner: CacheClient, store_enabled: bool = True) -> None:
+    def __init__(self, inner: CacheClient, store_enabled: bool = True,
+                 store_sync: torch.device | None = None) -> None:
         self.inner, self.layout, self.store_enabled = inner, inner.layout, store_enabled
+        self.store_sync = store_sync
         self.calls: dict[str, float] = {}
         self.num_loaded_pages = 0
 
@@ -163,7 +168,21 @@ class TimedClient(CacheClient):
     def store(self, tokens, device_pages) -> StoreResult:
         if not self.store_enabled:
             return StoreResult(0, 0, 0)
-        return self._timed("store_s", self.inner.store, tokens, device_pages)
+        if self.store_sync is None:
+            return self._timed("store_s", self.inner.store, tokens, device_pages)
+
+        def store_and_copy() -> StoreResult:
+            result = self.inner.store(tokens, device_pages)
+            synchronize(self.store_sync)   # the engine synchronized before: this is the copy
+            return result
+
+        return self._timed("store_s", store_and_copy)
+
+    def report_prefill(self, num_tokens, num_cached, seconds, load_wait_s=0.0) -> None:
+        self.inner.report_prefill(num_tokens, num_cached, seconds, load_wait_s)
+
+    def worth_waiting_s(self, ticket, num_tokens, waited_s=0.0) -> float:
+        return self.inner.worth_waiting_s(ticket, num_tokens, waited_s)
 
     def release(self, result) -> None:
         self._timed("release_s", self.inner.release, result)
@@ -225,6 +244,8 @@ class World:
     namespace: KeyNamespace
     base: list[int]
     ceilings: dict
+    recompute: dict = None
+    """context -> the one-pass recompute's TTFT and FLOP rate (measured first)."""
 
     @property
     def config(self) -> DecoderConfig:
@@ -329,6 +350,21 @@ def measure_suffix_compute(world: World, prompt: list[int], start: int) -> float
         engine.allocator.free(pages)
 
 
+def compute_floor_s(world: World, context: int, num_cached: int) -> float:
+    """The uncached part's FLOPs at the FLOP rate the one-pass recompute of this context
+    reached in this run: what the hardware does when the decoder is at its best, not what
+    the decoder's own prefill over a cached prefix happens to reach."""
+    recompute = world.recompute[context]
+    rate = prefill_flops(world.config, context)["total"] / recompute["ttft_s"]
+    return prefill_flops(world.config, context - num_cached, num_cached)["total"] / rate
+
+
+def _policy_of(client: CacheClient) -> str:
+    config = getattr(client, "config", None) or getattr(getattr(client, "_link", None), "prefetch_config", None)
+    prefetch = getattr(config, "prefetch", config)
+    return getattr(prefetch, "policy", "unknown")
+
+
 def run_point(world: World, client: CacheClient, mode: str, context: int, fraction: float,
               recompute_s: float) -> dict:
     prompt, _ = point_prompt(world, context, fraction, seed=context + int(fraction * 1000))
@@ -337,22 +373,28 @@ def run_point(world: World, client: CacheClient, mode: str, context: int, fracti
     world.cached.generate(prompt, 1)  # warm-up: first use of these shapes (recompute had one too)
     timed.calls.clear()
     timed.num_loaded_pages = 0
+    chosen_before = client.stats().num_recomputed_by_choice_pages
     runs = [world.cached.generate(prompt, 1) for _ in range(world.args.reps)]
+    chosen = client.stats().num_recomputed_by_choice_pages - chosen_before
     ttft = statistics.median(r.ttft_s for r in runs)
     num_cached = runs[0].num_cached_tokens
     loaded = timed.num_loaded_pages // len(runs) * world.page_bytes
     load_s = measure_load(world, client, prompt) if loaded else 0.0
     compute_s = measure_suffix_compute(world, prompt, num_cached)
     copy_floor = loaded / (world.ceilings["memcpy_h2d_gbps"] * GB)
-    lower = max(copy_floor, compute_s)
+    compute_floor = compute_floor_s(world, context, num_cached)
+    lower = max(copy_floor, compute_floor)
     row = {
         "mode": mode, "context": context, "cached_fraction": fraction, "cached_tokens": num_cached,
         "computed_tokens": context - num_cached, "ttft_cache_s": ttft, "ttft_recompute_s": recompute_s,
         "speedup": recompute_s / ttft, "bytes_loaded": loaded,
         "load_alone_s": load_s, "load_gbps": loaded / load_s / GB if load_s else None,
         "load_frac_of_55gbps": loaded / load_s / (55 * GB) if load_s else None,
-        "compute_uncached_s": compute_s, "copy_floor_s": copy_floor, "lower_bound_s": lower,
-        "ttft_over_lower_bound": ttft / lower,
+        "compute_uncached_s": compute_s, "compute_floor_s": compute_floor,
+        "compute_uncached_over_floor": compute_s / compute_floor,
+        "copy_floor_s": copy_floor, "lower_bound_s": lower, "ttft_over_lower_bound": ttft / lower,
+        "prefetch_policy": _policy_of(client),
+        "recomputed_by_choice_pages": chosen / len(runs),
         "host_lookup_s": timed.calls.get("lookup_s", 0.0) / len(runs),
         "host_load_issue_s": timed.calls.get("load_issue_s", 0.0) / len(runs),
     }
@@ -407,32 +449,67 @@ def check_correctness(world: World, client: CacheClient) -> dict:
 
 # ---- disk L3 ------------------------------------------------------------------------------------
 def run_disk_point(world: World, recompute_s: float | None) -> dict:
-    """One point whose KV comes from the disk L3 (page cache dropped first, where it can be)."""
-    args, engine = world.args, world.cached
-    context = args.disk_context
-    prompt = tokens(world.config.vocab_size, context, seed=777)
+    """One context whose KV is only on the disk L3 (page cache dropped first, where it can
+    be), read by a fresh client per policy: ``wait_complete`` loads all of it; ``auto``
+    first runs, untimed, a fresh prompt (the engine reports its prefill rate) and one
+    other prompt stored on the same disk (its prefetch measures the disk), then chooses
+    per page for the timed one."""
+    args = world.args
+    context, P = args.disk_context, args.page_size
+    prompt, warm, fresh = (tokens(world.config.vocab_size, context, seed=s) for s in (777, 778, 779))
+    if recompute_s is None:
+        recompute_s = statistics.median(world.plain.generate(prompt, 1).ttft_s for _ in range(2))
+    rows = {}
     with tempfile.TemporaryDirectory(prefix="kvstore-e2e-disk-", dir=args.disk_dir) as path:
         l3 = L3Config(connector="disk", options={"path": path, "capacity_bytes": 4 * context * world.page_bytes},
                       write_policy="write_through", timeout_s=300.0)
-        config = ControllerConfig(host_pool_pages=context // args.page_size + 8, l3=l3)
-        with controller.connect(config, world.namespace, engine.kv_pool) as writer:
-            engine.attach_cache(writer)
-            engine.generate(prompt, 1)  # stores to L2 and, written through, to disk
-        dropped = drop_page_cache(path)
-        with controller.connect(config, world.namespace, engine.kv_pool) as reader:
-            timed = TimedClient(reader, store_enabled=False)
-            engine.attach_cache(timed)
-            result = engine.generate(prompt, 1)
+        config = ControllerConfig(host_pool_pages=2 * (context // P) + 8, l3=l3)
+        with controller.connect(config, world.namespace, world.cached.kv_pool) as writer:
+            world.cached.attach_cache(writer)
+            world.cached.generate(prompt, 1)   # stores to L2 and, written through, to disk
+            world.cached.generate(warm, 1)
+        world.cached.attach_cache(None)
+        for policy in ("wait_complete", "auto"):
+            dropped = drop_page_cache(path)
+            rows[policy] = _disk_run(world, config, policy, prompt,
+                                     [fresh, warm] if policy == "auto" else [])
+            rows[policy].update(page_cache_dropped=dropped, speedup=recompute_s / rows[policy]["ttft_cache_s"])
+    auto = rows["auto"]
+    return {"context": context, "ttft_recompute_s": recompute_s, **rows,
+            "auto_over_recompute": auto["ttft_cache_s"] / recompute_s,
+            "auto_target": "auto TTFT <= 1.02x recompute",
+            "auto_met": auto["ttft_cache_s"] <= 1.02 * recompute_s,
+            # fields of the single-policy row of before, for the smoke test and readers
+            "cached_tokens": rows["wait_complete"]["cached_tokens"],
+            "l3_tokens": rows["wait_complete"]["l3_tokens"]}
+
+
+def _disk_run(world: World, config: ControllerConfig, policy: str, prompt: list[int],
+              warm: list[list[int]]) -> dict:
+    engine = world.cached
+    config = dataclasses.replace(config, prefetch=dataclasses.replace(config.prefetch, policy=policy))
+    with controller.connect(config, world.namespace, engine.kv_pool) as reader:
+        timed = TimedClient(reader, store_enabled=False)
+        engine.attach_cache(timed)
+        for other in warm:   # untimed: what the client learns from before the timed request
+            engine.generate(other, 1)
+            reader.prefetch(other).wait(300.0)   # its read of the disk ends before the timing
+        timed.calls.clear()
+        timed.num_loaded_pages = 0
+        before = reader.stats().num_recomputed_by_choice_pages
+        result = engine.generate(prompt, 1)
         engine.attach_cache(None)
-    if recompute_s is None:
-        recompute_s = statistics.median(world.plain.generate(prompt, 1).ttft_s for _ in range(2))
+        stats = reader.stats()
     loaded = timed.num_loaded_pages * world.page_bytes
     return {
-        "context": context, "cached_tokens": result.num_cached_tokens, "l3_tokens": result.num_l3_tokens,
-        "page_cache_dropped": dropped, "ttft_cache_s": result.ttft_s, "ttft_recompute_s": recompute_s,
-        "speedup": recompute_s / result.ttft_s, "bytes_loaded": loaded,
-        "disk_read_s": timed.calls.get("lookup_s", 0.0),
-        "disk_read_gbps": loaded / timed.calls["lookup_s"] / GB if timed.calls.get("lookup_s") else None,
+        "policy": policy, "warmed_on_other_prompts": len(warm),
+        "cached_tokens": result.num_cached_tokens, "l3_tokens": result.num_l3_tokens,
+        "ttft_cache_s": result.ttft_s, "bytes_loaded": loaded,
+        "lookup_s": timed.calls.get("lookup_s", 0.0),
+        "disk_read_gbps": (loaded / timed.calls["lookup_s"] / GB
+                           if loaded and timed.calls.get("lookup_s") else None),
+        "l3_read_gbps_measured": stats.l3_read_gbps, "l3_read_latency_s_measured": stats.l3_read_latency_s,
+        "recomputed_by_choice_pages": stats.num_recomputed_by_choice_pages - before,
     }
 
 
@@ -459,12 +536,13 @@ Side = Callable[[], tuple[ReferenceEngine, CacheClient]]
 def run_handoff(prefill_side: Side, decode_side: Side, prompt: list[int], num_new: int) -> dict:
     """One engine prefills ``prompt`` and stores its KV; another loads it and decodes.
 
-    Hand-off time = the prefill side's store (device -> L2) + the decode side's time to its
-    first token (lookup, layer-wise load, the last page recomputed). With the daemon the two
+    Hand-off time = the prefill side's store (device -> L2, until its copy has completed:
+    the embedded client's store returns before its copy ends on CUDA) + the decode side's
+    time to its first token (lookup, layer-wise load, the last page recomputed). With the daemon the two
     sides are meant to be two processes; the function only needs each side's (engine, client).
     """
     engine_a, client_a = prefill_side()
-    timed_a = TimedClient(client_a)
+    timed_a = TimedClient(client_a, store_sync=engine_a.model.device)   # the D2H copy included
     engine_a.attach_cache(timed_a)
     first = engine_a.generate(prompt, 1)
     engine_a.attach_cache(None)
@@ -542,7 +620,8 @@ def _daemon_handoff(world: World, host_pages: int, num_pages: int, prompt: list[
     with tempfile.TemporaryDirectory(prefix="kvstore-handoff-") as workdir:
         with spawned_daemon(world.cached.layout, host_pages, Path(workdir)) as address:
             engine = world.cached
-            client = TimedClient(controller.connect_daemon(address, world.namespace, engine.kv_pool))
+            client = TimedClient(controller.connect_daemon(address, world.namespace, engine.kv_pool),
+                                 store_sync=world.device)
             try:
                 engine.attach_cache(client)
                 engine.generate(warmup, 1)             # untimed: touches the pool, first launches
@@ -586,8 +665,9 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
         other = by_point.get(("embedded", context, fraction))
         if mode == "daemon" and other:
             ratio = row["ttft_cache_s"] / other["ttft_cache_s"]
-            found.append({"target": f"daemon {context} tokens {fraction:.0%}: within 5% of embedded",
-                          "value": round(ratio, 3), "met": ratio <= 1.05})
+            found.append({"target": f"daemon {context} tokens {fraction:.0%}: within 5% of embedded "
+                                    "(|ratio - 1| <= 0.05)",
+                          "value": round(ratio, 3), "met": abs(ratio - 1) <= 0.05})
     return found
 
 
@@ -662,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "flop_count": FLOP_NOTE, "setup_s": time.perf_counter() - started,
         "points": [], "skipped": [],
     }
-    out["recompute"] = measure_recompute(world)
+    out["recompute"] = world.recompute = measure_recompute(world)
     run_modes(world, out["recompute"], out)
     _save(out, args.out, started)                  # each part lands in the file as soon as it is measured
     if args.disk_context:

@@ -10,13 +10,15 @@ prompt holds the model's real output. L2 is small, so most hits come up from L3:
 and Redis (a real redis-server on a free loopback port) with added latency per call.
 
 Per L3 x policy (sync = the synchronous lookup of before the prefetch pipeline,
-best_effort, wait_complete, timeout) x hints (off; on: ``pause`` when a request ends,
+best_effort, wait_complete, timeout, and auto: the cost model chooses per request
+whether to wait for the prefetch or recompute, admission included) x hints (off; on: ``pause`` when a request ends,
 ``resume`` ``--resume-lead-ms`` before the session's next request): hit rate, TTFT
 p50/p99 (arrival -> first token, queue included), tokens/s, bytes read from L3, and
 whether every output token and logit equals the no-cache run.
 
     python bench/pipeline.py --out bench/results/pipeline.json      # the default run, ~minutes
     python bench/pipeline.py --quick --out /tmp/pipeline.json         # a check of every part
+    python bench/pipeline.py --all-rows h200host                      # the three grids of issue 21
 
 The added latency is a bench-only subclass of the real connector (``DelayedRedis``,
 ``DelayedDisk``) registered under its own name in ``connectors.BACKENDS``: every raw
@@ -59,7 +61,8 @@ from decoder.scheduler import Completion, Request, Scheduler, TimeoutAdmission  
 from kvstore.page_keys import KeyNamespace  # noqa: E402
 from kvstore.replay.generator import AgentWorkload, _Session  # noqa: E402
 
-POLICIES = ("sync", "best_effort", "wait_complete", "timeout")
+POLICIES = ("sync", "best_effort", "wait_complete", "timeout", "auto")
+FIXED_POLICIES = POLICIES[:-1]
 LATENCY_NOTE = ("Redis latency: a bench-only subclass of connectors.redis_store.RedisConnector, "
                 "registered in connectors.BACKENDS as 'bench_redis', sleeps the given ms on the "
                 "connector's event loop before every raw batch call (MGET, EXISTS pipeline, SET "
@@ -427,7 +430,8 @@ def header(args, model: ReferenceDecoder, plans: list[SessionPlan]) -> dict:
 
 
 def finish(out: dict) -> None:
-    """Exactness against the no-cache run, and best_effort+hints vs sync per L3."""
+    """Exactness against the no-cache run, best_effort+hints vs sync per L3, and auto
+    against the best fixed policy of the same L3 (every fixed policy, hints on and off)."""
     runs = out["runs"]
     reference = next(r for r in runs if r["l3"] == "none")
     for r in runs:
@@ -442,6 +446,27 @@ def finish(out: dict) -> None:
             ratio = sync["ttft_p50_s"] / best["ttft_p50_s"]
             out["target"][l3] = {"sync_ttft_p50_s": sync["ttft_p50_s"], "best_effort_hints_ttft_p50_s":
                                  best["ttft_p50_s"], "ratio": ratio, "met_1_5x": ratio >= 1.5}
+        auto = auto_vs_best_fixed(runs, l3)
+        if auto:
+            out.setdefault("auto_vs_best_fixed", {})[l3] = auto
+
+
+def auto_vs_best_fixed(runs: list[dict], l3: str) -> dict | None:
+    """auto's p50 TTFT (each hints setting, and the better one) over the lowest p50 of any
+    fixed policy on this L3 in the same run; the target is <= 1.03."""
+    fixed = [r for r in runs if r["l3"] == l3 and r["policy"] in FIXED_POLICIES]
+    auto = {r["hints"]: r for r in runs if r["l3"] == l3 and r["policy"] == "auto"}
+    if not fixed or not auto:
+        return None
+    best = min(fixed, key=lambda r: r["ttft_p50_s"])
+    out = {"best_fixed": f"{best['policy']}{' + hints' if best['hints'] else ''}",
+           "best_fixed_ttft_p50_s": best["ttft_p50_s"]}
+    for hints, r in sorted(auto.items()):
+        out[f"auto{'_hints' if hints else ''}_ttft_p50_s"] = r["ttft_p50_s"]
+        out[f"auto{'_hints' if hints else ''}_ratio"] = r["ttft_p50_s"] / best["ttft_p50_s"]
+    out["ratio"] = min(r["ttft_p50_s"] for r in auto.values()) / best["ttft_p50_s"]
+    out["met_within_3pct"] = out["ratio"] <= 1.03
+    return out
 
 
 def _find(runs, l3, policy, hints):
@@ -463,11 +488,32 @@ def _cpu_name() -> str:
         return platform.processor() or "cpu"
 
 
+# The rows of issue 21: (file name part, extra arguments); the machine is added to the name.
+ALL_ROWS = (
+    ("pipeline", []),
+    ("pipeline_l2_128", ["--host-pages", "128"]),
+    ("pipeline_l2_128_redis20ms", ["--host-pages", "128", "--l3", "redis", "--redis-latency-ms", "20"]),
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--all-rows" in argv:   # every row, one JSON each: bench/results/<row>_<machine>.json
+        machine = argv[argv.index("--all-rows") + 1]
+        rest = [a for i, a in enumerate(argv) if i not in (argv.index("--all-rows"), argv.index("--all-rows") + 1)]
+        codes = [run_and_report(parse_args([*rest, *extra, "--out", f"bench/results/{name}_{machine}.json"]))
+                 for name, extra in ALL_ROWS]
+        return max(codes)
+    return run_and_report(parse_args(argv))
+
+
+def run_and_report(args: argparse.Namespace) -> int:
     out = run_grid(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, default=str))
+    for l3, t in out.get("auto_vs_best_fixed", {}).items():
+        print(f"{l3}: auto p50 {t['ratio']:.3f}x the best fixed policy ({t['best_fixed']}, "
+              f"{t['best_fixed_ttft_p50_s'] * 1e3:.1f} ms): {'met' if t['met_within_3pct'] else 'NOT met'}")
     for l3, t in out["target"].items():
         print(f"{l3}: sync p50 {t['sync_ttft_p50_s'] * 1e3:.1f} ms / best_effort+hints p50 "
               f"{t['best_effort_hints_ttft_p50_s'] * 1e3:.1f} ms = {t['ratio']:.2f}x "

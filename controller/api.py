@@ -171,8 +171,10 @@ class CacheClient(ABC):
 
         Pages found only in L3 are read into L2 by a prefetch (which may evict other,
         unleased L2 pages); how long this waits for them is the prefetch policy's
-        choice (``PrefetchConfig.policy``): ``wait_complete`` (the default) and ``sync``
-        until they are in, ``timeout`` up to a budget, ``best_effort`` not at all.
+        choice (``PrefetchConfig.policy``): ``auto`` (the default) as long as the cost model
+        predicts it pays, and may return fewer hit pages than are cached when recomputing
+        them is faster; ``wait_complete`` and ``sync`` until they are in, ``timeout`` up
+        to a budget, ``best_effort`` not at all.
         Takes a lease that the caller must end with ``release``.
         """
 
@@ -181,6 +183,21 @@ class CacheClient(ABC):
         background (a hint, e.g. for an agent session that will come back after a tool
         call). Never waits on L3 and takes no lease."""
         raise CacheError(f"{type(self).__name__} does not prefetch")
+
+    def report_prefill(self, num_tokens: int, num_cached: int, seconds: float,
+                       load_wait_s: float = 0.0) -> None:
+        """The engine prefilled ``num_tokens`` tokens after a loaded prefix of ``num_cached``
+        in ``seconds`` of compute, and its prefill was held up ``load_wait_s`` waiting for
+        that prefix's load (the part of the load it could not hide). The ``auto`` policy's
+        cost model learns the engine's prefill and load rates from these. Clients without a
+        cost model ignore it."""
+
+    def worth_waiting_s(self, ticket: PrefetchTicket, num_tokens: int, waited_s: float = 0.0) -> float:
+        """How much longer a request of ``num_tokens`` prompt tokens should wait for the
+        pages ``ticket`` is bringing up, by the ``auto`` cost model (0: start now). A
+        scheduler asks this instead of blocking in lookup, and runs others meanwhile.
+        Clients without a cost model answer 0."""
+        return 0.0
 
     @abstractmethod
     def load(self, result: LookupResult, device_pages: Sequence[int]) -> LoadHandle:
@@ -265,3 +282,14 @@ class CacheStats:
     ``l3_page_bytes_written``)."""
     l3_page_bytes_written: int = 0
     """Bytes of the pages those L3 writes hold, as L2 holds them."""
+    num_loaded_l2_pages: int = 0
+    """Hit pages lookups handed to the engine to load that were in L2 when asked."""
+    num_loaded_l3_pages: int = 0
+    """Hit pages lookups handed to the engine to load that came up from L3 for them."""
+    l3_read_latency_s: float = 0.0
+    """Latency of one L3 call as the prefetches measure it (0: not measured yet)."""
+    l3_read_gbps: float = 0.0
+    """L3 read rate past that latency as the prefetches measure it (0: not measured yet)."""
+    num_recomputed_by_choice_pages: int = 0
+    """``auto``: pages the cache held or was reading from L3 that the cost model chose to
+    have recomputed (loading or waiting for them was predicted to be slower)."""

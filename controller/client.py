@@ -29,7 +29,8 @@ Prefetch: the daemon never waits on L3 inside a request. A lookup that finds
 pages only in L3 gets the L2 hit plus a running prefetch; the client applies its
 own ``PrefetchConfig.policy`` by waiting on that prefetch (WaitPrefetch, answered
 by the daemon when it is done or the budget ends, while it serves others) and
-looking up again. ``sync`` behaves as ``wait_complete`` here.
+looking up again. ``sync`` behaves as ``wait_complete`` here; ``auto`` plans with
+the client's own cost model (controller/client_choice.py).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import zmq
 from controller.api import (CacheClient, CacheError, CacheStats, LoadError, LoadHandle,
                             LookupResult, PrefetchTicket, StoreResult)
 from controller.arguments import page_id_list, token_array
+from controller.client_choice import ClientChoice
 from controller.config import PrefetchConfig
 from controller.daemon import protocol as p
 from controller.daemon.address import parse_address
@@ -321,6 +323,7 @@ class DaemonLink:
                  on_remap: Callable[[], None] = lambda: None) -> None:
         self.layout = layout
         self.prefetch_config = prefetch
+        self.choice = ClientChoice(prefetch, layout.page_size, layout.page_bytes)
         self.session = Session(address, layout.fingerprint(), credentials=credentials,
                                request_timeout_s=request_timeout_s, client_name=client_name)
         self.pool: _MappedPool | None = None
@@ -378,8 +381,9 @@ class DaemonLink:
     def lookup(self, keys: list[bytes], num_tokens: int) -> p.LookupReply:
         """Lease the cached prefix of ``keys``, waiting on the daemon's prefetch of L3
         pages as ``prefetch_config.policy`` says. Raises DaemonUnavailable, CacheError."""
+        self.choice.refresh(self.call)
         reply = self._lookup_once(keys, start_prefetch=True)
-        if reply.num_pending and self._wait_for_prefetch(reply.prefetch_id, num_tokens):
+        if reply.num_pending and self._wait_for_prefetch(reply, num_tokens):
             # Look again for what arrived (counted with the first as one lookup); the
             # first lease ends once the second holds.
             again = self._lookup_once(keys, start_prefetch=False, follows=reply.prefetch_id)
@@ -387,7 +391,11 @@ class DaemonLink:
             num_l2 = min(reply.num_l2, again.num_l2 + again.num_l3)
             reply = dataclasses.replace(again, num_l2=num_l2,
                                         num_l3=again.num_l2 + again.num_l3 - num_l2)
-        return reply
+        chosen = self.choice.choose(reply, num_tokens)   # auto may keep fewer pages
+        if chosen.lease_id and not chosen.num_l2 + chosen.num_l3:
+            self.release_lease(chosen.lease_id)
+            chosen = dataclasses.replace(chosen, lease_id=0)
+        return chosen
 
     def _lookup_once(self, keys: list[bytes], start_prefetch: bool, follows: int = 0) -> p.LookupReply:
         reply = self.call(p.Lookup(p.join_keys(keys), start_prefetch, follows))
@@ -398,11 +406,13 @@ class DaemonLink:
             raise CacheError("the daemon's lookup reply does not match the request")
         return reply
 
-    def _wait_for_prefetch(self, prefetch_id: int, num_tokens: int) -> bool:
+    def _wait_for_prefetch(self, reply: p.LookupReply, num_tokens: int) -> bool:
         """Wait on a prefetch as the policy says; whether to look up again."""
-        cfg = self.prefetch_config
+        cfg, prefetch_id = self.prefetch_config, reply.prefetch_id
         if cfg.policy == "best_effort" or not prefetch_id:
             return False
+        if cfg.policy == "auto":
+            return self.choice.wait(reply, num_tokens, self.call_prefetch, self.session.request_timeout_s)
         budget = (self.session.request_timeout_s if cfg.policy != "timeout" else
                   cfg.timeout_base_s + cfg.timeout_per_1k_tokens_s * num_tokens / 1000)
         reply = self.call_prefetch(p.WaitPrefetch(prefetch_id, budget), budget)
@@ -438,7 +448,9 @@ class DaemonLink:
         return reply.stats
 
     def cache_stats(self) -> CacheStats:
-        """The daemon's cache counters (shared by every client of the daemon)."""
+        """The daemon's cache counters (shared by every client of the daemon), this
+        client's counts of what its lookups handed out sent first."""
+        self.choice.refresh(self.call, force=True)
         raw = self.daemon_stats()
         return CacheStats(**{f.name: type(f.default)(raw.get(f.name, 0))
                              for f in dataclasses.fields(CacheStats)})
@@ -451,6 +463,10 @@ class DaemonLink:
 
     def close(self) -> None:
         """Say Goodbye (the daemon ends every lease), stop the heartbeat, unmap. Idempotent."""
+        try:   # the last counts; a daemon that is gone gets a short try
+            self.choice.send_counts(lambda msg: self.session.call(msg, timeout_s=1.0))
+        except CacheError as exc:
+            log.info("counts of the last lookups not sent: %s", exc)
         self._heartbeat.stop_event.set()
         self._heartbeat.join(timeout=5)
         try:
@@ -592,6 +608,13 @@ class DaemonClient(CacheClient):
             self._leases[local_id] = _Lease(result, p.unpack_u32(reply.slots), reply.generations,
                                             self._link.epoch, [], reply.lease_id)
         return result
+
+    def report_prefill(self, num_tokens: int, num_cached: int, seconds: float,
+                       load_wait_s: float = 0.0) -> None:
+        cost = self._link.choice.cost
+        cost.observe_prefill(num_tokens, num_cached, seconds)
+        if num_cached:
+            cost.observe_l2_load(num_cached // self.layout.page_size * self.layout.page_bytes, load_wait_s)
 
     def prefetch(self, tokens: Sequence[int] | np.ndarray) -> PrefetchTicket:
         self._check_open()

@@ -68,15 +68,18 @@ class L3Config:
             raise ConfigError(f"L3Config.encoding {self.encoding!r} is unknown; use one of {L3_ENCODINGS}")
 
 
-PREFETCH_POLICIES: tuple[str, ...] = ("wait_complete", "best_effort", "timeout", "sync")
+PREFETCH_POLICIES: tuple[str, ...] = ("auto", "wait_complete", "best_effort", "timeout", "sync")
 
 
 @dataclass(frozen=True)
 class PrefetchConfig:
     """How L3 pages come back up into L2 (the prefetch pipeline)."""
 
-    policy: str = "wait_complete"
-    """What ``lookup`` does about pages that are only in L3. ``wait_complete``: start a
+    policy: str = "auto"
+    """What ``lookup`` does about pages that are only in L3. ``auto``: start a prefetch and
+    let the cost model (controller/pipelines/cost_model.py) choose, from measured rates,
+    how long to wait for it and how many hit pages to load, minimising the predicted time
+    to first token (never above recompute's). ``wait_complete``: start a
     prefetch and wait for it. ``best_effort``: start it and return the L2 hit at once
     (a later lookup finds what has arrived). ``timeout``: wait at most
     ``timeout_base_s + timeout_per_1k_tokens_s * tokens / 1000``. ``sync``: read them on
@@ -94,10 +97,25 @@ class PrefetchConfig:
     was started for (a lookup of the chain takes them over sooner); 0 holds none."""
     max_hold_fraction: float = 0.5
     """Largest share of L2 that held prefetched pages may pin; past it the oldest hold ends."""
+    auto_explore_fraction: float = 0.02
+    """``auto``: while no L3 read rate has been measured, the longest wait for L3 pages as a
+    fraction of the predicted recompute (what the cache may cost a request before it knows
+    the store)."""
+    auto_prefill_tokens_per_s: float | None = None
+    """``auto``: the engine's prefill rate to assume until it reports one
+    (``CacheClient.report_prefill``); None: until then lookups wait for L3 pages as
+    ``wait_complete`` does (there is nothing to weigh the wait against)."""
 
     def __post_init__(self) -> None:
         if self.policy not in PREFETCH_POLICIES:
             raise ConfigError(f"PrefetchConfig.policy {self.policy!r} is unknown; use one of {PREFETCH_POLICIES}")
+        if not isinstance(self.auto_explore_fraction, (int, float)) or not 0 <= self.auto_explore_fraction <= 1:
+            raise ConfigError(f"PrefetchConfig.auto_explore_fraction must be in [0, 1] (0.02: risk 2% "
+                              f"of a recompute on an unmeasured L3), got {self.auto_explore_fraction!r}")
+        rate = self.auto_prefill_tokens_per_s
+        if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0):
+            raise ConfigError(f"PrefetchConfig.auto_prefill_tokens_per_s must be None or > 0 tokens/s "
+                              f"(e.g. 20000 for an 8B model on one H200), got {rate!r}")
         if not isinstance(self.max_hold_fraction, (int, float)) or not 0 <= self.max_hold_fraction <= 1:
             raise ConfigError(f"PrefetchConfig.max_hold_fraction must be in [0, 1], got "
                               f"{self.max_hold_fraction!r}")

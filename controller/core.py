@@ -36,6 +36,7 @@ from controller.api import CacheError, CacheStats
 from controller.async_runner import AsyncRunner
 from controller.config import ConfigError, ControllerConfig
 from controller.pipelines.backup import BackupQueue
+from controller.pipelines.cost_model import Progress, new_cost_model, wait_auto
 from controller.pipelines.prefetch import Prefetch, Prefetcher
 from kvstore.host_pool import HostPool
 from kvstore.index.host_store import HostStore
@@ -102,6 +103,8 @@ class CacheCore:
         self._is_closed = False
         pool = HostPool(layout, config.host_pool_pages, prefault=config.prefault_host_pool)
         self.host = HostStore(pool, policy=config.eviction_policy, on_evict=self._on_evict)
+        self.cost = new_cost_model(config.prefetch, layout.page_size, pool.slot_bytes)
+        """The ``auto`` policy's rates and choices (fed by the prefetcher and the client)."""
         if config.l3.connector is not None:
             try:
                 self._open_l3()
@@ -183,7 +186,7 @@ class CacheCore:
         if ticket is not None:
             try:
                 if wait:
-                    self._wait_per_policy(ticket, len(keys) * self.layout.page_size)
+                    self._wait_per_policy(ticket, num_hit, len(keys) * self.layout.page_size)
             finally:
                 with self.lock:
                     num_hit += self.host.index.match_prefix(keys[first_missing:])
@@ -201,11 +204,50 @@ class CacheCore:
                 self._count_more_hits(keys[:num_hit], num_counted)
             if self._prefetcher is not None:
                 self._prefetcher.claim(keys[:num_hit])
+            if wait:   # the daemon's clients choose (and count) for themselves
+                num_hit = self._choose_locked(keys, num_hit, num_pending)
+                num_l2 = sum(was_in_l2[:num_hit])
+                self._stats.num_loaded_l2_pages += num_l2
+                self._stats.num_loaded_l3_pages += num_hit - num_l2
         return LookupOutcome(num_l2, num_hit - num_l2, num_pending, ticket)
 
-    def _wait_per_policy(self, ticket: Prefetch, num_tokens: int) -> None:
+    def _choose_locked(self, keys: list[PageKey], num_hit: int, num_pending: int) -> int:
+        """``auto``: the leading hit pages worth loading (the lease of the rest ends now)."""
+        num_use = num_hit
+        if self.config.prefetch.policy == "auto":
+            num_use = self.cost.plan(len(keys) * self.layout.page_size, num_hit, 0).num_pages
+            self.host.release(keys[num_use:num_hit])
+            self._stats.num_recomputed_by_choice_pages += num_hit - num_use + num_pending
+        return num_use
+
+    def count_loaded(self, num_l2: int, num_l3: int) -> None:
+        """Pages a client hands to its engine to load, per tier they were served from."""
+        with self.lock:
+            self._stats.num_loaded_l2_pages += num_l2
+            self._stats.num_loaded_l3_pages += num_l3
+
+    def count_recomputed_by_choice(self, num_pages: int) -> None:
+        """Pages a daemon client's cost model chose to recompute (it decides client-side)."""
+        with self.lock:
+            self._stats.num_recomputed_by_choice_pages += num_pages
+
+    def observe_l3(self, nbytes: int, seconds: float) -> None:
+        self.cost.observe_l3(nbytes, seconds)
+
+    def _wait_per_policy(self, ticket: Prefetch, num_l2: int, num_tokens: int) -> None:
         policy = self.config.prefetch
-        if policy.policy in ("wait_complete", "sync"):
+        if policy.policy == "auto":
+            if ticket.is_waited_out:   # its request already waited as long as it paid
+                return
+
+            def poll(wait_s: float) -> Progress:
+                if wait_s:
+                    ticket.wait(wait_s)
+                return Progress(num_l2 + ticket.num_ready, ticket.num_pending, ticket.is_checking,
+                                ticket.is_done)
+
+            wait_auto(self.cost, num_tokens, poll, 4 * self.config.l3.timeout_s)
+        elif policy.policy in ("wait_complete", "sync"):
             # An L3 read that hangs ends by its own timeout; this bound is only a backstop.
             ticket.wait(4 * self.config.l3.timeout_s)
         elif policy.policy == "timeout":
@@ -380,6 +422,9 @@ class CacheCore:
             snapshot = CacheStats(**vars(self._stats))
             snapshot.num_l2_pages = len(self.host.index)
             snapshot.num_due_pages = len(self._due)
+            rates = self.cost.rates()
+            snapshot.l3_read_latency_s = rates["l3_latency_s"] or 0.0
+            snapshot.l3_read_gbps = rates["l3_read_gbps"] or 0.0
             if self._prefetcher is not None:
                 snapshot.num_prefetch_held_pages = self._prefetcher.num_held_pages
             if self._backup is not None:

@@ -27,7 +27,8 @@ from controller.core import CacheCore, FlushReport
 from controller.device_pool import DevicePool
 from controller.pending_stores import PendingStore, PendingStores
 from controller.leases import LeaseBook
-from controller.pipelines.prefetch import CompletedPrefetch
+from controller.pipelines.cost_model import worth_waiting_s
+from controller.pipelines.prefetch import CompletedPrefetch, Prefetch
 from kvstore.index.host_store import HostStore
 from kvstore.layout import KVLayout
 from kvstore.page_keys import KeyNamespace, PageKey, page_keys
@@ -71,6 +72,21 @@ class EmbeddedController(CacheClient):
         self._core.check_open()
         ticket = self._core.prefetch(page_keys(self._ns_digest, token_array(tokens), self.layout.page_size))
         return ticket if ticket is not None else CompletedPrefetch()
+
+    def report_prefill(self, num_tokens: int, num_cached: int, seconds: float,
+                       load_wait_s: float = 0.0) -> None:
+        cost = self._core.cost
+        cost.observe_prefill(num_tokens, num_cached, seconds)
+        if num_cached:
+            cost.observe_l2_load(num_cached // self.layout.page_size * self.layout.page_bytes, load_wait_s)
+
+    def worth_waiting_s(self, ticket: PrefetchTicket, num_tokens: int, waited_s: float = 0.0) -> float:
+        if ticket.is_done or not isinstance(ticket, Prefetch):
+            return 0.0
+        wait_s = worth_waiting_s(self._core.cost, num_tokens, ticket.start + ticket.num_ready,
+                                 ticket.num_pending, ticket.is_checking, waited_s)
+        ticket.is_waited_out = wait_s <= 0   # the lookup that follows does not wait again
+        return wait_s
 
     def load(self, result: LookupResult, device_pages: Sequence[int]) -> LoadHandle:
         self._core.check_open()

@@ -176,6 +176,10 @@ class RunningRequest:
     handle: LoadHandle | None = None
     is_freed: bool = False
     split_at: int = 0
+    prefill_s: float = 0.0
+    """Seconds spent in this request's prefill chunks so far (load waits included)."""
+    load_wait_s: float = 0.0
+    """Of those, seconds waiting for the cached prefix's load (``wait_layer``, ``wait_all``)."""
 
     @property
     def is_prefilled(self) -> bool:
@@ -301,26 +305,33 @@ class ReferenceEngine:
         ends. Returns True once prefilled. On an error, ``abort`` the request."""
         if request.is_prefilled or request.is_freed:
             raise EngineError("prefill_step on a request that is prefilled or freed")
+        started = time.perf_counter()
         lo, hi = request.chunks[request.num_chunks_done]
         # Only the first computed chunk waits per layer: its waits cover every layer.
-        wait = request.handle.wait_layer if request.handle is not None and not request.num_chunks_done else None
+        wait = (_timed_wait(request.handle.wait_layer, request)
+                if request.handle is not None and not request.num_chunks_done else None)
         try:
             hidden = self.model.forward_hidden(request.prompt_tensor[lo:hi], lo, self.kv_pool,
                                                self.layout, request.page_table, wait)
             request.num_chunks_done += 1
             if request.num_chunks_done < len(request.chunks):
+                request.prefill_s += time.perf_counter() - started
                 return False
             # Only the last row is projected; always so, so cache on and off stay bit-equal.
             logits = self.model.compute_logits(hidden[-1:])[0]
             if request.handle is not None:
-                request.handle.verify()   # nothing computed from a bad page is kept
+                # Nothing computed from a bad page is kept (LoadError: recompute).
+                _timed_wait(request.handle.verify, request)()
         except LoadError as err:
+            request.prefill_s += time.perf_counter() - started
             self._recompute_from(request, err)
             return False
         self._synchronize()
         request.first_token_at = request.clock()
+        request.prefill_s += time.perf_counter() - started
         request.tokens.append(int(logits.argmax()))
         request.logits.append(logits)
+        self._report_prefill(request)
         self._store_and_release(request)
         return True
 
@@ -401,6 +412,14 @@ class ReferenceEngine:
                 request.prefix = request.prefix.cut(err.first_bad_page)
                 log.warning("cache load refused (%s); recomputing the prompt", err)
 
+    def _report_prefill(self, request: RunningRequest) -> None:
+        """Tell the cache what this prefill cost (its ``auto`` policy plans with the rate)."""
+        if self.cache is None:
+            return
+        cached = request.prefix.num_pages * self.layout.page_size
+        compute_s = max(0.0, request.prefill_s - request.load_wait_s)
+        self.cache.report_prefill(len(request.prompt) - cached, cached, compute_s, request.load_wait_s)
+
     def _store_and_release(self, request: RunningRequest) -> None:
         """Store the prompt's full pages (only KV computed by prefill), then end the lease."""
         if self.cache is None or request.lookup is None:
@@ -437,6 +456,17 @@ class ReferenceEngine:
     def _synchronize(self) -> None:
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
+
+
+def _timed_wait(wait: Callable, request: RunningRequest) -> Callable:
+    """``wait`` that adds the time it blocks to ``request.load_wait_s``."""
+    def timed(*args) -> None:
+        started = time.perf_counter()
+        try:
+            wait(*args)
+        finally:
+            request.load_wait_s += time.perf_counter() - started
+    return timed
 
 
 def chunk_bounds(first: int, end: int, chunk_len: int, split_at: int = 0) -> list[tuple[int, int]]:

@@ -23,6 +23,9 @@ Admission policies (by name, the same names as the cache's ``PrefetchConfig.poli
                    other requests meanwhile
     timeout        prefetch at arrival; admit once it is done or the budget
                    base_s + per_1k_tokens_s * prompt_len / 1000 since arrival has passed
+    auto           prefetch at arrival; admit at once; the lookup waits for the prefetch
+                   as long as the cache's cost model says it pays, and loads the pages
+                   it chose (see AutoAdmission)
 
 Prefill recomputes only what the lookup did not find (the engine's page-chunked
 prefill), so output is bit-exact whatever was loaded.
@@ -173,8 +176,25 @@ class TimeoutAdmission(AdmissionPolicy):
         return ticket is None or ticket.is_done or now_s >= self.deadline_s(waiting)
 
 
+class AutoAdmission(AdmissionPolicy):
+    """Admits at once; the lookup then waits for the prefetch only as long as the cache's
+    cost model says it pays (``PrefetchConfig.policy = "auto"``), else recomputes.
+
+    Deferring a request until its prefetch is done (``wait_complete``, or polling
+    ``CacheClient.worth_waiting_s``) costs it its place: the requests admitted meanwhile
+    run their prefills first, back to back. On the pipeline bench that cost more than
+    the short waits the cost model accepts (auto admitted by ``worth_waiting_s`` had
+    wait_complete's queueing), so the choice is left to the lookup."""
+
+    name = "auto"
+
+    def is_admissible(self, waiting: _Waiting, now_s: float) -> bool:
+        return True
+
+
 ADMISSION_POLICIES: dict[str, type[AdmissionPolicy]] = {
-    cls.name: cls for cls in (SyncAdmission, BestEffortAdmission, WaitCompleteAdmission, TimeoutAdmission)
+    cls.name: cls for cls in (SyncAdmission, BestEffortAdmission, WaitCompleteAdmission, TimeoutAdmission,
+                              AutoAdmission)
 }
 
 

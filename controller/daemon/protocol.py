@@ -256,6 +256,18 @@ class CancelPrefetch(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class CountLoads(Message):
+    """What a client's lookups handed its engine since its last CountLoads: pages to load
+    that were in L2, that came up from L3, and hit pages its ``auto`` cost model chose to
+    recompute (the client chooses, so only it can count). Answered with OkReply."""
+    TYPE = 15
+    num_l2: int
+    num_l3: int
+    num_recomputed: int
+    SPEC = (u32, u32, u32)
+
+
+@dataclass(frozen=True, slots=True)
 class Ping(Message):
     """Is a daemon listening here? Needs no session (what ``kvstore status`` and a
     starting daemon send)."""
@@ -363,7 +375,7 @@ class ErrorReply(Message):
 
 REQUESTS: dict[int, type[Message]] = {m.TYPE: m for m in (
     Hello, Lookup, Release, BeginStore, CommitStore, AbortStore, Heartbeat, GetStats,
-    Goodbye, CheckIntegrity, Ping, StartPrefetch, WaitPrefetch, CancelPrefetch)}
+    Goodbye, CheckIntegrity, Ping, StartPrefetch, WaitPrefetch, CancelPrefetch, CountLoads)}
 REPLIES: dict[int, type[Message]] = {m.TYPE: m for m in (
     HelloReply, LookupReply, StorePlanReply, CommitReply, OkReply, StatsReply, PongReply,
     PrefetchReply, ErrorReply)}

@@ -70,7 +70,7 @@ class DaemonServer:
             p.CommitStore: self._commit_store, p.AbortStore: self._abort_store,
             p.Heartbeat: self._ok, p.GetStats: self._stats, p.Goodbye: self._goodbye,
             p.CheckIntegrity: self._check_integrity, p.StartPrefetch: self._start_prefetch,
-            p.CancelPrefetch: self._cancel_prefetch,
+            p.CancelPrefetch: self._cancel_prefetch, p.CountLoads: self._count_loads,
         }
         self._bad = {}
         self._fresh = FreshSessions()   # sessions that sent nothing but Hello (a flood's)
@@ -456,6 +456,11 @@ class DaemonServer:
         if found is not None:
             self.core.abort_store(found.plan)
             self.metrics.store_pages["aborted"].inc(len(found.plan.slots))
+        return p.OkReply()
+
+    def _count_loads(self, session: ClientSession, msg: p.CountLoads) -> p.Message:
+        self.core.count_loaded(msg.num_l2, msg.num_l3)
+        self.core.count_recomputed_by_choice(msg.num_recomputed)
         return p.OkReply()
 
     def _ok(self, session: ClientSession, msg: p.Message) -> p.Message:

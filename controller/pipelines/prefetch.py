@@ -53,6 +53,9 @@ class PrefetchHost(Protocol):
 
     def count_l3_error(self) -> None: ...
 
+    def observe_l3(self, nbytes: int, seconds: float) -> None:
+        """One L3 call answered: a read of ``nbytes`` (0: an existence check) in ``seconds``."""
+
 
 class Prefetch(PrefetchTicket):
     """One running (or finished) prefetch; the ticket handed to the caller."""
@@ -68,6 +71,9 @@ class Prefetch(PrefetchTicket):
         self.is_claimed = False
         """Set when the request it was started for went ahead without it (best_effort,
         timeout): its pages are then not held when it ends."""
+        self.is_waited_out = False
+        """Set when a scheduler waited on it as long as the ``auto`` cost model said it paid:
+        the lookup of its request then takes what is ready without waiting again."""
         self._done = threading.Event()
         self._cancel: Callable[[], None] | None = None
         self._drop_hold: Callable[["Prefetch"], None] | None = None
@@ -95,6 +101,11 @@ class Prefetch(PrefetchTicket):
     @property
     def is_done(self) -> bool:
         return self._done.is_set()
+
+    @property
+    def is_checking(self) -> bool:
+        """True until L3 has answered the first existence check."""
+        return self._is_checking and not self._done.is_set()
 
     def wait(self, timeout_s: float | None = None) -> bool:
         return self._done.wait(timeout_s)
@@ -280,7 +291,10 @@ class Prefetcher:
 
     async def _exists(self, keys: Sequence[PageKey]) -> int:
         try:
-            return await self._l3.exists(keys)
+            started = time.perf_counter()
+            found = await self._l3.exists(keys)
+            self._core.observe_l3(0, time.perf_counter() - started)
+            return found
         except Exception as exc:  # noqa: BLE001 - an L3 outage is a miss
             self._core.count_l3_error()
             log.warning("L3 exists() failed, treating as miss: %s", exc)
@@ -314,7 +328,10 @@ class Prefetcher:
         try:
             views = [host.pool.slot_view(s) for s in slots]
             try:
+                started = time.perf_counter()
                 found = await self._l3.get_into(wanted, views)
+                if any(found):   # a read of what L3 holds: the rate the cost model plans with
+                    self._core.observe_l3(sum(found) * host.pool.slot_bytes, time.perf_counter() - started)
             except Exception as exc:  # noqa: BLE001
                 core.count_l3_error()
                 log.warning("L3 get_into() failed, treating as miss: %s", exc)

@@ -62,7 +62,9 @@ def test_tiny_grid_through_a_daemon_it_starts_and_a_two_process_handoff(tmp_path
     out = e2e.main(argv + ["--disk-context", "0", "--out", str(tmp_path / "e2e.json")])
     daemon_points = [p for p in out["points"] if p["mode"] == "daemon"]
     assert len(daemon_points) == 6 and out["skipped"] == []
-    assert all(p["bytes_loaded"] > 0 for p in daemon_points if p["cached_fraction"] == 1.0)
+    # auto loads the hit, or (tiny model on a busy CPU) says it chose to recompute it
+    assert all(p["bytes_loaded"] > 0 or p["recomputed_by_choice_pages"] > 0
+               for p in daemon_points if p["cached_fraction"] == 1.0)
     check = out["correctness"]["daemon"]
     assert check["split_run_tokens_equal"] and check["split_run_logits_bit_equal"]
     handoff = out["handoff_daemon"]
@@ -95,12 +97,20 @@ def test_tiny_grid_writes_json_with_every_part(tmp_path):
     points = {(p["context"], p["cached_fraction"]) for p in saved["points"]}
     assert points == {(c, f) for c in (64, 128) for f in (0.0, 0.5, 1.0)}
     full = [p for p in saved["points"] if p["cached_fraction"] == 1.0]
-    assert all(p["computed_tokens"] == 8 and p["bytes_loaded"] > 0 for p in full)
+    assert all(p["computed_tokens"] == 8 and p["bytes_loaded"] > 0
+               or p["recomputed_by_choice_pages"] > 0 for p in full)
     assert all(p["bytes_loaded"] == 0 for p in saved["points"] if p["cached_fraction"] == 0.0)
     check = saved["correctness"]["embedded"]
     assert check["split_run_tokens_equal"] and check["split_run_logits_bit_equal"]
     assert saved["disk_l3"]["l3_tokens"] == 56
+    disk = saved["disk_l3"]
+    assert disk["wait_complete"]["l3_tokens"] == 56 and disk["auto"]["warmed_on_other_prompts"] == 2
+    assert disk["auto"]["l3_read_gbps_measured"] > 0   # the warm-up's prefetch measured the disk
+    assert disk["auto"]["cached_tokens"] + disk["auto"]["recomputed_by_choice_pages"] * 8 >= 56
+    assert all(p["prefetch_policy"] == "auto" for p in saved["points"])
+    assert all(p["compute_floor_s"] > 0 for p in saved["points"])
     assert saved["handoff"]["decode_cached_tokens"] == 56
+    assert saved["handoff"]["store_s"] > 0
     assert set(saved["headline_speedup"]) == {"64", "128"}
     assert out["skipped"] == []  # --mode embedded asks for no daemon
 
@@ -109,8 +119,14 @@ def test_targets_are_judged_from_rows():
     rows = [dict(mode="embedded", context=32768, cached_fraction=1.0, speedup=13.0,
                  ttft_over_lower_bound=1.3, ttft_cache_s=0.1),
             dict(mode="daemon", context=32768, cached_fraction=1.0, speedup=12.5,
-                 ttft_over_lower_bound=1.35, ttft_cache_s=0.104)]
+                 ttft_over_lower_bound=1.35, ttft_cache_s=0.104),
+            dict(mode="embedded", context=16384, cached_fraction=1.0, speedup=10.0,
+                 ttft_over_lower_bound=1.1, ttft_cache_s=0.1),
+            dict(mode="daemon", context=16384, cached_fraction=1.0, speedup=13.0,
+                 ttft_over_lower_bound=1.0, ttft_cache_s=0.077)]
     met = {t["target"]: t["met"] for t in e2e.evaluate_targets(rows)}
     assert met["embedded 32768 tokens 100% cached: speedup >= 12.0"]
     assert not met["embedded 32768 tokens 100% cached: TTFT <= 1.25x lower bound"]
-    assert met["daemon 32768 tokens 100%: within 5% of embedded"]
+    assert met["daemon 32768 tokens 100%: within 5% of embedded (|ratio - 1| <= 0.05)"]
+    # Two-sided: a daemon point 0.77x of embedded is not "within 5%" either.
+    assert not met["daemon 16384 tokens 100%: within 5% of embedded (|ratio - 1| <= 0.05)"]

@@ -308,3 +308,46 @@ def test_cuda_daemon_store_returns_before_its_copy_and_publishes_it_later(daemon
     finally:
         reader.close()
         writer.close()
+
+
+def test_auto_through_the_daemon_chooses_client_side_and_the_daemon_counts_it(tmp_path):
+    """The auto policy runs in the client: with its engine's prefill rate and the L3 rate the
+    daemon's prefetcher measured, a slow engine loads the L3 pages, one whose loads cost more
+    than its recompute recomputes them; the daemon's stats and metrics count both."""
+    from controller.config import PrefetchConfig
+
+    port = free_port()
+    args = ["--l3-connector", "disk", "--l3-write-policy", "write_back", "--metrics-port", str(port),
+            "--l3-options", json.dumps({"path": str(tmp_path / "disk"), "capacity_bytes": 1 << 26})]
+    with running_daemon(tmp_path, host_pages=8, args=args) as daemon:
+        cache = daemon.client(device_pool(32, seed=9), prefetch=PrefetchConfig(policy="auto"))
+        for seed in (1, 2, 3):                  # three chains of 6 pages: L2 holds 8
+            cache.store(tokens(seed, 6), range(6 * (seed - 1), 6 * seed))
+        assert cache.prefetch(tokens(1, 6)).wait(20)   # the daemon measures its disk
+        assert cache.stats().l3_read_gbps > 0
+        cache.report_prefill(6 * P, 0, 60.0)   # a slow engine: reading the disk pays
+        slow = cache.lookup(tokens(2, 6))
+        assert slow.num_hit_pages == 6 and slow.num_l3_pages > 0
+        cache.release(slow)
+        fast = daemon.client(device_pool(32), prefetch=PrefetchConfig(policy="auto"))
+        for _ in range(3):   # recompute is (nearly) free, loads are slow: nothing pays
+            fast.report_prefill(P, 5 * P, 1e-9, load_wait_s=1.0)
+        fast.stats()                               # reads the daemon's L3 rate
+        chosen = fast.lookup(tokens(3, 6))         # chain 3, in L2 or on disk
+        assert chosen.num_hit_pages == 0
+        fast.release(chosen)
+        cache.stats()                              # each client sends its counts (then, or once a second)
+        stats = fast.stats()
+        assert stats.num_loaded_l3_pages >= slow.num_l3_pages
+        assert stats.num_recomputed_by_choice_pages >= 1
+        fast.close()
+        cache.close()
+        text = wait_until(lambda: _metric_text(port, "num_recomputed_by_choice_pages"), 10)
+        assert text
+        daemon.check_integrity(quiescent=True)
+
+
+def _metric_text(port: int, name: str) -> str | None:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    lines = [line for line in body.splitlines() if f'name="{name}"' in line and not line.endswith(" 0.0")]
+    return "\n".join(lines) or None

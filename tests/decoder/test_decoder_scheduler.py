@@ -72,7 +72,7 @@ def drain(scheduler, limit=10_000):
 
 # ---- admission ----------------------------------------------------------------------
 def test_policies_by_name_and_unknown_name():
-    assert sorted(ADMISSION_POLICIES) == ["best_effort", "sync", "timeout", "wait_complete"]
+    assert sorted(ADMISSION_POLICIES) == ["auto", "best_effort", "sync", "timeout", "wait_complete"]
     assert admission_policy("timeout", base_s=0.5).base_s == 0.5
     with pytest.raises(SchedulerError, match="unknown; use one of"):
         admission_policy("eager")

@@ -15,7 +15,7 @@ _spec.loader.exec_module(pipeline)
 
 TINY = ["--quick", "--sessions", "2", "--max-steps", "3", "--time-scale", "0.01",
         "--system-tokens", "96", "--doc-tokens", "64", "--output-tokens", "3", "--page-size", "16",
-        "--host-pages", "8", "--policies", "sync,best_effort,wait_complete,timeout"]
+        "--host-pages", "8", "--policies", "sync,best_effort,wait_complete,timeout,auto"]
 
 
 def test_plans_follow_the_generator_and_name_output_segments():
@@ -46,5 +46,7 @@ def test_quick_grid_writes_json_with_identical_output(tmp_path):
     assert data["machine"]["cpus"] >= 1 and "redis_latency" in data
     runs = {(r["l3"], r["policy"], r["hints"]) for r in data["runs"]}
     assert ("none", "sync", False) in runs and ("disk", "best_effort", True) in runs
-    assert len(runs) == 9
+    assert len(runs) == 11 and ("disk", "auto", True) in runs
     assert "disk" in data["target"]
+    auto = data["auto_vs_best_fixed"]["disk"]
+    assert auto["best_fixed"] and auto["ratio"] > 0 and "auto_hints_ratio" in auto
