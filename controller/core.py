@@ -196,7 +196,7 @@ class CacheCore:
                 ticket.is_claimed = True   # its request goes ahead now: nothing to hold for
         # Pages of the hit that were in L2 when asked count as L2 hits (a run after a
         # gap too); the rest came up from L3.
-        num_l2 = first_missing + sum(in_l2_after_gap[:num_hit - first_missing])
+        num_l2 = self._num_l2_of(num_hit, first_missing, in_l2_after_gap)
         with self.lock:
             if num_counted is None:
                 self._count_hits(keys[:num_hit], len(keys), num_l2, num_hit - num_l2)
@@ -206,7 +206,7 @@ class CacheCore:
                 self._prefetcher.claim(keys[:num_hit])
             if wait:   # the daemon's clients choose (and count) for themselves
                 num_hit = self._choose_locked(keys, num_hit, num_pending)
-                num_l2 = sum(was_in_l2[:num_hit])
+                num_l2 = self._num_l2_of(num_hit, first_missing, in_l2_after_gap)
                 self._stats.num_loaded_l2_pages += num_l2
                 self._stats.num_loaded_l3_pages += num_hit - num_l2
         return LookupOutcome(num_l2, num_hit - num_l2, num_pending, ticket)
@@ -233,6 +233,12 @@ class CacheCore:
 
     def observe_l3(self, nbytes: int, seconds: float) -> None:
         self.cost.observe_l3(nbytes, seconds)
+
+    @staticmethod
+    def _num_l2_of(num_hit: int, first_missing: int, in_l2_after_gap: list[bool]) -> int:
+        """Of the first ``num_hit`` pages, those L2 held when asked: all before the first
+        gap, and the ones after it that were there already."""
+        return min(num_hit, first_missing) + sum(in_l2_after_gap[:max(0, num_hit - first_missing)])
 
     def _wait_per_policy(self, ticket: Prefetch, num_l2: int, num_tokens: int) -> None:
         policy = self.config.prefetch
