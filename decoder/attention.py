@@ -105,7 +105,11 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
         _split_verdicts[key] = False
         return sdpa_attention(q, k, v)
     if verdict is None:
-        _split_verdicts[key] = _agrees(out, sdpa_attention(q, k, v), key)
+        # The first use decides for this key; it must also return what every later use
+        # will, or one chunk computed first would differ from the same chunk computed again.
+        reference = sdpa_attention(q, k, v)
+        _split_verdicts[key] = _agrees(out, reference, key)
+        return out if _split_verdicts[key] else reference
     return out
 
 
