@@ -49,7 +49,7 @@ from controller.daemon import protocol as p
 from controller.device_pool import DevicePool
 from controller.load_handle import CompletedLoad, ControllerLoad
 from kvstore.layout import KVLayout
-from kvstore.page_keys import KeyNamespace, page_keys
+from kvstore.page_keys import KeyNamespace, PageKeyCache
 
 log = logging.getLogger(__name__)
 
@@ -513,6 +513,8 @@ class DaemonClient(CacheClient):
         self.layout: KVLayout = namespace.layout
         self._device = DevicePool(self.layout, device_pool, copy_backend)
         self._ns_digest = namespace.digest()
+        # A next turn resends the last prompt: only its new pages are hashed.
+        self._key_cache = PageKeyCache(self.layout.page_size)
         self._leases: dict[int, _Lease] = {}   # this client's lease id -> lease
         self._lease_ids = itertools.count(1)
         self._is_closed = False
@@ -533,7 +535,7 @@ class DaemonClient(CacheClient):
         self._leases.clear()
 
     def _keys(self, tokens) -> list[bytes]:
-        return page_keys(self._ns_digest, tokens, self.layout.page_size)
+        return self._key_cache.keys(self._ns_digest, tokens)
 
     # ---- the API ------------------------------------------------------------------------
     def lookup(self, tokens: Sequence[int] | np.ndarray) -> LookupResult:

@@ -29,7 +29,7 @@ from controller.leases import LeaseBook
 from controller.pipelines.prefetch import CompletedPrefetch
 from kvstore.host_store import HostStore
 from kvstore.layout import KVLayout
-from kvstore.page_keys import KeyNamespace, PageKey, page_keys
+from kvstore.page_keys import KeyNamespace, PageKey, PageKeyCache
 
 
 class _PendingStore(NamedTuple):
@@ -51,10 +51,15 @@ class EmbeddedController(CacheClient):
         self.layout: KVLayout = namespace.layout
         self._device = DevicePool(self.layout, device_pool, config.copy_backend)
         self._ns_digest = namespace.digest()
+        # A next turn resends the last prompt: only its new pages are hashed.
+        self._key_cache = PageKeyCache(self.layout.page_size)
         self._leases = LeaseBook()
         self._lease_ids = itertools.count(1)
         self._core = CacheCore(config, self.layout)
         self._pending: deque[_PendingStore] = deque()
+
+    def _keys(self, tokens: Sequence[int] | np.ndarray) -> list[PageKey]:
+        return self._key_cache.keys(self._ns_digest, tokens)
 
     @property
     def host_store(self) -> HostStore:
@@ -63,7 +68,7 @@ class EmbeddedController(CacheClient):
     def lookup(self, tokens: Sequence[int] | np.ndarray) -> LookupResult:
         self._commit_stores(tokens=tokens)
         self._core.check_open()
-        keys = page_keys(self._ns_digest, tokens, self.layout.page_size)
+        keys = self._keys(tokens)
         hit = self._core.lookup(keys)
         result = LookupResult(next(self._lease_ids), tuple(keys[: hit.num_l2 + hit.num_l3]),
                               self.layout.page_size, hit.num_l2, hit.num_l3, hit.num_pending)
@@ -72,7 +77,7 @@ class EmbeddedController(CacheClient):
 
     def prefetch(self, tokens: Sequence[int] | np.ndarray) -> PrefetchTicket:
         self._core.check_open()
-        ticket = self._core.prefetch(page_keys(self._ns_digest, tokens, self.layout.page_size))
+        ticket = self._core.prefetch(self._keys(tokens))
         return ticket if ticket is not None else CompletedPrefetch()
 
     def load(self, result: LookupResult, device_pages: Sequence[int]) -> LoadHandle:
@@ -96,7 +101,7 @@ class EmbeddedController(CacheClient):
         the pages being written (a concurrent store of the same pages may publish first)."""
         self._core.check_open()
         self._commit_stores()
-        keys = page_keys(self._ns_digest, tokens, self.layout.page_size)
+        keys = self._keys(tokens)
         pages = self._device.check_pages(device_pages, "store() device_pages")
         if len(pages) < len(keys):
             raise CacheError(
@@ -143,7 +148,7 @@ class EmbeddedController(CacheClient):
         """1 + the position of the newest pending store that holds a page of ``tokens``, or 0."""
         if tokens is None or not self._pending:
             return 0
-        wanted = set(page_keys(self._ns_digest, tokens, self.layout.page_size))
+        wanted = set(self._keys(tokens))
         holding = [i for i, store in enumerate(self._pending) if not wanted.isdisjoint(store.keys)]
         return holding[-1] + 1 if holding else 0
 
