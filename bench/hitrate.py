@@ -1,4 +1,5 @@
-"""Hit-rate bench: the conversation trace and the agent workload (seeds 0 and 1), every policy.
+"""Hit-rate bench: the conversation trace, the agent workload (seeds 0 and 1) and its one-shot
+tool-output variant (seed 2), every policy.
 
     python bench/hitrate.py [--trace PATH] [--out bench/results] [--no-plot]
 
@@ -6,7 +7,8 @@ Writes ``hitrate.json`` (one object per workload, each as
 ``kvstore bench hitrate --json`` prints it) and ``hitrate.png`` (one panel
 per workload) under ``--out``. The conversation trace is Mooncake's, found
 beside the checkout in ../shared/data/traces/ unless ``--trace`` says
-otherwise; the agent workload is generated (seeds 0 and 1). For the adaptive
+otherwise; the agent workloads are generated (seeds 0 and 1, and seed 2 with
+one-shot tool outputs scanning the tier). For the adaptive
 policy each result also lists which expert it followed from which reference.
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from kvstore.eviction import DEFAULT_POLICY, policy_names
 from kvstore.replay import AgentWorkload, agent_trace, capacity_curves, format_curves, load_trace
+from kvstore.replay.generator import oneshot_tools_workload
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = ROOT.parent / "shared" / "data" / "traces" / "conversation_trace.jsonl"
@@ -38,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     policies = policy_names()
     show = sys.stderr.isatty()
     reports = []
-    traces = (load_trace(args.trace), *(agent_trace(AgentWorkload(seed=s)) for s in (0, 1)))
+    traces = (load_trace(args.trace), *(agent_trace(AgentWorkload(seed=s)) for s in (0, 1)),
+              agent_trace(oneshot_tools_workload(2)))
     for trace in traces:
         start = time.perf_counter()
         report = capacity_curves(trace, CAPACITIES, policies, show_progress=show)

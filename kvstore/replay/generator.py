@@ -222,6 +222,12 @@ def generate_agent_records(cfg: AgentWorkload) -> list[dict]:
     ]
 
 
+def oneshot_tools_workload(seed: int = 2) -> AgentWorkload:
+    """The bench's scan variant: three in ten tool calls return a one-shot output
+    (~8,000 tokens, 16 pages of 512) that scans through the tier once."""
+    return AgentWorkload(seed=seed, oneshot_tool_probability=0.3)
+
+
 def agent_trace(cfg: AgentWorkload | None = None) -> Trace:
     """The agent workload as a Trace, named by its seed."""
     cfg = cfg or AgentWorkload()
