@@ -271,8 +271,6 @@ class AdaptivePolicy(EvictionPolicy):
         self._shadow_budget, self._guard_min_gain = shadow_budget, guard_min_gain
         self._min_guard_pages = max(min_guard_pages, 1)
         self._guard_patience = max(guard_patience, 1)  # epochs a challenger must win (small tiers)
-        self._turn = 0  # small tiers: how many challengers have had their trial since the last switch
-        self._trial_end = math.inf
         self._half_life = half_life  # references; None: chosen by capacity (set_capacity)
         self._min_sample_pages = min_sample_pages
         # A challenger must win this many epochs in a row (two tier lifetimes
@@ -314,7 +312,7 @@ class AdaptivePolicy(EvictionPolicy):
             # at the rate where it and its ghosts fill shadow_budget of the
             # tier; a smaller lead than min_gain moves the tier (guard_min_gain):
             # the guard is there so that the tier is never much below LRU.
-            challenger = self._small_challenger()
+            challenger = self._guard if self._leader == 0 else 0
             active = (challenger,)
             ghosts = _GHOSTS_PER_PAGE.get(self._experts[challenger], 2.0)
             rate = min(1 / 32, self._shadow_budget / (1.0 + ghosts))
@@ -338,9 +336,6 @@ class AdaptivePolicy(EvictionPolicy):
         self._decay = 0.5 ** (self._epoch / half_life)
         # The miniatures fill and learn first; a tier that cannot switch never does.
         self._warmup = self._clock + half_life if can_switch else math.inf
-        # A small tier's challenger has a trial of one warm-up and two half-lives of
-        # judging, then the next expert takes its place (see _small_challenger).
-        self._trial_end = self._warmup + 2 * half_life if self._small else math.inf
         self._challenger, self._num_wins = 0, 0
 
     # ---- what the bench and tests read ---------------------------------------
@@ -439,28 +434,12 @@ class AdaptivePolicy(EvictionPolicy):
             patience = self._guard_patience if self._live_scored else self._patience
             if pick != self._leader and self._num_wins >= patience:
                 self._follow(pick)
-            elif self._clock >= self._trial_end:  # the challenger lost its trial: the next one
-                self._turn += 1
-                self._setup_sampling()
         decay = self._decay
         for mini in self._minis:
             mini.score *= decay
         self._live_score *= decay
         for row in self._ahead:
             row[:] = [x * decay for x in row]
-
-    def _small_challenger(self) -> int:
-        """The expert a small tier tries against the one it follows now.
-
-        One at a time, each for a trial, round robin over every expert but the
-        followed one: the guard (LRU) first while the first expert is followed,
-        the first expert first while any other is (the two that most often win
-        at small sizes), then the others in their order. So every expert is
-        considered at every size, at the cost of one miniature.
-        """
-        first = self._guard if self._leader == 0 else 0
-        order = [first] + [i for i in range(len(self._experts)) if i not in (first, self._leader)]
-        return order[self._turn % len(order)]
 
     def _new_live(self, expert: int) -> EvictionPolicy:
         live = make_policy(self._experts[expert])
@@ -481,8 +460,7 @@ class AdaptivePolicy(EvictionPolicy):
         self._followed.append((self._clock, self._experts[expert]))
         live = self._new_live(expert)
         self._bind(live)
-        if self._small:  # challengers from the guard again, sampled afresh
-            self._turn = 0
+        if self._small:  # a new challenger, sampled afresh
             self._setup_sampling()
         parent_of = dict(pages)
         planted: set[PageKey] = set()
