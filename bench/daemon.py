@@ -176,25 +176,27 @@ def store_phase(cache, seed_base: int, num_prompts: int) -> list[float]:
     return times
 
 
-def echo_server(address: str) -> None:
-    """Child process: a bare REP socket that answers every request with a reply of the size asked."""
-    import zmq
-
-    sock = zmq.Context.instance().socket(zmq.REP)
-    sock.bind(address)
-    while True:
-        msg = sock.recv()
-        if msg == b"stop":
-            sock.send(b"")
-            return
-        sock.send(bytes(int.from_bytes(msg[:4], "little")))
+# The echo server: a bare REP socket that answers every request with a reply of the
+# size the request's first 4 bytes ask for. Run with -c: it imports zmq alone.
+ECHO_SERVER = """
+import sys, zmq
+sock = zmq.Context.instance().socket(zmq.REP)
+sock.bind(sys.argv[1])
+while True:
+    msg = sock.recv()
+    if msg == b"stop":
+        sock.send(b"")
+        break
+    sock.send(bytes(int.from_bytes(msg[:4], "little")))
+sock.close(linger=1000)
+"""
 
 
 def bench_echo(address: str, sizes: tuple[int, ...], iters: int) -> dict:
     """REQ/REP round trips of the Lookup's size out and the LookupReply's back, per size."""
     import zmq
 
-    server = subprocess.Popen([sys.executable, __file__, "--echo", address], env=child_env())
+    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, address], env=child_env())
     sock = zmq.Context.instance().socket(zmq.REQ)
     sock.connect(address)
     out = {}
@@ -212,7 +214,11 @@ def bench_echo(address: str, sizes: tuple[int, ...], iters: int) -> dict:
         sock.recv()
     finally:
         sock.close(linger=0)
-        server.wait(10)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
     return out
 
 
@@ -307,9 +313,6 @@ def _cpu_ratio(a: dict, b: dict) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]))
-        return 0
-    if len(sys.argv) > 1 and sys.argv[1] == "--echo":
-        echo_server(sys.argv[2])
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--machine", default=platform.node(), help="label of the machine in the JSON")
