@@ -182,7 +182,9 @@ class PageKeyCache:
         with self._lock:
             self.num_hashed_pages += num_pages - num_same
             self.num_reused_pages += num_same
-            if num_pages:
+            if base is not None and num_same == num_pages == len(base.keys):
+                self._remember(base, base)  # the same prompt: only its recency changes
+            elif num_pages:
                 covered = base if base is not None and num_same == len(base.keys) else None
                 self._remember(_Prompt(namespace_digest, arr[: num_pages * P].copy(), keys), covered)
         return keys
