@@ -59,6 +59,10 @@ class DaemonKeyedCache(KeyedCache):
         self._check_open()
         return self._link.pool.tensor
 
+    @property
+    def generations(self):
+        return self._link.pool.generations
+
     def lookup_keys(self, keys: Sequence[PageKey]) -> KeyedLease:
         keys = list(keys)
         with self._lock:
@@ -74,7 +78,7 @@ class DaemonKeyedCache(KeyedCache):
             if reply.lease_id:
                 self._leases[local_id] = (self._link.epoch, reply.lease_id)
             return KeyedLease(local_id, tuple(keys[:num_hit]), tuple(p.unpack_u32(reply.slots)),
-                              reply.num_l2, reply.num_l3)
+                              reply.num_l2, reply.num_l3, tuple(p.unpack_u32(reply.generations)))
 
     def release_keys(self, lease: KeyedLease) -> None:
         with self._lock:
@@ -95,12 +99,15 @@ class DaemonKeyedCache(KeyedCache):
             if type(plan) is not p.StorePlanReply:
                 raise CacheError(f"store refused by the daemon: {getattr(plan, 'message', plan)}")
             positions, slots = p.unpack_u32(plan.positions), p.unpack_u32(plan.slots)
-            if len(positions) != len(slots) or any(i >= len(keys) for i in positions):
+            generations = p.unpack_u32(plan.generations)
+            if len(positions) != len(slots) or len(generations) != len(slots) \
+                    or any(i >= len(keys) for i in positions):
                 raise CacheError("the daemon's store plan does not match the request")
             local_id = next(self._ids) if plan.reservation_id else 0
             if plan.reservation_id:
                 self._reservations[local_id] = (self._link.epoch, plan.reservation_id)
-            return KeyedReservation(local_id, keys, tuple(positions), tuple(slots), plan.num_skipped)
+            return KeyedReservation(local_id, keys, tuple(positions), tuple(slots), plan.num_skipped,
+                                    tuple(generations))
 
     def commit_store_keys(self, reservation: KeyedReservation) -> int:
         with self._lock:
@@ -110,6 +117,10 @@ class DaemonKeyedCache(KeyedCache):
             epoch, daemon_id = self._take(reservation)
             if epoch != self._link.epoch:
                 raise CacheError("the daemon restarted while these pages were written; store again")
+            if self.fence(reservation).bad_positions():
+                self._link.abort_store(daemon_id)
+                raise CacheError("reserved slots changed owner while they were written (this "
+                                 "client was silent past orphan_quarantine_s); nothing published")
             reply = self._link.session.call(p.CommitStore(daemon_id))
             if type(reply) is not p.CommitReply:
                 raise CacheError(f"store not published: {getattr(reply, 'message', reply)}")

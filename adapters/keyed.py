@@ -7,6 +7,7 @@ this smaller, key-level API and move the bytes themselves::
 
     lease = cache.lookup_keys(keys)          # longest cached prefix of the chain, leased
     cache.host_tensor[lease.slots[i]]        # page keys[i], page_first [layer][kv][token][head][dim]
+    cache.fence(lease).bad_positions()       # after the copy: pages whose slot changed owner
     cache.release_keys(lease)
 
     res = cache.begin_store_keys(keys)       # reserve slots for the absent pages
@@ -28,6 +29,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from adapters.config import AdapterConfig
@@ -36,6 +38,7 @@ from controller.config import ControllerConfig
 from controller.core import CacheCore, StorePlan
 from kvstore.layout import KVLayout
 from kvstore.page_keys import PageKey
+from kvstore.slot_fence import SlotFence
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class KeyedLease:
     slots: tuple[int, ...]
     num_l2_pages: int
     num_l3_pages: int
+    generations: tuple[int, ...] = ()
+    """Of ``slots`` when leased: the fence checked after copying (``KeyedCache.fence``)."""
 
     @property
     def num_hit_pages(self) -> int:
@@ -64,6 +69,8 @@ class KeyedReservation:
     positions: tuple[int, ...]
     slots: tuple[int, ...]
     num_skipped: int
+    generations: tuple[int, ...] = ()
+    """Of ``slots`` when reserved (``KeyedCache.fence``)."""
 
     def stored_flags(self) -> list[bool]:
         """Per key: True if the page is surely cached after commit (present before, or
@@ -95,6 +102,18 @@ class KeyedCache(ABC):
     def host_tensor(self) -> torch.Tensor:
         """The L2 slots, shape ``layout.pool_shape(num_slots)``; read only leased slots,
         write only reserved ones."""
+
+    @property
+    @abstractmethod
+    def generations(self) -> np.ndarray:
+        """The live per-slot generations of the L2 pool (``kvstore.slot_fence``)."""
+
+    def fence(self, held: "KeyedLease | KeyedReservation") -> SlotFence:
+        """The fence of a lease's or a reservation's slots. Check ``bad_positions()``
+        after a copy has completed: a position listed there lost its slot to another
+        writer during the copy, so its bytes cannot be trusted (a load error: recompute
+        from the first one; a store: do not commit)."""
+        return SlotFence(self.generations, held.slots, held.generations)
 
     @abstractmethod
     def lookup_keys(self, keys: Sequence[PageKey]) -> KeyedLease:
@@ -130,6 +149,13 @@ class KeyedCache(ABC):
         drops those of silent clients); call before copying. Embedded: never."""
 
     # ---- helpers built on the calls above ----------------------------------------------
+    def num_intact_pages(self, lease: KeyedLease) -> int:
+        """After copying a lease's pages out: how many leading pages are surely the
+        committed bytes (the rest lost a slot to another writer during the copy, so the
+        engine must treat them as misses and recompute them)."""
+        bad = self.fence(lease).bad_positions()
+        return bad[0] if bad else lease.num_hit_pages
+
     def count_cached(self, keys: Sequence[PageKey]) -> int:
         """Length of the cached prefix of ``keys`` (L3 pages are brought up to L2)."""
         lease = self.lookup_keys(keys)
@@ -168,6 +194,10 @@ class EmbeddedKeyedCache(KeyedCache):
         return self._core.pool.tensor
 
     @property
+    def generations(self) -> np.ndarray:
+        return self._core.pool.generations
+
+    @property
     def core(self) -> CacheCore:
         return self._core
 
@@ -176,7 +206,9 @@ class EmbeddedKeyedCache(KeyedCache):
         with self._lock:
             num_l2, num_l3, _, _ = self._core.lookup(keys)
             hit = tuple(keys[: num_l2 + num_l3])
-            lease = KeyedLease(next(self._ids), hit, tuple(self._core.slots_of(hit)), num_l2, num_l3)
+            slots = self._core.slots_of(hit)
+            lease = KeyedLease(next(self._ids), hit, tuple(slots), num_l2, num_l3,
+                               tuple(self._core.pool.generations[slots].tolist()))
             if hit:
                 self._leases[lease.lease_id] = lease
         return lease
@@ -190,7 +222,8 @@ class EmbeddedKeyedCache(KeyedCache):
         keys = tuple(keys)
         with self._lock:
             plan = self._core.begin_store(keys)
-            res = KeyedReservation(next(self._ids), keys, plan.positions, plan.slots, plan.num_skipped)
+            res = KeyedReservation(next(self._ids), keys, plan.positions, plan.slots, plan.num_skipped,
+                                   tuple(self._core.pool.generations[list(plan.slots)].tolist()))
             self._plans[res.reservation_id] = plan
         return res
 
@@ -252,6 +285,10 @@ class _SharedHandle(KeyedCache):
     @property
     def host_tensor(self) -> torch.Tensor:
         return self._cache().host_tensor
+
+    @property
+    def generations(self) -> np.ndarray:
+        return self._cache().generations
 
     @property
     def embedded(self) -> EmbeddedKeyedCache:

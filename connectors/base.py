@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # thread: a hop to a worker costs more than coding a few hundred KB. Codec
 # "none" costs a hash at ~50 GB/s and a memcpy, so it always runs inline.
 _INLINE_CODEC_BYTES = 1 << 20
-_CODEC_BYTE = 5   # offset of the codec id in a frame header
+_VERSION_BYTE, _CODEC_BYTE = 4, 5   # offsets of the format version and codec id in a frame header
 _MAX_KEY_LEN = 512
 
 
@@ -54,8 +54,9 @@ class ConnectorStats:
     Keys: `hits + misses` = keys asked for by get/get_into. Every miss is
     counted once in `misses`; `corrupt`, `wrong_fingerprint`, `wrong_key` (a
     valid value stored under another key than it was written for) and
-    `wrong_size` (a get_into buffer of another length than the stored page)
-    say why some of them missed; corrupt and wrong-key values are dropped from
+    `wrong_size` (a get_into buffer of another length than the stored page) and
+    `wrong_encoding` (a valid value of another encoding, e.g. fp8 for a lossless
+    reader) say why some of them missed; corrupt and wrong-key values are dropped from
     the store (no reader can use them). Operations: `errors` and `timeouts` count failed raw batch
     calls (each failing every key of its sub-batch), including calls refused
     fast while the store is in its error back-off.
@@ -69,6 +70,7 @@ class ConnectorStats:
     wrong_fingerprint: int = 0
     wrong_key: int = 0
     wrong_size: int = 0
+    wrong_encoding: int = 0
     puts: int = 0
     put_failures: int = 0
     deletes: int = 0
@@ -93,6 +95,11 @@ class Connector(ABC):
       codec: "none", "lz4", "shuffle_lz4", "zstd" or "shuffle_zstd";
           the default is the backend's `default_codec`.
       elem_size: dtype width for the shuffling codecs (2 for bf16/fp16).
+      encoding: "lossless" (the default) or "fp8_e4m3": pages stored as fp8 with a
+          power-of-two scale per group, about half the bytes, and LOSSY (fp8.py);
+          bf16 pages, codec none. Reads take only values of this encoding.
+      encoding_group_elems: elements per scale group of an fp8 page (even; 0: the
+          whole page is one group).
       timeout_s: limit on each raw batch call (sub-batch); past it the call
           is a miss. Default: the backend's `default_timeout_s`.
       max_batch_keys / max_batch_bytes: a call is split into sub-batches of at
@@ -114,15 +121,30 @@ class Connector(ABC):
     timeout_errors: tuple[type[BaseException], ...] = (TimeoutError,)
 
     def __init__(self, *, fingerprint: str = "", codec: str | None = None,
-                 elem_size: int = 2, timeout_s: float | None = None,
+                 elem_size: int = 2, encoding: str = "lossless", encoding_group_elems: int = 0,
+                 timeout_s: float | None = None,
                  max_batch_keys: int | None = None, max_batch_bytes: int | None = None,
                  max_inflight: int | None = None, max_value_bytes: int = 1 << 30,
                  error_backoff_s: float = 0.2, codec_threads: int | None = None) -> None:
-        name = codec if codec is not None else self.default_codec
+        try:
+            self._encoding = _codec.encoding_id(encoding)
+        except ValueError as exc:
+            raise ConnectorError(str(exc)) from None
+        is_encoded = self._encoding != _codec.LOSSLESS
+        # an encoded page is stored uncompressed: fp8 bytes gain little from a compressor
+        name = codec if codec is not None else ("none" if is_encoded else self.default_codec)
         try:
             self._codec_id = _codec.codec_id(name)
         except ValueError as exc:
             raise ConnectorError(str(exc)) from None
+        _require(not is_encoded or name == "none",
+                 f"encoding {encoding!r} stores pages with codec none; drop codec={name!r}")
+        _require(not is_encoded or (elem_size == 2 and encoding_group_elems >= 0
+                                    and encoding_group_elems % 2 == 0),
+                 f"encoding {encoding!r} takes bf16 pages (elem_size 2) and an even "
+                 f"encoding_group_elems >= 0, got {elem_size} and {encoding_group_elems}")
+        self.encoding = encoding
+        self._group_elems = encoding_group_elems
         _require(isinstance(fingerprint, str), "fingerprint must be a str")
         _require(1 <= elem_size <= 255, f"elem_size must be 1..255, got {elem_size}")
         timeout_s = self.default_timeout_s if timeout_s is None else timeout_s
@@ -217,7 +239,7 @@ class Connector(ABC):
         out: list[bytes | None] = [None] * len(keys)
 
         def decode(i: int, frame) -> None:
-            out[i] = _codec.decode(frame, self._fp, self._max_value, keys[i])
+            out[i] = _codec.decode(frame, self._fp, self._max_value, keys[i], self._encoding)
 
         await self._fetch(keys, decode)
         found = [v for v in out if v is not None]
@@ -239,7 +261,7 @@ class Connector(ABC):
             ok = [False] * len(keys)
 
             def decode(i: int, frame) -> None:
-                _codec.decode_into(frame, views[i], self._fp, self._max_value, keys[i])
+                _codec.decode_into(frame, views[i], self._fp, self._max_value, keys[i], self._encoding)
                 ok[i] = True
 
             await self._fetch(keys, decode)
@@ -256,10 +278,23 @@ class Connector(ABC):
         if len(values) != len(keys):
             raise ConnectorError(f"put got {len(keys)} keys but {len(values)} values")
         raws = [_readable_view(v, self._max_value) for v in values]
-        heavy = 0 if self._codec_id == _codec.CODECS["none"] else sum(len(r) for r in raws)
-        frames = await self._run_coding(
-            [lambda r=r, k=k: _codec.encode(r, self._codec_id, self._fp, self._elem_size, key=k)
-             for r, k in zip(raws, keys)], heavy)
+        is_light = self._codec_id == _codec.CODECS["none"] and self._encoding == _codec.LOSSLESS
+        frames = await self._run_coding([lambda r=r, k=k: self._encode(r, k) for r, k in zip(raws, keys)],
+                                        0 if is_light else sum(len(r) for r in raws))
+        todo = [i for i, f in enumerate(frames) if f is not None]   # None: a page the encoding cannot carry
+        stored = await self._put_frames([keys[i] for i in todo], [frames[i] for i in todo])
+        result = [False] * len(keys)
+        for i, ok in zip(todo, stored):
+            result[i] = ok
+            if ok:
+                self._stats.puts += 1
+                self._stats.raw_bytes_out += len(raws[i])
+                self._stats.bytes_out += len(frames[i])
+        self._stats.put_failures += result.count(False)
+        return result
+
+    async def _put_frames(self, keys: list[bytes], frames: list[_codec.Frame]) -> list[bool]:
+        """Raw-put frames in sub-batches; True where stored."""
         result = [False] * len(keys)
 
         async def one(lo: int, hi: int) -> None:
@@ -271,16 +306,21 @@ class Connector(ABC):
             elif stored is not None:
                 result[lo:hi] = [bool(s) for s in stored]
 
-        await run_ranges(split_ranges([len(f) for f in frames], self._max_keys, self._max_bytes),
-                         one, self._max_inflight)
-        for stored, raw, frame in zip(result, raws, frames):
-            if stored:
-                self._stats.puts += 1
-                self._stats.raw_bytes_out += len(raw)
-                self._stats.bytes_out += len(frame)
-            else:
-                self._stats.put_failures += 1
+        if keys:
+            await run_ranges(split_ranges([len(f) for f in frames], self._max_keys, self._max_bytes),
+                             one, self._max_inflight)
         return result
+
+    def _encode(self, raw: memoryview, key: bytes) -> _codec.Frame | None:
+        """The frame of one page; None for a page the encoding cannot carry (fp8: NaN/inf)."""
+        try:
+            return _codec.encode(raw, self._codec_id, self._fp, self._elem_size, key=key,
+                                 encoding=self._encoding, group_elems=self._group_elems)
+        except ValueError as exc:   # fp8.UnencodablePage, or a page that is not whole groups
+            if self._encoding == _codec.LOSSLESS:
+                raise
+            log.warning("%s: page not stored as %s: %s", type(self).__name__, self.encoding, exc)
+            return None
 
     async def delete(self, keys: Sequence[bytes]) -> int:
         """Remove keys; the number that were present. Failure counts as 0."""
@@ -332,7 +372,8 @@ class Connector(ABC):
                     continue
                 try:
                     n = len(frame)
-                    heavy = n > _CODEC_BYTE and frame[_CODEC_BYTE] != _codec.CODECS["none"]
+                    heavy = n > _CODEC_BYTE and (frame[_CODEC_BYTE] != _codec.CODECS["none"]
+                                                 or frame[_VERSION_BYTE] == _codec.ENCODED_FORMAT_VERSION)
                 except Exception:   # not bytes-like: a corrupt value
                     log.warning("%s: corrupt value dropped: %s value", type(self).__name__,
                                 type(frame).__name__)
@@ -392,11 +433,13 @@ class Connector(ABC):
                 self._stats.wrong_fingerprint += 1
             elif status == "size":
                 self._stats.wrong_size += 1
+            elif status == "encoding":
+                self._stats.wrong_encoding += 1
         if failed:
             await self._call(self._on_corrupt_wrapper, failed)
 
     def _guarded(self, decode: Callable[[int, Any], None], i: int, frame) -> Callable[[], str | None]:
-        """A job that decodes one frame: None, "fingerprint", "key", "size" or "corrupt"
+        """A job that decodes one frame: None, or its `frame_status`
         (any exception is a corrupt value: a store fault never raises).
         (Runs on worker threads: it reports, the loop thread counts.)"""
         def job() -> str | None:
@@ -490,10 +533,12 @@ class ReadInto:
 
 def frame_status(exc: Exception, owner: str) -> str:
     """The miss status of a value whose check or decode raised `exc`:
-    "fingerprint", "key", "size" or "corrupt" (any other exception: a store
-    fault never raises). Logs the ones worth a warning."""
+    "fingerprint", "encoding", "key", "size" or "corrupt" (any other exception: a
+    store fault never raises). Logs the ones worth a warning."""
     if isinstance(exc, _codec.FingerprintMismatch):
         return "fingerprint"
+    if isinstance(exc, _codec.EncodingMismatch):
+        return "encoding"
     if isinstance(exc, _codec.KeyMismatch):
         log.warning("%s: value stored under the wrong key dropped", owner)
         return "key"

@@ -4,7 +4,7 @@ Every value an L3 store holds is one frame::
 
     offset  size  field
     0       4     magic b"KVL3"
-    4       1     format version (1)
+    4       1     format version (2; 3 for an encoded page, see Encodings)
     5       1     codec id (CODECS)
     6       1     element size the byte shuffle used (1 = no shuffle)
     7       1     checksum kind (1 = XXH3-64)
@@ -35,6 +35,15 @@ than half its speed; XXH3 makes the check cost ~1/15 of a memcpy. A 64-bit
 hash misses a random corruption with probability 2**-64. It is an integrity
 check, not a MAC: the store is trusted not to be malicious, only not to be
 perfect (and never pickled: the payload is raw page bytes).
+
+Encodings. A version 2 frame holds the page itself (``lossless``, what every
+writer wrote before encodings existed, and still the default). A version 3
+frame has the same header and an *encoded* page as its payload, which begins
+with a descriptor naming its encoding (``fp8_e4m3``: connectors/fp8.py, lossy,
+about half the bytes; codec none only). The raw length is always the decoded
+page's. A reader is configured with one encoding and takes only frames of it:
+a frame of another encoding is `EncodingMismatch`, a counted miss, never a page
+decoded the wrong way.
 """
 
 from __future__ import annotations
@@ -50,7 +59,8 @@ import xxhash
 import zstandard
 
 MAGIC = b"KVL3"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2          # the page itself (lossless)
+ENCODED_FORMAT_VERSION = 3  # an encoded page, its payload led by a descriptor (see Encodings)
 _HEADER = struct.Struct("<4sBBBBQQ8sQQ")
 HEADER_LEN = _HEADER.size  # 48
 _SUM_OFFSET = HEADER_LEN - 8
@@ -67,6 +77,13 @@ CODECS: dict[str, int] = {
 _CODEC_NAMES = {v: k for k, v in CODECS.items()}
 _SHUFFLED = {CODECS["shuffle_lz4"], CODECS["shuffle_zstd"]}
 ZSTD_LEVEL = 1
+
+# name -> id, the first payload byte of a version 3 frame (0: a version 2 frame). Never renumber.
+ENCODINGS: dict[str, int] = {
+    "lossless": 0,
+    "fp8_e4m3": 1,
+}
+LOSSLESS = ENCODINGS["lossless"]
 
 
 class FrameError(ValueError):
@@ -85,10 +102,15 @@ class SizeMismatch(FrameError):
     """A valid frame whose page length differs from the caller's buffer."""
 
 
+class EncodingMismatch(FrameError):
+    """A valid frame of another encoding than the reader's (e.g. fp8 read as lossless)."""
+
+
 @dataclass(frozen=True, slots=True)
 class FrameHeader:
     """The decoded header of one frame (see the module docstring)."""
 
+    version: int
     codec: int
     elem_size: int
     raw_len: int
@@ -106,6 +128,14 @@ def fingerprint_digest(fingerprint: str) -> bytes:
 def key_digest(key: bytes) -> int:
     """The 64-bit digest of a store key written into every header."""
     return xxhash.xxh3_64_intdigest(key)
+
+
+def encoding_id(name: str) -> int:
+    """Id of an encoding name; raises ValueError naming the valid ones."""
+    try:
+        return ENCODINGS[name]
+    except KeyError:
+        raise ValueError(f"unknown encoding {name!r}; use one of {sorted(ENCODINGS)}") from None
 
 
 def codec_id(name: str) -> int:
@@ -229,17 +259,24 @@ class Frame:
         return cls(b"", data)
 
 
-def encode(raw, codec: int, fingerprint: bytes, elem_size: int = 2, *, key: bytes = b"") -> Frame:
+def encode(raw, codec: int, fingerprint: bytes, elem_size: int = 2, *, key: bytes = b"",
+           encoding: int = LOSSLESS, group_elems: int = 0) -> Frame:
     """Frame one page without joining header and payload (see Frame).
 
     The payload is `raw` itself for codec none (no copy): it must not change
     until the frame is stored (if it does, the checksum makes the stored value
     a miss, never wrong KV). For the shuffling codecs `elem_size` is the dtype
     width (2 for bf16/fp16); other codecs ignore it. `key` is the store key
-    the frame will be stored under (see the module docstring).
+    the frame will be stored under (see the module docstring). An `encoding`
+    other than lossless makes a version 3 frame of the encoded page (bf16 pages,
+    scale groups of `group_elems` elements; codec none only); a page it cannot
+    carry raises fp8.UnencodablePage.
     """
     raw = memoryview(raw).cast("B")
-    if codec == CODECS["none"]:
+    version = FORMAT_VERSION
+    if encoding != LOSSLESS:
+        payload, elem_size, version = _encode_page(raw, codec, encoding, group_elems), 1, ENCODED_FORMAT_VERSION
+    elif codec == CODECS["none"]:
         payload, elem_size = raw, 1
     elif codec in _SHUFFLED:
         payload = _compress(codec, _shuffle(raw, elem_size))
@@ -249,14 +286,26 @@ def encode(raw, codec: int, fingerprint: bytes, elem_size: int = 2, *, key: byte
         raise ValueError(f"unknown codec id {codec}")
     if not 1 <= elem_size <= 255:
         raise ValueError(f"elem_size must be in 1..255, got {elem_size}")
-    head = _HEADER.pack(MAGIC, FORMAT_VERSION, codec, elem_size, CHECKSUM_XXH3_64,
+    head = _HEADER.pack(MAGIC, version, codec, elem_size, CHECKSUM_XXH3_64,
                         len(raw), len(payload), fingerprint, key_digest(key), 0)
     return Frame(head[:_SUM_OFFSET] + checksum(head, payload).to_bytes(8, "little"), payload)
 
 
-def encode_frame(raw, codec: int, fingerprint: bytes, elem_size: int = 2, *, key: bytes = b"") -> bytes:
+def _encode_page(raw: memoryview, codec: int, encoding: int, group_elems: int) -> bytes:
+    from connectors import fp8   # torch, imported only where an encoding is used
+
+    if encoding != ENCODINGS["fp8_e4m3"]:
+        raise ValueError(f"unknown encoding id {encoding}")
+    if codec != CODECS["none"]:
+        raise ValueError("an encoded page is stored with codec none")
+    return fp8.encode(raw, group_elems or len(raw) // 2)
+
+
+def encode_frame(raw, codec: int, fingerprint: bytes, elem_size: int = 2, *, key: bytes = b"",
+                 encoding: int = LOSSLESS, group_elems: int = 0) -> bytes:
     """One contiguous frame (header + payload) for one page."""
-    return encode(raw, codec, fingerprint, elem_size, key=key).tobytes()
+    return encode(raw, codec, fingerprint, elem_size, key=key, encoding=encoding,
+                  group_elems=group_elems).tobytes()
 
 
 def parse_header(frame, frame_len: int | None = None) -> FrameHeader:
@@ -272,15 +321,18 @@ def parse_header(frame, frame_len: int | None = None) -> FrameHeader:
     magic, ver, codec, es, kind, raw_len, pay_len, fp, kd, crc = _HEADER.unpack_from(view)
     if magic != MAGIC:
         raise FrameError("bad magic: not a kvstore L3 value")
-    if ver != FORMAT_VERSION:
-        raise FrameError(f"format version {ver}, this reader knows {FORMAT_VERSION}")
+    if ver not in (FORMAT_VERSION, ENCODED_FORMAT_VERSION):
+        raise FrameError(f"format version {ver}, this reader knows {FORMAT_VERSION} and "
+                         f"{ENCODED_FORMAT_VERSION}")
     if codec not in _CODEC_NAMES or kind != CHECKSUM_XXH3_64 or es == 0:
         raise FrameError(f"bad codec {codec} / elem size {es} / checksum kind {kind}")
     if pay_len != frame_len - HEADER_LEN:
         raise FrameError(f"payload is {frame_len - HEADER_LEN} bytes, header says {pay_len}")
-    if codec == CODECS["none"] and pay_len != raw_len:
+    if ver == ENCODED_FORMAT_VERSION and codec != CODECS["none"]:
+        raise FrameError("an encoded frame with a compressing codec")
+    if ver == FORMAT_VERSION and codec == CODECS["none"] and pay_len != raw_len:
         raise FrameError("codec none with payload length != raw length")
-    return FrameHeader(codec, es, raw_len, pay_len, fp, kd, crc)
+    return FrameHeader(ver, codec, es, raw_len, pay_len, fp, kd, crc)
 
 
 def check_parts(head, payload, fingerprint: bytes, max_raw_len: int,
@@ -308,29 +360,48 @@ def check_frame(frame, fingerprint: bytes, max_raw_len: int,
     return check_parts(view[:HEADER_LEN], payload, fingerprint, max_raw_len, key), payload
 
 
+def frame_encoding(header: FrameHeader, payload) -> int:
+    """The encoding id of a checked frame: lossless for version 2, else its descriptor's."""
+    if header.version == FORMAT_VERSION:
+        return LOSSLESS
+    if len(payload) < 1:
+        raise FrameError("encoded frame without a payload")
+    return payload[0]
+
+
+def _check_encoding(header: FrameHeader, payload, encoding: int) -> None:
+    found = frame_encoding(header, payload)
+    if found != encoding:
+        raise EncodingMismatch(f"frame of encoding {found}, the reader takes {encoding}")
+
+
 def decode_into(frame, out: memoryview, fingerprint: bytes, max_raw_len: int,
-                key: bytes = b"") -> None:
+                key: bytes = b"", encoding: int = LOSSLESS) -> None:
     """Decode an untrusted frame into `out`, whose length must be the raw length.
 
-    Raises FrameError / FingerprintMismatch; `out` is then unspecified.
+    Raises FrameError / FingerprintMismatch / EncodingMismatch; `out` is then unspecified.
     """
     view = memoryview(frame).cast("B")
-    decode_parts_into(view[:HEADER_LEN], view[HEADER_LEN:], out, fingerprint, max_raw_len, key)
+    decode_parts_into(view[:HEADER_LEN], view[HEADER_LEN:], out, fingerprint, max_raw_len, key, encoding)
 
 
 def decode_parts_into(head, payload, out: memoryview, fingerprint: bytes, max_raw_len: int,
-                      key: bytes = b"") -> None:
+                      key: bytes = b"", encoding: int = LOSSLESS) -> None:
     """`decode_into` for a frame held as two buffers (see `check_parts`).
 
     `payload` may be `out` itself, the same object (a backend read the payload
     straight into the page): a codec-none page is then checked in place, not
-    copied, and a compressed one is decoded out of it before `out` is written.
+    copied, and a compressed or encoded one is decoded out of it before `out` is written.
     """
     in_place = payload is out
     out = memoryview(out).cast("B")
     header = check_parts(head, payload, fingerprint, max_raw_len, key)
     if header.raw_len != len(out):
         raise SizeMismatch(f"page is {header.raw_len} bytes, buffer is {len(out)}")
+    _check_encoding(header, payload, encoding)
+    if header.version == ENCODED_FORMAT_VERSION:
+        _decode_page_into(bytes(payload) if in_place else payload, out)
+        return
     if header.codec == CODECS["none"]:
         if not in_place:
             out[:] = payload
@@ -342,9 +413,24 @@ def decode_parts_into(head, payload, out: memoryview, fingerprint: bytes, max_ra
         out[:] = data
 
 
-def decode(frame, fingerprint: bytes, max_raw_len: int, key: bytes = b"") -> bytes:
+def _decode_page_into(payload, out: memoryview) -> None:
+    from connectors import fp8
+
+    try:
+        fp8.decode_into(payload, out)
+    except fp8.BadPayload as exc:
+        raise FrameError(f"encoded payload: {exc}") from None
+
+
+def decode(frame, fingerprint: bytes, max_raw_len: int, key: bytes = b"",
+           encoding: int = LOSSLESS) -> bytes:
     """Decode an untrusted frame into new bytes (see `decode_into`)."""
     head, payload = check_frame(frame, fingerprint, max_raw_len, key)
+    _check_encoding(head, payload, encoding)
+    if head.version == ENCODED_FORMAT_VERSION:
+        out = bytearray(head.raw_len)
+        _decode_page_into(payload, memoryview(out))
+        return bytes(out)
     if head.codec == CODECS["none"]:
         return bytes(payload)
     data = _decompress(head.codec, payload, head.raw_len)

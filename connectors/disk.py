@@ -221,7 +221,7 @@ class DiskConnector(Connector):
         if num_read != size:
             return "resized"
         try:   # a compressed frame that happens to have the page's length is decoded out of the view
-            _codec.decode_parts_into(head, payload, view, self._fp, self._max_value, key)
+            _codec.decode_parts_into(head, payload, view, self._fp, self._max_value, key, self._encoding)
         except Exception as exc:
             return frame_status(exc, type(self).__name__)
         return "hit"

@@ -245,7 +245,7 @@ class CacheStats:
     """L3 calls that failed or timed out (each one a miss or a dropped write)."""
     num_l3_bad_values: int = 0
     """L3 values read back that failed their checks (corrupt, under another key, another
-    layout, another size): misses, never served."""
+    layout, another size, another encoding): misses, never served."""
     num_l2_pages: int = 0
     """Pages in L2 now."""
     num_due_pages: int = 0
@@ -260,3 +260,8 @@ class CacheStats:
     """Pages finished prefetches hold (leased) for the requests they were started for now."""
     l3_bytes_read: int = 0
     """Framed bytes read from L3 (prefetches and lookups)."""
+    l3_bytes_written: int = 0
+    """Framed bytes written to L3 (with ``L3Config.encoding="fp8_e4m3"`` about half of
+    ``l3_page_bytes_written``)."""
+    l3_page_bytes_written: int = 0
+    """Bytes of the pages those L3 writes hold, as L2 holds them."""

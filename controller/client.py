@@ -36,20 +36,24 @@ import logging
 import os
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import zmq
 
-from controller.api import (CacheClient, CacheError, CacheStats, LoadHandle, LookupResult,
-                            PrefetchTicket, StoreResult)
+from controller.api import (CacheClient, CacheError, CacheStats, LoadError, LoadHandle,
+                            LookupResult, PrefetchTicket, StoreResult)
 from controller.config import PrefetchConfig
 from controller.daemon import protocol as p
 from controller.device_pool import DevicePool
 from controller.load_handle import CompletedLoad, ControllerLoad
+from controller.pending_stores import PendingStore, PendingStores
+from controller.process_identity import own_identity
+from kvstore.host_pool import generations_view, segment_bytes
 from kvstore.layout import KVLayout
 from kvstore.page_keys import KeyNamespace, PageKeyCache
+from kvstore.slot_fence import SlotFence
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +161,9 @@ class Session:
     def attach(self) -> p.HelloReply:
         if self.layout_fingerprint is None:
             self.layout_fingerprint = self.ping().layout_fingerprint
-        hello = p.Hello(self.client_name[:200], os.getpid() & 0xFFFFFFFF, self.layout_fingerprint,
-                        self.credentials.token)
+        me = own_identity()
+        hello = p.Hello(self.client_name[:200], me.pid & 0xFFFFFFFF, self.layout_fingerprint,
+                        self.credentials.token, me.start_ticks, me.pid_namespace)
         sent = time.monotonic()
         reply, instance = self.channel.request(hello, b"", self.request_timeout_s)
         if type(reply) is p.ErrorReply:
@@ -245,11 +250,13 @@ class _MappedPool:
             raise CacheError(f"the daemon's segment {hello.segment_name} is gone (daemon restarting?)")
         size = hello.num_slots * hello.slot_bytes
         self.layout = layout.with_arrangement("page_first")
-        if hello.slot_bytes != self.layout.page_bytes or self._shm.size < size:
+        if hello.slot_bytes != self.layout.page_bytes or \
+                self._shm.size < segment_bytes(hello.num_slots, hello.slot_bytes):
             self._shm.close()
             raise CacheError(f"segment {hello.segment_name} does not hold {hello.num_slots} pages of "
                              f"layout {layout.fingerprint()}")
         self._bytes = np.ndarray((size,), dtype=np.uint8, buffer=self._shm.buf)
+        self.generations = generations_view(self._shm.buf, hello.num_slots, hello.slot_bytes)
         self.tensor = (torch.from_numpy(self._bytes).view(self.layout.torch_dtype)
                        .view(self.layout.pool_shape(hello.num_slots)))
         self.is_pinned = False
@@ -265,34 +272,12 @@ class _MappedPool:
             return
         if self.is_pinned:
             torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
-        del self.tensor, self._bytes
+        del self.tensor, self._bytes, self.generations
         try:
             self._shm.close()
         except BufferError:
             log.warning("daemon segment still viewed by a live tensor; it is unmapped when that goes")
         self._shm = None
-
-
-class _FreshLoad(ControllerLoad):
-    """A load whose lazily copied layers (CPU) first make sure the lease still stands."""
-
-    def __init__(self, inner: ControllerLoad, require_fresh) -> None:
-        self._inner = inner
-        self._require_fresh = require_fresh
-
-    def wait_layer(self, layer: int) -> None:
-        self._inner._check_live()
-        self._require_fresh()
-        self._inner.wait_layer(layer)
-
-    def wait_all(self) -> None:
-        self._inner._check_live()
-        self._require_fresh()
-        self._inner.wait_all()
-
-    def finish(self) -> None:
-        self._inner.finish()
-        super().finish()
 
 
 class DaemonLink:
@@ -494,10 +479,20 @@ class _RemotePrefetch(PrefetchTicket):
             self._last = dataclasses.replace(self._last, is_done=True)
 
 
+class _Reserved(NamedTuple):
+    """A daemon reservation being written (what ``_publish`` needs)."""
+
+    reservation_id: int
+    fence: SlotFence
+    num_skipped: int
+
+
 @dataclasses.dataclass
 class _Lease:
     result: LookupResult
     slots: list[int]
+    generations: bytes
+    """Of ``slots`` as leased (LookupReply.generations): the fence of every load."""
     epoch: int
     loads: list[ControllerLoad]
     daemon_lease_id: int
@@ -516,6 +511,9 @@ class DaemonClient(CacheClient):
         # A next turn resends the last prompt: only its new pages are hashed.
         self._key_cache = PageKeyCache(self.layout.page_size)
         self._leases: dict[int, _Lease] = {}   # this client's lease id -> lease
+        self._lost_lease_ids: set[int] = set()
+        self._pending = PendingStores(self._publish,
+                                      lambda store: self._link.abort_store(store.plan.reservation_id))
         self._lease_ids = itertools.count(1)
         self._is_closed = False
         self._link = DaemonLink(address, self.layout, credentials=credentials,
@@ -527,11 +525,14 @@ class DaemonClient(CacheClient):
         if self._is_closed:
             raise CacheError("this cache client is closed; connect again")
 
-    def _drop_leases(self) -> None:
-        """The daemon dropped them with the session: loads of them must end too."""
+    def _drop_leases(self, reason: str = "the daemon lost this client's session") -> None:
+        """The daemon dropped them with the session: loads of them end too, and their
+        waits raise LoadError (the engine recomputes)."""
         for lease in self._leases.values():
             for handle in lease.loads:
-                handle.finish()
+                handle.abandon(reason)
+        # Remembered (ids only, until released) so load() can tell "lost" from "released".
+        self._lost_lease_ids.update(self._leases)
         self._leases.clear()
 
     def _keys(self, tokens) -> list[bytes]:
@@ -544,6 +545,7 @@ class DaemonClient(CacheClient):
         P = self.layout.page_size
         if not keys:
             return LookupResult(0, (), P, 0, 0)
+        self._pending.publish_done(wanted=keys)
         try:
             reply = self._link.lookup(keys, len(keys) * P)
         except DaemonUnavailable as exc:
@@ -556,7 +558,7 @@ class DaemonClient(CacheClient):
         result = LookupResult(local_id, tuple(keys[:num_hit]), P, reply.num_l2, reply.num_l3,
                               reply.num_pending)
         if reply.lease_id:
-            self._leases[local_id] = _Lease(result, p.unpack_u32(reply.slots),
+            self._leases[local_id] = _Lease(result, p.unpack_u32(reply.slots), reply.generations,
                                             self._link.epoch, [], reply.lease_id)
         return result
 
@@ -579,19 +581,35 @@ class DaemonClient(CacheClient):
                              f"for {result.num_hit_pages} hit pages")
         if not result.num_hit_pages:
             return CompletedLoad()
-        lease = self._leases.get(result.lease_id)
-        if lease is None or lease.result != result or lease.epoch != self._link.epoch:
-            raise CacheError(f"lease {result.lease_id} has ended (released, or the daemon restarted "
-                             "or reclaimed it): lookup() again before load()")
+        self._pending.publish_done()
         pages = self._device.check_pages(device_pages, "device_pages")
-        self._link.require_fresh()  # on CUDA every layer is enqueued now
-        handle = _FreshLoad(self._device.load(self._link.pool, lease.slots, pages),
-                            self._link.require_fresh)
+        try:
+            self._link.require_fresh()
+        except CacheError as exc:
+            # The session was lost (and this lease with it): the engine recomputes.
+            raise LoadError(f"load() of lease {result.lease_id} failed: {exc}",
+                            range(result.num_hit_pages)) from None
+        lease = self._leases.get(result.lease_id)
+        if lease is None and result.lease_id in self._lost_lease_ids:
+            raise LoadError(f"lease {result.lease_id} was lost with the daemon session (daemon "
+                            "restarted, or this client was silent): recompute its pages",
+                            range(result.num_hit_pages))
+        if lease is None or lease.result != result or lease.epoch != self._link.epoch:
+            raise CacheError(f"lease {result.lease_id} has ended (released): lookup() again "
+                             "before load()")
+        pool = self._link.pool
+        fence = SlotFence(pool.generations, lease.slots, np.frombuffer(lease.generations, "<u4"))
+        handle = self._device.load(pool, lease.slots, pages, fence)
         lease.loads.append(handle)
         return handle
 
     def store(self, tokens: Sequence[int] | np.ndarray, device_pages: Sequence[int]) -> StoreResult:
+        """See ``CacheClient.store``. On CUDA this returns once the device-to-host copy is
+        enqueued (the engine may reuse its pages at once: ``DevicePool.start_save``); the
+        pages are committed by a later call that finds the copy complete, or by close.
+        ``num_new_pages`` then counts the pages being written."""
         self._check_open()
+        self._pending.publish_done()
         keys = self._keys(tokens)
         if len(device_pages) < len(keys):
             raise CacheError(f"store() got {len(device_pages)} device pages for {len(keys)} full "
@@ -610,24 +628,58 @@ class DaemonClient(CacheClient):
             return StoreResult(len(keys), 0, plan.num_skipped)
         positions, slots = p.unpack_u32(plan.positions), p.unpack_u32(plan.slots)
         try:
-            if len(positions) != len(slots) or max(positions) >= len(keys):
+            if len(positions) != len(slots) or len(plan.generations) != 4 * len(slots) \
+                    or max(positions) >= len(keys):
                 raise CacheError("the daemon's store plan does not match the request")
             self._link.require_fresh()
-            self._device.save([pages[i] for i in positions], self._link.pool, slots)
-            self._link.require_fresh()
+            pool = self._link.pool
+            fence = SlotFence(pool.generations, slots, np.frombuffer(plan.generations, "<u4"))
+            copy = self._device.start_save([pages[i] for i in positions], pool, slots)
         except BaseException:
             self._link.abort_store(plan.reservation_id)
             raise
-        reply = self._link.session.call(p.CommitStore(plan.reservation_id))
+        store = PendingStore(keys, _Reserved(plan.reservation_id, fence, plan.num_skipped), copy)
+        if not copy.is_done():
+            # CUDA: the copy runs behind this call; published by a later call once done.
+            self._pending.add(store)
+            return StoreResult(len(keys), len(slots), plan.num_skipped)
+        num_published = self._publish(store)
+        if num_published is None:
+            return StoreResult(len(keys), 0, len(keys) - plan.num_skipped)
+        return StoreResult(len(keys), num_published, plan.num_skipped)
+
+    def _publish(self, store: PendingStore) -> int | None:
+        """Commit a store whose copy has completed; the pages published, or None if it
+        could not be (its slots changed owner, the daemon refused or did not answer)."""
+        reserved = store.plan
+        if not self._owns_slots(reserved.fence):
+            self._link.abort_store(reserved.reservation_id)
+            return None
+        try:
+            reply = self._link.session.call(p.CommitStore(reserved.reservation_id))
+        except DaemonUnavailable as exc:
+            log.warning("store not published: %s", exc)
+            return None
         if type(reply) is not p.CommitReply:
             log.warning("store not published: %s", getattr(reply, "message", reply))
-            return StoreResult(len(keys), 0, len(keys) - plan.num_skipped)
-        return StoreResult(len(keys), reply.num_published, plan.num_skipped)
+            return None
+        return reply.num_published
+
+    @staticmethod
+    def _owns_slots(fence: SlotFence) -> bool:
+        """After a store's copy: whether every reserved slot is still this client's. The
+        daemon keeps a live writer's slots, so this fails only past an orphan quarantine."""
+        bad = fence.bad_positions()
+        if bad:
+            log.error("store skipped: %d reserved slot(s) were given to another writer while this "
+                      "client was silent past orphan_quarantine_s; nothing is published", len(bad))
+        return not bad
 
     def release(self, result: LookupResult) -> None:
         self._check_open()
         lease = self._leases.get(result.lease_id)
         if lease is None:
+            self._lost_lease_ids.discard(result.lease_id)
             return
         if lease.result != result:
             raise CacheError(f"release() got a result that is not lease {result.lease_id} of this cache")
@@ -640,21 +692,34 @@ class DaemonClient(CacheClient):
     def stats(self) -> CacheStats:
         """The daemon's cache counters (shared by every client of the daemon)."""
         self._check_open()
+        self._pending.publish_done()
         return self._link.cache_stats()
 
     def daemon_stats(self) -> dict:
         self._check_open()
+        self._pending.publish_done()
         return self._link.daemon_stats()
 
+    @property
+    def num_pending_stores(self) -> int:
+        """Stores whose copies were in flight at the last call (not yet visible)."""
+        return len(self._pending)
+
     def check_integrity(self, quiescent: bool = False) -> None:
-        """Run the daemon's integrity check; raises CacheError with its finding."""
+        """Run the daemon's integrity check (after the stores in flight, when ``quiescent``);
+        raises CacheError with its finding."""
         self._check_open()
+        self._pending.publish_done(wait=quiescent)
         self._link.check_integrity(quiescent)
 
     def close(self) -> None:
-        """Release every lease (Goodbye), stop the heartbeat, unmap the segment. Idempotent."""
+        """Publish the stores in flight, release every lease (Goodbye), stop the heartbeat,
+        unmap the segment. Idempotent."""
         if self._is_closed:
             return
         self._is_closed = True
-        self._drop_leases()
-        self._link.close()
+        try:
+            self._pending.publish_done(wait=True)
+        finally:
+            self._drop_leases()
+            self._link.close()

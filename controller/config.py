@@ -17,6 +17,10 @@ class ConfigError(ValueError):
     """A config field is invalid; the message names the field and how to fix it."""
 
 
+# connectors.codec.ENCODINGS, named here so that config does not import the connectors
+L3_ENCODINGS: tuple[str, ...] = ("lossless", "fp8_e4m3")
+
+
 @dataclass(frozen=True)
 class L3Config:
     """Which L3 store backs the host pool, if any."""
@@ -40,6 +44,11 @@ class L3Config:
     close_flush_s: float = 60.0
     """At close (and daemon shutdown), how long to spend writing the pages that L3
     does not hold yet (write_back keeps them in L2 only); 0 writes none."""
+    encoding: str = "lossless"
+    """How pages are kept in L3: ``lossless`` (the page's own bytes) or ``fp8_e4m3``: half
+    the bytes, LOSSY (each element to within 1/16 of itself; connectors/fp8.py), bf16
+    layouts only. Decoded to bf16 on the host as pages come back into L2; L2 and the
+    engine's pool stay bf16. A page stored under the other encoding reads as a miss."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
@@ -55,6 +64,8 @@ class L3Config:
                 raise ConfigError(f"L3Config.{name} must be a positive int, got {value!r}")
         if not isinstance(self.close_flush_s, (int, float)) or self.close_flush_s < 0:
             raise ConfigError(f"L3Config.close_flush_s must be >= 0 seconds, got {self.close_flush_s!r}")
+        if self.encoding not in L3_ENCODINGS:
+            raise ConfigError(f"L3Config.encoding {self.encoding!r} is unknown; use one of {L3_ENCODINGS}")
 
 
 PREFETCH_POLICIES: tuple[str, ...] = ("wait_complete", "best_effort", "timeout", "sync")

@@ -34,7 +34,7 @@ from typing import NamedTuple, Sequence
 
 from controller.api import CacheError, CacheStats
 from controller.async_runner import AsyncRunner
-from controller.config import ControllerConfig
+from controller.config import ConfigError, ControllerConfig
 from controller.pipelines.backup import BackupQueue
 from controller.pipelines.prefetch import Prefetch, Prefetcher
 from kvstore.host_pool import HostPool
@@ -114,9 +114,10 @@ class CacheCore:
     def _open_l3(self) -> None:
         from connectors import open_connector
 
-        self._runner = AsyncRunner()
         options = dict(self.config.l3.options)
         options.setdefault("fingerprint", self.layout.fingerprint())
+        options.update(self._l3_encoding_options())
+        self._runner = AsyncRunner()
 
         async def open_on_loop():
             # A connector belongs to the loop it is created on; create it on the runner's.
@@ -131,6 +132,17 @@ class CacheCore:
         self._prefetcher = Prefetcher(self, self._l3, loop, self.config.prefetch, self.pool.slot_bytes)
         self._backup = BackupQueue(self, self._l3, loop, self.config.l3.backup_queue_bytes,
                                    lambda: self._prefetcher.idle)
+
+    def _l3_encoding_options(self) -> dict:
+        """Connector options for L3Config.encoding: fp8 pages get one scale per page of one
+        layer's K or V (a chunk), so keys, values and layers are scaled apart."""
+        encoding = self.config.l3.encoding
+        if encoding == "lossless":
+            return {}
+        if self.layout.dtype != "bfloat16":
+            raise ConfigError(f"L3Config.encoding {encoding!r} needs a bfloat16 layout, this one "
+                              f"is {self.layout.dtype}; use encoding='lossless'")
+        return {"encoding": encoding, "encoding_group_elems": self.layout.chunk_numel}
 
     def check_open(self) -> None:
         if self._is_closed:
@@ -342,8 +354,10 @@ class CacheCore:
             # counters are where they show.
             l3 = self._l3.stats()
             snapshot.num_l3_errors += l3.errors + l3.timeouts
-            snapshot.num_l3_bad_values = l3.corrupt + l3.wrong_key + l3.wrong_fingerprint + l3.wrong_size
+            snapshot.num_l3_bad_values = (l3.corrupt + l3.wrong_key + l3.wrong_fingerprint
+                                          + l3.wrong_size + l3.wrong_encoding)
             snapshot.l3_bytes_read = l3.bytes_in
+            snapshot.l3_bytes_written, snapshot.l3_page_bytes_written = l3.bytes_out, l3.raw_bytes_out
         return snapshot
 
     def check_integrity(self, quiescent: bool = False) -> None:

@@ -27,6 +27,7 @@ from controller.api import CacheError
 from controller.load_handle import CompletedLoad, ControllerLoad, CudaStreamLoad, LayerIssuer, LazyLayerLoad
 from kvstore.copy_ops import CopyBackend, copy_backend_for
 from kvstore.layout import KVLayout
+from kvstore.slot_fence import SlotFence
 
 
 class HostPages(Protocol):
@@ -93,16 +94,18 @@ class DevicePool:
                              "page of tokens")
         return out
 
-    def load(self, host: HostPages, slots: Sequence[int], pages: list[int]) -> ControllerLoad:
+    def load(self, host: HostPages, slots: Sequence[int], pages: list[int],
+             fence: SlotFence | None = None) -> ControllerLoad:
         """Start copying host ``slots`` into device ``pages``, layer by layer (see
         ``controller.load_handle``). Every check runs here; the launches do not run on
-        the calling thread on CUDA."""
+        the calling thread on CUDA. ``fence``: the generations the slots had when leased,
+        checked once the copies are over (a reused slot is a LoadError, never silent)."""
         if not pages:
             return CompletedLoad()
         plan = self._copy.plan_layers(host.tensor, host.layout, list(slots), self.tensor, self.layout, pages)
         if self._stream is not None:
-            return CudaStreamLoad(plan, self._stream, self._issuer)
-        return LazyLayerLoad(plan)
+            return CudaStreamLoad(plan, self._stream, self._issuer, fence, len(pages))
+        return LazyLayerLoad(plan, fence, len(pages))
 
     def start_save(self, pages: list[int], host: HostPages, slots: Sequence[int]) -> SaveCopy:
         """Start copying device ``pages`` into host ``slots``; see the module docstring for

@@ -14,8 +14,7 @@ A ``CacheCore`` (L2 in shm, L3, write policy) plus the engine's ``DevicePool``
 from __future__ import annotations
 
 import itertools
-from collections import deque
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -23,21 +22,15 @@ import torch
 from controller.api import (CacheClient, CacheError, CacheStats, LoadHandle, LookupResult,
                             PrefetchTicket, StoreResult)
 from controller.config import ControllerConfig
-from controller.core import CacheCore, FlushReport, StorePlan
-from controller.device_pool import DevicePool, SaveCopy
+from controller.core import CacheCore, FlushReport
+from controller.device_pool import DevicePool
+from controller.pending_stores import PendingStore, PendingStores
 from controller.leases import LeaseBook
 from controller.pipelines.prefetch import CompletedPrefetch
 from kvstore.host_store import HostStore
 from kvstore.layout import KVLayout
 from kvstore.page_keys import KeyNamespace, PageKey, PageKeyCache
-
-
-class _PendingStore(NamedTuple):
-    """A store whose device-to-host copy is in flight: its slots are reserved, not visible."""
-
-    keys: list[PageKey]
-    plan: StorePlan
-    copy: SaveCopy
+from kvstore.slot_fence import SlotFence
 
 
 class EmbeddedController(CacheClient):
@@ -56,7 +49,9 @@ class EmbeddedController(CacheClient):
         self._leases = LeaseBook()
         self._lease_ids = itertools.count(1)
         self._core = CacheCore(config, self.layout)
-        self._pending: deque[_PendingStore] = deque()
+        self._pending = PendingStores(
+            lambda store: self._core.commit_store(store.keys, store.plan),
+            lambda store: self._core.abort_store(store.plan))
 
     def _keys(self, tokens: Sequence[int] | np.ndarray) -> list[PageKey]:
         return self._key_cache.keys(self._ns_digest, tokens)
@@ -90,7 +85,11 @@ class EmbeddedController(CacheClient):
                 f"load() needs one device page per hit page: got {len(pages)} "
                 f"for {result.num_hit_pages} hit pages"
             )
-        handle = self._device.load(self._core.pool, self._core.slots_of(result.keys), pages)
+        slots = self._core.slots_of(result.keys)
+        # Leased slots can't change owner in-process; the fence costs one compare and
+        # keeps one code path for both modes.
+        fence = SlotFence.current(self._core.pool.generations, slots)
+        handle = self._device.load(self._core.pool, slots, pages, fence)
         self._leases.add_load(result.lease_id, handle)
         return handle
 
@@ -118,39 +117,16 @@ class EmbeddedController(CacheClient):
             raise
         if copy.is_done():  # synchronous (CPU)
             return StoreResult(len(keys), self._core.commit_store(keys, plan), plan.num_skipped)
-        self._pending.append(_PendingStore(keys, plan, copy))
+        self._pending.add(PendingStore(keys, plan, copy))
         return StoreResult(len(keys), len(plan.slots), plan.num_skipped)
 
     def _commit_stores(self, wait: bool = False, tokens: Sequence[int] | np.ndarray | None = None) -> None:
-        """Publish the stores whose copies have completed, oldest first (one write stream
-        completes them in order), stopping at the first still in flight. ``wait``: block
-        until every one has completed; ``tokens`` (a lookup's): block for those holding a
-        page of these tokens, since a miss costs a recompute and the copy is under way.
-        A copy that failed gives its slots back and raises."""
-        num_wait = len(self._pending) if wait else self._num_stores_holding(tokens)
-        num_done = 0
-        while self._pending:
-            head = self._pending[0]
-            try:
-                if not head.copy.is_done():
-                    if num_done >= num_wait:
-                        return
-                    head.copy.wait()
-            except BaseException:
-                self._pending.popleft()
-                self._core.abort_store(head.plan)
-                raise
-            self._pending.popleft()
-            self._core.commit_store(head.keys, head.plan)
-            num_done += 1
-
-    def _num_stores_holding(self, tokens: Sequence[int] | np.ndarray | None) -> int:
-        """1 + the position of the newest pending store that holds a page of ``tokens``, or 0."""
-        if tokens is None or not self._pending:
-            return 0
-        wanted = set(self._keys(tokens))
-        holding = [i for i, store in enumerate(self._pending) if not wanted.isdisjoint(store.keys)]
-        return holding[-1] + 1 if holding else 0
+        """Publish the stores whose copies have completed (``PendingStores.publish_done``);
+        ``tokens`` (a lookup's): wait for the stores holding a page of them."""
+        if not len(self._pending):
+            return
+        wanted = None if tokens is None else self._keys(tokens)
+        self._pending.publish_done(wait, wanted)
 
     @property
     def num_pending_stores(self) -> int:

@@ -17,6 +17,14 @@ attention runs::
 
 Elsewhere (CPU, and devices without streams here) a layer is copied when it is first
 waited on, which keeps the same contract: a layer is in the pool once its wait returns.
+
+Fencing (``kvstore.slot_fence``): a load made with a fence checks, once a copy is over,
+that its slots kept the generations they had when leased. On CPU that is after each
+layer's copy, so ``wait_layer`` raises LoadError before the engine reads a page whose
+slot was reused; on CUDA a layer's copy is still running when its wait returns, so the
+verdict comes from ``verify()`` (after the last copy completed). Either way every layer
+of every page is copied before LoadError is raised, so the pages before the first bad
+one are whole and only the rest need recomputing.
 """
 
 from __future__ import annotations
@@ -27,22 +35,43 @@ from typing import Callable
 
 import torch
 
-from controller.api import CacheError, LoadHandle
+from controller.api import CacheError, LoadError, LoadHandle
 from kvstore.copy_ops import LayerCopyPlan
+from kvstore.slot_fence import SlotFence
 
 
 class ControllerLoad(LoadHandle):
     """A load the controller can end when its lease is released."""
 
     _is_finished = False
+    _lost_reason: str | None = None
+    _num_pages = 0
 
     def finish(self) -> None:
         """Return once nothing reads the source slots any more; later waits raise."""
         self._is_finished = True
 
+    def abandon(self, reason: str) -> None:
+        """End the load because its lease is gone without a release (the daemon lost the
+        session): like ``finish``, but later waits raise LoadError for every page."""
+        self.finish()
+        self._lost_reason = reason
+
     def _check_live(self) -> None:
+        if self._lost_reason is not None:
+            raise LoadError(f"this load's lease is gone ({self._lost_reason}): recompute its pages",
+                            range(max(1, self._num_pages)))
         if self._is_finished:
             raise CacheError("this load's lease was released; lookup() and load() again")
+
+
+def _fence_error(fence: SlotFence | None) -> LoadError | None:
+    """LoadError naming the pages whose slots changed owner, or None if all kept theirs."""
+    bad = fence.bad_positions() if fence is not None else []
+    if not bad:
+        return None
+    return LoadError(f"{len(bad)} loaded page(s) lost their host slot to another writer during "
+                     f"the copy (first: page {bad[0]}); recompute from page {bad[0]}", bad)
 
 
 class CompletedLoad(ControllerLoad):
@@ -56,17 +85,30 @@ class CompletedLoad(ControllerLoad):
 
 
 class LazyLayerLoad(ControllerLoad):
-    """Copies layers in order on the caller's thread as they are waited on."""
+    """Copies layers in order on the caller's thread as they are waited on; with a fence,
+    checks after each copy that no slot changed owner."""
 
-    def __init__(self, plan: LayerCopyPlan) -> None:
+    def __init__(self, plan: LayerCopyPlan, fence: SlotFence | None = None, num_pages: int = 0) -> None:
         self._plan = plan
         self._num_layers = plan.num_layers
         self._num_done = 0
+        self._fence = fence
+        self._num_pages = num_pages
+        self._error: LoadError | None = None
 
     def wait_layer(self, layer: int) -> None:
         if not 0 <= layer < self._num_layers:
             raise ValueError(f"layer must be in [0, {self._num_layers}), got {layer}")
         self._check_live()  # after release the slots may hold another page
+        if self._error is None:
+            self._copy_through(layer)
+            self._error = _fence_error(self._fence)
+            if self._error is not None:
+                self._copy_through(self._num_layers - 1)  # the good pages must be whole
+        if self._error is not None:
+            raise self._error
+
+    def _copy_through(self, layer: int) -> None:
         while self._num_done <= layer:
             self._plan.launch(self._num_done)
             self._num_done += 1
@@ -112,9 +154,14 @@ class LayerIssuer:
 class CudaStreamLoad(ControllerLoad):
     """Layers launched by a ``LayerIssuer`` on a side stream, one event per layer."""
 
-    def __init__(self, plan: LayerCopyPlan, stream: torch.cuda.Stream, issuer: LayerIssuer) -> None:
+    def __init__(self, plan: LayerCopyPlan, stream: torch.cuda.Stream, issuer: LayerIssuer,
+                 fence: SlotFence | None = None, num_pages: int = 0) -> None:
         self._plan = plan
         self._stream = stream
+        self._fence = fence
+        self._num_pages = num_pages
+        self._verdict: LoadError | None = None
+        self._is_verified = False
         num_layers = plan.num_layers
         self._events = [torch.cuda.Event() for _ in range(num_layers)]
         # The side stream must not start before the engine's writes to the pool that
@@ -160,6 +207,16 @@ class CudaStreamLoad(ControllerLoad):
 
     def wait_all(self) -> None:
         self.wait_layer(len(self._events) - 1)
+
+    def verify(self) -> None:
+        """Block until the last layer's copy has completed, then check the fence (once)."""
+        self.wait_all()
+        if not self._is_verified:
+            self._events[-1].synchronize()
+            self._verdict = _fence_error(self._fence)
+            self._is_verified = True
+        if self._verdict is not None:
+            raise self._verdict
 
     def finish(self) -> None:
         """Stop issuing (layers not launched yet never will be), then block until the

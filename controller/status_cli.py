@@ -69,6 +69,8 @@ def format_stats(s: dict) -> str:
         f"in {s['segment']}",
         f"  clients  {s['num_clients']} attached, {s['num_leases']} leases, "
         f"{s['num_reservations']} reservations, {s['num_reaped_clients']} reaped",
+        f"  fencing  {s.get('num_suspended_clients', 0)} clients suspended (silent, process alive), "
+        f"{s.get('num_quarantined_slots', 0)} slots quarantined",
         f"  lookups  {s.get('num_lookups', 0)}, page hit rate {hit / lookups:.1%} "
         f"(L2 {s.get('num_l2_hit_pages', 0)}, L3 {s.get('num_l3_hit_pages', 0)} of "
         f"{s.get('num_lookup_pages', 0)})",

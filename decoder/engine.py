@@ -39,17 +39,20 @@ page-sized chunks and could differ in the last bit.
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from controller.api import CacheClient, LoadHandle, LookupResult
+from controller.api import CacheClient, LoadError, LoadHandle, LookupResult
 from kvstore.layout import KVLayout
 
 from .model import ReferenceDecoder
+
+log = logging.getLogger(__name__)
 
 
 class EngineError(RuntimeError):
@@ -79,6 +82,9 @@ class GenerationResult:
     num_pending_tokens: int = 0
     """Tokens after the hit that a prefetch was still reading from L3 at the lookup
     (``LookupResult.num_pending_pages``; best_effort and timeout policies)."""
+    num_load_failed_tokens: int = 0
+    """Tokens the cache hit but whose load failed (LoadError): recomputed, not counted
+    in ``num_cached_tokens``."""
 
     @property
     def output_tokens(self) -> list[int]:
@@ -133,6 +139,14 @@ class _Prefix:
     num_l2_pages: int = 0
     num_l3_pages: int = 0
     num_pending_pages: int = 0
+    num_load_failed_pages: int = 0
+
+    def cut(self, num_pages: int) -> "_Prefix":
+        """This prefix ending after ``num_pages`` pages (a failed load's good part)."""
+        keep = min(num_pages, self.num_pages)
+        num_l2 = min(self.num_l2_pages, keep)
+        return replace(self, num_pages=keep, num_l2_pages=num_l2, num_l3_pages=keep - num_l2,
+                       num_load_failed_pages=self.num_load_failed_pages + self.num_pages - keep)
 
 
 @dataclass(eq=False)
@@ -161,6 +175,7 @@ class RunningRequest:
     """The cache lease, held from ``start`` until the prefill's last chunk."""
     handle: LoadHandle | None = None
     is_freed: bool = False
+    split_at: int = 0
 
     @property
     def is_prefilled(self) -> bool:
@@ -267,7 +282,7 @@ class ReferenceEngine:
         request = RunningRequest(
             tokens, max_new_tokens, pages, torch.tensor(pages, dtype=torch.long, device=device),
             _Prefix(), [], [], started, float("nan"), clock,
-            prompt_tensor=torch.tensor(tokens, dtype=torch.long, device=device))
+            prompt_tensor=torch.tensor(tokens, dtype=torch.long, device=device), split_at=split_at)
         try:
             if self.cache is not None:
                 self._lookup_and_load(request)
@@ -289,15 +304,19 @@ class ReferenceEngine:
         lo, hi = request.chunks[request.num_chunks_done]
         # Only the first computed chunk waits per layer: its waits cover every layer.
         wait = request.handle.wait_layer if request.handle is not None and not request.num_chunks_done else None
-        hidden = self.model.forward_hidden(request.prompt_tensor[lo:hi], lo, self.kv_pool, self.layout,
-                                           request.page_table, wait)
-        request.num_chunks_done += 1
-        if request.num_chunks_done < len(request.chunks):
+        try:
+            hidden = self.model.forward_hidden(request.prompt_tensor[lo:hi], lo, self.kv_pool,
+                                               self.layout, request.page_table, wait)
+            request.num_chunks_done += 1
+            if request.num_chunks_done < len(request.chunks):
+                return False
+            # Only the last row is projected; always so, so cache on and off stay bit-equal.
+            logits = self.model.compute_logits(hidden[-1:])[0]
+            if request.handle is not None:
+                request.handle.verify()   # nothing computed from a bad page is kept
+        except LoadError as err:
+            self._recompute_from(request, err)
             return False
-        # Only the last row is projected; always so, so cache on and off stay bit-equal.
-        logits = self.model.compute_logits(hidden[-1:])[0]
-        if request.handle is not None:
-            request.handle.wait_all()
         self._synchronize()
         request.first_token_at = request.clock()
         request.tokens.append(int(logits.argmax()))
@@ -338,6 +357,7 @@ class ReferenceEngine:
             num_computed_tokens=len(request.prompt) - cached,
             total_s=total,
             num_pending_tokens=prefix.num_pending_pages * P,
+            num_load_failed_tokens=prefix.num_load_failed_pages * P,
         )
 
     def abort(self, request: RunningRequest) -> None:
@@ -354,6 +374,19 @@ class ReferenceEngine:
             self.allocator.free(request.pages)
 
     # ---- the cache around prefill ---------------------------------------------
+    def _recompute_from(self, request: RunningRequest, err: LoadError) -> None:
+        """A load could not vouch for its pages from ``err.first_bad_page`` on: the prefix
+        ends before that page and prefill starts again there (the pages before it were
+        copied whole, the module doc's exactness holds for the new boundary)."""
+        P = self.layout.page_size
+        request.prefix = request.prefix.cut(err.first_bad_page)
+        log.warning("cache load failed (%s); recomputing the prompt from token %d", err,
+                    request.prefix.num_pages * P)
+        request.handle = None
+        request.chunks = chunk_bounds(request.prefix.num_pages * P, len(request.prompt),
+                                      self.prefill_chunk_len, request.split_at)
+        request.num_chunks_done = 0
+
     def _lookup_and_load(self, request: RunningRequest) -> None:
         """Lease the cached prefix and start loading it into the request's pages."""
         cache = self.cache
@@ -362,7 +395,11 @@ class ReferenceEngine:
         if result.num_hit_pages:
             # load wants every leased page; a dropped last page is loaded and then
             # overwritten by its recompute with the same bits (after wait_layer).
-            request.handle = cache.load(result, request.pages[: result.num_hit_pages])
+            try:
+                request.handle = cache.load(result, request.pages[: result.num_hit_pages])
+            except LoadError as err:
+                request.prefix = request.prefix.cut(err.first_bad_page)
+                log.warning("cache load refused (%s); recomputing the prompt", err)
 
     def _store_and_release(self, request: RunningRequest) -> None:
         """Store the prompt's full pages (only KV computed by prefill), then end the lease."""

@@ -17,32 +17,33 @@ recomputed pages must therefore cut prefill into the same chunks both times
 
 The fast path (``attention="sdpa"``, bf16, big chunks) is for GPUs, where the
 recompute baseline must be as fast as the decoder can go: attention is PyTorch's
-scaled_dot_product_attention (flash or memory-efficient kernels), whose result
-may depend on the chunking, so exactness there holds only between runs that cut
-prefill at the same positions. ``draw_on="device"`` draws the weights with a
-seeded generator on the model's device (an 8B model never passes through host
-memory); such weights are reproducible on that kind of device, not across kinds.
+fused kernels (cuDNN, flash; a chunk after a cached prefix in two calls merged by
+their log-sum-exp, decoder/attention.py), whose result may depend on the chunking,
+so exactness there holds only between runs that cut prefill at the same positions.
+``draw_on="device"`` draws the weights with a seeded generator on the model's device
+(an 8B model never passes through host memory); such weights are reproducible on
+that kind of device, not across kinds.
 """
 
 from __future__ import annotations
 
-import math
-import logging
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from kvstore.layout import KVLayout
 
+from .attention import attention, sdpa_attention, split_attention
 from .config import DecoderConfig
 
+__all__ = ["ATTENTION_KINDS", "DRAW_ON", "DecoderShapeError", "ReferenceDecoder", "attention",
+           "sdpa_attention", "split_attention", "apply_rope", "pool_view", "rms_norm", "rope_tables"]
 
-log = logging.getLogger(__name__)
-
-ATTENTION_KINDS: tuple[str, ...] = ("explicit", "sdpa")
+# "sdpa" splits a chunk's attention over a cached prefix into two fused calls (attention.py);
+# "sdpa_lower_right" is the one-call path it replaced, kept as the bench's baseline.
+ATTENTION_KINDS: tuple[str, ...] = ("explicit", "sdpa", "sdpa_lower_right")
 DRAW_ON: tuple[str, ...] = ("cpu", "device")
 
 
@@ -128,49 +129,6 @@ class DecoderLayer(nn.Module):
         return F.linear(F.silu(F.linear(x, self.w_gate)) * F.linear(x, self.w_up), self.w_down)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Causal GQA attention in float32 with explicit matmuls.
-
-    q [n, heads, d]; k, v [L, kv_heads, d]; allowed [n, L] bool. Query head h
-    uses kv head h // group. Returns [n, heads * d] float32.
-    """
-    n, num_heads, d = q.shape
-    num_kv = k.shape[1]
-    group = num_heads // num_kv
-    # [n, kv, group, d] -> [kv, group * n, d]: one bmm per kv head over its whole group
-    qg = q.float().view(n, num_kv, group, d).permute(1, 2, 0, 3).reshape(num_kv, group * n, d)
-    kt = k.float().permute(1, 0, 2).contiguous()  # [kv, L, d]
-    vt = v.float().permute(1, 0, 2).contiguous()  # [kv, L, d]
-    scores = torch.bmm(qg * (1.0 / math.sqrt(d)), kt.transpose(1, 2)).view(num_kv, group, n, -1)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).view(num_kv, group * n, -1)
-    out = torch.bmm(probs, vt).view(num_kv, group, n, d)
-    return out.permute(2, 0, 1, 3).reshape(n, num_heads * d)
-
-
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal GQA attention with PyTorch's fused kernels, in the inputs' dtype.
-
-    q [n, heads, d] holds the last n of the L positions in k, v [L, kv_heads, d]:
-    query i sees keys 0 .. L-n+i (the lower-right causal mask; the plain causal
-    flag when n == L). Returns [n, heads * d].
-    """
-    n, num_heads, d = q.shape
-    end = k.shape[0]
-    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, len, d]
-    mask = None if n == end else causal_lower_right(n, end)
-    try:
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=True)
-    except RuntimeError as exc:
-        # A backend without native GQA for this mask: repeat each KV head for its group.
-        log.warning("SDPA with enable_gqa failed (%s); repeating KV heads", exc)
-        group = num_heads // k.shape[1]
-        kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None)
-    return out[0].transpose(0, 1).reshape(n, num_heads * d)
-
-
 class ReferenceDecoder(nn.Module):
     """The reference model. Stateless between calls: all sequence state is in the KV pool."""
 
@@ -178,8 +136,9 @@ class ReferenceDecoder(nn.Module):
         self, config: DecoderConfig, device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32, attention: str = "explicit", draw_on: str = "cpu",
     ) -> None:
-        """``attention``: "explicit" (float32 matmuls, the bit-exact reference) or "sdpa"
-        (fused kernels, the fast path). ``draw_on``: "cpu" (same weights on every device)
+        """``attention``: "explicit" (float32 matmuls, the bit-exact reference), "sdpa"
+        (fused kernels, the fast path) or "sdpa_lower_right" (the slower one-call fused
+        path, a baseline; see decoder/attention.py). ``draw_on``: "cpu" (same weights on every device)
         or "device" (drawn on ``device``; what a GPU-sized model needs)."""
         super().__init__()
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -287,6 +246,8 @@ class ReferenceDecoder(nn.Module):
     ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         """The chunk's attention: explicit with a [n, end] mask (built once per chunk), or SDPA."""
         if self.attention == "sdpa":
+            return split_attention
+        if self.attention == "sdpa_lower_right":
             return sdpa_attention
         # allowed[i, j]: query i (position start_pos + i) sees key position j <= start_pos + i
         allowed = torch.arange(end, device=self.device)[None, :] <= positions[:, None]

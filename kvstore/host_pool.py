@@ -11,6 +11,14 @@ Slot life cycle (the pool only does mechanism; the tier index decides what to ev
 
 A slot with a lease (``lease_count > 0``) can't be freed, so it is never reused
 while a reader holds it.
+
+Generations (the fence readers and writers in other processes check): after the
+slots the segment holds one uint32 per slot, bumped each time the slot is handed
+to a writer (``try_reserve``). Whoever learned a slot's generation when it was
+leased or reserved to them can tell, after copying, whether the slot changed
+owner meanwhile (``kvstore.slot_fence``)::
+
+    segment:  [slot 0][slot 1] ... [slot n-1][pad to 64][gen 0][gen 1] ... [gen n-1]
 """
 
 from __future__ import annotations
@@ -34,6 +42,22 @@ log = logging.getLogger(__name__)
 FREE, RESERVED, READY = 0, 1, 2
 _HOST_REGISTER_PORTABLE, _HOST_REGISTER_MAPPED = 0x01, 0x02  # cudaHostRegister flags
 _STATE_NAMES = {FREE: "free", RESERVED: "reserved", READY: "ready"}
+
+
+def generations_offset(num_slots: int, slot_bytes: int) -> int:
+    """Byte offset of the generation array in a pool segment (64-byte aligned)."""
+    return -(-num_slots * slot_bytes // 64) * 64
+
+
+def segment_bytes(num_slots: int, slot_bytes: int) -> int:
+    """Size of a pool segment: the slots, then one uint32 generation per slot."""
+    return generations_offset(num_slots, slot_bytes) + 4 * num_slots
+
+
+def generations_view(buf, num_slots: int, slot_bytes: int) -> np.ndarray:
+    """The generation array of a mapped pool segment (shared, not a copy)."""
+    return np.ndarray((num_slots,), dtype=np.uint32, buffer=buf,
+                      offset=generations_offset(num_slots, slot_bytes))
 
 
 class HostPoolError(RuntimeError):
@@ -81,10 +105,12 @@ class HostPool:
         self.num_slots = num_slots
         self.slot_bytes = self.layout.page_bytes
         self._shm = shared_memory.SharedMemory(
-            name=name or unique_shm_name(), create=True, size=num_slots * self.slot_bytes
+            name=name or unique_shm_name(), create=True, size=segment_bytes(num_slots, self.slot_bytes)
         )
         self.name = self._shm.name
         self._bytes = np.ndarray((num_slots * self.slot_bytes,), dtype=np.uint8, buffer=self._shm.buf)
+        self.generations = generations_view(self._shm.buf, num_slots, self.slot_bytes)
+        """Per-slot generation, bumped when a slot is reserved (module doc); in the segment."""
         self.tensor = (
             torch.from_numpy(self._bytes)
             .view(self.layout.torch_dtype)
@@ -142,6 +168,9 @@ class HostPool:
             return None
         slots = [self._free_stack.pop() for _ in range(n)]
         self._states[slots] = RESERVED
+        # Before anyone can learn these slot numbers: a reader or writer that held one
+        # earlier sees the change once its copy is over (kvstore.slot_fence).
+        self.generations[slots] += 1
         return slots
 
     def mark_ready(self, slots: Sequence[int]) -> None:
@@ -210,7 +239,7 @@ class HostPool:
         npu_ops = sys.modules.get("npu_ops")  # registered on first NPU copy, if one ran
         if npu_ops is not None and npu_ops.is_registered(self.tensor.data_ptr()):
             npu_ops.unregister_host_memory(self.tensor.data_ptr())
-        del self.tensor, self._bytes
+        del self.tensor, self._bytes, self.generations
         self._shm = None
         try:
             _close_mapping(shm)

@@ -40,6 +40,10 @@ class KeyNamespace:
     """Tensor-parallel rank whose heads this pool holds."""
     tp_size: int = 1
     """Tensor-parallel world size."""
+    pp_rank: int = 0
+    """Pipeline-parallel stage whose layers this pool holds (stages may have equal shapes)."""
+    pp_size: int = 1
+    """Pipeline-parallel world size; 1 leaves the digest as it was before stages existed."""
     lora_id: str | None = None
     """Adapter applied to the model, if any."""
     cache_salt: str | None = None
@@ -53,6 +57,11 @@ class KeyNamespace:
                 f"KeyNamespace.tp_rank must be in [0, tp_size), got rank {self.tp_rank} "
                 f"of size {self.tp_size}"
             )
+        if not 0 <= self.pp_rank < self.pp_size:
+            raise ValueError(
+                f"KeyNamespace.pp_rank must be in [0, pp_size), got stage {self.pp_rank} "
+                f"of {self.pp_size}"
+            )
 
     def digest(self) -> bytes:
         """The chain's seed: a digest of a canonical, unambiguous encoding of every field."""
@@ -61,6 +70,9 @@ class KeyNamespace:
             self.model_id,
             self.layout.fingerprint(),
             f"tp{self.tp_rank}/{self.tp_size}",
+            # Only pipelines of several stages name theirs, so that keys of
+            # single-stage engines stay those stored before the field existed.
+            *((f"pp{self.pp_rank}/{self.pp_size}",) if self.pp_size > 1 else ()),
             "lora:" + (self.lora_id or ""),
             "salt:" + (self.cache_salt or ""),
         )

@@ -2,18 +2,31 @@
 
 Index arithmetic, for one request with page (block) size P::
 
-    tokens   [0 ...................... computed | external ......)   pages = tokens // P
-    load:    pages [skip_pages, num_pages) of the chain go to block_ids[skip_pages:num_pages]
-    save:    pages [from_page, num_pages)  of the chain come from block_ids[from_page:num_pages]
+    tokens  [0 .... local hit | external hit ....| computed this step ....)
+    pages   [0 .. first_page) [first_page ........ num_pages)
+    load:   pages [first_page, num_pages) of the chain go to block_ids[first_page:num_pages]
+    save:   pages [first_page, num_pages) come from block_ids[first_page:num_pages]; an
+            earlier page the cache lacks is written too (its block holds its KV already)
 
-Keys are made on each worker (``page_keys`` of the token ids in that worker's
-namespace: TP ranks hold different heads), so only token ids, block ids and the
-request's LoRA name and cache salt travel.
+``first_page`` of a load is the local prefix-cache hit that vLLM passed to
+``get_num_new_matched_tokens`` (those blocks are vLLM's own and shared: never
+written). Keys are made on each worker (its namespace: TP rank, PP stage), so
+only token ids, multimodal spans, block ids, LoRA name and cache salt travel.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class MMSpan:
+    """A multimodal item behind placeholder tokens: its KV depends on ``identifier``
+    (vLLM's content hash of the item), not only on the placeholder token ids."""
+
+    offset: int
+    length: int
+    identifier: str
 
 
 @dataclass(frozen=True)
@@ -28,6 +41,7 @@ class PageTransfer:
     first_page: int
     lora_id: str | None = None
     cache_salt: str | None = None
+    mm_spans: tuple[MMSpan, ...] = ()
 
     @property
     def num_pages(self) -> int:

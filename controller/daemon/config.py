@@ -85,11 +85,22 @@ class DaemonConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     """Credentials required on tcp://."""
     lease_ttl_s: float = 5.0
-    """A client silent for this long is dead: its leases and reservations are reclaimed."""
+    """A client silent for this long is presumed gone. A client whose process the daemon
+    watches keeps its leases and reservations while that process lives (paused, say),
+    and loses them at once when it exits, even before this TTL. An unwatched one
+    (another pid namespace) loses its session: its leases end (its loads then fail as
+    LoadError if a slot is reused) and its reserved slots are quarantined."""
     heartbeat_interval_s: float = 1.0
     """How often clients say they are alive (must be well under lease_ttl_s)."""
     reservation_ttl_s: float = 30.0
-    """A store reserved but not committed for this long is aborted (its slots come back)."""
+    """A store reserved but not committed for this long is reported (log, metric). Its
+    slots stay the writer's until it commits or aborts, or its session ends: a slow but
+    live writer may still be copying into them."""
+    orphan_quarantine_s: float | None = None
+    """How long the reserved slots of a silent, unwatched client stay out of use after its
+    session ended (a paused writer could still copy into them). None: until the daemon
+    stops (never a wrong byte; `kvstore status` shows the count). A number trades that
+    guarantee for the memory: a writer paused longer could land a late copy."""
     max_leases_per_client: int = 65536
     """Open leases one client may hold; more are refused (a leaking client can't pin L2)."""
     flush_deadline_s: float = 30.0
@@ -193,6 +204,7 @@ FIELDS: tuple[Setting, ...] = (
     Setting("l3.options", _json_table, (dict,), "L3 connector options (a table; JSON in env/flags)"),
     Setting("l3.write_policy", str, _S, "write_back, write_through or write_through_selective"),
     Setting("l3.timeout_s", float, _F, "longest wait for one batched L3 call"),
+    Setting("l3.encoding", str, _S, "L3 copies: lossless (default) or fp8_e4m3 (half the bytes, lossy)"),
     Setting("l3.selective_hits", int, _I, "write_through_selective: lookup hits before a page goes to L3"),
     Setting("l3.backup_queue_bytes", int, _I, "memory for evicted pages waiting for their L3 write"),
     Setting("prefault_host_pool", _bool, (bool,), "touch every page of L2 at start (slower start, "
@@ -203,7 +215,8 @@ FIELDS: tuple[Setting, ...] = (
     Setting("auth.curve_public_keys_dir", str, _S, "directory of allowed client CURVE public keys"),
     Setting("lease_ttl_s", float, _F, "seconds of silence after which a client's leases are reclaimed"),
     Setting("heartbeat_interval_s", float, _F, "seconds between client heartbeats"),
-    Setting("reservation_ttl_s", float, _F, "seconds a store may stay reserved before it is aborted"),
+    Setting("reservation_ttl_s", float, _F, "seconds a store may stay reserved before it is reported as overdue"),
+    Setting("orphan_quarantine_s", float, _F, "seconds the slots of a silent, unwatchable client stay out of use"),
     Setting("max_leases_per_client", int, _I, "open leases one client may hold"),
     Setting("flush_deadline_s", float, _F, "seconds to write back pages to L3 on shutdown"),
     Setting("metrics_port", int, _I, "port of the Prometheus endpoint"),
@@ -211,6 +224,7 @@ FIELDS: tuple[Setting, ...] = (
 )
 _BY_NAME = {s.name: s for s in FIELDS}
 _POSITIVE = {"host_pool_pages", "lease_ttl_s", "heartbeat_interval_s", "reservation_ttl_s",
+             "orphan_quarantine_s",
              "max_leases_per_client", "flush_deadline_s", "l3.timeout_s", "l3.selective_hits",
              "l3.backup_queue_bytes"}
 

@@ -47,9 +47,18 @@ class DaemonMetrics:
                                "Clients refused: bad credentials, unknown session, wrong layout",
                                ["reason"], registry=r)
         self.reaped_clients = Counter("kvstore_reaped_clients",
-                                      "Clients declared dead (no heartbeat within the TTL)", registry=r)
-        self.reclaimed = Counter("kvstore_reclaimed", "Leases and reservations reclaimed from dead "
-                                 "or slow clients", ["kind"], registry=r)
+                                      "Sessions ended without Goodbye: process gone, or silent and "
+                                      "unwatched", registry=r)
+        self.reclaimed = Counter("kvstore_reclaimed", "Leases and reservations reclaimed from "
+                                 "clients whose process is gone or whose quarantine ended",
+                                 ["kind"], registry=r)
+        self.fence_events = Counter("kvstore_fence_events", "Slot fencing: clients suspended (silent, "
+                                    "process alive), resumed, orphaned (silent, unwatched: slots "
+                                    "quarantined), reservations overdue", ["event"], registry=r)
+        self.suspended = Gauge("kvstore_suspended_clients", "Silent clients whose process lives: their "
+                               "slots are kept", registry=r)
+        self.quarantined = Gauge("kvstore_quarantined_slots", "Slots of orphaned sessions kept out of use",
+                                 registry=r)
         self.clients = Gauge("kvstore_clients", "Open client sessions", registry=r)
         self.leases = Gauge("kvstore_leases", "Open leases", registry=r)
         self.reservations = Gauge("kvstore_reservations", "Open store reservations", registry=r)

@@ -26,7 +26,9 @@ from typing import Any, Callable, ClassVar
 import msgpack
 import numpy as np
 
-VERSION = 2
+VERSION = 3
+"""3: Hello names the client process (start time, pid namespace); lookups and store
+plans carry the slots' generations (slot fencing)."""
 KEY_BYTES = 16
 ID_BYTES = 16
 MAX_KEYS = 32768
@@ -135,13 +137,18 @@ class Message:
 @dataclass(frozen=True, slots=True)
 class Hello(Message):
     """Open a session. ``layout_fingerprint`` must equal the daemon's layout; ``token``
-    is the shared secret on tcp (b"" on ipc, where file permissions guard the socket)."""
+    is the shared secret on tcp (b"" on ipc, where file permissions guard the socket).
+    (pid, pid_start_ticks, pid_namespace) name the client process
+    (``controller.process_identity``): a daemon that can verify them keeps a silent
+    client's slots while that process lives, rather than reusing them."""
     TYPE = 1
     client_name: str
     pid: int
     layout_fingerprint: str
     token: bytes
-    SPEC = (text, u32, text, secret)
+    pid_start_ticks: int
+    pid_namespace: int
+    SPEC = (text, u32, text, secret, u64, u64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,8 +275,9 @@ class HelloReply(Message):
 @dataclass(frozen=True, slots=True)
 class LookupReply(Message):
     """``slots[i]`` holds ``keys[i]`` for i < num_l2 + num_l3; lease 0 means nothing was hit.
-    ``num_pending`` pages after the hit are still coming up from L3 by prefetch
-    ``prefetch_id`` (0: none)."""
+    ``generations[i]`` is the generation of ``slots[i]`` as leased: the client checks it
+    after copying (kvstore.slot_fence). ``num_pending`` pages after the hit are still
+    coming up from L3 by prefetch ``prefetch_id`` (0: none)."""
     TYPE = 65
     lease_id: int
     num_l2: int
@@ -277,7 +285,8 @@ class LookupReply(Message):
     slots: bytes
     num_pending: int
     prefetch_id: int
-    SPEC = (u64, u32, u32, _slot_blob, u32, u64)
+    generations: bytes
+    SPEC = (u64, u32, u32, _slot_blob, u32, u64, _slot_blob)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,13 +305,15 @@ class PrefetchReply(Message):
 @dataclass(frozen=True, slots=True)
 class StorePlanReply(Message):
     """Write ``keys[positions[i]]`` into ``slots[i]``, then CommitStore(reservation_id);
-    reservation 0 means there is nothing to write."""
+    reservation 0 means there is nothing to write. ``generations[i]``: that of
+    ``slots[i]`` as reserved (checked by the writer after its copy)."""
     TYPE = 66
     reservation_id: int
     positions: bytes
     slots: bytes
     num_skipped: int
-    SPEC = (u64, _slot_blob, _slot_blob, u32)
+    generations: bytes
+    SPEC = (u64, _slot_blob, _slot_blob, u32, _slot_blob)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from controller.daemon.config import DaemonConfig
 from controller.daemon.metrics import DaemonMetrics
 from controller.daemon.runtime import InstanceLock
 from controller.daemon.sessions import ClientSession, SessionTable
+from controller.process_identity import ProcessIdentity
 
 
 log = logging.getLogger("kvstore.daemon")
@@ -89,7 +90,8 @@ class DaemonServer:
         try:
             self.core = CacheCore(cfg.controller_config(), cfg.layout)
             self._lock.record(os.getpid(), self.core.pool.name)
-            self.sessions = SessionTable(self.core, cfg.lease_ttl_s, cfg.reservation_ttl_s)
+            self.sessions = SessionTable(self.core, cfg.lease_ttl_s, cfg.reservation_ttl_s,
+                                         cfg.heartbeat_interval_s, cfg.orphan_quarantine_s)
             self._bind()
             if cfg.metrics_port is not None:
                 self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
@@ -199,19 +201,44 @@ class DaemonServer:
         self.should_exit.set()
 
     def _tick(self, now: float) -> None:
-        for session, num_leases, num_res in self.sessions.reap(now):
-            if num_leases or session.session_id not in self.sessions.sessions:
-                self.metrics.reaped_clients.inc()
-                log.warning("client %s (pid %d) went silent: reclaimed %d leases, %d reservations",
-                            session.name, session.pid, num_leases, num_res)
-            self.metrics.reclaimed.labels("lease").inc(num_leases)
-            self.metrics.reclaimed.labels("reservation").inc(num_res)
+        for event in self.sessions.reap(now):
+            self._report_reap(event)
         m, s, pool = self.metrics, self.sessions, self.core.pool
         m.clients.set(len(s.sessions))
         m.leases.set(s.num_leases)
         m.reservations.set(s.num_reservations)
+        m.suspended.set(s.num_suspended)
+        m.quarantined.set(s.num_quarantined_slots)
         m.refresh_core(dataclasses.asdict(self.core.stats()), pool.num_free, pool.num_reserved,
                        pool.num_slots)
+
+    def _report_reap(self, event) -> None:
+        kind, session, num_leases, num_res = event
+        who = f"client {session.name!r} (pid {session.pid})" if session is not None else ""
+        if kind in ("gone", "released"):
+            self.metrics.reclaimed.labels("lease").inc(num_leases)
+            self.metrics.reclaimed.labels("reservation").inc(num_res)
+        if kind == "gone":
+            self.metrics.reaped_clients.inc()
+            log.warning("%s exited without Goodbye: reclaimed %d leases, %d reservations",
+                        who, num_leases, num_res)
+        elif kind == "released":
+            log.warning("quarantine over: %d reservations of orphaned clients return to the "
+                        "cache", num_res)
+        elif kind == "suspended":
+            self.metrics.fence_events.labels("suspended").inc()
+            log.warning("%s is silent but its process lives (paused?): its %d leases and %d "
+                        "reservations are kept until it resumes or exits", who, num_leases, num_res)
+        elif kind == "orphaned":
+            self.metrics.reaped_clients.inc()
+            self.metrics.fence_events.labels("orphaned").inc()
+            log.warning("%s went silent and the daemon cannot watch its process (another pid "
+                        "namespace?): session ended, %d leases released (its loads are fenced), "
+                        "the slots of %d reservations quarantined", who, num_leases, num_res)
+        elif kind == "overdue":
+            self.metrics.fence_events.labels("overdue").inc(num_res)
+            log.warning("%s has %d store(s) open for more than %.0f s; their slots stay its own "
+                        "until it commits, aborts or exits", who, num_res, self.config.reservation_ttl_s)
 
     # ---- requests ---------------------------------------------------------------------
     def _serve_ready(self, limit: int) -> int:
@@ -259,7 +286,10 @@ class DaemonServer:
                 self._refuse("unknown_session")
                 return p.ErrorReply("unknown_session", "no such session (the daemon restarted or "
                                     "reclaimed it): send Hello again"), request_id
-            self.sessions.touch(session)
+            if self.sessions.touch(session):
+                self.metrics.fence_events.labels("resumed").inc()
+                log.info("client %r (pid %d) resumed; its leases and reservations stood",
+                         session.name, session.pid)
             if type(msg) is p.WaitPrefetch:
                 return self._wait_prefetch(session, msg, identity, request_id), request_id
             return self._handlers[type(msg)](session, msg), request_id
@@ -287,9 +317,16 @@ class DaemonServer:
         if len(self.sessions.sessions) >= _MAX_SESSIONS:
             self._refuse("too_many_clients")
             return p.ErrorReply("limit", f"{_MAX_SESSIONS} clients are attached; try again later")
-        session = self.sessions.open(msg.client_name, msg.pid)
+        session = self.sessions.open(
+            msg.client_name, ProcessIdentity(msg.pid, msg.pid_start_ticks, msg.pid_namespace))
         pool, cfg = self.core.pool, self.config
-        log.info("client %r (pid %d) attached", msg.client_name, msg.pid)
+        if session.is_watched:
+            log.info("client %r (pid %d) attached", msg.client_name, msg.pid)
+        else:
+            log.warning("client %r (pid %d) attached, but its process cannot be watched from here "
+                        "(another pid namespace?): if it goes silent past lease_ttl_s its session "
+                        "ends; share the pid namespace so a paused client keeps its leases",
+                        msg.client_name, msg.pid)
         return p.HelloReply(session.session_id, pool.name, pool.num_slots, pool.slot_bytes,
                             fingerprint, cfg.lease_ttl_s, cfg.heartbeat_interval_s,
                             cfg.reservation_ttl_s)
@@ -310,14 +347,15 @@ class DaemonServer:
         num_hit = num_l2 + num_l3
         if num_hit:
             hit = keys[:num_hit]
-            slots = p.pack_u32(self.core.slots_of(hit))
+            hit_slots = self.core.slots_of(hit)
+            slots, gens = p.pack_u32(hit_slots), p.pack_u32(self.core.pool.generations[hit_slots])
             lease_id = self.sessions.add_lease(session, hit)
         else:
-            slots, lease_id = b"", 0
+            slots, gens, lease_id = b"", b"", 0
         prefetch_id = self.sessions.add_prefetch(session, ticket) if num_pending else 0
         self.metrics.observe_lookup(len(keys), num_l2, num_l3, self.core.pool.slot_bytes,
                                     time.perf_counter() - start)
-        return p.LookupReply(lease_id, num_l2, num_l3, slots, num_pending, prefetch_id)
+        return p.LookupReply(lease_id, num_l2, num_l3, slots, num_pending, prefetch_id, gens)
 
     # ---- prefetch -----------------------------------------------------------------------
     def _start_prefetch(self, session: ClientSession, msg: p.StartPrefetch) -> p.Message:
@@ -365,10 +403,11 @@ class DaemonServer:
         plan = self.core.begin_store(keys)
         self.metrics.store_pages["skipped"].inc(plan.num_skipped)
         if not plan.positions:
-            return p.StorePlanReply(0, b"", b"", plan.num_skipped)
+            return p.StorePlanReply(0, b"", b"", plan.num_skipped, b"")
         res_id = self.sessions.add_reservation(session, keys, plan)
+        gens = self.core.pool.generations[list(plan.slots)]
         return p.StorePlanReply(res_id, p.pack_u32(plan.positions), p.pack_u32(plan.slots),
-                                plan.num_skipped)
+                                plan.num_skipped, p.pack_u32(gens))
 
     def _commit_store(self, session: ClientSession, msg: p.CommitStore) -> p.Message:
         found = self.sessions.take_reservation(session, msg.reservation_id)

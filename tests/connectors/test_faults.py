@@ -255,7 +255,7 @@ def test_no_worker_writes_into_buffers_after_get_into_raises(monkeypatch):
     frames = [_frame(p, "zstd", k) for p, k in zip(pages, ks)]
     real = codec_mod.decode_into
 
-    def decode_into(frame, out, fp, max_raw, key):
+    def decode_into(frame, out, fp, max_raw, key, encoding=0):
         if frame is frames[0]:
             raise _Abort()          # not an Exception: it escapes the job
         time.sleep(0.2)

@@ -261,3 +261,32 @@ def test_cuda_a_failed_launch_surfaces_at_the_wait():
         handle.wait_layer(2)
     handle.finish()
     issuer.close()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.cuda])])
+def test_a_slot_reused_during_a_load_is_a_load_error_naming_it(tmp_path, device):
+    """The fence: a slot whose generation changes before the copy is over fails the load
+    with LoadError for that page (CPU: at the wait that copied it; CUDA: at verify), and
+    every page before it is loaded whole."""
+    from controller.api import LoadError
+
+    ctl, pool = make_controller(tmp_path, device)
+    try:
+        fill_pages(pool, range(4), seed=5)
+        tokens = list(range(4 * LAYOUT.page_size))
+        ctl.store(tokens, [0, 1, 2, 3])
+        expected = pool[:, :, :4].clone()
+        result = ctl.lookup(tokens)
+        handle = ctl.load(result, [10, 11, 12, 13])
+        slot = ctl._core.slots_of([result.keys[2]])[0]
+        ctl._core.pool.generations[slot] += 1        # handed to another writer meanwhile
+        with pytest.raises(LoadError) as caught:
+            handle.wait_all()
+            handle.verify()
+        assert caught.value.bad_pages == (2,) and caught.value.first_bad_page == 2
+        torch.testing.assert_close(pool[:, :, 10:12], expected[:, :, :2], rtol=0, atol=0)
+        with pytest.raises(LoadError):
+            handle.verify()                           # the verdict stands
+        ctl.release(result)
+    finally:
+        ctl.close()

@@ -25,7 +25,7 @@ from kvstore.page_keys import KeyNamespace
 REPO = Path(__file__).resolve().parents[2]
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=4, page_size=4, dtype="float32")
 NAMESPACE = KeyNamespace("daemon-test-model", LAYOUT)
-START_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 60.0
 
 
 def layout_args(layout: KVLayout = LAYOUT) -> list[str]:

@@ -89,7 +89,9 @@ def test_a_client_with_another_layout_is_refused(daemon):
 
 
 def test_killed_client_leases_and_reservations_are_reclaimed(tmp_path):
-    ttl = 1.0
+    """The daemon watches the client's process: once it is gone its holdings come back
+    at once, long before the lease TTL (30 s here)."""
+    ttl = 30.0
     with running_daemon(tmp_path, args=["--lease-ttl-s", str(ttl), "--heartbeat-interval-s", "0.2"]) as daemon:
         worker = spawn_worker(daemon, "hold", "3", "5")
         try:
@@ -102,7 +104,7 @@ def test_killed_client_leases_and_reservations_are_reclaimed(tmp_path):
         finally:
             worker.kill()  # kill -9
             worker.wait(10)
-        assert wait_until(lambda: daemon.stats()["num_leases"] == 0, timeout_s=ttl + 3.0)
+        assert wait_until(lambda: daemon.stats()["num_leases"] == 0, timeout_s=3.0)
         stats = daemon.stats()
         assert (stats["num_reservations"], stats["num_reserved_slots"]) == (0, 0)
         assert stats["num_reaped_clients"] == 1
@@ -274,3 +276,32 @@ def test_prefetch_through_the_daemon_hints_best_effort_and_waits(tmp_path):
         eager.close()
         cache.close()
         daemon.check_integrity(quiescent=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_daemon_store_returns_before_its_copy_and_publishes_it_later(daemon):
+    """The daemon client's store is asynchronous on CUDA, like the embedded one: it returns
+    with the copy enqueued behind the engine's work, the engine may overwrite its pages at
+    once, and the pages become visible (with the old bytes) once the copy has completed."""
+    pool = torch.randn(LAYOUT.pool_shape(32), device="cuda")
+    want = pool[:, :, :6].clone()
+    writer = daemon.client(pool)
+    reader_pool = torch.zeros(LAYOUT.pool_shape(32), device="cuda")
+    reader = daemon.client(reader_pool)
+    try:
+        torch.cuda._sleep(200_000_000)            # the engine's stream is busy: the copy waits
+        stored = writer.store(tokens(91, 6), list(range(6)))
+        assert stored.num_new_pages == 6 and writer.num_pending_stores == 1
+        pool.zero_()                              # reused at once, ordered after the copy
+        writer.check_integrity(quiescent=True)    # waits for the copy and publishes it
+        result = reader.lookup(tokens(91, 6))
+        assert result.num_hit_pages == 6
+        handle = reader.load(result, list(range(10, 16)))
+        handle.verify()
+        torch.cuda.synchronize()
+        assert torch.equal(reader_pool[:, :, 10:16], want)
+        reader.release(result)
+    finally:
+        reader.close()
+        writer.close()

@@ -26,7 +26,7 @@ CHUNK = 5_000
 
 def valid_frames(session: bytes) -> list[bytes]:
     keys = p.join_keys([bytes([i]) * 16 for i in range(1, 9)])
-    msgs = [p.Hello("fuzz", 1, LAYOUT.fingerprint(), b""), p.Lookup(keys, True), p.StartPrefetch(keys),
+    msgs = [p.Hello("fuzz", 1, LAYOUT.fingerprint(), b"", 0, 0), p.Lookup(keys, True), p.StartPrefetch(keys),
             p.WaitPrefetch(1, 0.0), p.CancelPrefetch(1), p.Release(1),
             p.BeginStore(keys), p.CommitStore(2), p.AbortStore(3), p.Heartbeat(), p.GetStats(),
             p.CheckIntegrity(False), p.Ping(), p.Lookup(b"", False)]

@@ -13,8 +13,8 @@ LAYOUT_ENV = {"KVSTORE_LAYOUT_NUM_LAYERS": "2", "KVSTORE_LAYOUT_NUM_KV_HEADS": "
 
 def test_every_message_round_trips():
     sid = b"s" * 16
-    msgs = [p.Hello("c", 1, "fp", b"tok"), p.Lookup(b"k" * 32, True), p.Release(7), p.CommitStore(2),
-            p.LookupReply(3, 1, 1, p.pack_u32([4, 5]), 2, 9), p.WaitPrefetch(4, 0.5), p.PrefetchReply(4, 3, 1, 0, 2, False), p.StatsReply({"a": 1, "b": 2.5, "c": "x"}),
+    msgs = [p.Hello("c", 1, "fp", b"tok", 77, 88), p.Lookup(b"k" * 32, True), p.Release(7), p.CommitStore(2),
+            p.LookupReply(3, 1, 1, p.pack_u32([4, 5]), 2, 9, p.pack_u32([1, 2])), p.WaitPrefetch(4, 0.5), p.PrefetchReply(4, 3, 1, 0, 2, False), p.StatsReply({"a": 1, "b": 2.5, "c": "x"}),
             p.ErrorReply("bad_message", "why")]
     for msg in msgs:
         table = p.REQUESTS if msg.TYPE in p.REQUESTS else p.REPLIES
@@ -76,3 +76,12 @@ def test_a_layout_is_required_and_unknown_file_keys_are_named(tmp_path):
     path.write_text("host_pool_pagez = 3\n")
     with pytest.raises(ConfigError, match="unknown setting 'host_pool_pagez'"):
         load_config(path, environ=LAYOUT_ENV)
+
+
+def test_l3_encoding_is_a_daemon_setting():
+    environ = dict(LAYOUT_ENV, KVSTORE_HOST_POOL_PAGES="8", KVSTORE_L3_CONNECTOR="memory",
+                   KVSTORE_L3_ENCODING="fp8_e4m3")
+    assert load_config(None, environ=environ).l3.encoding == "fp8_e4m3"
+    assert load_config(None, environ=LAYOUT_ENV, flags={"host_pool_pages": "8"}).l3.encoding == "lossless"
+    with pytest.raises(ConfigError, match="encoding 'fp9' is unknown"):
+        load_config(None, environ=dict(environ, KVSTORE_L3_ENCODING="fp9"))

@@ -49,12 +49,24 @@ def test_continuing_a_chain_equals_hashing_at_once():
 
 @pytest.mark.parametrize(
     "field", [dict(model_id="other"), dict(tp_rank=1, tp_size=2), dict(lora_id="a"),
-              dict(cache_salt="tenant-2"), dict(layout=KVLayout(2, 2, 8, 4, "float16"))]
+              dict(cache_salt="tenant-2"), dict(layout=KVLayout(2, 2, 8, 4, "float16")),
+              dict(pp_rank=1, pp_size=2)]
 )
 def test_every_namespace_field_separates_keys(field):
     base = KeyNamespace("test-model", LAYOUT)
     other = KeyNamespace(**{"model_id": "test-model", "layout": LAYOUT, **field})
     assert page_keys(base.digest(), range(8), 4) != page_keys(other.digest(), range(8), 4)
+
+
+def test_pipeline_stages_have_keys_of_their_own_and_one_stage_keeps_the_old_digest():
+    stage0, stage1 = (KeyNamespace("test-model", LAYOUT, pp_rank=r, pp_size=2) for r in (0, 1))
+    assert len({stage0.digest(), stage1.digest(), KeyNamespace("test-model", LAYOUT).digest()}) == 3
+    # A single stage names none: keys stored before the field existed still match
+    # (the digest below was made by the code before it).
+    single = KeyNamespace("test-model", LAYOUT, pp_rank=0, pp_size=1).digest()
+    assert single.hex() == "8aa042bd3c1a09c9512e0a9183c93489"
+    with pytest.raises(ValueError, match="pp_rank"):
+        KeyNamespace("test-model", LAYOUT, pp_rank=2, pp_size=2)
 
 
 def test_keys_are_the_same_in_another_process():
