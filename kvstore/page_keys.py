@@ -198,7 +198,8 @@ class PageKeyCache:
                 self._remember(base, base)  # the same prompt: only its recency changes
             elif num_pages:
                 covered = base if base is not None and num_same == len(base.keys) else None
-                self._remember(_Prompt(namespace_digest, arr[: num_pages * P].copy(), keys), covered)
+                # The cache keeps its own list: callers may change the one they get.
+                self._remember(_Prompt(namespace_digest, arr[: num_pages * P].copy(), list(keys)), covered)
         return keys
 
     def _longest_match(self, digest: bytes, arr: np.ndarray) -> tuple[_Prompt | None, int]:

@@ -106,3 +106,16 @@ def test_list_tokens_and_empty_prompts():
     assert cache.keys(NS_A, list(range(9))) == page_keys(NS_A, list(range(9)), P)
     with pytest.raises(ValueError):
         cache.keys(NS_A, [-1] * 8)
+
+
+def test_a_caller_changing_its_keys_does_not_change_the_cache():
+    rng = np.random.default_rng(6)
+    cache = PageKeyCache(P)
+    tokens = _tokens(rng, 6 * P)
+    for _ in range(3):  # first sight, then repeats
+        keys = cache.keys(NS_A, tokens)
+        assert keys == page_keys(NS_A, tokens, P)
+        keys.pop()
+        keys[0] = b"x" * 16
+    longer = np.concatenate([tokens, _tokens(rng, 2 * P)])
+    assert cache.keys(NS_A, longer) == page_keys(NS_A, longer, P)
