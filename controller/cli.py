@@ -4,7 +4,7 @@ Each subcommand lives in its own module, imported only when it runs, so
 ``kvstore --help`` stays fast and needs nothing optional::
 
     kvstore demo              the reference decoder over the embedded cache (decoder.demo)
-    kvstore bench hitrate     trace replay through the real index and policies (controller.hitrate_cli)
+    kvstore bench hitrate     trace replay through the real index and policies (kvstore.replay.cli)
     kvstore serve             the daemon: shared host pool + L3 for every engine on the node (controller.serve_cli)
     kvstore status            a running daemon's summary (controller.status_cli)
 """
@@ -24,7 +24,7 @@ _COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("demo",): ("decoder.demo", "multi-turn agent conversation on the reference decoder, cache on vs off"),
     ("serve",): ("controller.serve_cli", "run the cache daemon: shared host pool and L3 for this node"),
     ("status",): ("controller.status_cli", "print a running daemon's summary"),
-    ("bench", "hitrate"): ("controller.hitrate_cli", "replay a request trace: hit rates per policy and capacity"),
+    ("bench", "hitrate"): ("kvstore.replay.cli", "replay a request trace: hit rates per policy and capacity"),
 }
 
 

@@ -62,7 +62,7 @@ from controller.process_identity import own_identity
 from controller.segment import attach_segment
 from kvstore.host_pool import generations_view, segment_bytes
 from kvstore.layout import KVLayout
-from kvstore.page_keys import KeyNamespace, page_keys
+from kvstore.page_keys import KeyNamespace, PageKeyCache
 from kvstore.slot_fence import SlotFence
 
 log = logging.getLogger(__name__)
@@ -557,6 +557,8 @@ class DaemonClient(CacheClient):
         self.layout: KVLayout = namespace.layout
         self._device = DevicePool(self.layout, device_pool, copy_backend)
         self._ns_digest = namespace.digest()
+        # A next turn resends the last prompt: only its new pages are hashed.
+        self._key_cache = PageKeyCache(self.layout.page_size)
         self._leases: dict[int, _Lease] = {}   # this client's lease id -> lease
         self._lost_lease_ids: set[int] = set()
         self._pending = PendingStores(self._publish,
@@ -583,7 +585,7 @@ class DaemonClient(CacheClient):
         self._leases.clear()
 
     def _keys(self, tokens) -> list[bytes]:
-        return page_keys(self._ns_digest, token_array(tokens), self.layout.page_size)
+        return self._key_cache.keys(self._ns_digest, token_array(tokens))
 
     # ---- the API ------------------------------------------------------------------------
     def lookup(self, tokens: Sequence[int] | np.ndarray) -> LookupResult:

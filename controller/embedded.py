@@ -31,7 +31,7 @@ from controller.pipelines.cost_model import worth_waiting_s
 from controller.pipelines.prefetch import CompletedPrefetch, Prefetch
 from kvstore.index.host_store import HostStore
 from kvstore.layout import KVLayout
-from kvstore.page_keys import KeyNamespace, PageKey, page_keys
+from kvstore.page_keys import KeyNamespace, PageKey, PageKeyCache
 from kvstore.slot_fence import SlotFence
 
 
@@ -46,12 +46,17 @@ class EmbeddedController(CacheClient):
         self.layout: KVLayout = namespace.layout
         self._device = DevicePool(self.layout, device_pool, config.copy_backend)
         self._ns_digest = namespace.digest()
+        # A next turn resends the last prompt: only its new pages are hashed.
+        self._key_cache = PageKeyCache(self.layout.page_size)
         self._leases = LeaseBook()
         self._lease_ids = itertools.count(1)
         self._core = CacheCore(config, self.layout)
         self._pending = PendingStores(
             lambda store: self._core.commit_store(store.keys, store.plan),
             lambda store: self._core.abort_store(store.plan))
+
+    def _keys(self, tokens: Sequence[int] | np.ndarray) -> list[PageKey]:
+        return self._key_cache.keys(self._ns_digest, token_array(tokens))
 
     @property
     def host_store(self) -> HostStore:
@@ -61,7 +66,7 @@ class EmbeddedController(CacheClient):
         tokens = token_array(tokens)
         self._commit_stores(tokens=tokens)
         self._core.check_open()
-        keys = page_keys(self._ns_digest, tokens, self.layout.page_size)
+        keys = self._keys(tokens)
         hit = self._core.lookup(keys)
         result = LookupResult(next(self._lease_ids), tuple(keys[: hit.num_l2 + hit.num_l3]),
                               self.layout.page_size, hit.num_l2, hit.num_l3, hit.num_pending)
@@ -70,7 +75,7 @@ class EmbeddedController(CacheClient):
 
     def prefetch(self, tokens: Sequence[int] | np.ndarray) -> PrefetchTicket:
         self._core.check_open()
-        ticket = self._core.prefetch(page_keys(self._ns_digest, token_array(tokens), self.layout.page_size))
+        ticket = self._core.prefetch(self._keys(tokens))
         return ticket if ticket is not None else CompletedPrefetch()
 
     def report_prefill(self, num_tokens: int, num_cached: int, seconds: float,
@@ -113,7 +118,7 @@ class EmbeddedController(CacheClient):
         the pages being written (a concurrent store of the same pages may publish first)."""
         self._core.check_open()
         self._commit_stores()
-        keys = page_keys(self._ns_digest, token_array(tokens), self.layout.page_size)
+        keys = self._keys(tokens)
         pages = self._device.check_pages(device_pages, "store() device_pages")
         if len(pages) < len(keys):
             raise CacheError(
@@ -138,7 +143,7 @@ class EmbeddedController(CacheClient):
         ``tokens`` (a lookup's): wait for the stores holding a page of them."""
         if not len(self._pending):
             return
-        wanted = None if tokens is None else page_keys(self._ns_digest, tokens, self.layout.page_size)
+        wanted = None if tokens is None else self._keys(tokens)
         self._pending.publish_done(wait, wanted)
 
     @property

@@ -13,11 +13,13 @@ forging a collision with another's pages. Partial last pages get no key.
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from kvstore.key_chain import load_key_chain
 from kvstore.layout import KVLayout
 
 KEY_BYTES = 16
@@ -107,16 +109,121 @@ def page_keys(
     """
     if page_size <= 0:
         raise ValueError(f"page_size must be positive, got {page_size}")
-    data = memoryview(tokens_to_array(tokens).tobytes())
-    step = page_size * _TOKEN_DTYPE.itemsize
-    num_pages = len(data) // step
+    return _chain(namespace_digest, tokens_to_array(tokens), page_size, prior_key)
+
+
+def _chain(namespace_digest: bytes, tokens: np.ndarray, page_size: int,
+           prior_key: PageKey | None) -> list[PageKey]:
+    """page_keys over int32 tokens already checked: the C loop where built, else hashlib's."""
+    num_pages = len(tokens) // page_size
+    if not num_pages:
+        return []
     prev = prior_key if prior_key is not None else namespace_digest
+    data = tokens[: num_pages * page_size].tobytes()
+    native = load_key_chain()
+    if native is not None and len(prev) == KEY_BYTES:
+        raw = native(prev, data, page_size * _TOKEN_DTYPE.itemsize, num_pages)
+        return [raw[i : i + KEY_BYTES] for i in range(0, len(raw), KEY_BYTES)]
+    return hash_chain_reference(prev, data, page_size * _TOKEN_DTYPE.itemsize)
+
+
+def hash_chain_reference(prev: bytes, data: bytes, page_bytes: int) -> list[PageKey]:
+    """The chain through ``hashlib``: the definition the C loop is held to."""
+    view = memoryview(data)
     blake = hashlib.blake2b
     keys: list[PageKey] = []
     append = keys.append
-    # The chain is sequential by nature; one C call per page keeps 100K tokens
-    # (6,250 pages of 16) at a few milliseconds.
-    for start in range(0, num_pages * step, step):
-        prev = blake(data[start : start + step], digest_size=KEY_BYTES, key=prev).digest()
+    for start in range(0, len(view) - page_bytes + 1, page_bytes):
+        prev = blake(view[start : start + page_bytes], digest_size=KEY_BYTES, key=prev).digest()
         append(prev)
     return keys
+
+
+class _Prompt:
+    """A cached prompt: its full pages' tokens and their keys (never changed once made)."""
+
+    __slots__ = ("digest", "tokens", "keys")
+
+    def __init__(self, digest: bytes, tokens: np.ndarray, keys: list[PageKey]) -> None:
+        self.digest, self.tokens, self.keys = digest, tokens, keys
+
+
+class PageKeyCache:
+    """``page_keys`` that hashes only the pages a recent prompt has not covered.
+
+    An agent's next turn resends the previous prompt plus new tokens. The
+    cache keeps the last ``max_prompts`` prompts (full pages only, at most
+    ``max_pages`` pages in all) with their key chains; a new prompt is
+    compared with each by one vectorised token compare, far cheaper than
+    hashing, and the keys of the longest page-aligned common prefix are
+    reused; only the pages after it are hashed, continuing that chain::
+
+        cached   [p0 p1 p2 p3]            keys k0 k1 k2 k3
+        new      [p0 p1 p2 p3 p4 p5]  ->  k0 k1 k2 k3 + hash(p4, p5 | k3)
+        branch   [p0 p1 q2 q3]        ->  k0 k1     + hash(q2, q3 | k1)
+
+    Keys equal ``page_keys(namespace_digest, tokens, page_size)`` always (a
+    key depends on the namespace and every token up to its page's end, which
+    the compare checks). Thread-safe; hashing runs outside the lock.
+    """
+
+    def __init__(self, page_size: int, max_prompts: int = 8, max_pages: int = 1 << 16) -> None:
+        if page_size <= 0 or max_prompts <= 0 or max_pages <= 0:
+            raise ValueError("PageKeyCache: page_size, max_prompts and max_pages must be positive")
+        self.page_size, self.max_prompts, self.max_pages = page_size, max_prompts, max_pages
+        self._prompts: list[_Prompt] = []  # most recently used last
+        self._lock = threading.Lock()
+        self.num_hashed_pages = 0
+        """Pages hashed since creation (a next turn adds only its new pages)."""
+        self.num_reused_pages = 0
+        """Pages whose keys came from a cached prompt."""
+
+    def keys(self, namespace_digest: bytes, tokens: Sequence[int] | np.ndarray) -> list[PageKey]:
+        """Keys of every full page of ``tokens``, as :func:`page_keys` gives them."""
+        P = self.page_size
+        arr = tokens_to_array(tokens)
+        num_pages = len(arr) // P
+        with self._lock:
+            base, num_same = self._longest_match(namespace_digest, arr[: num_pages * P])
+        if base is not None and num_same == num_pages == len(base.keys):
+            keys = list(base.keys)  # the same prompt again: nothing to hash
+        else:
+            prior = base.keys[num_same - 1] if num_same else None
+            keys = (base.keys[:num_same] if num_same else []) + _chain(
+                namespace_digest, arr[num_same * P : num_pages * P], P, prior)
+        with self._lock:
+            self.num_hashed_pages += num_pages - num_same
+            self.num_reused_pages += num_same
+            if base is not None and num_same == num_pages == len(base.keys):
+                self._remember(base, base)  # the same prompt: only its recency changes
+            elif num_pages:
+                covered = base if base is not None and num_same == len(base.keys) else None
+                # The cache keeps its own list: callers may change the one they get.
+                self._remember(_Prompt(namespace_digest, arr[: num_pages * P].copy(), list(keys)), covered)
+        return keys
+
+    def _longest_match(self, digest: bytes, arr: np.ndarray) -> tuple[_Prompt | None, int]:
+        """(cached prompt, pages) sharing the most leading full pages with ``arr``."""
+        P = self.page_size
+        best, best_pages = None, 0
+        for prompt in reversed(self._prompts):  # most recent first: it wins ties
+            n = min(len(prompt.tokens), len(arr))
+            if prompt.digest != digest or n < P or prompt.tokens[0] != arr[0]:
+                continue
+            differ = np.flatnonzero(prompt.tokens[:n] != arr[:n])
+            same = (int(differ[0]) if len(differ) else n) // P
+            if same > best_pages:
+                best, best_pages = prompt, same
+        return best, best_pages
+
+    def _remember(self, prompt: _Prompt, replaces: _Prompt | None) -> None:
+        """Keep ``prompt`` as the most recent, in place of ``replaces`` (a prompt all of
+        whose pages it holds: a next turn holds its previous one), and drop the oldest
+        beyond the bounds."""
+        prompts = self._prompts
+        if replaces is not None and replaces in prompts:
+            prompts.remove(replaces)
+        prompts.append(prompt)
+        total = sum(len(p.keys) for p in prompts)
+        while prompts and (len(prompts) > self.max_prompts or total > self.max_pages):
+            total -= len(prompts.pop(0).keys)

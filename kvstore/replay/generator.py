@@ -85,16 +85,24 @@ class AgentWorkload:
     """Time to generate one output token, for the request's duration."""
     retry_probability: float = 0.05
     """Chance that a turn rewrites the previous user message instead of continuing."""
+    oneshot_tool_probability: float = 0.0
+    """Chance that a tool call returns a one-shot output (a file dump, a search
+    page, a log): read by the next request only, then dropped from the history
+    (agents truncate stale tool outputs), so its pages are used once and scan
+    through the tier. 0 leaves the trace as it was for the same seed."""
+    oneshot_tool_tokens: int = 8000
+    """Median one-shot tool output length."""
     seed: int = 0
     """Seed of every random choice: same config, same trace."""
 
     def __post_init__(self) -> None:
         positive = ("num_sessions", "session_rate", "num_apps", "system_tokens", "turns_per_session",
-                    "user_tokens", "doc_tokens", "output_tokens", "tool_tokens")
+                    "user_tokens", "doc_tokens", "output_tokens", "tool_tokens",
+                    "oneshot_tool_tokens")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"AgentWorkload.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("doc_probability", "retry_probability"):
+        for name in ("doc_probability", "retry_probability", "oneshot_tool_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"AgentWorkload.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.tool_calls_per_turn < 0 or self.length_sigma < 0:
@@ -166,15 +174,29 @@ class _Session:
             if rng.random() < cfg.doc_probability:
                 history.append((next(self._ids), self._len(cfg.doc_tokens)))
             num_calls = self._geometric(cfg.tool_calls_per_turn, 0)
+            oneshot: Segment | None = None
             for step in range(num_calls + 1):
                 output = self._len(cfg.output_tokens)
                 yield t, list(history), output
+                if oneshot is not None:  # read once: the agent drops it from the history
+                    history.remove(oneshot)
+                    oneshot = None
                 t += output * cfg.decode_ms_per_token / 1000.0
                 history.append((next(self._ids), output))
                 if step < num_calls:  # a tool call: run it, its result joins the history
                     t += rng.exponential(cfg.tool_latency_s)
-                    history.append((next(self._ids), self._len(cfg.tool_tokens)))
+                    result, is_oneshot = self._tool_result()
+                    history.append(result)
+                    oneshot = result if is_oneshot else None
             t += rng.exponential(cfg.think_time_s)
+
+    def _tool_result(self) -> tuple[Segment, bool]:
+        """The next tool output and whether it is one-shot (read by one request only)."""
+        cfg = self.cfg
+        # No draw when the feature is off: the same seed gives the same trace as before.
+        if cfg.oneshot_tool_probability and self.rng.random() < cfg.oneshot_tool_probability:
+            return (next(self._ids), self._len(cfg.oneshot_tool_tokens)), True
+        return (next(self._ids), self._len(cfg.tool_tokens)), False
 
 
 def generate_agent_records(cfg: AgentWorkload) -> list[dict]:
@@ -200,11 +222,20 @@ def generate_agent_records(cfg: AgentWorkload) -> list[dict]:
     ]
 
 
+def oneshot_tools_workload(seed: int = 2) -> AgentWorkload:
+    """The bench's scan variant: three in ten tool calls return a one-shot output
+    (~8,000 tokens, 16 pages of 512) that scans through the tier once."""
+    return AgentWorkload(seed=seed, oneshot_tool_probability=0.3)
+
+
 def agent_trace(cfg: AgentWorkload | None = None) -> Trace:
     """The agent workload as a Trace, named by its seed."""
     cfg = cfg or AgentWorkload()
     records = generate_agent_records(cfg)
-    return Trace(f"agent-sessions(seed={cfg.seed})", mooncake_requests(enumerate(records, 1), "agent"))
+    name = f"agent-sessions(seed={cfg.seed}"
+    if cfg.oneshot_tool_probability:
+        name += f", one-shot tools {cfg.oneshot_tool_probability:g}"
+    return Trace(name + ")", mooncake_requests(enumerate(records, 1), "agent"))
 
 
 def write_jsonl(records: list[dict], path: str | Path) -> None:

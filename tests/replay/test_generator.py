@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from kvstore.replay import AgentWorkload, agent_trace, generate_agent_records, ideal_hit_rate
-from kvstore.replay.generator import _BlockNamer
+from kvstore.replay.generator import _BlockNamer, oneshot_tools_workload
 
 SMALL = AgentWorkload(num_sessions=25, num_apps=3, session_rate=1.0, seed=7)
 
@@ -50,3 +52,31 @@ def test_config_is_validated() -> None:
         AgentWorkload(num_sessions=0)
     with pytest.raises(ValueError, match="doc_probability"):
         AgentWorkload(doc_probability=1.5)
+
+
+def _once_fraction(cfg) -> float:
+    """Fraction of distinct blocks that only one request references."""
+    from collections import Counter
+
+    uses = Counter(b for r in generate_agent_records(cfg) for b in set(r["hash_ids"]))
+    return sum(1 for n in uses.values() if n == 1) / len(uses)
+
+
+def test_one_shot_tool_outputs_are_read_once_then_dropped():
+    base = AgentWorkload(num_sessions=40, seed=5, tool_calls_per_turn=3.0)
+    scan = dataclasses.replace(base, oneshot_tool_probability=1.0)
+    # Every tool output is read by one request only: far more blocks used once.
+    assert _once_fraction(scan) > _once_fraction(base) + 0.2
+    # A one-shot output is gone from the next request's prompt, so prompts are shorter.
+    def tokens(cfg):
+        return sum(r["input_length"] for r in generate_agent_records(cfg))
+    assert tokens(scan) < tokens(dataclasses.replace(base, tool_tokens=8000))
+
+
+def test_one_shot_off_leaves_the_trace_as_it_was():
+    cfg = AgentWorkload(num_sessions=30, seed=3)
+    assert generate_agent_records(dataclasses.replace(cfg, oneshot_tool_probability=0.0,
+                                                      oneshot_tool_tokens=123)) == generate_agent_records(cfg)
+    assert agent_trace(oneshot_tools_workload(3)).name != agent_trace(AgentWorkload(seed=3)).name
+    with pytest.raises(ValueError):
+        AgentWorkload(oneshot_tool_probability=1.5)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from controller import hitrate_cli
+from kvstore.replay import cli as hitrate_cli
 from kvstore.eviction import policy_names
 
 

@@ -7,7 +7,7 @@
 
 This module is glue: arguments in, :mod:`kvstore.replay` does the work, a
 table or one JSON object out. ``controller.cli`` mounts ``add_arguments`` and
-``run``; ``python -m controller.hitrate_cli`` runs it standalone.
+``run``; ``python -m kvstore.replay.cli`` runs it standalone.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from kvstore.replay import (
     require_matplotlib,
     tiered_run,
 )
+from kvstore.replay.generator import oneshot_tools_workload
 from kvstore.replay.trace import TRACE_FORMATS
 
 DEFAULT_CAPACITIES = "1000,5000,10000,50000"
-WORKLOADS = ("agent",)
+WORKLOADS = ("agent", "agent-oneshot")
 
 
 def _positive_int(text: str) -> int:
@@ -87,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trace file: Mooncake JSONL (hash_ids) or our token JSONL "
                              "(see kvstore/replay/trace.py)")
     source.add_argument("--workload", choices=WORKLOADS,
-                        help="generate a synthetic workload instead (kvstore/replay/generator.py)")
+                        help="generate a synthetic workload instead (kvstore/replay/generator.py; "
+                             "agent-oneshot: with one-shot tool outputs that scan the tier)")
     parser.add_argument("--format", choices=TRACE_FORMATS, default="auto",
                         help="trace format (default: detected from the first line)")
     parser.add_argument("--page-size", type=_positive_int, default=512, metavar="TOKENS",
@@ -111,8 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    if args.workload == "agent":
-        trace = agent_trace(AgentWorkload(seed=args.seed))
+    if args.workload is not None:
+        cfg = AgentWorkload(seed=args.seed) if args.workload == "agent" else oneshot_tools_workload(args.seed)
+        trace = agent_trace(cfg)
         if args.max_requests is not None:
             trace = type(trace)(trace.name, trace.requests[: args.max_requests])
         return trace
@@ -146,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m controller.hitrate_cli",
+        prog="python -m kvstore.replay.cli",
         description="Replay a request trace through the tier index: hit rate per policy and "
                     "capacity, with the Belady bound and the infinite-cache ceiling.")
     add_arguments(parser)
