@@ -67,7 +67,7 @@ class ClientChoice:
         if keep == num_hit:
             return reply
         return p.LookupReply(reply.lease_id, num_l2, keep - num_l2, reply.slots[: 4 * keep],
-                             reply.num_pending, reply.prefetch_id)
+                             reply.num_pending, reply.prefetch_id, reply.generations[: 4 * keep])
 
     def send_counts(self, call: Callable[[p.Message], p.Message]) -> None:
         """Send what was counted since the last time (nothing when there is nothing)."""
