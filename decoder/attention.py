@@ -44,6 +44,10 @@ _CUDNN, _FLASH = int(SDPBackend.CUDNN_ATTENTION), int(SDPBackend.FLASH_ATTENTION
 # two different kernels is ~2e-3; a wrong log-sum-exp convention is ~1e-1).
 SPLIT_CHECK_RTOL = 2e-2
 
+SPLIT_MIN_QUERIES = 512
+"""Shorter chunks keep the one-call lower-right kernel (H200, 8B: at 4K tokens 90% cached
+the split path's extra launches cost more than its faster kernel saved)."""
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Causal GQA attention in float32 with explicit matmuls; ``allowed`` [n, L] bool.
@@ -92,7 +96,9 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     """``sdpa_attention``'s result from a prefix part and a square causal part (module doc)."""
     n, end = q.shape[0], k.shape[0]
     start = end - n
-    if start == 0 or n == 1:   # nothing to split: the plain kernels already serve these
+    if start == 0 or n < SPLIT_MIN_QUERIES:
+        # Nothing to split, or a chunk so short that launches, not the kernel, cost the
+        # time (the split path launches two attention calls and a merge per layer).
         return sdpa_attention(q, k, v)
     key = _verdict_key(q, k, v)
     verdict = _split_verdicts.get(key)

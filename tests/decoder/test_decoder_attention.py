@@ -26,6 +26,16 @@ def reference(q, k, v):
 @pytest.fixture(autouse=True)
 def fresh_verdicts(monkeypatch):
     monkeypatch.setattr(attn, "_split_verdicts", {})
+    # The tests' chunks are small: let them take the split path (production keeps short
+    # chunks on the one-call kernel, see the test below).
+    monkeypatch.setattr(attn, "SPLIT_MIN_QUERIES", 2)
+
+
+def test_short_chunks_keep_the_one_call_kernel(monkeypatch):
+    monkeypatch.setattr(attn, "SPLIT_MIN_QUERIES", 512)
+    q, k, v = torch.randn(100, 4, 8), torch.randn(900, 2, 8), torch.randn(900, 2, 8)
+    assert torch.equal(split_attention(q, k, v), sdpa_attention(q, k, v))
+    assert attn._split_verdicts == {}      # the split path was never tried
 
 
 @pytest.mark.parametrize("n, end, heads, kv_heads", [(5, 12, 4, 2), (7, 300, 8, 2), (64, 65, 4, 4),
