@@ -48,6 +48,7 @@ _MAX_BATCH = 256
 _DRAIN_S = 1.0
 _MAX_SESSIONS = 4096
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_WARN_INTERVAL_S = 10.0
 
 
 class DaemonServer:
@@ -73,6 +74,7 @@ class DaemonServer:
             p.CancelPrefetch: self._cancel_prefetch, p.CountLoads: self._count_loads,
         }
         self._bad = {}
+        self._num_unwatched, self._unwatched_logged_at = 0, float("-inf")
         self._fresh = FreshSessions()   # sessions that sent nothing but Hello (a flood's)
         # WaitPrefetch requests answered later: (deadline, identity, request_id, id, ticket)
         self._waiters: list[tuple[float, bytes, int, int, object]] = []
@@ -336,10 +338,7 @@ class DaemonServer:
         if session.is_watched:
             log.info("client %r (pid %d) attached", msg.client_name, msg.pid)
         else:
-            log.warning("client %r (pid %d) attached, but its process cannot be watched from here "
-                        "(another pid namespace?): if it goes silent past lease_ttl_s its session "
-                        "ends; share the pid namespace so a paused client keeps its leases",
-                        msg.client_name, msg.pid)
+            self._warn_unwatched(msg)
         return p.HelloReply(session.session_id, pool.name, pool.num_slots, pool.slot_bytes,
                             fingerprint, cfg.lease_ttl_s, cfg.heartbeat_interval_s,
                             cfg.reservation_ttl_s)
@@ -361,6 +360,19 @@ class DaemonServer:
                 self.sessions.close(live[session_id])
                 self._refuse("idle_after_hello")
         return reply
+
+    def _warn_unwatched(self, msg: p.Hello) -> None:
+        """One WARNING per interval for clients whose process can't be watched (a flood of
+        Hellos must not flood the log), with how many attached since the last one."""
+        self._num_unwatched += 1
+        now = time.monotonic()
+        if now - self._unwatched_logged_at < _WARN_INTERVAL_S:
+            return
+        log.warning("client %r (pid %d) attached, but its process cannot be watched from here "
+                    "(another pid namespace?): if it goes silent past lease_ttl_s its session "
+                    "ends; share the pid namespace so a paused client keeps its leases (%d such "
+                    "clients since the last such line)", msg.client_name, msg.pid, self._num_unwatched)
+        self._unwatched_logged_at, self._num_unwatched = now, 0
 
     def _pong(self) -> p.Message:
         if self._is_tcp:  # no session: tell a stranger nothing about the host

@@ -323,6 +323,8 @@ def test_auto_through_the_daemon_chooses_client_side_and_the_daemon_counts_it(tm
         cache = daemon.client(device_pool(32, seed=9), prefetch=PrefetchConfig(policy="auto"))
         for seed in (1, 2, 3):                  # three chains of 6 pages: L2 holds 8
             cache.store(tokens(seed, 6), range(6 * (seed - 1), 6 * seed))
+        # Evicted pages still in the backup queue would be served from there, not the disk.
+        assert wait_until(lambda: daemon.stats()["num_backup_queue_pages"] == 0, 20)
         assert cache.prefetch(tokens(1, 6)).wait(20)   # the daemon measures its disk
         assert cache.stats().l3_read_gbps > 0
         cache.report_prefill(6 * P, 0, 60.0)   # a slow engine: reading the disk pays
