@@ -10,20 +10,24 @@ page bytes between it and the engine's device pool with the copy backends of
 
 Liveness and restarts:
 - a heartbeat thread (its own socket) keeps the session alive; a client silent
-  for ``lease_ttl_s`` loses its leases and reservations;
+  for ``lease_ttl_s`` keeps its leases and reservations while the daemon sees its
+  process alive (paused), and loses them if the daemon cannot watch it (another pid
+  namespace; see controller/daemon/sessions.py);
 - every request has a deadline (``request_timeout_s``); after a timeout the socket
   is replaced, so a late reply or a queued request never reaches a new daemon;
 - a reply from a new daemon instance, or "unknown session", drops the old
-  mapping and leases (load of an old result raises CacheError), attaches again
-  and retries once;
+  mapping and leases (load of an old result raises LoadError: recompute), attaches
+  again and retries once;
 - fail open, fast (``controller.liveness``): the first request that times out marks
   the daemon down (one WARNING); until a background Ping on its own socket is
   answered (one INFO), every request fails at once, so lookups are misses, stores
   skipped pages and prefetches no-ops within milliseconds; then the session
   re-attaches by itself. ``DaemonClient.link_health()`` shows it;
-- before copying from leased or into reserved slots the client makes sure the
-  daemon heard from it within half the TTL, so it never touches a slot the
-  daemon may have reclaimed and reused.
+- every copy is fenced (``kvstore.slot_fence``): a lease carries its slots'
+  generations and the client checks them once the copy has completed, so a slot the
+  daemon reused during the copy makes the load a LoadError (or the store unpublished),
+  never a silent success; before copying it also makes sure the daemon heard from it
+  within half the TTL.
 
 Prefetch: the daemon never waits on L3 inside a request. A lookup that finds
 pages only in L3 gets the L2 hit plus a running prefetch; the client applies its
