@@ -234,6 +234,12 @@ class CacheCore:
     def observe_l3(self, nbytes: int, seconds: float) -> None:
         self.cost.observe_l3(nbytes, seconds)
 
+    def observe_exists(self, num_asked: int, num_found: int) -> None:
+        self.cost.observe_exists(num_asked, num_found)
+
+    def observe_l3_write(self, nbytes: int, seconds: float) -> None:
+        self.cost.observe_l3_write(nbytes, seconds)
+
     @staticmethod
     def _num_l2_of(num_hit: int, first_missing: int, in_l2_after_gap: list[bool]) -> int:
         """Of the first ``num_hit`` pages, those L2 held when asked: all before the first

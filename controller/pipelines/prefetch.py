@@ -56,6 +56,9 @@ class PrefetchHost(Protocol):
     def observe_l3(self, nbytes: int, seconds: float) -> None:
         """One L3 call answered: a read of ``nbytes`` (0: an existence check) in ``seconds``."""
 
+    def observe_exists(self, num_asked: int, num_found: int) -> None:
+        """An existence check of ``num_asked`` pages found the first ``num_found``."""
+
 
 class Prefetch(PrefetchTicket):
     """One running (or finished) prefetch; the ticket handed to the caller."""
@@ -286,14 +289,18 @@ class Prefetcher:
                 ticket._is_checking = False
                 got = await self._read_run(ticket, keys, pos, pos + num_in_l3, leased, batch_pages)
                 pos += got
-                if got < num_in_l3 or (num_in_l3 == 0 and self._core.staged_page(keys[pos]) is None):
-                    return   # the chain breaks here: later pages are no use to a prefix
+                # L3 lacks keys[pos] (the check stopped there): unless the backup queue has
+                # it meanwhile, the chain breaks here and later pages are no use to a prefix
+                # (asking L3 again would only cost a round trip).
+                if got < num_in_l3 or (pos < gap_end and self._core.staged_page(keys[pos]) is None):
+                    return
 
     async def _exists(self, keys: Sequence[PageKey]) -> int:
         try:
             started = time.perf_counter()
             found = await self._l3.exists(keys)
             self._core.observe_l3(0, time.perf_counter() - started)
+            self._core.observe_exists(len(keys), found)
             return found
         except Exception as exc:  # noqa: BLE001 - an L3 outage is a miss
             self._core.count_l3_error()
