@@ -215,7 +215,8 @@ class CacheCore:
         """``auto``: the leading hit pages worth loading (the lease of the rest ends now)."""
         num_use = num_hit
         if self.config.prefetch.policy == "auto":
-            num_use = self.cost.plan(len(keys) * self.layout.page_size, num_hit, 0).num_pages
+            if num_hit:   # a miss has nothing to choose: no plan on its path (0% cached)
+                num_use = self.cost.plan(len(keys) * self.layout.page_size, num_hit, 0).num_pages
             self.host.release(keys[num_use:num_hit])
             self._stats.num_recomputed_by_choice_pages += num_hit - num_use + num_pending
         return num_use
