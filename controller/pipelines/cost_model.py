@@ -231,6 +231,10 @@ class Plan:
     predicted_recompute_s: float = math.nan
     is_modelled: bool = False
     """From measured rates (else a prior's budget, counted from the first wait)."""
+    is_write_prior: bool = False
+    """The L3 rates are the writes' (no read measured yet): a store that absorbs writes in
+    a cache (a disk's page cache) reads slower than it writes, so ``wait_auto`` waits at
+    most twice the predicted wait before it trusts what is ready instead."""
 
 
 class CostModel:
@@ -324,7 +328,8 @@ class CostModel:
             give_up = max(0.0, float(cost[best_ready] - cost[best]))
             if best <= num_ready:
                 return Plan(best_ready, 0.0, give_up, float(cost[best_ready]), recompute_s, True)
-            return Plan(best, float(wait[best]), give_up, float(total[best]), recompute_s, True)
+            return Plan(best, float(wait[best]), give_up, float(total[best]), recompute_s, True,
+                        self.l3.is_from_writes)
 
     def _plan_exploring(self, num_ready: int, num_pending: int, cost: np.ndarray,
                         best_ready: int, waited_s: float) -> Plan:
@@ -387,6 +392,8 @@ def wait_auto(model: CostModel, num_tokens: int, poll: Callable[[float], Progres
                           now - started)
         if plan.is_modelled:
             deadline = min(deadline, now + plan.give_up_s)
+        if plan.is_write_prior:   # unconfirmed by any read: no longer than twice its word
+            deadline = min(deadline, now + 2 * plan.wait_s)
         if plan.wait_s <= 0 or progress.is_done or now >= deadline:
             return plan
         progress = poll(max(_MIN_WAIT_S, min(plan.wait_s, deadline - now)))

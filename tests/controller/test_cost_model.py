@@ -208,3 +208,18 @@ def test_waits_on_a_prefetch_that_pays_and_not_on_one_that_does_not():
     plan = wait_auto(slow, PROMPT, ticket.poll, 10.0)
     assert plan.num_pages == 0 and time.monotonic() - started < 0.04
     ticket.cancel()
+
+
+def test_a_write_prior_that_reads_belie_is_not_waited_on_for_long():
+    # Writes said 1 ms a batch (a disk writing into its page cache); the reads are slow:
+    # a page every 50 ms. The lookup gives up after twice the predicted wait, with what is
+    # ready, instead of waiting up to the break-even point (most of a recompute here).
+    m = model(prefill_us_per_token=1000.0, batch_pages=1)
+    for _ in range(3):
+        m.observe_l3_write(PAGE_BYTES, 1e-3)
+    ticket = FakeTicket(20, 0.05)
+    plan = wait_auto(m, PROMPT, ticket.poll, 10.0)
+    assert plan.is_write_prior
+    # The break-even deadline alone would have waited give_up_s (> 0.5 s: 10+ pages).
+    assert plan.give_up_s > 0.5 and ticket.num_ready < 5 and not ticket.is_done
+    ticket.cancel()
