@@ -10,7 +10,8 @@ The thread owns the PUB and ROUTER sockets (zmq sockets are not thread-safe), so
 a slow replay never holds the request loop. The ring keeps the last
 ``buffer_batches`` batches and at most ``MAX_BUFFER_BYTES``: memory is bounded
 whatever the subscribers do. The first batch (seq 0) of every incarnation is
-``AllBlocksCleared``, and so is the last one at shutdown.
+``AllBlocksCleared``, and so is the last one at shutdown; an idle publisher sends
+an empty batch every ``HEARTBEAT_S``.
 
 When events are off the daemon holds a ``NullPublisher``: its caches get the null
 observers of kvstore/index/observer.py and flush does nothing.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from typing import Sequence
 
@@ -33,6 +35,10 @@ log = logging.getLogger("kvstore.daemon.events")
 
 MAX_BUFFER_BYTES = 256 << 20
 """The replay ring never holds more payload bytes than this (oldest batches go first)."""
+HEARTBEAT_S = 1.0
+"""An idle publisher sends an empty batch this often: a subscriber that (re)connected
+after the last change still learns the incarnation and the sequence number (and
+asks the replay for what it missed), and a silent stream means a dead daemon."""
 _PUB_HWM = 100_000
 _CLOSE_S = 2.0
 _STOP = b""
@@ -74,7 +80,8 @@ class ZmqEventPublisher:
     """PUB + replay ROUTER for one daemon incarnation; see the module docstring."""
 
     def __init__(self, address: str, replay_address: str | None, incarnation: bytes,
-                 topic: str = "", buffer_batches: int = 10_000) -> None:
+                 topic: str = "", buffer_batches: int = 10_000,
+                 heartbeat_s: float = HEARTBEAT_S) -> None:
         if buffer_batches <= 0:
             raise ValueError(f"events_buffer_batches must be > 0, got {buffer_batches}")
         self.incarnation = incarnation.hex()
@@ -85,6 +92,7 @@ class ZmqEventPublisher:
         self._ring: deque[tuple[int, bytes]] = deque(maxlen=buffer_batches)
         self._ring_bytes = 0
         self._seq = 0
+        self._heartbeat_s = heartbeat_s
         self.num_replays = 0
         self.num_bad_replay_requests = 0
         self._context = zmq.Context()
@@ -163,8 +171,9 @@ class ZmqEventPublisher:
         if self._replay is not None:
             poller.register(self._replay, zmq.POLLIN)
         try:
+            last_sent = time.monotonic()
             while True:
-                ready = dict(poller.poll())
+                ready = dict(poller.poll(self._heartbeat_s * 1000))
                 if self._replay is not None and self._replay in ready:
                     self._serve_replay()
                 if self._inbox in ready:
@@ -172,6 +181,10 @@ class ZmqEventPublisher:
                     if payload == _STOP:
                         return
                     self._publish(payload)
+                    last_sent = time.monotonic()
+                elif time.monotonic() - last_sent >= self._heartbeat_s:
+                    self._publish(wire.encode_batch([], self.incarnation))
+                    last_sent = time.monotonic()
         except zmq.ContextTerminated:
             return
         except Exception:  # noqa: BLE001 - events are advisory; the daemon keeps serving
