@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow   # four daemon processes: ~20-30 s on a 2-core box
 def test_router_bench_writes_both_hit_rates(tmp_path):
     out = tmp_path / "router.json"
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "router.py"), "--sessions", "6",
