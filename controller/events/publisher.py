@@ -20,6 +20,8 @@ observers of kvstore/index/observer.py and flush does nothing.
 from __future__ import annotations
 
 import logging
+import os
+import socket as socket_module
 import threading
 import time
 from collections import deque
@@ -236,12 +238,30 @@ def _bind(socket: zmq.Socket, address: str, setting: str) -> None:
 
     try:
         if address.startswith("ipc://"):
+            _refuse_live_ipc(address[len("ipc://"):], setting)
             bind_ipc(socket, address)
         else:
             socket.bind(address)
     except zmq.ZMQError as exc:
         raise OSError(f"can't publish KV events on {address} ({setting}): {exc} (is another "
                       "daemon using it?)") from None
+
+
+def _refuse_live_ipc(path: str, setting: str) -> None:
+    """zmq's ipc bind silently takes over a socket file another process listens on (two
+    daemons given one events address would steal each other's subscribers): refuse
+    a live one; a stale file (its daemon died) is replaced by the bind."""
+    if not os.path.exists(path):
+        return
+    probe = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return   # nobody listens: stale
+    finally:
+        probe.close()
+    raise OSError(f"can't publish KV events on ipc://{path} ({setting}): another process "
+                  "listens there; give this daemon its own address")
 
 
 def open_publisher(address: str | None, replay_address: str | None, incarnation: bytes,

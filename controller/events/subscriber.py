@@ -32,6 +32,7 @@ from controller.events import wire
 from kvstore.page_keys import PageKey
 
 log = logging.getLogger("kvstore.events")
+_MAX_MESSAGES_PER_POLL = 10_000
 
 
 @dataclass
@@ -103,12 +104,13 @@ class EventSubscriber:
         applied = 0
         if not self.socket.poll(int(timeout_s * 1000)):
             return 0
-        while True:
+        for _ in range(_MAX_MESSAGES_PER_POLL):   # a fast stream must not hold the caller forever
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return applied
+                break
             applied += self._receive(frames)
+        return applied
 
     def _receive(self, frames: list[bytes]) -> int:
         parsed = self._parse(frames)

@@ -218,6 +218,17 @@ def test_a_gap_is_filled_by_replay_and_what_the_ring_lost_is_reported(tmp_path):
         publisher.close()
 
 
+def test_a_second_publisher_on_a_live_ipc_address_is_refused(tmp_path):
+    events = f"ipc://{tmp_path}/e.sock"
+    first = ZmqEventPublisher(events, None, b"\x01" * 16)
+    try:
+        with pytest.raises(OSError, match="another process listens there"):
+            ZmqEventPublisher(events, None, b"\x02" * 16)
+    finally:
+        first.close()
+    ZmqEventPublisher(events, None, b"\x03" * 16).close()   # free again: it binds
+
+
 @pytest.mark.parametrize("flags, message", [
     ({"events_replay": "ipc:///tmp/x-replay.sock"}, "events is not"),
     ({"events": "ipc:///tmp/x.sock", "events_replay": "ipc:///tmp/x.sock"}, "both"),
