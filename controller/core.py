@@ -40,6 +40,7 @@ from controller.pipelines.cost_model import Progress, new_cost_model, wait_auto
 from controller.pipelines.prefetch import Prefetch, Prefetcher
 from kvstore.host_pool import HostPool
 from kvstore.index.host_store import HostStore
+from kvstore.index.observer import NO_OBSERVERS, CoreObservers
 from kvstore.layout import KVLayout
 from kvstore.page_keys import PageKey
 
@@ -87,9 +88,13 @@ _CLOSE_GRACE_S = 5.0
 class CacheCore:
     """L2 + L3 + the pipelines; see the module docstring."""
 
-    def __init__(self, config: ControllerConfig, layout: KVLayout) -> None:
+    def __init__(self, config: ControllerConfig, layout: KVLayout,
+                 observers: CoreObservers = NO_OBSERVERS) -> None:
+        """``observers`` hear what enters and leaves L2 and what this core learns of L3
+        (the daemon's KV events; kvstore/index/observer.py)."""
         self.config = config
         self.layout = layout
+        self.observers = observers
         self.lock = threading.RLock()
         self._stats = CacheStats()
         # Pages L3 lacks -> their position in their chain (0: a chain's first page), so a
@@ -102,7 +107,8 @@ class CacheCore:
         self._backup: BackupQueue | None = None
         self._is_closed = False
         pool = HostPool(layout, config.host_pool_pages, prefault=config.prefault_host_pool)
-        self.host = HostStore(pool, policy=config.eviction_policy, on_evict=self._on_evict)
+        self.host = HostStore(pool, policy=config.eviction_policy, on_evict=self._on_evict,
+                              observer=observers.l2)
         self.cost = new_cost_model(config.prefetch, layout.page_size, pool.slot_bytes)
         """The ``auto`` policy's rates and choices (fed by the prefetcher and the client)."""
         if config.l3.connector is not None:
@@ -383,11 +389,19 @@ class CacheCore:
         """Count a finished put; written pages stop being due."""
         written = [k for k, ok in zip(keys, stored) if ok]
         self._stats.num_l3_written_pages += len(written)
+        self.observers.l3.stored(written, None)   # pages of several chains: no parent
         for key in written:
             self._due.pop(key, None)
             self._hits_while_due.pop(key, None)
         if evicted:
             self._stats.num_l3_dropped_pages += len(keys) - len(written)
+
+    def note_l3_read(self, keys: list[PageKey], parent: PageKey | None, missing: PageKey | None) -> None:
+        """What a read of L3 showed: ``keys`` (a chain after ``parent``) are there, and
+        ``missing`` (the page after them) is not, whoever removed it."""
+        self.observers.l3.stored(keys, parent)
+        if missing is not None:
+            self.observers.l3.removed([missing])
 
     def staged_page(self, key: PageKey) -> bytes | None:
         """An evicted page's bytes still waiting in the backup queue (under ``lock``)."""

@@ -36,6 +36,7 @@ from controller.daemon.lookup_counts import LookupCounts
 from controller.daemon.metrics import DaemonMetrics, l3_health_fields
 from controller.daemon.runtime import InstanceLock
 from controller.daemon.sessions import ClientSession, SessionTable
+from controller.events.publisher import NullPublisher, open_publisher
 from controller.process_identity import ProcessIdentity
 
 
@@ -58,6 +59,7 @@ class DaemonServer:
         self.metrics = DaemonMetrics()
         self.should_exit = threading.Event()
         self.core = None
+        self.events = NullPublisher()
         self.sessions: SessionTable | None = None
         self.lookup_counts: LookupCounts | None = None
         self._lock: InstanceLock | None = None
@@ -94,7 +96,10 @@ class DaemonServer:
         cfg = self.config
         self._lock = InstanceLock(cfg.address)  # raises AddressInUse next to a live daemon
         try:
-            self.core = CacheCore(cfg.controller_config(), cfg.layout)
+            self.events = open_publisher(cfg.events, cfg.events_replay, self.instance_id,
+                                         cfg.events_topic, cfg.events_buffer_batches)
+            self.core = CacheCore(cfg.controller_config(), cfg.layout,
+                                  self.events.core_events(cfg.layout.page_size))
             self._lock.record(os.getpid(), self.core.pool.name)
             self.sessions = SessionTable(self.core, cfg.lease_ttl_s, cfg.reservation_ttl_s,
                                          cfg.heartbeat_interval_s, cfg.orphan_quarantine_s)
@@ -113,6 +118,8 @@ class DaemonServer:
                  cfg.layout.fingerprint(), cfg.eviction_policy)
         log.info("L3: %s", f"{cfg.l3.connector} ({cfg.l3.write_policy}) {dict(cfg.l3.options)}"
                  if cfg.l3.connector else "none")
+        if cfg.events is not None:
+            log.info("KV events on %s (replay: %s)", cfg.events, cfg.events_replay or "none")
 
     def _bind(self) -> None:
         self._context = zmq.Context()
@@ -144,6 +151,7 @@ class DaemonServer:
                 self._serve_ready(_MAX_BATCH)
             if self._waiters:
                 self._answer_waiters(time.monotonic())
+            self.events.flush()   # one batch per iteration (nothing to send: a list check)
             now = time.monotonic()
             if now >= next_tick:
                 self._tick(now)
@@ -161,7 +169,7 @@ class DaemonServer:
     def _teardown(self, flush_deadline_s: float | None) -> None:
         """Close sockets, sessions, cache (flush, L3, shm), metrics, lock: each even if one fails."""
         steps = [self._close_socket, lambda: self.sessions and self.sessions.close_all(),
-                 lambda: self._close_core(flush_deadline_s), self.metrics.close,
+                 lambda: self._close_core(flush_deadline_s), self.events.close, self.metrics.close,
                  lambda: self._lock and self._lock.release()]
         for step in steps:
             try:

@@ -301,6 +301,8 @@ class Prefetcher:
             found = await self._l3.exists(keys)
             self._core.observe_l3(0, time.perf_counter() - started)
             self._core.observe_exists(len(keys), found)
+            if found < len(keys):
+                self._core.note_l3_read([], None, keys[found])
             return found
         except Exception as exc:  # noqa: BLE001 - an L3 outage is a miss
             self._core.count_l3_error()
@@ -339,6 +341,9 @@ class Prefetcher:
                 found = await self._l3.get_into(wanted, views)
                 if any(found):   # a read of what L3 holds: the rate the cost model plans with
                     self._core.observe_l3(sum(found) * host.pool.slot_bytes, time.perf_counter() - started)
+                num_ok = next((i for i, ok in enumerate(found) if not ok), len(found))
+                self._core.note_l3_read(wanted[:num_ok], keys[lo - 1] if lo else None,
+                                        wanted[num_ok] if num_ok < len(wanted) else None)
             except Exception as exc:  # noqa: BLE001
                 core.count_l3_error()
                 log.warning("L3 get_into() failed, treating as miss: %s", exc)
