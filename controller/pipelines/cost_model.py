@@ -361,6 +361,9 @@ def new_cost_model(prefetch: "PrefetchConfig", page_size: int, page_bytes: int) 
 
 
 _MIN_WAIT_S = 2e-4   # never spin: each round waits at least this long
+_WRITE_PRIOR_FLOOR_S = 0.02
+"""The least a plan on the write prior may wait: writes timed in microseconds say nothing
+of a reader's scheduling delays on a busy host."""
 
 
 @dataclass(frozen=True)
@@ -393,7 +396,7 @@ def wait_auto(model: CostModel, num_tokens: int, poll: Callable[[float], Progres
         if plan.is_modelled:
             deadline = min(deadline, now + plan.give_up_s)
         if plan.is_write_prior:   # unconfirmed by any read: no longer than twice its word
-            deadline = min(deadline, now + 2 * plan.wait_s)
+            deadline = min(deadline, now + max(2 * plan.wait_s, _WRITE_PRIOR_FLOOR_S))
         if plan.wait_s <= 0 or progress.is_done or now >= deadline:
             return plan
         progress = poll(max(_MIN_WAIT_S, min(plan.wait_s, deadline - now)))
