@@ -35,9 +35,9 @@ def test_same_cuts_same_bits_and_captures_equal_the_state_handed_on():
     table = torch.arange(16)
 
     def run(cuts):
-        state, rows = HybridState.zeros(config, "cpu"), []
+        state, rows, pool = HybridState.zeros(config, "cpu"), [], pools(config)
         for lo, hi in zip(cuts, cuts[1:]):
-            out = model.forward_hidden(toks[lo:hi], lo, pools(config), table, state,
+            out = model.forward_hidden(toks[lo:hi], lo, pool, table, state,
                                        capture=[hi] if hi == 48 else [])
             rows.append(out.hidden)
             if hi == 48:
