@@ -8,8 +8,9 @@ stored by an untimed cache run, then the prompt base[:B] + fresh tokens runs wit
 tokens, served by the snapshot every stored prompt also keeps one page before its end.
 Recorded: both TTFTs and their ratio; bytes loaded (pages + snapshot) and what the dense
 preset's pages for the same hit would be; and whether the cache run's first-token logits
-equal the cache-off run split at B bit for bit (``bit_equal``; on a GPU that holds only
-when the prefix was computed with the same cuts, see decoder/hybrid_engine.py).
+equal the cache-off run cut at B and where the prefix's storing run cut (``bit_equal``, see
+decoder/hybrid_engine.py). Each point has its own base prompt, so its prefix is stored by
+one run from position 0.
 
     python bench/hybrid.py --out bench/results/hybrid_h200.json              # on a GPU
     python bench/hybrid.py --device cpu --preset tiny-hybrid --page-size 8 \\
@@ -86,10 +87,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     snap_ns = KeyNamespace(config.model_id, cached.snapshot_layout)
     align = -(-config.ssd_chunk // P)
     stride = default_stride_pages(cached.codec.nbytes, cached.pools.kv_layout.page_bytes, align)
-    # L2 holds every stored prefix's pages (one base prompt) and its snapshots.
-    snapshots_needed = sum(longest // (stride * P) + 2 for _ in args.fractions) + 4
+    # L2 holds every point's stored prefix (pages and snapshots) of one context.
+    snapshots_needed = len(args.fractions) * (longest // (stride * P) + 2) + 4
     cache = HybridCache(
-        connect(ControllerConfig(host_pool_pages=longest // P + 8), kv_ns, cached.pools.kv),
+        connect(ControllerConfig(host_pool_pages=len(args.fractions) * (longest // P + 2)), kv_ns,
+                cached.pools.kv),
         connect(ControllerConfig(host_pool_pages=snapshots_needed), snap_ns, cached.snapshot_pool),
         kv_ns.digest(), stride)
     cached.attach_cache(cache)
@@ -103,12 +105,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
                   "dense_page_bytes": dense_page_bytes},
         "setup_s": time.perf_counter() - started, "points": [],
     }
-    rng = np.random.default_rng(1)
     vocab = config.base.vocab_size
-    base = rng.integers(0, vocab, longest).tolist()
     try:
         for context in args.contexts:
-            for fraction in args.fractions:
+            for i, fraction in enumerate(args.fractions):
+                base = np.random.default_rng([context, i]).integers(0, vocab, context).tolist()
                 point = run_point(plain, cached, base, context, fraction, args, vocab)
                 point["bytes_vs_dense"] = point["loaded_bytes"] / max(1, point["cached_tokens"] // P * dense_page_bytes)
                 point["dense_loaded_bytes"] = point["cached_tokens"] // P * dense_page_bytes
@@ -129,8 +130,10 @@ def run_point(plain: HybridEngine, cached: HybridEngine, base: list[int], contex
         expect = (context - 1) // P * P
     else:
         B = int(fraction * context) // P * P
-        fresh = np.random.default_rng(context + B).integers(0, vocab, context - B).tolist()
+        fresh = np.random.default_rng([context, B, 7]).integers(0, vocab, context - B).tolist()
         prompt, stored, expect = base[:B] + fresh, base[:B], B
+    # where the storing run cut (its end-of-prompt snapshots), for the cache-off twin
+    stored_cuts = [(len(stored) - 1) // P * P, len(stored) // P * P]
     cached.generate(stored, 1)                                       # stores pages + snapshots
     runs = [cached.generate(prompt, 1) for _ in range(args.reps)]
     for r in runs:
@@ -139,7 +142,7 @@ def run_point(plain: HybridEngine, cached: HybridEngine, base: list[int], contex
                                  f"{r.num_cached_tokens} tokens, expected {expect}")
     plain.generate(prompt, 1)                                        # warm-up
     recompute = [plain.generate(prompt, 1) for _ in range(args.reps)]
-    split = plain.generate(prompt, 1, split_at=expect)
+    split = plain.generate(prompt, 1, split_at=[expect, *stored_cuts])
     first = runs[0]
     return {
         "context": context, "fraction": fraction, "cached_tokens": first.num_cached_tokens,

@@ -8,12 +8,14 @@ with its prefix (pages + state snapshot) from a HybridCache (controller/hybrid.p
     store pages + snapshots (all or nothing), release; decode greedily
 
 Chunks: ``prefill_chunk_len`` tokens counted from the first computed position, cut again
-at ``split_at`` and at the two end-of-prompt snapshot positions (controller/hybrid.py
-``snapshot_ends``), which depend only on the prompt's length; stride snapshots sit on
-the SSD scan's block grid (the stride is a multiple of ``ssd_chunk``), so capturing them
-changes no op. With one page per chunk (the default) every run computes the same bits; with
-longer chunks, a cache run whose hit ends at B equals the cache-off run with
-``split_at=B`` whose prefix was computed the same way (as for the dense engine).
+at each ``split_at`` position and at the two end-of-prompt snapshot positions
+(controller/hybrid.py ``snapshot_ends``), which depend only on the prompt's length; stride
+snapshots sit on the SSD scan's block grid (the stride is a multiple of ``ssd_chunk``), so
+capturing them changes no op. With one page per chunk (the default) every run computes the
+same bits; with longer chunks, a cache run whose hit ends at B equals the cache-off run cut
+at B and at the cuts of the run(s) that stored the prefix (``split_at=[...]``; for a prefix
+stored by one run of an m-token prompt from position 0: m - 1 and m rounded down to pages),
+as for the dense engine.
 
 A load that fails (LoadError) of either group, or a snapshot that does not unpack, means
 recomputing the whole prompt: a snapshot is of no use without every page before it.
@@ -106,7 +108,9 @@ class HybridEngine:
 
     # ---- one request ----------------------------------------------------------------------
     def generate(self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int,
-                 split_at: int = 0) -> HybridResult:
+                 split_at: int | Sequence[int] = 0) -> HybridResult:
+        """``split_at``: positions (multiples of the page size) where a prefill chunk also
+        starts; a cache-off run cut where a cache run's hit (and its prefix's store) cut."""
         tokens = [int(t) for t in np.asarray(prompt).reshape(-1)]
         n, P, c = len(tokens), self.page_size, self.model.config
         if not tokens or max_new_tokens < 1 or n + max_new_tokens > c.base.max_positions:
@@ -114,8 +118,10 @@ class HybridEngine:
                               f"{c.base.max_positions} (and max_new_tokens >= 1)")
         if min(tokens) < 0 or max(tokens) >= c.base.vocab_size:
             raise EngineError(f"token ids must be in [0, {c.base.vocab_size})")
-        if split_at % P or split_at < 0:
-            raise EngineError(f"split_at must be a multiple of the page size ({P}), got {split_at}")
+        cuts = [split_at] if isinstance(split_at, int) else [int(c) for c in split_at]
+        if any(c % P or c < 0 for c in cuts):
+            raise EngineError(f"split_at must be multiples of the page size ({P}), got {split_at}")
+        split_at = sorted(set(cuts))
         started = time.perf_counter()
         pages = self.allocator.allocate(-(-(n + max_new_tokens - 1) // P))
         try:
@@ -123,7 +129,7 @@ class HybridEngine:
         finally:
             self.allocator.free(pages)
 
-    def _run(self, tokens: list[int], max_new: int, split_at: int, pages: list[int],
+    def _run(self, tokens: list[int], max_new: int, split_at: list[int], pages: list[int],
              started: float) -> HybridResult:
         n, P, device = len(tokens), self.page_size, self.model.device
         page_table = torch.tensor(pages, dtype=torch.long, device=device)
@@ -177,19 +183,19 @@ class HybridEngine:
         result.loaded_bytes = hit.num_pages * self.pools.kv_layout.page_bytes + self.codec.nbytes
         return state, end, page_handle
 
-    def _chunks(self, first: int, n: int, split_at: int) -> list[tuple[int, int]]:
-        """chunk_bounds, also cut at the end-of-prompt snapshot positions (module doc)."""
+    def _chunks(self, first: int, n: int, split_at: list[int]) -> list[tuple[int, int]]:
+        """chunk_bounds from ``first``, also cut at ``split_at`` and the end-of-prompt snapshot
+        positions (module doc)."""
         P = self.page_size
-        cuts = sorted({c for c in (n // P * P, (n - 1) // P * P) if first < c < n})
+        cuts = sorted({c for c in (n // P * P, (n - 1) // P * P, *split_at) if first < c < n})
         out: list[tuple[int, int]] = []
         lo = first
         for cut in cuts + [n]:
-            if cut > lo:
-                out += chunk_bounds(lo, cut, self.prefill_chunk_len, split_at)
-                lo = cut
+            out += chunk_bounds(lo, cut, self.prefill_chunk_len)
+            lo = cut
         return out
 
-    def _prefill(self, prompt: torch.Tensor, first: int, split_at: int, page_table: torch.Tensor,
+    def _prefill(self, prompt: torch.Tensor, first: int, split_at: list[int], page_table: torch.Tensor,
                  state: HybridState, snapshot_ends: list[int], page_handle,
                  result: HybridResult) -> dict[int, HybridState]:
         P, n = self.page_size, prompt.numel()

@@ -63,8 +63,11 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     nb = len(ends)
     dev = x.device
     # Blocks padded to L with dt = 0 (decay 1) and zero inputs: the padding changes nothing.
-    index = torch.tensor([[min(s + j, e - 1) for j in range(L)] for s, e in zip(starts, ends)], device=dev)
-    valid = torch.tensor([[j < e - s for j in range(L)] for s, e in zip(starts, ends)], device=dev)
+    lo = torch.tensor(starts, device=dev)[:, None]
+    hi = torch.tensor(ends, device=dev)[:, None]
+    pos = lo + torch.arange(L, device=dev)[None, :]                            # [nb, L]
+    valid = pos < hi
+    index = torch.minimum(pos, hi - 1)
     X = (x.float() * dt.float()[..., None])[index] * valid[..., None, None]      # [nb, L, H, P]
     dA = (dt.float() * A.float())[index] * valid[..., None]                     # [nb, L, H]
     Bb = B.float()[index] * valid[..., None]                                    # [nb, L, N]
