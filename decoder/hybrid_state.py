@@ -27,6 +27,9 @@ SNAPSHOT_PAGE_TOKENS = KEY_BYTES // 2
 """A snapshot is cached under its page's 16-byte key read as 8 uint16 "tokens" (controller/
 hybrid.py), so its layout's page holds 8 of them."""
 
+SNAPSHOT_CHUNK_FLOATS = 1 << 19
+"""At most 2 MiB per chunk of a snapshot's layout (a 98 MiB snapshot is 48 chunks)."""
+
 
 class SnapshotCodec:
     """Packs and unpacks the snapshots of one model (config) with window K/V of ``kv_dtype``."""
@@ -46,10 +49,14 @@ class SnapshotCodec:
         return self.numel * 4
 
     def layout(self) -> KVLayout:
-        """One snapshot per page: 1 layer x 2 x 8 tokens x 1 head x head_dim >= numel floats."""
-        head_dim = math.ceil(self.numel / (2 * SNAPSHOT_PAGE_TOKENS))
-        return KVLayout(num_layers=1, num_kv_heads=1, head_dim=head_dim, page_size=SNAPSHOT_PAGE_TOKENS,
-                        dtype="float32", arrangement="page_first")
+        """One snapshot per page (page_first: contiguous): L "layers" x 2 x 8 tokens x 1 head x
+        head_dim >= numel floats, with L such that a chunk (the copy ops' unit, one warp's work
+        on the CUDA path) is at most SNAPSHOT_CHUNK_FLOATS."""
+        per_layer = 2 * SNAPSHOT_PAGE_TOKENS
+        num_layers = max(1, math.ceil(self.numel / (2 * SNAPSHOT_CHUNK_FLOATS)))
+        head_dim = math.ceil(self.numel / (per_layer * num_layers))
+        return KVLayout(num_layers=num_layers, num_kv_heads=1, head_dim=head_dim,
+                        page_size=SNAPSHOT_PAGE_TOKENS, dtype="float32", arrangement="page_first")
 
     def pack(self, state: HybridState, pools: HybridPools, page_table: torch.Tensor, end: int,
              out: torch.Tensor) -> None:
