@@ -165,41 +165,36 @@ def test_l3_redis_embedded(model):
 
 
 def test_daemons_l2_and_l3(model, tmp_path):
-    """One daemon per layout (pages, snapshots) as processes, with a disk L3; restarted, they
-    serve the prefix from L3."""
+    """One daemon per layout (pages, snapshots) as processes, each with a disk L3; the
+    snapshot daemon's L2 holds 2 snapshots, so older ones come back from its disk."""
     from daemon_proc import DaemonProcess
 
     on, off = HybridEngine(model, P, 48), HybridEngine(model, P, 48)
     kv_ns, snap_ns = namespaces(on)
 
-    def start(name: str, layout, l3dir: Path) -> DaemonProcess:
-        return DaemonProcess(tmp_path / name, name=name, layout=layout, host_pages=64, args=[
+    def start(name: str, layout, host_pages: int) -> DaemonProcess:
+        (tmp_path / name / "run").mkdir(parents=True)
+        l3dir = tmp_path / name / "l3"
+        return DaemonProcess(tmp_path / name, name=name, layout=layout, host_pages=host_pages, args=[
             "--l3-connector", "disk", "--l3-write-policy", "write_through",
-            "--l3-options", f'{{"path": "{l3dir}", "capacity_bytes": {1 << 28}}}']).start()
+            "--l3-options", f'{{"path": "{l3dir}", "capacity_bytes": {1 << 28}}}'])
 
-    def attach():
-        for sub in ("kv", "snap"):
-            (tmp_path / sub / "run").mkdir(parents=True, exist_ok=True)
-        daemons = [start("kv", kv_ns.layout, tmp_path / "l3kv"), start("snap", snap_ns.layout, tmp_path / "l3snap")]
+    daemons = [start("kv", kv_ns.layout, 64), start("snap", snap_ns.layout, 2)]
+    try:
+        for d in daemons:
+            d.start(wait=False)
+        for d in daemons:
+            d.wait_ready()
         cache = HybridCache(daemons[0].client(on.pools.kv, kv_ns), daemons[1].client(on.snapshot_pool, snap_ns),
                             kv_ns.digest(), STRIDE)
         on.attach_cache(cache)
-        return daemons, cache
-
-    daemons, cache = attach()
-    try:
-        first = golden(on, off, A, 0)
-        golden(on, off, A[:50] + tokens(3, 30), 32)
-        golden(on, off, A + first.tokens + tokens(4, 20), 72)
+        try:
+            first = golden(on, off, A, 0)                       # 3 snapshots: the first one spills
+            golden(on, off, A + first.tokens + tokens(4, 20), 72)
+            got = golden(on, off, A[:50] + tokens(3, 30), 32)   # the snapshot after page 4
+            assert got.snapshot_tier == "L3"
+        finally:
+            cache.close()
     finally:
-        cache.close()
-        for d in daemons:
-            d.stop()
-    daemons, cache = attach()
-    try:
-        got = golden(on, off, A + tokens(8, 9), 72)
-        assert got.snapshot_tier == "L3"
-    finally:
-        cache.close()
         for d in daemons:
             d.stop()
