@@ -81,17 +81,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
                           draw_on="device" if on_gpu else "cpu")
     P = args.page_size
     num_pages = -(-(longest + 1) // P) + 2
-    plain = HybridEngine(model, P, num_pages, kv_dtype, args.chunk)
+    plain = HybridEngine(model, P, num_pages, kv_dtype, args.chunk, num_snapshot_slots=1)
     cached = HybridEngine(model, P, num_pages, kv_dtype, args.chunk, num_snapshot_slots=8)
     kv_ns = KeyNamespace(config.model_id, cached.pools.kv_layout)
     snap_ns = KeyNamespace(config.model_id, cached.snapshot_layout)
     align = -(-config.ssd_chunk // P)
     stride = default_stride_pages(cached.codec.nbytes, cached.pools.kv_layout.page_bytes, align)
-    # L2 holds every point's stored prefix (pages and snapshots) of one context.
-    snapshots_needed = len(args.fractions) * (longest // (stride * P) + 2) + 4
+    # L2 holds the current point's stored prefix (pages and snapshots); older points' entries
+    # are evicted (least recently used) as new ones come.
+    snapshots_needed = longest // (stride * P) + 2 + 4
     cache = HybridCache(
-        connect(ControllerConfig(host_pool_pages=len(args.fractions) * (longest // P + 2)), kv_ns,
-                cached.pools.kv),
+        connect(ControllerConfig(host_pool_pages=longest // P + 16), kv_ns, cached.pools.kv),
         connect(ControllerConfig(host_pool_pages=snapshots_needed), snap_ns, cached.snapshot_pool),
         kv_ns.digest(), stride)
     cached.attach_cache(cache)

@@ -97,6 +97,9 @@ class HybridEngine:
                 raise EngineError("the cache's page layout differs from the engine's kv layout")
             if cache.snapshots.layout.fingerprint() != self.snapshot_layout.fingerprint():
                 raise EngineError("the cache's snapshot layout differs from this model's")
+            if self.snapshot_pool.shape[0] < 2:
+                raise EngineError("an engine with a cache needs num_snapshot_slots >= 2 (one to "
+                                  "load into, the others to store from)")
             align = self.model.config.ssd_chunk
             if (cache.stride_pages * self.page_size) % align:
                 raise EngineError(f"the snapshot stride ({cache.stride_pages} pages of {self.page_size}) "
