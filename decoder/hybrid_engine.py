@@ -84,7 +84,7 @@ class HybridEngine:
             None if window_layout is None else torch.zeros(window_layout.pool_shape(num_device_pages),
                                                           dtype=dtype, device=device),
             window_layout)
-        self.codec = SnapshotCodec(c)
+        self.codec = SnapshotCodec(c, kv_dtype)
         self.snapshot_layout = self.codec.layout()
         self.snapshot_pool = torch.zeros(self.snapshot_layout.pool_shape(num_snapshot_slots),
                                          dtype=torch.float32, device=device)

@@ -6,8 +6,9 @@ layout (``snapshot_layout``).
     [ SSD layer 0: conv (K-1 x conv_dim), ssm (heads x head_dim x state) | SSD layer 1 ... |
       window layer 0: K (window x kv_heads x head_dim), V (same) | window layer 1 ... | pad ]
 
-Window K/V are stored in float32 (bf16/fp16 values convert both ways without loss). For a
-snapshot at position B < window, the positions before 0 are zeros and never read back.
+Window K/V keep their bits and their size: float32 as is, 16-bit dtypes two to a float32
+slot (a bit-cast view, never a conversion). For a snapshot at position B < window, the
+positions before 0 are zeros and never read back.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 
 import torch
 
-from kvstore.layout import KVLayout
+from kvstore.layout import DTYPES, KVLayout
 from kvstore.page_keys import KEY_BYTES
 
 from .hybrid_config import HybridConfig
@@ -34,14 +35,18 @@ SNAPSHOT_CHUNK_FLOATS = 1 << 19
 class SnapshotCodec:
     """Packs and unpacks the snapshots of one model (config) with window K/V of ``kv_dtype``."""
 
-    def __init__(self, config: HybridConfig) -> None:
-        self.config = config
+    def __init__(self, config: HybridConfig, kv_dtype: str = "float32") -> None:
+        self.config, self.kv_dtype = config, DTYPES[kv_dtype]
+        if self.kv_dtype.itemsize not in (2, 4) or config.base.head_dim % 2:
+            raise ValueError(f"window K/V of {kv_dtype} cannot be packed; use float32, bfloat16 or float16")
         c, b = config, config.base
         self.num_ssd = len(c.layers_of("S"))
         self.num_window = len(c.layers_of("W"))
         self.conv_numel = (c.conv_kernel - 1) * c.conv_dim
         self.ssm_numel = c.ssm_heads * c.ssm_head_dim * c.ssm_state
-        self.window_numel = c.window * b.num_kv_heads * b.head_dim if self.num_window else 0
+        # float32 slots per window layer's K (or V)
+        self.window_numel = (c.window * b.num_kv_heads * b.head_dim * self.kv_dtype.itemsize // 4
+                             if self.num_window else 0)
         self.numel = self.num_ssd * (self.conv_numel + self.ssm_numel) + self.num_window * 2 * self.window_numel
 
     @property
@@ -71,10 +76,11 @@ class SnapshotCodec:
             for j in range(self.num_window):
                 for kv in (0, 1):
                     pages = pool_view(pools.window, pools.window_layout, j, kv)
-                    block = torch.zeros(self.config.window, *pages.shape[2:], device=out.device)
+                    block = torch.zeros(self.config.window, *pages.shape[2:], dtype=pages.dtype,
+                                        device=out.device)
                     P = pools.window_layout.page_size
-                    block[lo:] = pages[page_table[positions // P], positions % P].float()
-                    parts.append(block.reshape(-1))
+                    block[lo:] = pages[page_table[positions // P], positions % P]
+                    parts.append(block.reshape(-1).view(torch.float32))
         flat = torch.cat(parts)
         out[: self.numel].copy_(flat)
         out[self.numel:].zero_()
@@ -103,8 +109,9 @@ class SnapshotCodec:
             for j in range(self.num_window):
                 for kv in (0, 1):
                     pages = pool_view(pools.window, pools.window_layout, j, kv)
-                    block = take(self.window_numel, c.window, *pages.shape[2:])
-                    pages[page_table[positions // P], positions % P] = block[lo:].to(pages.dtype)
+                    block = take(self.window_numel, self.window_numel).view(pages.dtype)
+                    block = block.view(c.window, *pages.shape[2:])
+                    pages[page_table[positions // P], positions % P] = block[lo:]
         return HybridState(conv, ssm)
 
     def _window_positions(self, end: int, device: torch.device) -> tuple[torch.Tensor, int]:

@@ -22,9 +22,10 @@ def test_chunked_scan_matches_the_recurrence():
     assert torch.allclose(y.double(), y_ref, atol=1e-4) and torch.allclose(after[-1].double(), h_ref, atol=1e-4)
 
 
-def pools(config, P=8, num_pages=16):
-    kv, win = config.kv_layout(P), config.window_layout(P)
-    return HybridPools(torch.zeros(kv.pool_shape(num_pages)), kv, torch.zeros(win.pool_shape(num_pages)), win)
+def pools(config, P=8, num_pages=16, dtype="float32"):
+    kv, win = config.kv_layout(P, dtype), config.window_layout(P, dtype)
+    return HybridPools(torch.zeros(kv.pool_shape(num_pages), dtype=kv.torch_dtype), kv,
+                       torch.zeros(win.pool_shape(num_pages), dtype=win.torch_dtype), win)
 
 
 def test_same_cuts_same_bits_and_captures_equal_the_state_handed_on():
@@ -59,15 +60,16 @@ def test_same_cuts_same_bits_and_captures_equal_the_state_handed_on():
         model.forward_hidden(toks[:40], 0, p, table, HybridState.zeros(config, "cpu"), capture=[20])
 
 
-def test_snapshot_round_trip_restores_state_and_window():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_snapshot_round_trip_restores_state_and_window(dtype):
     config = HybridConfig.preset("tiny-hybrid-swa")
-    codec = SnapshotCodec(config)
+    codec = SnapshotCodec(config, dtype)
     g = torch.Generator().manual_seed(1)
     state = HybridState.zeros(config, "cpu")
     state = HybridState([torch.randn(t.shape, generator=g) for t in state.conv],
                         [torch.randn(t.shape, generator=g) for t in state.ssm])
-    src, dst = pools(config), pools(config)
-    src.window.normal_(generator=g)
+    src, dst = pools(config, dtype=dtype), pools(config, dtype=dtype)
+    src.window.copy_(torch.randn(src.window.shape, generator=g))
     table = torch.arange(16)
     flat = torch.zeros(codec.layout().page_bytes // 4)
     codec.pack(state, src, table, 40, flat)
