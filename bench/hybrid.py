@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from controller import ControllerConfig, connect
-from controller.hybrid import HybridCache, default_stride_pages
+from controller.hybrid import HybridCache, default_stride_pages, snapshot_config
 from decoder.config import DecoderConfig
 from decoder.hybrid_config import HYBRID_PRESETS, HybridConfig
 from decoder.hybrid_engine import HybridEngine
@@ -92,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     snapshots_needed = longest // (stride * P) + 2 + 4
     cache = HybridCache(
         connect(ControllerConfig(host_pool_pages=longest // P + 16), kv_ns, cached.pools.kv),
-        connect(ControllerConfig(host_pool_pages=snapshots_needed), snap_ns, cached.snapshot_pool),
+        connect(snapshot_config(ControllerConfig(host_pool_pages=snapshots_needed)), snap_ns,
+                cached.snapshot_pool),
         kv_ns.digest(), stride)
     cached.attach_cache(cache)
     dense_page_bytes = DecoderConfig.preset(args.dense_preset).kv_layout(P, kv_dtype).page_bytes

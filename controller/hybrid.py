@@ -30,10 +30,15 @@ the end of every stored prompt, twice: after its last full page (a continuation 
 conversation hits there) and after page ceil(n/P) - 1 of an n-token prompt (the same
 prompt resent hits there: at most n - 1 tokens). ``default_stride_pages`` sizes the
 stride so that snapshots add at most a quarter to a prefix's bytes.
+
+The snapshot client's lookups must wait for L3 (``SNAPSHOT_PREFETCH``: wait_complete): a
+snapshot is one 8-"token" page that stands for the whole prefix, so the ``auto`` cost
+model, which weighs a page's load against recomputing its tokens, would misjudge it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -43,9 +48,14 @@ import numpy as np
 
 from controller.api import CacheClient, CacheError, LoadHandle, LookupResult
 from controller.arguments import token_array
+from controller.config import ControllerConfig, PrefetchConfig
 from kvstore.page_keys import KEY_BYTES, PageKey, page_keys
 
 log = logging.getLogger(__name__)
+
+SNAPSHOT_PREFETCH = PrefetchConfig(policy="wait_complete")
+"""The prefetch policy of a snapshot client (embedded: ``snapshot_config``; daemon client:
+its ``prefetch`` option)."""
 
 SNAPSHOT_BYTES_SHARE = 0.25
 """Snapshots at stride multiples add at most this share to the bytes of a cached prefix."""
@@ -56,6 +66,11 @@ def key_tokens(page_key: PageKey) -> np.ndarray:
     if len(page_key) != KEY_BYTES:
         raise CacheError(f"a page key has {KEY_BYTES} bytes, got {len(page_key)}")
     return np.frombuffer(page_key, dtype="<u2").astype(np.int64)
+
+
+def snapshot_config(config: ControllerConfig) -> ControllerConfig:
+    """``config`` for the embedded snapshot client: lookups wait for L3 (module doc)."""
+    return dataclasses.replace(config, prefetch=SNAPSHOT_PREFETCH)
 
 
 def default_stride_pages(snapshot_bytes: int, page_bytes: int, align_pages: int = 1) -> int:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from controller import ControllerConfig, L3Config, connect
-from controller.hybrid import HybridCache, default_stride_pages
+from controller.hybrid import HybridCache, default_stride_pages, snapshot_config
 from decoder.demo import _SCRIPT
 from decoder.hybrid_config import HybridConfig
 from decoder.hybrid_engine import HybridEngine, HybridResult
@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         # L2 is small on purpose (pages and 3 snapshots): sessions spill to disk between turns.
         cache = HybridCache(
             connect(ControllerConfig(host_pool_pages=args.host_pages, l3=l3("pages")), kv_ns, cached.pools.kv),
-            connect(ControllerConfig(host_pool_pages=3, l3=l3("snapshots")), snap_ns, cached.snapshot_pool),
+            connect(snapshot_config(ControllerConfig(host_pool_pages=3, l3=l3("snapshots"))), snap_ns,
+                    cached.snapshot_pool),
             kv_ns.digest(), stride)
         cached.attach_cache(cache)
         try:

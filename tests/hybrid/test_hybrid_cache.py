@@ -18,7 +18,7 @@ sys.path.insert(0, str(HERE.parent / "connectors"))
 sys.path.insert(0, str(HERE.parent / "daemon"))
 
 from controller import ControllerConfig, L3Config, connect  # noqa: E402
-from controller.hybrid import HybridCache, key_tokens  # noqa: E402
+from controller.hybrid import SNAPSHOT_PREFETCH, HybridCache, key_tokens, snapshot_config  # noqa: E402
 from decoder.hybrid_config import HybridConfig  # noqa: E402
 from decoder.hybrid_engine import HybridEngine  # noqa: E402
 from decoder.hybrid_model import HybridDecoder  # noqa: E402
@@ -53,7 +53,7 @@ def embedded(engine: HybridEngine, l3: tuple[L3Config, L3Config] | None = None,
     kv_ns, snap_ns = namespaces(engine)
     l3 = l3 or (L3Config(), L3Config())
     pages = connect(ControllerConfig(host_pool_pages=64, l3=l3[0]), kv_ns, engine.pools.kv)
-    snaps = connect(ControllerConfig(host_pool_pages=snapshot_pages, l3=l3[1]), snap_ns,
+    snaps = connect(snapshot_config(ControllerConfig(host_pool_pages=snapshot_pages, l3=l3[1])), snap_ns,
                     engine.snapshot_pool)
     cache = HybridCache(pages, snaps, kv_ns.digest(), STRIDE)
     engine.attach_cache(cache)
@@ -164,6 +164,7 @@ def test_l3_redis_embedded(model):
             client.close()
 
 
+@pytest.mark.slow
 def test_daemons_l2_and_l3(model, tmp_path):
     """One daemon per layout (pages, snapshots) as processes, each with a disk L3; the
     snapshot daemon's L2 holds 2 snapshots, so older ones come back from its disk."""
@@ -185,8 +186,9 @@ def test_daemons_l2_and_l3(model, tmp_path):
             d.start(wait=False)
         for d in daemons:
             d.wait_ready()
-        cache = HybridCache(daemons[0].client(on.pools.kv, kv_ns), daemons[1].client(on.snapshot_pool, snap_ns),
-                            kv_ns.digest(), STRIDE)
+        pages = daemons[0].client(on.pools.kv, kv_ns)
+        snaps = daemons[1].client(on.snapshot_pool, snap_ns, prefetch=SNAPSHOT_PREFETCH)
+        cache = HybridCache(pages, snaps, kv_ns.digest(), STRIDE)
         on.attach_cache(cache)
         try:
             first = golden(on, off, A, 0)                       # 3 snapshots: the first one spills
