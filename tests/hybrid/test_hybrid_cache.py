@@ -200,3 +200,32 @@ def test_daemons_l2_and_l3(model, tmp_path):
     finally:
         for d in daemons:
             d.stop()
+
+
+def test_stores_are_all_or_nothing(model):
+    """Pages that could not all be placed get no snapshot; snapshots that could not be placed
+    leave pages that are no hit. Either way the next run recomputes, exactly."""
+    on, off = HybridEngine(model, P, 48), HybridEngine(model, P, 48)
+    kv_ns, snap_ns = namespaces(on)
+    pages = connect(ControllerConfig(host_pool_pages=4), kv_ns, on.pools.kv)        # < A's 9 pages
+    snaps = connect(snapshot_config(ControllerConfig(host_pool_pages=4)), snap_ns, on.snapshot_pool)
+    on.attach_cache(HybridCache(pages, snaps, kv_ns.digest(), STRIDE))
+    assert golden(on, off, A, 0).num_snapshots_stored == 0
+    golden(on, off, A, 0)
+    on.cache.close()
+
+    pages = connect(ControllerConfig(host_pool_pages=64), kv_ns, on.pools.kv)
+    snaps = connect(snapshot_config(ControllerConfig(host_pool_pages=1)), snap_ns, on.snapshot_pool)
+    cache = HybridCache(pages, snaps, kv_ns.digest(), STRIDE)
+    on.attach_cache(cache)
+    other = tokens(10, 20)
+    golden(on, off, other, 0)                      # its one snapshot takes the only slot ...
+    held = cache.lookup(other)                     # ... and stays leased
+    assert held.num_pages == 2
+    assert golden(on, off, A, 0).num_snapshots_stored == 0
+    cache.release(held)
+    probe = cache.pages.lookup(A)
+    assert probe.num_hit_pages == 9                # every page of A is there, no snapshot:
+    cache.pages.release(probe)
+    golden(on, off, A, 0)                          # no hit
+    cache.close()
