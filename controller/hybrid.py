@@ -25,8 +25,9 @@ placed (a snapshot is useful only with all pages before it, and ``StoreResult`` 
 say which ones were skipped); a snapshot that fails to store leaves its pages, which are
 then no hit past the previous snapshot (the read rule above), never a wrong one.
 
-Stride (``snapshot_ends``): snapshots are stored after every ``stride_pages`` pages and at
-the end of every stored prompt, twice: after its last full page (a continuation of the
+Stride (``snapshot_ends``, ``branch_snapshot``): snapshots are stored after every
+``stride_pages`` pages, at branch points (where a request's page hit ran past its snapshot)
+and at the end of every stored prompt, twice: after its last full page (a continuation of the
 conversation hits there) and after page ceil(n/P) - 1 of an n-token prompt (the same
 prompt resent hits there: at most n - 1 tokens). ``default_stride_pages`` sizes the
 stride so that snapshots add at most a quarter to a prefix's bytes.
@@ -91,6 +92,10 @@ class HybridHit:
     num_pages: int
     num_probes: int = 0
     """Snapshot lookups this hit took."""
+    num_page_hits: int = 0
+    """Pages the page cache held for these tokens (within the n-1 cap) when looked up: more
+    than ``num_pages`` where another prompt branched off after the last snapshot: a place
+    worth a snapshot of its own (``branch_snapshot``)."""
 
     @property
     def snapshot_from_l3(self) -> bool:
@@ -130,6 +135,14 @@ class HybridCache:
         ends.add((prompt_len - 1) // self.page_size)
         return sorted(e for e in ends if e > 0)
 
+    def branch_snapshot(self, hit: HybridHit, align_pages: int = 1) -> int | None:
+        """Where a request that got ``hit`` should also store a snapshot: where the pages it
+        found end (rounded down to ``align_pages``), if that is past its hit. Pages there were
+        stored by a prompt that went on differently, so prompts branch there; a snapshot at
+        the branch turns the next such request's recompute into a hit."""
+        branch = hit.num_page_hits // align_pages * align_pages
+        return branch if branch > hit.num_pages else None
+
     def _candidates(self, num_pages: int) -> list[int]:
         """Where to look for a snapshot inside a page hit of ``num_pages``: its end, then the
         stride multiples below it, longest first."""
@@ -142,7 +155,7 @@ class HybridCache:
         P = self.page_size
         limit = (len(tokens) - 1) // P if len(tokens) else 0
         pages = self.pages.lookup(tokens[: limit * P])
-        probes = 0
+        probes, page_hits = 0, pages.num_hit_pages
         try:
             while pages.num_hit_pages:
                 keys = pages.keys
@@ -158,14 +171,14 @@ class HybridCache:
                     break
                 b, snap = found
                 if b == pages.num_hit_pages:
-                    return HybridHit(pages, snap, b, probes)
+                    return HybridHit(pages, snap, b, probes, page_hits)
                 # Lease exactly the b pages used (load() copies every leased page), then drop
                 # the longer lease; a page evicted in between sends us round again.
                 shorter = self.pages.lookup(tokens[: b * P])
                 self.pages.release(pages)
                 pages = shorter
                 if shorter.num_hit_pages == b:
-                    return HybridHit(pages, snap, b, probes)
+                    return HybridHit(pages, snap, b, probes, page_hits)
                 self.snapshots.release(snap)
         except BaseException:
             self.pages.release(pages)
@@ -173,7 +186,7 @@ class HybridCache:
         # No usable snapshot: a miss (the lease on pages is given back at once).
         self.pages.release(pages)
         empty = self.pages.lookup(tokens[:0])
-        return HybridHit(empty, None, 0, probes)
+        return HybridHit(empty, None, 0, probes, page_hits)
 
     def load(self, hit: HybridHit, device_pages: Sequence[int],
              snapshot_slot: int) -> tuple[LoadHandle | None, LoadHandle | None]:

@@ -24,6 +24,7 @@ recomputing the whole prompt: a snapshot is of no use without every page before 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -146,6 +147,12 @@ class HybridEngine:
             if hit is not None and hit.num_pages:
                 state, first, page_handle = self._load(hit, pages, page_table, result)
             ends = cache.snapshot_ends(n) if cache is not None else []
+            if hit is not None:
+                # a snapshot where another prompt branched off (on the scan's block grid, so
+                # that capturing it changes no op)
+                align = math.lcm(self.model.config.ssd_chunk, self.page_size) // self.page_size
+                branch = cache.branch_snapshot(hit, align)
+                ends = sorted(set(ends) | ({branch} if branch else set()))
             captured = self._prefill(prompt, first, split_at, page_table, state, ends, page_handle, result)
             result.ttft_s = time.perf_counter() - started
             if cache is not None:

@@ -86,6 +86,7 @@ def conversation(model, cache_factory):
     golden(on, off, A, 72)                                  # resent: at the prompt-end snapshot
     golden(on, off, A[:64] + tokens(2, 20), 64)             # branch at a stride snapshot
     golden(on, off, A[:50] + tokens(3, 30), 32)             # branch between snapshots: back to 4 pages
+    golden(on, off, A[:50] + tokens(11, 25), 48)            # ... which left one at the branch (6 pages)
     golden(on, off, A + first.tokens + tokens(4, 20), 72)   # the next turn
     return on, off, cache
 
