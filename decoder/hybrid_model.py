@@ -261,8 +261,12 @@ class HybridDecoder(nn.Module):
             if self.attention == "explicit":
                 out = attention(q, keys, values, allowed)
             else:
+                # KV heads repeated for their query groups: a masked call with GQA may find no
+                # fused kernel (then the math path materialises every score).
+                group = b.num_heads // b.num_kv_heads
+                keys, values = (t.repeat_interleave(group, dim=1) for t in (keys, values))
                 qh, kh, vh = (t.to(q.dtype).transpose(0, 1).unsqueeze(0) for t in (q, keys, values))
-                out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, enable_gqa=True)
+                out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed)
                 out = out[0].transpose(0, 1).reshape(n, b.num_heads * b.head_dim)
         return F.linear(out.to(x.dtype), layer.wo)
 
