@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cached = HybridEngine(model, P, num_pages, kv_dtype, args.chunk, num_snapshot_slots=8)
     kv_ns = KeyNamespace(config.model_id, cached.pools.kv_layout)
     snap_ns = KeyNamespace(config.model_id, cached.snapshot_layout)
-    align = -(-config.ssd_chunk // P)
+    align = cached.align_pages
     stride = default_stride_pages(cached.codec.nbytes, cached.pools.kv_layout.page_bytes, align)
     # L2 holds the current point's stored prefix (pages and snapshots); older points' entries
     # are evicted (least recently used) as new ones come.
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         connect(ControllerConfig(host_pool_pages=longest // P + 16), kv_ns, cached.pools.kv),
         connect(snapshot_config(ControllerConfig(host_pool_pages=snapshots_needed)), snap_ns,
                 cached.snapshot_pool),
-        kv_ns.digest(), stride)
+        kv_ns.digest(), stride, align_pages=align)
     cached.attach_cache(cache)
     dense_page_bytes = DecoderConfig.preset(args.dense_preset).kv_layout(P, kv_dtype).page_bytes
     out = {

@@ -116,12 +116,19 @@ class HybridCache:
     """Pages + snapshots of one hybrid model behind the hit rule (module doc)."""
 
     def __init__(self, pages: CacheClient, snapshots: CacheClient, page_namespace_digest: bytes,
-                 stride_pages: int, max_probes: int = 4) -> None:
+                 stride_pages: int, max_probes: int = 4, align_pages: int = 1) -> None:
+        """``align_pages``: snapshots other than a prompt's end sit on multiples of it (the
+        model's scan block in pages, where states exist without cutting the prefill); the
+        stride must be one of them."""
         if snapshots.layout.page_size != KEY_BYTES // 2:
             raise CacheError(f"the snapshot cache's layout must hold {KEY_BYTES // 2} tokens per page "
                              f"(one key), got {snapshots.layout.page_size}")
         if not isinstance(stride_pages, int) or stride_pages < 1:
             raise CacheError(f"stride_pages must be an int >= 1, got {stride_pages!r}")
+        if not isinstance(align_pages, int) or align_pages < 1 or stride_pages % align_pages:
+            raise CacheError(f"align_pages must be an int >= 1 dividing stride_pages "
+                             f"({stride_pages}), got {align_pages!r}")
+        self.align_pages = align_pages
         self.pages, self.snapshots = pages, snapshots
         self.page_size = pages.layout.page_size
         self.stride_pages, self.max_probes = stride_pages, max_probes
@@ -135,19 +142,25 @@ class HybridCache:
         ends.add((prompt_len - 1) // self.page_size)
         return sorted(e for e in ends if e > 0)
 
-    def branch_snapshot(self, hit: HybridHit, align_pages: int = 1) -> int | None:
+    def branch_snapshot(self, hit: HybridHit) -> int | None:
         """Where a request that got ``hit`` should also store a snapshot: where the pages it
         found end (rounded down to ``align_pages``), if that is past its hit. Pages there were
         stored by a prompt that went on differently, so prompts branch there; a snapshot at
         the branch turns the next such request's recompute into a hit."""
-        branch = hit.num_page_hits // align_pages * align_pages
+        branch = hit.num_page_hits // self.align_pages * self.align_pages
         return branch if branch > hit.num_pages else None
 
     def _candidates(self, num_pages: int) -> list[int]:
-        """Where to look for a snapshot inside a page hit of ``num_pages``: its end, then the
-        stride multiples below it, longest first."""
+        """Where to look for a snapshot inside a page hit of ``num_pages``: its end (a prompt's
+        end), its end on the align grid (a branch), then the stride multiples below, longest
+        first."""
+        aligned = num_pages // self.align_pages * self.align_pages
         below = range((num_pages - 1) // self.stride_pages * self.stride_pages, 0, -self.stride_pages)
-        return ([num_pages] + [b for b in below if b != num_pages])[: self.max_probes]
+        out: list[int] = []
+        for b in [num_pages, aligned, *below]:
+            if b > 0 and b not in out:
+                out.append(b)
+        return out[: self.max_probes]
 
     def lookup(self, tokens: Sequence[int] | np.ndarray) -> HybridHit:
         """Lease the longest hit of the rule (module doc). Release it with ``release``."""

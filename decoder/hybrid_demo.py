@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     plain, cached = HybridEngine(model, P, num_pages), HybridEngine(model, P, num_pages, num_snapshot_slots=8)
     kv_ns = KeyNamespace(config.model_id, cached.pools.kv_layout)
     snap_ns = KeyNamespace(config.model_id, cached.snapshot_layout)
-    align = -(-config.ssd_chunk // P)
+    align = cached.align_pages
     stride = default_stride_pages(cached.codec.nbytes, cached.pools.kv_layout.page_bytes, align)
     with tempfile.TemporaryDirectory(prefix="kvstore-hybrid-demo-") as tmp:
         root = args.l3_dir or tmp
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             connect(ControllerConfig(host_pool_pages=args.host_pages, l3=l3("pages")), kv_ns, cached.pools.kv),
             connect(snapshot_config(ControllerConfig(host_pool_pages=3, l3=l3("snapshots"))), snap_ns,
                     cached.snapshot_pool),
-            kv_ns.digest(), stride)
+            kv_ns.digest(), stride, align_pages=align)
         cached.attach_cache(cache)
         try:
             rows = _converse(plain, cached, config.base.vocab_size, args)

@@ -101,11 +101,17 @@ class HybridEngine:
             if self.snapshot_pool.shape[0] < 2:
                 raise EngineError("an engine with a cache needs num_snapshot_slots >= 2 (one to "
                                   "load into, the others to store from)")
-            align = self.model.config.ssd_chunk
-            if (cache.stride_pages * self.page_size) % align:
-                raise EngineError(f"the snapshot stride ({cache.stride_pages} pages of {self.page_size}) "
-                                  f"must be a multiple of the SSD scan block ({align} tokens)")
+            if cache.align_pages % self.align_pages:
+                raise EngineError(f"the cache's align_pages ({cache.align_pages}) must be a multiple of "
+                                  f"{self.align_pages}: snapshots sit on the SSD scan's block grid "
+                                  f"({self.model.config.ssd_chunk} tokens)")
         self.cache = cache
+
+    @property
+    def align_pages(self) -> int:
+        """Pages per step of the grid where the SSD state exists without cutting a prefill
+        chunk (the scan block, in pages): a HybridCache's ``align_pages`` for this engine."""
+        return math.lcm(self.model.config.ssd_chunk, self.page_size) // self.page_size
 
     def snapshot_slot(self, i: int) -> torch.Tensor:
         return self.snapshot_pool[i].view(-1)
@@ -150,8 +156,7 @@ class HybridEngine:
             if hit is not None:
                 # a snapshot where another prompt branched off (on the scan's block grid, so
                 # that capturing it changes no op)
-                align = math.lcm(self.model.config.ssd_chunk, self.page_size) // self.page_size
-                branch = cache.branch_snapshot(hit, align)
+                branch = cache.branch_snapshot(hit)
                 ends = sorted(set(ends) | ({branch} if branch else set()))
             captured = self._prefill(prompt, first, split_at, page_table, state, ends, page_handle, result)
             result.ttft_s = time.perf_counter() - started

@@ -24,7 +24,7 @@ from decoder.hybrid_engine import HybridEngine  # noqa: E402
 from decoder.hybrid_model import HybridDecoder  # noqa: E402
 from kvstore.page_keys import KeyNamespace, page_keys  # noqa: E402
 
-P, STRIDE, NEW = 8, 4, 3
+P, STRIDE, ALIGN, NEW = 8, 4, 2, 3   # ALIGN: the scan block (16 tokens) in pages
 CONFIG = HybridConfig.preset("tiny-hybrid-swa")   # SSD + window + full attention layers
 
 
@@ -55,7 +55,7 @@ def embedded(engine: HybridEngine, l3: tuple[L3Config, L3Config] | None = None,
     pages = connect(ControllerConfig(host_pool_pages=64, l3=l3[0]), kv_ns, engine.pools.kv)
     snaps = connect(snapshot_config(ControllerConfig(host_pool_pages=snapshot_pages, l3=l3[1])), snap_ns,
                     engine.snapshot_pool)
-    cache = HybridCache(pages, snaps, kv_ns.digest(), STRIDE)
+    cache = HybridCache(pages, snaps, kv_ns.digest(), STRIDE, align_pages=ALIGN)
     engine.attach_cache(cache)
     return cache
 
@@ -87,6 +87,7 @@ def conversation(model, cache_factory):
     golden(on, off, A[:64] + tokens(2, 20), 64)             # branch at a stride snapshot
     golden(on, off, A[:50] + tokens(3, 30), 32)             # branch between snapshots: back to 4 pages
     golden(on, off, A[:50] + tokens(11, 25), 48)            # ... which left one at the branch (6 pages)
+    golden(on, off, A[:60] + tokens(13, 20), 48)            # pages to 7: the branch on the scan grid
     golden(on, off, A + first.tokens + tokens(4, 20), 72)   # the next turn
     return on, off, cache
 
@@ -189,7 +190,7 @@ def test_daemons_l2_and_l3(model, tmp_path):
             d.wait_ready()
         pages = daemons[0].client(on.pools.kv, kv_ns)
         snaps = daemons[1].client(on.snapshot_pool, snap_ns, prefetch=SNAPSHOT_PREFETCH)
-        cache = HybridCache(pages, snaps, kv_ns.digest(), STRIDE)
+        cache = HybridCache(pages, snaps, kv_ns.digest(), STRIDE, align_pages=ALIGN)
         on.attach_cache(cache)
         try:
             first = golden(on, off, A, 0)                       # 3 snapshots: the first one spills
@@ -210,14 +211,14 @@ def test_stores_are_all_or_nothing(model):
     kv_ns, snap_ns = namespaces(on)
     pages = connect(ControllerConfig(host_pool_pages=4), kv_ns, on.pools.kv)        # < A's 9 pages
     snaps = connect(snapshot_config(ControllerConfig(host_pool_pages=4)), snap_ns, on.snapshot_pool)
-    on.attach_cache(HybridCache(pages, snaps, kv_ns.digest(), STRIDE))
+    on.attach_cache(HybridCache(pages, snaps, kv_ns.digest(), STRIDE, align_pages=ALIGN))
     assert golden(on, off, A, 0).num_snapshots_stored == 0
     golden(on, off, A, 0)
     on.cache.close()
 
     pages = connect(ControllerConfig(host_pool_pages=64), kv_ns, on.pools.kv)
     snaps = connect(snapshot_config(ControllerConfig(host_pool_pages=1)), snap_ns, on.snapshot_pool)
-    cache = HybridCache(pages, snaps, kv_ns.digest(), STRIDE)
+    cache = HybridCache(pages, snaps, kv_ns.digest(), STRIDE, align_pages=ALIGN)
     on.attach_cache(cache)
     other = tokens(10, 20)
     golden(on, off, other, 0)                      # its one snapshot takes the only slot ...
