@@ -16,8 +16,9 @@ The hit rule (``HybridCache.lookup``): the hit is the longest prefix of B whole 
     a snapshot after page B-1 present          (SSD states + the last window of every
                                                 sliding-window layer, at exactly B)
 
-Snapshots are looked for at the end of the page hit, then at each stride multiple below
-it (at most ``max_probes`` lookups). A prefix with pages but no snapshot at its end is no
+Snapshots are looked for at the end of the page hit (a prompt's end), at that end rounded
+down to ``align_pages`` (a branch snapshot), then at each stride multiple below it (at most
+``max_probes`` lookups). A prefix with pages but no snapshot at its end is no
 hit past the last snapshot before it; a snapshot whose pages are missing is never reached.
 
 Stores are all-or-nothing across the groups: pages first; snapshots only if every page was
