@@ -51,6 +51,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fractions", default="0.5,0.9,1.0")
     p.add_argument("--chunk", type=int, default=8192, help="prefill chunk tokens")
     p.add_argument("--reps", type=int, default=2, help="timed runs per point (median)")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="model and KV dtype; auto: bfloat16 on a GPU, float32 on CPU")
+    p.add_argument("--attention", choices=("auto", "explicit", "sdpa"), default="auto",
+                   help="auto: sdpa (fused kernels) on a GPU, explicit on CPU")
     args = p.parse_args(argv)
     if args.dense_preset is None:
         args.dense_preset = HYBRID_PRESETS[args.preset][0] if args.preset in HYBRID_PRESETS else "llama3-8b"
@@ -75,9 +79,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     config = HybridConfig.preset(args.preset)
     config = HybridConfig(**{**config.__dict__, "base": DecoderConfig(**{
         **base_cfg.base.__dict__, "max_positions": longest + 2 * args.page_size})})
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    kv_dtype = "bfloat16" if on_gpu else "float32"
-    model = HybridDecoder(config, device=device, dtype=dtype, attention="sdpa" if on_gpu else "explicit",
+    kv_dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    dtype = getattr(torch, kv_dtype)
+    attention = args.attention if args.attention != "auto" else ("sdpa" if on_gpu else "explicit")
+    model = HybridDecoder(config, device=device, dtype=dtype, attention=attention,
                           draw_on="device" if on_gpu else "cpu")
     P = args.page_size
     num_pages = -(-(longest + 1) // P) + 2
@@ -100,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = {
         "device": device_name(device), "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {"preset": args.preset, "pattern": config.pattern, "parameters": num_parameters(model),
-                  "dtype": str(dtype), "page_size": P, "prefill_chunk_len": args.chunk,
+                  "dtype": str(dtype), "attention": attention, "page_size": P, "prefill_chunk_len": args.chunk,
                   "kv_page_bytes": cached.pools.kv_layout.page_bytes, "snapshot_bytes": cached.codec.nbytes,
                   "snapshot_stride_pages": stride, "dense_preset": args.dense_preset,
                   "dense_page_bytes": dense_page_bytes},
