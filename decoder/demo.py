@@ -53,11 +53,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--daemon", action="store_true",
                         help="start a kvstore daemon and run two engine processes against it "
                              "(decoder.daemon_demo): pages one computes, the other loads")
+    parser.add_argument("--hybrid", action="store_true",
+                        help="a hybrid model (SSD + attention layers; --preset tiny-hybrid or "
+                             "small-hybrid, default small-hybrid): pages + state snapshots "
+                             "(decoder.hybrid_demo)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch; 1 keeps timings steady on a busy machine")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.hybrid:
+        from decoder.hybrid_demo import run as run_hybrid
+
+        return run_hybrid(args)
     if args.daemon:
         from decoder.daemon_demo import run as run_with_daemon
 
