@@ -69,7 +69,9 @@ def shared_store(backend: str) -> Iterator[tuple[object, str, dict]]:
     (naming what to install) if the backend's servers are not installed."""
     if backend == "redis_cluster":
         with servers.redis_cluster_or_skip() as cluster:
-            yield cluster, "redis_cluster", {"startup_nodes": cluster.startup_nodes}
+            # The key prefix as a config file gives it: text.
+            yield cluster, "redis_cluster", {"startup_nodes": cluster.startup_nodes,
+                                             "key_prefix": "fleet-1:"}
     elif backend == "mooncake":
         with servers.mooncake_or_skip(segment_bytes=64 << 20) as store:
             # A daemon is a pure client of the store: 16 MiB of transfer buffer holds a batch.
