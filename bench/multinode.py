@@ -315,7 +315,22 @@ def run_store(world: World, store: str, plain: ReferenceEngine, out: dict) -> No
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the daemons and store servers are stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        out = run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not out["points"]:
+        print("no store ran", file=sys.stderr)
+        return 2
+    if not all(p["exact_vs_split_run"] for p in out["points"]):
+        print("node B's output differs from the split cache-off run", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Every store's points, written to ``args.out`` as JSON (and returned)."""
     import pytest
 
     started = time.perf_counter()
@@ -337,13 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out["total_s"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
-    if not out["points"]:
-        print("no store ran", file=sys.stderr)
-        return 2
-    if not all(p["exact_vs_split_run"] for p in out["points"]):
-        print("node B's output differs from the split cache-off run", file=sys.stderr)
-        return 1
-    return 0
+    return out
 
 
 if __name__ == "__main__":

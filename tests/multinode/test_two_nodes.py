@@ -22,6 +22,8 @@ from nodes import (LAYOUT, PAGE_SIZE, NodeEngine, l3_flags, l3_keys, prompt, sha
 
 from connectors import open_connector
 
+pytestmark = pytest.mark.slow             # real servers and daemons: ~15-25 s a test
+
 BACKENDS = ["redis_cluster", "mooncake"]
 PROMPT_LEN = 200                       # 12 full pages of 16 tokens + 8
 FULL = PROMPT_LEN // PAGE_SIZE * PAGE_SIZE
