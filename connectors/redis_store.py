@@ -37,11 +37,16 @@ def _no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
-def _check_common(ttl_s: float | None, key_prefix: bytes) -> None:
+def _check_common(ttl_s: float | None, key_prefix: bytes | str) -> bytes:
+    """Checks the options both backends share; returns the key prefix as bytes (a daemon's
+    config file or JSON options can only give it as text)."""
     if ttl_s is not None and not ttl_s > 0:
         raise ConnectorError(f"ttl_s must be > 0 seconds or None, got {ttl_s!r}")
+    if isinstance(key_prefix, str):
+        key_prefix = key_prefix.encode()
     if not isinstance(key_prefix, bytes):
-        raise ConnectorError(f"key_prefix must be bytes, got {type(key_prefix).__name__}")
+        raise ConnectorError(f"key_prefix must be bytes or str, got {type(key_prefix).__name__}")
+    return key_prefix
 
 
 def _resp_set(key: bytes, frame, ttl_ms: int | None) -> list:
@@ -142,11 +147,10 @@ class RedisConnector(Connector):
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 6379, db: int = 0,
                  password: str | None = None, username: str | None = None,
-                 ttl_s: float | None = None, key_prefix: bytes = b"kvstore:",
+                 ttl_s: float | None = None, key_prefix: bytes | str = b"kvstore:",
                  max_connections: int = 16, **common) -> None:
         super().__init__(**common)
-        _check_common(ttl_s, key_prefix)
-        self._prefix = key_prefix
+        self._prefix = _check_common(ttl_s, key_prefix)
         self._ttl_ms = None if ttl_s is None else max(1, int(ttl_s * 1000))
         self._r = aioredis.Redis(
             host=host, port=port, db=db, password=password, username=username,
@@ -202,15 +206,15 @@ class RedisClusterConnector(Connector):
     def __init__(self, *, startup_nodes: list[tuple[str, int]] | None = None,
                  host: str | None = None, port: int | None = None,
                  password: str | None = None, username: str | None = None,
-                 ttl_s: float | None = None, key_prefix: bytes = b"kvstore:",
+                 ttl_s: float | None = None, key_prefix: bytes | str = b"kvstore:",
                  max_connections: int = 16, **common) -> None:
         super().__init__(**common)
-        _check_common(ttl_s, key_prefix)
+        prefix = _check_common(ttl_s, key_prefix)
         if startup_nodes is None and host is not None:
             startup_nodes = [(host, port or 6379)]
         if not startup_nodes:
             raise ConnectorError("redis_cluster needs startup_nodes=[(host, port), ...] or host/port")
-        self._prefix = key_prefix
+        self._prefix = prefix
         self._ttl_ms = None if ttl_s is None else max(1, int(ttl_s * 1000))
         self._r = RedisCluster(
             startup_nodes=[ClusterNode(h, int(p)) for h, p in startup_nodes],

@@ -76,7 +76,9 @@ def format_stats(s: dict) -> str:
         f"  lookups  {s.get('num_lookups', 0)}, page hit rate {hit / lookups:.1%} "
         f"(L2 {s.get('num_l2_hit_pages', 0)}, L3 {s.get('num_l3_hit_pages', 0)} of "
         f"{s.get('num_lookup_pages', 0)})",
-        f"  stored   {s.get('num_stored_pages', 0)} pages, evicted {s.get('num_evicted_pages', 0)}",
+        f"  stored   {s.get('num_stored_pages', 0)} pages, evicted {s.get('num_evicted_pages', 0)}"
+        + (f"; written to L3 {s.get('num_l3_written_pages', 0)}, {s.get('num_due_pages', 0)} not yet"
+           if s.get("l3_status", "none") != "none" else ""),
         f"  refused  {s['num_refused']} requests, {s['num_bad_messages']} bad messages",
         *_l3_lines(s),
     ])
