@@ -132,16 +132,21 @@ def run_point(plain: HybridEngine, cached: HybridEngine, base: list[int], contex
               args: argparse.Namespace, vocab: int) -> dict:
     P = args.page_size
     if fraction >= 1.0:
-        prompt, stored = base[:context], base[:context]
+        stored = base[:context]
+        prompts = [stored] * args.reps
         expect = (context - 1) // P * P
     else:
         B = int(fraction * context) // P * P
-        fresh = np.random.default_rng([context, B, 7]).integers(0, vocab, context - B).tolist()
-        prompt, stored, expect = base[:B] + fresh, base[:B], B
+        stored, expect = base[:B], B
+        # a fresh tail per timed run: each run stores its own prompt, which must not become
+        # the next run's hit
+        prompts = [base[:B] + np.random.default_rng([context, B, 7, rep]).integers(
+            0, vocab, context - B).tolist() for rep in range(args.reps)]
+    prompt = prompts[0]
     # where the storing run cut (its end-of-prompt snapshots), for the cache-off twin
     stored_cuts = [(len(stored) - 1) // P * P, len(stored) // P * P]
     cached.generate(stored, 1)                                       # stores pages + snapshots
-    runs = [cached.generate(prompt, 1) for _ in range(args.reps)]
+    runs = [cached.generate(p, 1) for p in prompts]
     for r in runs:
         if r.num_cached_tokens != expect:
             raise AssertionError(f"context {context} fraction {fraction}: the hit is "
