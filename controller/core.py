@@ -30,7 +30,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from controller.api import CacheError, CacheStats
 from controller.async_runner import AsyncRunner
@@ -87,10 +87,18 @@ _CLOSE_GRACE_S = 5.0
 class CacheCore:
     """L2 + L3 + the pipelines; see the module docstring."""
 
-    def __init__(self, config: ControllerConfig, layout: KVLayout) -> None:
+    def __init__(self, config: ControllerConfig, layout: KVLayout, *, pool: HostPool | None = None,
+                 lock: threading.RLock | None = None, admit: Callable[["CacheCore", int], int] | None = None,
+                 wrap_l3: Callable | None = None) -> None:
+        """``pool``, ``lock``, ``admit`` and ``wrap_l3`` are for a daemon that runs several
+        cores under one memory budget (controller/daemon/pools.py): a pool it made, a lock
+        all its cores share, a hook that makes room in the budget before ``n`` slots are
+        reserved here (it answers how many may be), and a wrapper of the L3 connector (a tenant's key salt and quota)."""
         self.config = config
         self.layout = layout
-        self.lock = threading.RLock()
+        self.lock = lock if lock is not None else threading.RLock()
+        self._admit = admit
+        self._wrap_l3 = wrap_l3
         self._stats = CacheStats()
         # Pages L3 lacks -> their position in their chain (0: a chain's first page), so a
         # flush writes parents before children: what a cut-short flush wrote is usable.
@@ -101,7 +109,8 @@ class CacheCore:
         self._prefetcher: Prefetcher | None = None
         self._backup: BackupQueue | None = None
         self._is_closed = False
-        pool = HostPool(layout, config.host_pool_pages, prefault=config.prefault_host_pool)
+        if pool is None:
+            pool = HostPool(layout, config.host_pool_pages, prefault=config.prefault_host_pool)
         self.host = HostStore(pool, policy=config.eviction_policy, on_evict=self._on_evict)
         self.cost = new_cost_model(config.prefetch, layout.page_size, pool.slot_bytes)
         """The ``auto`` policy's rates and choices (fed by the prefetcher and the client)."""
@@ -134,6 +143,8 @@ class CacheCore:
 
         try:
             self._l3 = self._runner.run(open_on_loop(), self.config.l3.timeout_s)
+            if self._wrap_l3 is not None:
+                self._l3 = self._wrap_l3(self._l3)
         except BaseException:
             self._runner.close()
             raise
@@ -303,6 +314,8 @@ class CacheCore:
     def reserve_up_to(self, n: int) -> list[int]:
         """As many slots as possible up to ``n`` (leased pages can't be evicted for them).
         Call under ``lock``."""
+        if self._admit is not None and n > 0:
+            n = self._admit(self, n)   # the shared budget makes room (other cores may evict)
         while n > 0:
             slots = self.host.reserve(n)
             if slots is not None:

@@ -69,9 +69,11 @@ def test_bad_settings_name_the_field(env, flags, message):
         load_config(None, environ=environ, flags={k: v for k, v in flags.items() if v is not None})
 
 
-def test_a_layout_is_required_and_unknown_file_keys_are_named(tmp_path):
+def test_a_partial_layout_is_refused_and_unknown_file_keys_are_named(tmp_path):
+    # No layout at all: a daemon of every layout (issue 19); part of one: refused.
+    assert load_config(None, environ={}).layout is None
     with pytest.raises(ConfigError, match="layout.num_layers"):
-        load_config(None, environ={})
+        load_config(None, environ={"KVSTORE_LAYOUT_HEAD_DIM": "8"})
     path = tmp_path / "bad.toml"
     path.write_text("host_pool_pagez = 3\n")
     with pytest.raises(ConfigError, match="unknown setting 'host_pool_pagez'"):
