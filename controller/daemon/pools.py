@@ -6,7 +6,7 @@ Pages of different layouts have different sizes, so each pool keeps its own slot
 what they share is the budget, in bytes:
 
 - every pool's segment is a sparse memfd as large as the whole budget could fill
-  (``budget // slot_bytes`` slots): memory is only taken by slots in use, and a
+  (``budget // slot_bytes`` slots, at most MAX_SLOTS_PER_POOL): memory is only taken by slots in use, and a
   freed slot's memory goes back at once (``HostPool.release_memory``), so the
   budget bounds what the pools hold physically;
 - before a pool reserves slots (``CacheCore.reserve_up_to``) the registry makes room
@@ -45,8 +45,10 @@ log = logging.getLogger("kvstore.daemon")
 
 MAX_POOLS = 64
 """Most (tenant, layout) pools one daemon holds; a Hello past it is refused."""
-MAX_SLOTS_PER_POOL = 1 << 24
-"""Slot numbers travel as uint32; 16M slots also bounds the generation array (64 MiB)."""
+MAX_SLOTS_PER_POOL = 1 << 18
+"""Most pages one pool may hold (256K: 4M tokens of 16-token pages). A pool's index and
+slot tables are sized by it up front (tens of MB at this bound); real pages are large
+(a 2 MiB page: 64 GiB at 32K pages), so only tiny pages meet it before the budget."""
 
 
 @dataclass(frozen=True)

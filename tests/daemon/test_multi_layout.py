@@ -1,0 +1,98 @@
+"""One daemon, every layout (issue 19, part 1): `kvstore serve` without a layout builds a
+pool per layout its clients name, all under one memory budget, evicted fairly."""
+
+import json
+
+import pytest
+import torch
+
+from controller.config import ConfigError
+from controller.daemon.config import check_budget, default_pool_bytes, load_config
+from daemon_proc import running_daemon
+from kvstore.layout import KVLayout
+from kvstore.page_keys import KeyNamespace
+
+MHA = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, page_size=4, dtype="float32")          # 1 KiB pages
+MLA = KVLayout(num_layers=2, num_kv_heads=1, head_dim=16, page_size=4, dtype="float32", is_mla=True)  # 512 B
+P8 = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, page_size=8, dtype="float32")           # 2 KiB
+LAYOUTS = {"mha": MHA, "mla": MLA, "p8": P8}
+BUDGET = 48 << 10
+
+
+def _client(daemon, name, layout, num_pages, seed=None):
+    pool = torch.zeros(layout.pool_shape(num_pages)) if seed is None else \
+        torch.randn(layout.pool_shape(num_pages), generator=torch.Generator().manual_seed(seed))
+    return daemon.client(pool, namespace=KeyNamespace(f"model-{name}", layout)), pool
+
+
+def _tokens(layout, chain, num_pages):
+    return [chain * 100_000 + i for i in range(num_pages * layout.page_size)]
+
+
+def _pools(daemon) -> dict:
+    return {d["layout"]: d for d in json.loads(daemon.stats()["pools"])}
+
+
+def test_three_layouts_on_one_daemon_store_and_load_bit_exact(tmp_path):
+    # No layout and no budget given: the daemon starts with its default budget.
+    with running_daemon(tmp_path, layout=None) as daemon:
+        for i, (name, layout) in enumerate(LAYOUTS.items()):
+            writer, src = _client(daemon, name, layout, 8, seed=i)
+            assert writer.store(_tokens(layout, 1, 8), range(8)).num_new_pages == 8
+            writer.close()
+        for i, (name, layout) in enumerate(LAYOUTS.items()):
+            reader, dst = _client(daemon, name, layout, 8)
+            src = torch.randn(layout.pool_shape(8), generator=torch.Generator().manual_seed(i))
+            hit = reader.lookup(_tokens(layout, 1, 8))
+            assert hit.num_hit_pages == 8, name
+            reader.load(hit, range(8)).wait_all()
+            reader.release(hit)
+            # Bit-exact (page dim of layer_first is 2): raw bytes, not a float compare.
+            assert dst.numpy().tobytes() == src.numpy().tobytes(), name
+            reader.close()
+        stats = daemon.stats()
+        assert stats["num_pools"] == 3 and stats["budget_bytes"] == default_pool_bytes()
+        assert {d["slot_bytes"] for d in _pools(daemon).values()} == {512, 1024, 2048}
+        daemon.check_integrity(quiescent=True)
+
+
+def test_pressure_from_one_layout_evicts_the_others_fairly(tmp_path):
+    with running_daemon(tmp_path, layout=None, args=["--host-pool-bytes", str(BUDGET)]) as daemon:
+        clients = {name: _client(daemon, name, layout, 16, seed=1)[0]
+                   for name, layout in LAYOUTS.items()}
+        # The quiet two fill 40 of the 48 KiB: 20 KiB each.
+        for chain in range(5):
+            assert clients["mla"].store(_tokens(MLA, chain, 8), range(8)).num_new_pages == 8
+        for chain in range(5):
+            assert clients["p8"].store(_tokens(P8, chain, 2), range(2)).num_new_pages == 2
+        # The busy one stores 64 KiB (more than the whole budget) in 8-page chains.
+        for chain in range(8):
+            assert clients["mha"].store(_tokens(MHA, chain, 8), range(8)).num_new_pages == 8
+        pools = _pools(daemon)
+        used = {name: pools[layout.fingerprint()]["used_slots"] * layout.page_bytes
+                for name, layout in LAYOUTS.items()}
+        evicted = {name: pools[layout.fingerprint()]["evicted_budget"] for name, layout in LAYOUTS.items()}
+        assert sum(used.values()) <= BUDGET
+        # Max-min fair by bytes: each ends at a third of the budget, within one 2 KiB page.
+        for name in LAYOUTS:
+            assert abs(used[name] - BUDGET // 3) <= 2048, (used, evicted)
+        # So the quiet ones gave up what they held above their share: 4 KiB each.
+        assert 6 <= evicted["mla"] <= 10 and 1 <= evicted["p8"] <= 3, evicted
+        assert evicted["mha"] >= 64 - 16 - 2, evicted   # the busy one mostly evicts its own
+        # What is left of the quiet ones still loads (their newest chains, LRU).
+        reader, _ = _client(daemon, "mla", MLA, 8)
+        assert reader.lookup(_tokens(MLA, 4, 8)).num_hit_pages == 8
+        reader.close()
+        for client in clients.values():
+            client.close()
+        daemon.check_integrity(quiescent=True)
+
+
+def test_budget_larger_than_memory_is_refused():
+    with pytest.raises(ConfigError, match="exceeds this machine's physical memory"):
+        check_budget(2 << 40, physical=1 << 40)
+    with pytest.raises(ConfigError, match="host_pool_bytes"):
+        load_config(None, environ={"KVSTORE_HOST_POOL_BYTES": "1000T"})
+    assert load_config(None, environ={"KVSTORE_HOST_POOL_BYTES": "1G"}).host_pool_bytes == 1 << 30
+    assert default_pool_bytes(physical=16 << 30) == 4 << 30
+    assert default_pool_bytes(physical=1 << 40) == 64 << 30
