@@ -147,12 +147,13 @@ class FdBroker:
 
     def _handle(self, conn: socket.socket) -> None:
         pid, uid, _ = peer_credentials(conn)
+        op = _recv_exact(conn, 1)   # the whole request first: a refusal must reach the client
+        secret = _recv_exact(conn, 16) if op == b"F" else b""
         if uid not in self.allowed_uids:
             self.num_refused += 1
             conn.sendall(b"E" + f"uid {uid} may not use this daemon (its owner can admit it: "
                          "kvstore serve --allow-users)".encode())
             return
-        op = _recv_exact(conn, 1)
         if op == b"T":
             ticket = secrets.token_bytes(16)
             now = time.monotonic()
@@ -163,7 +164,6 @@ class FdBroker:
                 self._tickets[ticket] = (uid, now + TTL_S)
             conn.sendall(b"K" + ticket)
         elif op == b"F":
-            secret = _recv_exact(conn, 16)
             with self._lock:
                 grant = self._grants.pop(secret, None)
             if grant is None or grant.expires < time.monotonic():
