@@ -64,7 +64,7 @@ from controller.load_handle import CompletedLoad, ControllerLoad
 from controller.pending_stores import PendingStore, PendingStores
 from controller.process_identity import own_identity
 from controller.segment import attach_segment
-from controller.tenant_link import fetch_ticket, receive_segment
+from controller.tenant_link import PinnedPrefix, fetch_ticket, receive_segment
 from kvstore.host_pool import generations_view, segment_bytes
 from kvstore.layout import KVLayout
 from kvstore.page_keys import KeyNamespace, PageKeyCache
@@ -148,10 +148,12 @@ class Session:
 
     def __init__(self, address: str, layout_fingerprint: str | None = None, *,
                  credentials: Credentials = Credentials(), request_timeout_s: float = 10.0,
-                 client_name: str | None = None, layout: KVLayout | None = None) -> None:
+                 client_name: str | None = None, layout: KVLayout | None = None,
+                 pins_memory: bool = False) -> None:
         self.address = parse_address(address).url   # a malformed one would wait forever
         self.layout = layout
         """Sent in Hello: the daemon builds this tenant's pool of it (None: stats only)."""
+        self.pins_memory = pins_memory
         self.credentials = credentials
         self.request_timeout_s = request_timeout_s
         self.client_name = client_name or f"pid-{os.getpid()}"
@@ -210,7 +212,7 @@ class Session:
         spec = p.layout_spec(self.layout) if self.layout is not None else ()
         hello = p.Hello(self.client_name[:200], me.pid & 0xFFFFFFFF, self.layout_fingerprint,
                         self.credentials.token, me.start_ticks, me.pid_namespace, spec,
-                        fetch_ticket(self.address, self.request_timeout_s))
+                        fetch_ticket(self.address, self.request_timeout_s), self.pins_memory)
         sent = time.monotonic()
         reply, instance = self._request(hello, b"", self.request_timeout_s)
         if type(reply) is p.ErrorReply:
@@ -304,12 +306,22 @@ class _MappedPool:
         self.tensor = (torch.from_numpy(self._bytes).view(self.layout.torch_dtype)
                        .view(self.layout.pool_shape(hello.num_slots)))
         self.is_pinned = False
-        if pin:
+        self._prefix = None
+        if pin and self._mmap is not None:   # a sparse tenant segment: pinned as it is used
+            self._prefix = PinnedPrefix(self.tensor.data_ptr(), size, hello.slot_bytes)
+            self.is_pinned = self._prefix.cover(0)
+        elif pin:
             err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), size, 0x01 | 0x02)
             if int(err) != 0:
                 log.warning("cudaHostRegister of the daemon's segment failed (%d); copies are "
                             "not DMA (raise ulimit -l)", int(err))
             self.is_pinned = int(err) == 0
+
+    def prepare_slots(self, slots: bytes) -> None:
+        """Before a device copy names ``slots`` (a reply's uint32 blob): pin the segment up
+        to them (tenant segments are pinned as they are used, ``tenant_link.PinnedPrefix``)."""
+        if self._prefix is not None and not self._prefix.cover(int(np.frombuffer(slots, "<u4").max())):
+            raise CacheError("cudaHostRegister of the daemon's segment failed: raise ulimit -l")
 
     def _release(self, buf: memoryview | None = None) -> None:
         try:
@@ -326,7 +338,9 @@ class _MappedPool:
     def close(self) -> None:
         if self._shm is None and self._mmap is None:
             return
-        if self.is_pinned:
+        if self._prefix is not None:
+            self._prefix.close()
+        elif self.is_pinned:
             torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
         del self.tensor, self._bytes, self.generations
         self._release()
@@ -349,7 +363,7 @@ class DaemonLink:
         self.choice = ClientChoice(prefetch, layout.page_size, layout.page_bytes)
         self.session = Session(address, layout.fingerprint(), credentials=credentials,
                                request_timeout_s=request_timeout_s, client_name=client_name,
-                               layout=layout)
+                               layout=layout, pins_memory=pin)
         self.pool: _MappedPool | None = None
         self._pool_epoch = -1
         self._pin = pin
@@ -385,6 +399,8 @@ class DaemonLink:
     def call(self, msg: p.Message, timeout_s: float | None = None) -> p.Message:
         reply = self.session.call(msg, timeout_s)
         self.ensure_mapped()
+        if type(reply) in (p.LookupReply, p.StorePlanReply) and reply.slots:
+            self.pool.prepare_slots(reply.slots)   # slots a device copy will name
         return reply
 
     def require_fresh(self) -> None:

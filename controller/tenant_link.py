@@ -91,3 +91,46 @@ def _ask(path: Path, request: bytes, timeout_s: float) -> tuple[bytes, list[int]
         os.close(fd)
     reason = data[1:].decode(errors="replace") if data[:1] == b"E" else "no answer"
     raise CacheError(f"the daemon refused this client on {path}: {reason}")
+
+
+class PinnedPrefix:
+    """Pins (cudaHostRegister, portable + mapped) a growing prefix of a sparse segment.
+
+    Pinning makes every page resident, so pinning a tenant segment (sized for the whole
+    budget, mostly never touched) at once would take all that memory. The daemon hands
+    out low slots first, so the slots in use sit near the start: the prefix up to the
+    highest slot a copy names is pinned before the copy (``cover``), growing by doubling
+    (in 2 MiB steps at least). Pages pinned stay resident until the client unmaps, even
+    when the daemon frees their slots: a client holds at most its pool's peak."""
+
+    _STEP = 2 << 20
+
+    def __init__(self, base_ptr: int, size: int, slot_bytes: int) -> None:
+        self._base, self._size, self._slot_bytes = base_ptr, size, slot_bytes
+        self._ranges: list[int] = []   # start pointers of the registered ranges
+        self.num_bytes = 0
+
+    def cover(self, max_slot: int) -> bool:
+        """Pin up to the end of slot ``max_slot``; False if CUDA refused (copies would fault)."""
+        import torch
+
+        end = (max_slot + 1) * self._slot_bytes
+        if end <= self.num_bytes:
+            return True
+        end = max(end, 2 * self.num_bytes)
+        end = min(self._size, -(-end // self._STEP) * self._STEP)
+        ptr = self._base + self.num_bytes
+        err = torch.cuda.cudart().cudaHostRegister(ptr, end - self.num_bytes, 0x01 | 0x02)
+        if int(err) != 0:
+            return False
+        self._ranges.append(ptr)
+        self.num_bytes = end
+        return True
+
+    def close(self) -> None:
+        import torch
+
+        for ptr in self._ranges:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+        self._ranges.clear()
+        self.num_bytes = 0

@@ -139,6 +139,10 @@ class HostPool:
             self.name = self._shm.name
             self._buf = self._shm.buf
         self.is_memfd = memfd
+        self.returns_memory = memfd
+        """Freed slots give their memory back (``release_memory``). Turned off for good once
+        a client pins the segment (cudaHostRegister): a punched-out page it had pinned
+        would stay its own, so its device copies and everyone's mappings would diverge."""
         self._bytes = np.ndarray((num_slots * self.slot_bytes,), dtype=np.uint8, buffer=self._buf)
         self.generations = generations_view(self._buf, num_slots, self.slot_bytes)
         """Per-slot generation, bumped when a slot is reserved (module doc); in the segment."""
@@ -242,7 +246,7 @@ class HostPool:
             raise HostPoolError(f"free() got a slot twice: {slots}")
         self._states[idx] = FREE
         self._free_stack.extend(slots)
-        if self._mmap is not None:   # a sparse pool holds only what is in use
+        if self.returns_memory:   # a sparse pool holds only what is in use
             self.release_memory(slots)
 
     def lease(self, slots: Iterable[int]) -> None:

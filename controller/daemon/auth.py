@@ -31,6 +31,11 @@ class TokenCheck:
     def __init__(self, token: bytes | None) -> None:
         self._token = token
 
+    @property
+    def is_open(self) -> bool:
+        """No shared token is configured (every Hello passes this check)."""
+        return self._token is None
+
     def is_allowed(self, offered: bytes) -> bool:
         if self._token is None:
             return True

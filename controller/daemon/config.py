@@ -137,10 +137,13 @@ class DaemonConfig:
 
     def __post_init__(self) -> None:
         if parse_address(self.address).is_tcp:
-            if self.auth.read_token() is None and not self.auth.is_curve:
+            has_tenant_tokens = any(isinstance(t, Mapping) and ("token" in t or "token_file" in t)
+                                    for t in dict(self.tenants).values())
+            if self.auth.read_token() is None and not self.auth.is_curve and not has_tenant_tokens:
                 raise ConfigError(
                     f"address {self.address} is tcp:// but no credentials are set: set auth.token_file "
-                    "(or KVSTORE_AUTH_TOKEN), or auth.curve_secret_key_file + auth.curve_public_keys_dir")
+                    "(or KVSTORE_AUTH_TOKEN), auth.curve_secret_key_file + auth.curve_public_keys_dir, "
+                    "or tenants with a token_file each")
             if self.auth.is_curve and not self.auth.curve_public_keys_dir:
                 raise ConfigError("auth.curve_secret_key_file needs auth.curve_public_keys_dir")
         if self.heartbeat_interval_s * 2 > self.lease_ttl_s:
@@ -320,7 +323,7 @@ _POSITIVE = {"host_pool_pages", "lease_ttl_s", "heartbeat_interval_s", "reservat
 def _get(config: DaemonConfig, name: str) -> Any:
     obj: Any = config
     for part in name.split("."):
-        obj = getattr(obj, part)
+        obj = getattr(obj, part) if obj is not None else None   # no layout: its fields are None
     return obj
 
 
@@ -369,6 +372,11 @@ def read_sources(
 
 def _refuse_secret_flags(flags: Mapping[str, str | None]) -> None:
     """A token on the command line is shown to every user of the host (ps, /proc/PID/cmdline)."""
+    tenants = flags.get("tenants")
+    if tenants is not None and '"token"' in tenants:
+        raise ConfigError(f"{_BY_NAME['tenants'].flag} with a token would show it to every user of "
+                          "this host (ps): give each tenant a token_file (chmod 600), or set "
+                          f"{_BY_NAME['tenants'].env} or the config file")
     if flags.get("auth.token") is not None:
         raise ConfigError(f"{_BY_NAME['auth.token'].flag} would show the token to every user of this "
                           "host (ps); put it in a file only the daemon's user can read (chmod 600) "
@@ -418,6 +426,11 @@ def load_config(config_file=None, environ: Mapping[str, str] | None = None,
                                      flags or {}))
 
 
+def _toml_key(key: str) -> str:
+    """A bare TOML key, or a quoted one (tenant names like ``uid:1001`` or ``*``)."""
+    return key if key and all(c.isalnum() or c in "-_" for c in key) else json.dumps(key)
+
+
 def to_toml(table: Mapping[str, Any], prefix: str = "") -> str:
     """A small TOML writer for ``--print-config`` (scalars and nested tables only)."""
     lines, subtables = [], []
@@ -425,9 +438,9 @@ def to_toml(table: Mapping[str, Any], prefix: str = "") -> str:
         if isinstance(value, Mapping):
             subtables.append((key, value))
         else:
-            lines.append(f"{key} = {json.dumps(value)}")
+            lines.append(f"{_toml_key(key)} = {json.dumps(value)}")
     out = "\n".join(lines)
     for key, value in subtables:
-        name = f"{prefix}{key}"
+        name = f"{prefix}{_toml_key(key)}"
         out += f"\n\n[{name}]\n" + to_toml(value, name + ".")
     return out.strip("\n") + "\n"

@@ -45,6 +45,8 @@ log = logging.getLogger("kvstore.daemon")
 
 MAX_POOLS = 64
 """Most (tenant, layout) pools one daemon holds; a Hello past it is refused."""
+MAX_POOLS_PER_TENANT = 8
+"""Most layouts one tenant may bring (each pool costs the daemon tens of MB of tables)."""
 MAX_SLOTS_PER_POOL = 1 << 18
 """Most pages one pool may hold (256K: 4M tokens of 16-token pages). A pool's index and
 slot tables are sized by it up front (tens of MB at this bound); real pages are large
@@ -132,6 +134,9 @@ class PoolRegistry:
             if len(self.pools) >= self.max_pools:
                 raise ConfigError(f"this daemon holds {len(self.pools)} pools (tenant, layout), "
                                   "its limit: detach unused models or run another daemon")
+            if len(self._tenant(tenant).pools) >= MAX_POOLS_PER_TENANT:
+                raise ConfigError(f"tenant {tenant} has pools of {MAX_POOLS_PER_TENANT} layouts "
+                                  "already, its limit: run another daemon for more models")
             pool = self._create(tenant, layout)
             self.pools[key] = pool
             self._by_core[id(pool.core)] = pool
@@ -150,7 +155,7 @@ class PoolRegistry:
             raise ConfigError(f"a page of layout {layout.fingerprint()} takes {page_bytes} bytes, "
                               f"more than the whole host pool budget ({self.budget_bytes} bytes)")
         host = HostPool(layout, num_slots, name=f"kvstore-{_slug(tenant)}-{_slug(layout.fingerprint())}",
-                        memfd=True, prefault=False)
+                        memfd=True, prefault=False, pin=False)   # pinning would fill it: clients pin
         tenant_state = self._tenant(tenant)
         salt = tenant_salt(tenant)
 

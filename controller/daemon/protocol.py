@@ -180,7 +180,9 @@ class Hello(Message):
     stats-only session) and ``layout_fingerprint`` its fingerprint (both must agree);
     ``token`` is the shared secret on tcp, or a tenant's token (b"" otherwise).
     ``ticket`` (16 bytes, ipc) is what the daemon's side socket gave this client for
-    its verified uid (b"" where there is none: tcp, a legacy daemon).
+    its verified uid (b"" where there is none: tcp, a legacy daemon). ``pins_memory``:
+    the client will pin the segment for device copies (the daemon then stops giving
+    freed slots' memory back in that pool: see HostPool.returns_memory).
     (pid, pid_start_ticks, pid_namespace) name the client process
     (``controller.process_identity``): a daemon that can verify them keeps a silent
     client's slots while that process lives, rather than reusing them."""
@@ -193,7 +195,8 @@ class Hello(Message):
     pid_namespace: int
     layout: tuple = ()
     ticket: bytes = b""
-    SPEC = (text, u32, text, secret, u64, u64, _layout_spec, _opt_id)
+    pins_memory: bool = False
+    SPEC = (text, u32, text, secret, u64, u64, _layout_spec, _opt_id, _bool)
 
 
 @dataclass(frozen=True, slots=True)

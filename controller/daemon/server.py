@@ -1,22 +1,24 @@
-"""The daemon: one ROUTER socket, one thread that owns the CacheCore, a life cycle like uvicorn's.
+"""The daemon: one ROUTER socket, one thread that owns the cache pools, a life cycle like uvicorn's.
 
     startup:   claim the address (lock file; stale socket/segment of a dead daemon removed),
-               create the CacheCore (host pool in shm + L3), bind, start metrics
+               create the pool registry (controller/daemon/pools.py: one CacheCore per
+               tenant and layout, made at its first Hello; a legacy daemon's one pool in
+               shm now), bind, start the side socket (fd_broker.py) and metrics
     main loop: poll; serve every frame that has arrived; once per tick reap silent
                clients and overdue reservations and refresh the gauges
     shutdown:  (SIGTERM/SIGINT) stop accepting, serve what already arrived, close every
                session, write back due pages to L3 up to a deadline, remove segment,
                socket and lock; exit 0
 
-Requests are served one at a time in arrival order by the loop thread, so the
-cache needs no locks; replies carry the daemon's instance id (random per start)
+Requests are served one at a time in arrival order by the loop thread (the cores
+share one lock with their L3 threads); a session belongs to one pool, and every
+request works on its session's core. Replies carry the daemon's instance id (random per start)
 so a client notices a restart.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import secrets
@@ -382,6 +384,11 @@ class DaemonServer:
             return p.HelloReply(session.session_id, "", 0, 0, "", cfg.lease_ttl_s,
                                 cfg.heartbeat_interval_s, cfg.reservation_ttl_s, tenant)
         host = pool.core.pool
+        if msg.pins_memory and host.returns_memory:
+            with self.pools.lock:
+                host.returns_memory = False   # before it can map (and pin) the segment
+            log.info("pool %s %s: a client pins it; freed slots keep their memory from now on",
+                     tenant, pool.fingerprint)
         name, secret, side = host.name, b"", ""
         if host.is_memfd:
             from kvstore.host_pool import segment_bytes
@@ -405,7 +412,8 @@ class DaemonServer:
         named = self._tenants.tenant_of_token(msg.token)
         if named is not None:
             return named, uid
-        if not self._tokens.is_allowed(msg.token):
+        open_tcp = self._is_tcp and self._tokens.is_open and not self.config.auth.is_curve
+        if not self._tokens.is_allowed(msg.token) or open_tcp:   # open_tcp: tenant tokens only
             self._refuse("bad_token")
             log.warning("refused client %r (pid %d): wrong or missing token", msg.client_name, msg.pid)
             return p.ErrorReply("unauthorized", "wrong or missing token")

@@ -127,3 +127,27 @@ def test_a_segment_secret_is_bound_to_its_user_and_used_once(tmp_path):
     finally:
         broker.close()
         os.close(fd)
+
+
+def test_tcp_tenants_by_token_see_only_their_own_pages(tmp_path):
+    """On tcp a tenant is its token; a token of no tenant is refused (no shared token set)."""
+    from controller.client import Credentials
+    from daemon_proc import device_pool
+
+    tokens = {"alpha": "alpha-token-0123456789", "beta": "beta-token-0123456789"}
+    env = {"KVSTORE_TENANTS": json.dumps({k: {"token": v} for k, v in tokens.items()})}
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    with running_daemon(tmp_path, layout=None, address=address, env=env) as daemon:
+        prompt = list(range(32))
+        alpha = daemon.client(device_pool(seed=3), credentials=Credentials(token=tokens["alpha"].encode()))
+        assert alpha._link.session.hello.tenant == "alpha"
+        assert alpha.store(prompt, range(8)).num_new_pages == 8
+        assert alpha.lookup(prompt).num_hit_pages == 8
+        beta = daemon.client(device_pool(), credentials=Credentials(token=tokens["beta"].encode()))
+        assert beta._link.session.hello.tenant == "beta"
+        assert beta.lookup(prompt).num_hit_pages == 0    # the same model and prompt: alpha's pages
+        with pytest.raises(CacheError, match="unauthorized"):
+            daemon.client(device_pool(), credentials=Credentials(token=b"no-such-tenant-token"),
+                          request_timeout_s=5)
+        alpha.close()
+        beta.close()
