@@ -29,8 +29,10 @@ A legacy daemon (``--layout-*`` given, no tenants configured) has one pool, in a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -163,12 +165,23 @@ class PoolRegistry:
             return TenantL3(connector, salt, tenant_state.l3, tenant_state.quota.l3_bytes)
 
         try:
-            core = CacheCore(self.config, layout, pool=host, lock=self.lock, admit=self.admit,
-                             wrap_l3=wrap)
+            core = CacheCore(self._config_of(tenant, layout), layout, pool=host, lock=self.lock,
+                             admit=self.admit, wrap_l3=wrap)
         except BaseException:
             host.close()
             raise
         return Pool(tenant, layout, core)
+
+    def _config_of(self, tenant: str, layout: KVLayout) -> ControllerConfig:
+        """Each pool opens the L3 store itself; a disk store owns (locks) its directory, so
+        each pool gets a subdirectory of it (its ``capacity_bytes`` applies per pool)."""
+        l3 = self.config.l3
+        if l3.connector != "disk" or "path" not in l3.options:
+            return self.config
+        path = os.path.join(l3.options["path"], f"{_slug(tenant)}--{_slug(layout.fingerprint())}")
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return dataclasses.replace(self.config, l3=dataclasses.replace(
+            l3, options={**l3.options, "path": path}))
 
     def _tenant(self, tenant: str) -> _Tenant:
         state = self._tenants.get(tenant)
@@ -278,7 +291,9 @@ def tenant_salt(tenant: str) -> bytes:
 
 
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text)[:60]
+    """A file-name-safe name of ``text``, distinct for distinct texts (a digest suffix)."""
+    digest = hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
+    return "".join(c if c.isalnum() else "-" for c in text)[:48] + "-" + digest
 
 
 def merge_reports(reports: list) -> Any:

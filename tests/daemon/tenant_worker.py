@@ -2,28 +2,34 @@
 
     tenant_worker.py ADDRESS store SEED CHAINS    store CHAINS chains of 8 pages of seeded data
     tenant_worker.py ADDRESS load SEED            load chain 0, compare with the seeded data
-    tenant_worker.py ADDRESS probe DAEMON_PID     try every way at another tenant's pages
+    tenant_worker.py ADDRESS probe DAEMON_PID     try every way at another tenant's pages,
+                                                  store 3 chains (over an 8-page quota)
     tenant_worker.py ADDRESS attach               just attach (a user the daemon does not admit)
 Prints one JSON line of findings. Started as root with ``--as UID:GID`` first, it becomes
 that user (all of uid, gid, groups) once its modules are loaded: the interpreter may live
 where only root can read (a pyenv under /root), and nothing of the test needs root after.
 """
 
+from __future__ import annotations
+
 import glob
 import json
 import os
 import sys
 
-import torch
-
 from controller.api import CacheError
-from controller.client import DaemonClient
-from kvstore.layout import KVLayout
-from kvstore.page_keys import KeyNamespace
+from controller.tenant_link import fetch_ticket
 
-LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, page_size=4, dtype="float32")
-NAMESPACE = KeyNamespace("shared-model", LAYOUT)   # both tenants run the same model
 PAGES = 8
+if "attach" not in sys.argv:   # torch takes seconds to import; `attach` needs none of it
+    import torch
+
+    from controller.client import DaemonClient
+    from kvstore.layout import KVLayout
+    from kvstore.page_keys import KeyNamespace
+
+    LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, page_size=4, dtype="float32")
+    NAMESPACE = KeyNamespace("shared-model", LAYOUT)   # both tenants run the same model
 
 
 def tokens(chain: int) -> list[int]:
@@ -35,7 +41,7 @@ def data(seed: int) -> torch.Tensor:
 
 
 def become(spec: str) -> None:
-    import controller.tenant_link, controller.daemon.protocol, zmq.utils.monitor  # noqa: F401, E401
+    import controller.daemon.protocol  # noqa: F401 - loaded while the interpreter's files are readable
     uid, gid = (int(v) for v in spec.split(":"))
     os.setgroups([])
     os.setgid(gid)
@@ -49,9 +55,9 @@ def main() -> dict:
         argv = argv[2:]
     address, action, *args = argv
     out = {"uid": os.getuid()}
-    if action == "attach":
+    if action == "attach":   # what DaemonClient does first (fetch_ticket), and is refused
         try:
-            DaemonClient(address, NAMESPACE, torch.zeros(LAYOUT.pool_shape(1)), request_timeout_s=5).close()
+            fetch_ticket(address)
             out["attached"] = True
         except CacheError as exc:
             out["attached"], out["error"] = False, str(exc)
@@ -95,8 +101,9 @@ def main() -> dict:
         out["read_daemon_mem"] = True
     except OSError:
         out["read_daemon_mem"] = False
-    # Store the same chain with other bytes, then scribble over the whole mapped segment.
-    out["stored"] = client.store(tokens(0), range(PAGES)).num_new_pages
+    # Store the same chain with other bytes and two more (past a quota of 8 pages: its
+    # own pages go), then scribble over the whole mapped segment.
+    out["stored"] = [client.store(tokens(c), range(PAGES)).num_new_pages for c in range(3)]
     pool = client._link.pool
     pool._bytes[:] = 0xFF
     pool.generations[:] = 7

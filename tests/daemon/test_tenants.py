@@ -83,10 +83,9 @@ def test_two_users_cannot_reach_each_others_pages(tmp_path, shared_dir):
         assert probe["shm_names"] == []              # no segment has a name to guess
         assert probe["opened_daemon_files"] == [] and probe["daemon_fds_listed"] == 0
         assert probe["read_daemon_mem"] is False
-        assert probe["stored"] == 8 and probe["scribbled_bytes"] > 0   # X wrote all over its own
-
-        # X over its quota of 8 pages evicts its own pages, never Y's (chain 0 is X's already).
-        assert _as(x, address, "store", "2", "3")["stored"] == [0, 8, 8]
+        # X stored 24 pages over its quota of 8 (evicting its own pages, never Y's), then
+        # wrote all over its own segment.
+        assert probe["stored"] == [8, 8, 8] and probe["scribbled_bytes"] > 0
         loaded = _as(y, address, "load", "1")
         assert loaded == {"uid": y.pw_uid, "hit": 8, "exact": True}
 
@@ -129,15 +128,18 @@ def test_a_segment_secret_is_bound_to_its_user_and_used_once(tmp_path):
         os.close(fd)
 
 
-def test_tcp_tenants_by_token_see_only_their_own_pages(tmp_path):
-    """On tcp a tenant is its token; a token of no tenant is refused (no shared token set)."""
+def test_tcp_tenants_by_token_see_only_their_own_pages_in_l2_and_l3(tmp_path):
+    """On tcp a tenant is its token; a token of no tenant is refused (no shared token set).
+    Their pages reach the shared L3 (a disk store) under keys salted apart."""
     from controller.client import Credentials
     from daemon_proc import device_pool
 
     tokens = {"alpha": "alpha-token-0123456789", "beta": "beta-token-0123456789"}
     env = {"KVSTORE_TENANTS": json.dumps({k: {"token": v} for k, v in tokens.items()})}
     address = f"tcp://127.0.0.1:{_free_port()}"
-    with running_daemon(tmp_path, layout=None, address=address, env=env) as daemon:
+    l3 = ["--l3-connector", "disk", "--l3-options", json.dumps({"path": str(tmp_path / "l3"), "capacity_bytes": 1 << 24}),
+          "--l3-write-policy", "write_through"]
+    with running_daemon(tmp_path, layout=None, address=address, env=env, args=l3) as daemon:
         prompt = list(range(32))
         alpha = daemon.client(device_pool(seed=3), credentials=Credentials(token=tokens["alpha"].encode()))
         assert alpha._link.session.hello.tenant == "alpha"
@@ -151,3 +153,17 @@ def test_tcp_tenants_by_token_see_only_their_own_pages(tmp_path):
                           request_timeout_s=5)
         alpha.close()
         beta.close()
+    # A new daemon over the same L3: alpha's pages come up from it; beta's keys miss.
+    with running_daemon(tmp_path, layout=None, address=address, env=env, args=l3,
+                        name="daemon2") as daemon:
+        beta = daemon.client(device_pool(), credentials=Credentials(token=tokens["beta"].encode()))
+        assert beta.lookup(prompt).num_hit_pages == 0
+        beta.close()
+        dst = device_pool()
+        alpha = daemon.client(dst, credentials=Credentials(token=tokens["alpha"].encode()))
+        hit = alpha.lookup(prompt)
+        assert hit.num_hit_pages == 8 and hit.num_l3_pages == 8
+        alpha.load(hit, range(8)).wait_all()
+        alpha.release(hit)
+        assert dst[:, :, :8].numpy().tobytes() == device_pool(seed=3)[:, :, :8].numpy().tobytes()
+        alpha.close()
