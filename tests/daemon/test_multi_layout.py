@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from controller.api import LoadError
 from controller.config import ConfigError
 from controller.daemon.config import check_budget, default_pool_bytes, load_config
 from daemon_proc import running_daemon
@@ -50,6 +51,21 @@ def test_three_layouts_share_one_budget_bit_exact_and_fairly_evicted(tmp_path):
             assert dst.numpy().tobytes() == src.numpy().tobytes(), name   # raw bytes, not floats
             reader.close()
         assert {d["slot_bytes"] for d in _pools(daemon).values()} == {512, 1024, 2048}
+        # Fencing holds per segment: each tenant segment carries its slots' generations, and a
+        # slot whose generation moved while it was leased fails the load (LoadError), never
+        # silently. (Bumped here through the client's own mapping of its memfd, as the daemon
+        # does when it hands a slot to a new writer.)
+        reader, _ = _client(daemon, "mla", MLA, 8)
+        hit = reader.lookup(_tokens(MLA, 0, 8))
+        mapped = reader._link.pool
+        slots = reader._leases[hit.lease_id].slots
+        mapped.generations[slots[3]] += 1
+        with pytest.raises(LoadError) as err:
+            reader.load(hit, range(8)).wait_all()
+        assert err.value.first_bad_page == 3
+        mapped.generations[slots[3]] -= 1
+        reader.release(hit)
+        reader.close()
 
         # Now 28 of the 48 KiB are used (MLA 4, MHA 8, P8 16). The quiet two grow to 20 KiB
         # each (MLA 40 pages, P8 10 pages): the budget is full.
