@@ -34,7 +34,10 @@ def fetch_ticket(address: str, timeout_s: float = _TIMEOUT_S) -> bytes:
     path = ticket_path(address)
     if path is None:
         return b""
-    reply, _ = _ask(path, b"T", timeout_s)
+    try:
+        reply, _ = _ask(path, b"T", timeout_s)
+    except _NoListener:   # a dead daemon's socket file: whoever serves now has none
+        return b""
     if len(reply) != 16:
         raise CacheError(f"the daemon's side socket {path} sent a bad ticket")
     return reply
@@ -62,6 +65,10 @@ def receive_segment(path: str, secret: bytes, min_bytes: int,
             os.close(fd)
 
 
+class _NoListener(CacheError):
+    """The side socket's file exists but nothing listens (its daemon died)."""
+
+
 def _ask(path: Path, request: bytes, timeout_s: float) -> tuple[bytes, list[int]]:
     """One request on the side socket: (payload after b"K", file descriptors)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -77,6 +84,8 @@ def _ask(path: Path, request: bytes, timeout_s: float) -> tuple[bytes, list[int]
                 if not more:
                     break
                 data += more
+        except (ConnectionRefusedError, FileNotFoundError):
+            raise _NoListener(f"nothing listens on {path}") from None
         except PermissionError:
             raise CacheError(f"no permission to connect to the daemon's side socket {path} (uid "
                              f"{os.getuid()}): the daemon admits other users only with "

@@ -12,8 +12,8 @@
 
 Requests are served one at a time in arrival order by the loop thread (the cores
 share one lock with their L3 threads); a session belongs to one pool, and every
-request works on its session's core. Replies carry the daemon's instance id (random per start)
-so a client notices a restart.
+request works on its session's core. Replies carry the daemon's instance id
+(random per start) so a client notices a restart.
 """
 
 from __future__ import annotations
@@ -117,10 +117,10 @@ class DaemonServer:
             self.sessions = SessionTable(None, cfg.lease_ttl_s, cfg.reservation_ttl_s,
                                          cfg.heartbeat_interval_s, cfg.orphan_quarantine_s)
             self.lookup_counts = LookupCounts(self.metrics, cfg.layout.page_bytes if cfg.layout else 0)
-            self._bind()
-            if not cfg.is_legacy:
+            if not cfg.is_legacy:   # before the zmq socket: a client that gets a Pong finds it
                 self.broker = FdBroker(side_socket_path(cfg.address, runtime_dir()),
                                        set(t.allowed_uids), shared=bool(cfg.allow_users))
+            self._bind()
             if cfg.metrics_port is not None:
                 self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
         except BaseException:

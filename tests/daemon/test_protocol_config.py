@@ -87,3 +87,19 @@ def test_l3_encoding_is_a_daemon_setting():
     assert load_config(None, environ=LAYOUT_ENV, flags={"host_pool_pages": "8"}).l3.encoding == "lossless"
     with pytest.raises(ConfigError, match="encoding 'fp9' is unknown"):
         load_config(None, environ=dict(environ, KVSTORE_L3_ENCODING="fp9"))
+
+
+def test_hello_layout_is_checked_as_untrusted_input():
+    """A Hello names the layout the daemon will build a pool of (issue 19): each field typed
+    and bounded before any message exists; the ticket is b"" or 16 bytes."""
+    good = p.Hello("c", 1, "fp", b"", 0, 0, (2, 1, 576, 64, "bfloat16", True), b"t" * 16, True)
+    assert p.decode(p.encode(good, 1, b""), p.REQUESTS)[0] == good
+    for bad in ([2, 1, 576], [0, 1, 8, 4, "float32", False], [2, 1, 1 << 20, 4, "float32", False],
+                [2, 1, 8, 4, "complex64", False], [2, 1, 8, 4, "float32", 1], [2.0, 1, 8, 4, "float32", False],
+                "mha"):
+        frame = msgpack.packb([p.VERSION, p.Hello.TYPE, 1, b"", "c", 1, "fp", b"", 0, 0, bad, b"", False])
+        with pytest.raises(p.ProtocolError, match="layout"):
+            p.decode(frame, p.REQUESTS)
+    frame = msgpack.packb([p.VERSION, p.Hello.TYPE, 1, b"", "c", 1, "fp", b"", 0, 0, [], b"short", False])
+    with pytest.raises(p.ProtocolError, match="16 bytes"):
+        p.decode(frame, p.REQUESTS)
