@@ -139,6 +139,9 @@ class DaemonKeyedCache(KeyedCache):
                              "reclaimed already; begin_store_keys() again")
         return held
 
+    def _cost_model(self):
+        return self._link.choice.cost   # the client side plans auto for the daemon's lookups
+
     def check_fresh(self) -> None:
         with self._lock:
             self._check_open()

@@ -36,6 +36,7 @@ from adapters.config import AdapterConfig
 from controller.api import CacheError, CacheStats
 from controller.config import ControllerConfig
 from controller.core import CacheCore, StorePlan
+from controller.pipelines.cost_model import CostModel
 from kvstore.layout import KVLayout
 from kvstore.page_keys import PageKey
 from kvstore.slot_fence import SlotFence
@@ -148,6 +149,23 @@ class KeyedCache(ABC):
         """Raise CacheError if leases or reservations may have been reclaimed (a daemon
         drops those of silent clients); call before copying. Embedded: never."""
 
+    def report_prefill(self, num_tokens: int, num_cached: int, seconds: float,
+                       load_wait_s: float = 0.0) -> None:
+        """The engine computed ``num_tokens`` prompt tokens over a prefix of ``num_cached``
+        in ``seconds`` (``CacheClient.report_prefill``): the ``auto`` policy of the cache
+        behind this handle weighs loads and waits against this rate. The adapters call it
+        from the engine's loop (vLLM: the worker measures, the scheduler side reports)."""
+        cost = self._cost_model()
+        if cost is None:
+            return
+        cost.observe_prefill(num_tokens, num_cached, seconds)
+        if num_cached and load_wait_s >= 0:
+            cost.observe_l2_load(num_cached // self.layout.page_size * self.layout.page_bytes, load_wait_s)
+
+    def _cost_model(self) -> "CostModel | None":
+        """The cost model whose ``auto`` choices this handle's lookups follow."""
+        return None
+
     # ---- helpers built on the calls above ----------------------------------------------
     def num_intact_pages(self, lease: KeyedLease) -> int:
         """After copying a lease's pages out: how many leading pages are surely the
@@ -200,6 +218,9 @@ class EmbeddedKeyedCache(KeyedCache):
     @property
     def core(self) -> CacheCore:
         return self._core
+
+    def _cost_model(self) -> CostModel:
+        return self._core.cost
 
     def lookup_keys(self, keys: Sequence[PageKey]) -> KeyedLease:
         keys = list(keys)
@@ -312,6 +333,9 @@ class _SharedHandle(KeyedCache):
 
     def stats(self):
         return self._cache().stats()
+
+    def _cost_model(self) -> CostModel:
+        return self._cache().core.cost
 
     def close(self) -> None:
         if self._is_closed:

@@ -341,6 +341,10 @@ def summarize(spec: RunSpec, done: list[Completion], makespan: float, stats: dic
         "makespan_s": makespan, "tokens_per_s": (prompt + out_tokens) / makespan,
         "output_tokens_per_s": out_tokens / makespan,
         "output_digest": digest.hexdigest(), "cache_stats": stats,
+        # Per request (session, step, TTFT s, queue s, prompt tokens, loaded tokens): the
+        # rows of two policies compare request by request.
+        "per_request": [[*c.request.tag, round(c.ttft_s, 5), round(c.queue_s, 5), c.result.prompt_len,
+                         c.result.num_cached_tokens] for c in sorted(done, key=lambda c: c.request.tag)],
     }
 
 

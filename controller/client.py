@@ -421,8 +421,9 @@ class DaemonLink:
     def lookup(self, keys: list[bytes], num_tokens: int) -> p.LookupReply:
         """Lease the cached prefix of ``keys``, waiting on the daemon's prefetch of L3
         pages as ``prefetch_config.policy`` says. Raises DaemonUnavailable, CacheError."""
-        self.choice.refresh(self.call)
         reply = self._lookup_once(keys, start_prefetch=True)
+        if reply.num_pending:
+            self.choice.refresh(self.call)   # the L3 rates a wait plans with (hits: at release)
         if reply.num_pending and self._wait_for_prefetch(reply, num_tokens):
             # Look again for what arrived (counted with the first as one lookup); the
             # first lease ends once the second holds.
@@ -466,6 +467,7 @@ class DaemonLink:
         if not daemon_lease_id:
             return
         try:
+            self.choice.refresh(self.call)   # counts and rates, once a second, off the TTFT path
             self.session.call(p.Release(daemon_lease_id))
         except DaemonUnavailable:
             pass  # the daemon reclaims it with the session

@@ -58,7 +58,8 @@ class ClientChoice:
     def choose(self, reply: p.LookupReply, num_tokens: int) -> p.LookupReply:
         """The reply cut to the leading pages worth loading; counts what it hands out."""
         num_hit = reply.num_l2 + reply.num_l3
-        keep = self.cost.plan(num_tokens, num_hit, 0).num_pages if self.is_auto else num_hit
+        # A miss has nothing to choose: no plan on its path (0% cached).
+        keep = self.cost.plan(num_tokens, num_hit, 0).num_pages if self.is_auto and num_hit else num_hit
         num_l2 = min(reply.num_l2, keep)
         self._unsent[0] += num_l2
         self._unsent[1] += keep - num_l2

@@ -40,6 +40,7 @@ from controller.pipelines.cost_model import Progress, new_cost_model, wait_auto
 from controller.pipelines.prefetch import Prefetch, Prefetcher
 from kvstore.host_pool import HostPool
 from kvstore.index.host_store import HostStore
+from kvstore.index.observer import NO_OBSERVERS, CoreObservers
 from kvstore.layout import KVLayout
 from kvstore.page_keys import PageKey
 
@@ -87,15 +88,19 @@ _CLOSE_GRACE_S = 5.0
 class CacheCore:
     """L2 + L3 + the pipelines; see the module docstring."""
 
-    def __init__(self, config: ControllerConfig, layout: KVLayout, *, pool: HostPool | None = None,
+    def __init__(self, config: ControllerConfig, layout: KVLayout,
+                 observers: CoreObservers = NO_OBSERVERS, *, pool: HostPool | None = None,
                  lock: threading.RLock | None = None, admit: Callable[["CacheCore", int], int] | None = None,
                  wrap_l3: Callable | None = None) -> None:
-        """``pool``, ``lock``, ``admit`` and ``wrap_l3`` are for a daemon that runs several
-        cores under one memory budget (controller/daemon/pools.py): a pool it made, a lock
-        all its cores share, a hook that makes room in the budget before ``n`` slots are
-        reserved here (it answers how many may be), and a wrapper of the L3 connector (a tenant's key salt and quota)."""
+        """``observers`` hear what enters and leaves L2 and what this core learns of L3
+        (the daemon's KV events; kvstore/index/observer.py). ``pool``, ``lock``, ``admit``
+        and ``wrap_l3`` are for a daemon that runs several cores under one memory budget
+        (controller/daemon/pools.py): a pool it made, a lock all its cores share, a hook
+        that makes room in the budget before ``n`` slots are reserved here (it answers how
+        many may be), and a wrapper of the L3 connector (a tenant's key salt and quota)."""
         self.config = config
         self.layout = layout
+        self.observers = observers
         self.lock = lock if lock is not None else threading.RLock()
         self._admit = admit
         self._wrap_l3 = wrap_l3
@@ -111,7 +116,8 @@ class CacheCore:
         self._is_closed = False
         if pool is None:
             pool = HostPool(layout, config.host_pool_pages, prefault=config.prefault_host_pool)
-        self.host = HostStore(pool, policy=config.eviction_policy, on_evict=self._on_evict)
+        self.host = HostStore(pool, policy=config.eviction_policy, on_evict=self._on_evict,
+                              observer=observers.l2)
         self.cost = new_cost_model(config.prefetch, layout.page_size, pool.slot_bytes)
         """The ``auto`` policy's rates and choices (fed by the prefetcher and the client)."""
         if config.l3.connector is not None:
@@ -226,7 +232,8 @@ class CacheCore:
         """``auto``: the leading hit pages worth loading (the lease of the rest ends now)."""
         num_use = num_hit
         if self.config.prefetch.policy == "auto":
-            num_use = self.cost.plan(len(keys) * self.layout.page_size, num_hit, 0).num_pages
+            if num_hit:   # a miss has nothing to choose: no plan on its path (0% cached)
+                num_use = self.cost.plan(len(keys) * self.layout.page_size, num_hit, 0).num_pages
             self.host.release(keys[num_use:num_hit])
             self._stats.num_recomputed_by_choice_pages += num_hit - num_use + num_pending
         return num_use
@@ -244,6 +251,12 @@ class CacheCore:
 
     def observe_l3(self, nbytes: int, seconds: float) -> None:
         self.cost.observe_l3(nbytes, seconds)
+
+    def observe_exists(self, num_asked: int, num_found: int) -> None:
+        self.cost.observe_exists(num_asked, num_found)
+
+    def observe_l3_write(self, nbytes: int, seconds: float) -> None:
+        self.cost.observe_l3_write(nbytes, seconds)
 
     @staticmethod
     def _num_l2_of(num_hit: int, first_missing: int, in_l2_after_gap: list[bool]) -> int:
@@ -389,11 +402,19 @@ class CacheCore:
         """Count a finished put; written pages stop being due."""
         written = [k for k, ok in zip(keys, stored) if ok]
         self._stats.num_l3_written_pages += len(written)
+        self.observers.l3.stored(written, None)   # pages of several chains: no parent
         for key in written:
             self._due.pop(key, None)
             self._hits_while_due.pop(key, None)
         if evicted:
             self._stats.num_l3_dropped_pages += len(keys) - len(written)
+
+    def note_l3_read(self, keys: list[PageKey], parent: PageKey | None, missing: PageKey | None) -> None:
+        """What a read of L3 showed: ``keys`` (a chain after ``parent``) are there, and
+        ``missing`` (the page after them) is not, whoever removed it."""
+        self.observers.l3.stored(keys, parent)
+        if missing is not None:
+            self.observers.l3.removed([missing])
 
     def staged_page(self, key: PageKey) -> bytes | None:
         """An evicted page's bytes still waiting in the backup queue (under ``lock``)."""

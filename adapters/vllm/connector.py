@@ -38,6 +38,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 
 from adapters.config import AdapterConfig
@@ -46,6 +47,7 @@ from adapters.keys import dtype_name
 from adapters.vllm.keys import transfer_keys, vllm_namespace
 from adapters.vllm.kv_views import attention_backend_name, check_spec, kv_split_of, page_view
 from adapters.vllm.plan import PageTransfer, StepPlan
+from adapters.vllm.prefill_timing import PrefillSample, StepTimer, merge_samples
 from adapters.vllm.scheduler_side import StepPlanner
 from adapters.vllm.worker_side import WorkerTransfers
 from kvstore.layout import KVLayout
@@ -59,6 +61,18 @@ log = logging.getLogger(__name__)
 @dataclass
 class KVStoreConnectorMetadata(KVConnectorMetadata):
     plan: StepPlan
+
+
+@dataclass
+class KVStorePrefillTimes(KVConnectorWorkerMetadata):
+    """Worker -> scheduler: the prefill steps the worker timed (``prefill_timing``)."""
+
+    samples: list[PrefillSample]
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if not isinstance(other, KVStorePrefillTimes):
+            return self
+        return KVStorePrefillTimes(merge_samples(self.samples, other.samples))
 
 
 def layout_from_vllm(vllm_config: Any, extra: dict) -> KVLayout:
@@ -111,6 +125,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._planner = StepPlanner(self._cache, self.block_size, self._keys,
                                     bool(extra.get("kvstore_async_lookup", False)))
         self._worker: WorkerTransfers | None = None
+        self._timer: StepTimer | None = None
         policy = getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
         if role == KVConnectorRole.SCHEDULER and policy != "recompute":
             log.warning("kvstore: kv_load_failure_policy is %r, so a request whose pages leave "
@@ -136,6 +151,12 @@ class KVStoreConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         return KVStoreConnectorMetadata(self._planner.build(scheduler_output))
 
+    def update_connector_output(self, connector_output: Any) -> None:
+        """The workers' prefill timings go to this side's cache: its lookups choose (``auto``)."""
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(meta, KVStorePrefillTimes):
+            self._planner.report_prefills(meta.samples)
+
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict | None]:
         """Forget the request; its blocks may be freed at once (saves commit within the step)."""
         self._planner.finished(request.request_id)
@@ -153,6 +174,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         split = kv_split_of(attention_backend_name(self._vllm_config, names), self.layout.is_mla)
         views = [page_view(kv_caches[n], self.layout, split, n) for n in names]
         self._worker = WorkerTransfers(self._cache, self._keys, names, views)
+        self._timer = StepTimer(self._worker.device)
 
     def _check_kv_cache_config(self) -> None:
         groups = getattr(self._kv_cache_config, "kv_cache_groups", None) or []
@@ -173,6 +195,11 @@ class KVStoreConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         return meta.plan if isinstance(meta, KVStoreConnectorMetadata) else StepPlan()
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self._timer is not None:   # the step's forward follows: time it (prefill_timing)
+            self._timer.begin(self._plan())
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         self._transfers().start_loads(self._plan())
 
@@ -185,6 +212,11 @@ class KVStoreConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         if self._worker is not None:
             self._worker.finish_step()
+            self._timer.end(self._worker.take_load_wait_s())
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        samples = self._timer.take() if self._timer is not None else []
+        return KVStorePrefillTimes(samples) if samples else None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()

@@ -48,9 +48,21 @@ class PageTransfer:
         return len(self.block_ids)
 
 
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt tokens [num_cached, num_cached + num_tokens) of one request, computed this
+    step over the ``num_cached`` before them (vLLM's prefix hit, loaded pages, earlier chunks)."""
+
+    req_id: str
+    num_tokens: int
+    num_cached: int
+
+
 @dataclass
 class StepPlan:
-    """Loads to run before this step's attention, saves of pages it completes."""
+    """Loads to run before this step's attention, saves of pages it completes, and the
+    prompt chunks it computes (the worker times steps of one chunk for the cost model)."""
 
     loads: list[PageTransfer] = field(default_factory=list)
     saves: list[PageTransfer] = field(default_factory=list)
+    prefills: list[PrefillChunk] = field(default_factory=list)

@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence
 
 from adapters.keyed import KeyedCache
 from adapters.vllm.keys import mm_spans_of, request_ids
-from adapters.vllm.plan import PageTransfer, StepPlan
+from adapters.vllm.plan import PageTransfer, PrefillChunk, StepPlan
+from adapters.vllm.prefill_timing import PrefillSample
 from kvstore.page_keys import PageKey
 
 KeysOf = Callable[[PageTransfer], list[PageKey]]
@@ -92,7 +93,10 @@ class StepPlanner:
             if request is None:
                 continue
             end = num_computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
-            num_pages = min(end, len(request.prompt_token_ids or ())) // self._page_size
+            prompt_len = len(request.prompt_token_ids or ())
+            if num_computed < min(end, prompt_len):
+                plan.prefills.append(PrefillChunk(req_id, min(end, prompt_len) - num_computed, num_computed))
+            num_pages = min(end, prompt_len) // self._page_size
             first = num_computed // self._page_size
             blocks = self._block_ids.get(req_id, [])
             if num_pages > first and len(blocks) >= num_pages:
@@ -115,6 +119,12 @@ class StepPlanner:
                 self._block_ids.setdefault(req_id, []).extend(new_blocks[0])
             steps.append((req_id, cached.num_computed_tokens[i]))
         return steps
+
+    def report_prefills(self, samples: Sequence["PrefillSample"]) -> None:
+        """What the workers measured (``adapters.vllm.prefill_timing``): the engine's
+        prefill rate, for the ``auto`` policy of this side's lookups."""
+        for s in samples:
+            self._cache.report_prefill(s.num_tokens, s.num_cached, s.seconds)
 
     def finished(self, req_id: str) -> None:
         for table in (self._requests, self._block_ids, self._pending_loads, self._local_hits,

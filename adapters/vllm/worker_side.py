@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -60,6 +61,16 @@ class WorkerTransfers:
         self._saves: list[tuple[PageTransfer, KeyedReservation]] | None = None
         self._errors: set[int] = set()
         self._issuer: LayerIssuer | None = None   # launches CUDA loads off the engine thread
+        self._load_wait_s = 0.0                   # host time wait_layer blocked, since taken
+
+    @property
+    def device(self) -> torch.device:
+        return self._views[0].device
+
+    def take_load_wait_s(self) -> float:
+        """Host seconds ``wait_layer`` blocked since the last call (the step timer's)."""
+        waited, self._load_wait_s = self._load_wait_s, 0.0
+        return waited
 
     def layer(self, name: str) -> int:
         try:
@@ -105,9 +116,11 @@ class WorkerTransfers:
 
     def wait_layer(self, name: str) -> None:
         layer = self.layer(name)
+        started = time.perf_counter()
         for load in self._loads:
             if not load.is_failed:
                 self._guard(load, lambda: load.handle.wait_layer(layer))
+        self._load_wait_s += time.perf_counter() - started
 
     def _guard(self, load: _Load, wait: Callable[[], None]) -> None:
         """Run a wait. A LoadError marks the load's blocks from its first bad page on, and

@@ -134,6 +134,16 @@ class DaemonConfig:
     prefault_host_pool: bool = False
     """Touch every page of the host pool at start: some hosts hand memory over on first
     touch (seconds per GiB), which would otherwise land on the first stores."""
+    events: str | None = None
+    """Where to publish KV events (what enters and leaves L2 and L3, in vLLM's format):
+    a ZMQ PUB address, tcp://HOST:PORT (HOST may be *) or ipc:///PATH. None: no events."""
+    events_replay: str | None = None
+    """The replay ROUTER address, where a late or lossy subscriber asks for the batches
+    from a sequence number on (vLLM's replay protocol). None: no replay."""
+    events_topic: str = ""
+    """The topic frame of every event message (subscribers filter on its prefix)."""
+    events_buffer_batches: int = 10_000
+    """Recent event batches kept for replay (a ring; also capped at 256 MiB)."""
 
     def __post_init__(self) -> None:
         if parse_address(self.address).is_tcp:
@@ -157,6 +167,7 @@ class DaemonConfig:
             from controller.daemon.tenant_config import parse_tenants
 
             parse_tenants(self.tenants, self.allow_users)   # errors name the entry
+        self._check_events()
 
     @property
     def is_legacy(self) -> bool:
@@ -169,6 +180,24 @@ class DaemonConfig:
         if self.is_legacy:
             return self.host_pool_pages * self.layout.page_bytes
         return self.host_pool_bytes if self.host_pool_bytes is not None else default_pool_bytes()
+
+    def _check_events(self) -> None:
+        named = {"address": self.address}
+        for name in ("events", "events_replay"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                parse_address(value)
+            except ConfigError as exc:
+                raise ConfigError(f"{name}: {exc}".replace("daemon address", "address")) from None
+            clash = next((n for n, v in named.items() if v == value), None)
+            if clash is not None:
+                raise ConfigError(f"{name} and {clash} are both {value}: give each its own address")
+            named[name] = value
+        if self.events_replay is not None and self.events is None:
+            raise ConfigError("events_replay is set but events is not: set events (the PUB "
+                              "address) too")
 
     def controller_config(self) -> ControllerConfig:
         return ControllerConfig(host_pool_pages=self.host_pool_pages,
@@ -312,12 +341,16 @@ FIELDS: tuple[Setting, ...] = (
     Setting("flush_deadline_s", float, _F, "seconds to write back pages to L3 on shutdown"),
     Setting("metrics_port", int, _I, "port of the Prometheus endpoint"),
     Setting("metrics_host", str, _S, "interface of the Prometheus endpoint"),
+    Setting("events", str, _S, "publish KV events (vLLM format) on this ZMQ PUB address"),
+    Setting("events_replay", str, _S, "ZMQ ROUTER address answering replay requests for KV events"),
+    Setting("events_topic", str, _S, "topic frame of the KV-event messages"),
+    Setting("events_buffer_batches", int, _I, "KV-event batches kept for replay"),
 )
 _BY_NAME = {s.name: s for s in FIELDS}
 _POSITIVE = {"host_pool_pages", "lease_ttl_s", "heartbeat_interval_s", "reservation_ttl_s",
              "orphan_quarantine_s",
              "max_leases_per_client", "flush_deadline_s", "l3.timeout_s", "l3.selective_hits",
-             "l3.backup_queue_bytes"}
+             "l3.backup_queue_bytes", "events_buffer_batches"}
 
 
 def _get(config: DaemonConfig, name: str) -> Any:

@@ -35,12 +35,13 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from controller.config import ConfigError, ControllerConfig
 from controller.core import CacheCore
 from controller.daemon.l3_tenant import TenantL3, TenantL3Usage
 from kvstore.host_pool import HostPool
+from kvstore.index.observer import NO_OBSERVERS
 from kvstore.layout import KVLayout
 
 log = logging.getLogger("kvstore.daemon")
@@ -106,8 +107,11 @@ class PoolRegistry:
     def __init__(self, controller_config: ControllerConfig, budget_bytes: int, *,
                  quotas: Mapping[str, TenantQuota] | None = None,
                  default_quota: TenantQuota = TenantQuota(), fixed_layout: KVLayout | None = None,
-                 legacy: bool = False, max_pools: int = MAX_POOLS) -> None:
+                 legacy: bool = False, max_pools: int = MAX_POOLS,
+                 observers_for: Callable[[KVLayout], Any] | None = None) -> None:
+        """``observers_for``: a layout's CoreObservers (the daemon's KV events), per pool."""
         self.config = controller_config
+        self._observers_for = observers_for
         self.budget_bytes = budget_bytes
         self.fixed_layout = fixed_layout
         self.is_legacy = legacy
@@ -148,8 +152,9 @@ class PoolRegistry:
             return pool
 
     def _create(self, tenant: str, layout: KVLayout) -> Pool:
+        observers = self._observers_for(layout) if self._observers_for else NO_OBSERVERS
         if self.is_legacy:
-            core = CacheCore(self.config, layout, lock=self.lock)
+            core = CacheCore(self.config, layout, observers, lock=self.lock)
             return Pool(tenant, layout, core)
         page_bytes = layout.page_bytes
         num_slots = min(self.budget_bytes // page_bytes, MAX_SLOTS_PER_POOL)
@@ -165,8 +170,8 @@ class PoolRegistry:
             return TenantL3(connector, salt, tenant_state.l3, tenant_state.quota.l3_bytes)
 
         try:
-            core = CacheCore(self._config_of(tenant, layout), layout, pool=host, lock=self.lock,
-                             admit=self.admit, wrap_l3=wrap)
+            core = CacheCore(self._config_of(tenant, layout), layout, observers, pool=host,
+                             lock=self.lock, admit=self.admit, wrap_l3=wrap)
         except BaseException:
             host.close()
             raise

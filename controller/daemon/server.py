@@ -42,6 +42,7 @@ from controller.daemon.runtime import InstanceLock
 from controller.daemon.sessions import ClientSession, SessionTable
 from controller.daemon.stats_view import core_stats_of, pools_entries
 from controller.daemon.tenant_config import parse_tenants
+from controller.events.publisher import NullPublisher, open_publisher
 from controller.process_identity import ProcessIdentity
 from kvstore.layout import KVLayout, LayoutError
 
@@ -70,6 +71,7 @@ class DaemonServer:
         self.pools: PoolRegistry | None = None
         self.broker: FdBroker | None = None
         self._tenants = parse_tenants(config.tenants, config.allow_users)
+        self.events = NullPublisher()
         self.sessions: SessionTable | None = None
         self.lookup_counts: LookupCounts | None = None
         self._lock: InstanceLock | None = None
@@ -107,9 +109,12 @@ class DaemonServer:
         self._lock = InstanceLock(cfg.address)  # raises AddressInUse next to a live daemon
         try:
             t = self._tenants
+            self.events = open_publisher(cfg.events, cfg.events_replay, self.instance_id,
+                                         cfg.events_topic, cfg.events_buffer_batches)
             self.pools = PoolRegistry(cfg.controller_config(), cfg.budget_bytes(), quotas=t.quotas,
                                       default_quota=t.default_quota, fixed_layout=cfg.layout,
-                                      legacy=cfg.is_legacy)
+                                      legacy=cfg.is_legacy,
+                                      observers_for=lambda layout: self.events.core_events(layout.page_size))
             segment = ""
             if cfg.is_legacy:   # its one pool exists from the start, as it always did
                 segment = self.pools.pool_for(_LEGACY_TENANT, cfg.layout).core.pool.name
@@ -140,6 +145,8 @@ class DaemonServer:
                      cfg.eviction_policy, self.broker.path)
         log.info("L3: %s", f"{cfg.l3.connector} ({cfg.l3.write_policy}) {dict(cfg.l3.options)}"
                  if cfg.l3.connector else "none")
+        if cfg.events is not None:
+            log.info("KV events on %s (replay: %s)", cfg.events, cfg.events_replay or "none")
 
     def _bind(self) -> None:
         self._context = zmq.Context()
@@ -171,6 +178,7 @@ class DaemonServer:
                 self._serve_ready(_MAX_BATCH)
             if self._waiters:
                 self._answer_waiters(time.monotonic())
+            self.events.flush()   # one batch per iteration (nothing to send: a list check)
             now = time.monotonic()
             if now >= next_tick:
                 self._tick(now)
@@ -189,7 +197,7 @@ class DaemonServer:
         """Close sockets, sessions, cache (flush, L3, shm), metrics, lock: each even if one fails."""
         steps = [self._close_socket, lambda: self.broker and self.broker.close(),
                  lambda: self.sessions and self.sessions.close_all(),
-                 lambda: self._close_core(flush_deadline_s), self.metrics.close,
+                 lambda: self._close_core(flush_deadline_s), self.events.close, self.metrics.close,
                  lambda: self._lock and self._lock.release()]
         for step in steps:
             try:

@@ -42,6 +42,9 @@ class BackupHost(Protocol):
 
     def count_l3_error(self) -> None: ...
 
+    def observe_l3_write(self, nbytes: int, seconds: float) -> None:
+        """A put of ``nbytes`` (every page stored) took ``seconds``."""
+
 
 class BackupQueue:
     def __init__(self, core: BackupHost, l3, loop: asyncio.AbstractEventLoop, max_bytes: int,
@@ -208,7 +211,11 @@ class BackupQueue:
 
     async def _put(self, keys: list[PageKey], values: list, is_evicted: list[bool]) -> None:
         try:
+            started = time.perf_counter()
             stored = await self._l3.put(keys, values)
+            if all(stored):   # the link's rate before any read measures it (cost model prior)
+                self._core.observe_l3_write(len(keys) * self._core.host.pool.slot_bytes,
+                                            time.perf_counter() - started)
         except Exception as exc:  # noqa: BLE001 - a lost backup is a counted drop, not a crash
             self._core.count_l3_error()
             log.warning("L3 put() of %d pages failed: %s", len(keys), exc)

@@ -8,17 +8,22 @@ k hit pages, recompute the rest" and picks the least, from rates measured online
     wait(k)    0 while page k is already in L2; else the predicted arrival of page k from
                the running prefetch: calls(j) * l3_latency + j * page_bytes / l3_rate,
                j = k - pages ready, calls(j) = ceil(j / batch_pages) (+ the existence
-               check while it runs)
+               check while it runs; until it answers, only the share of the pending pages
+               that L3 held in recent existence checks is expected to come: the new tail
+               of a prompt is never in L3, and waiting a round trip to learn so is a loss)
     load(k)    k * page_bytes / l2_rate (L2 -> device; 0 until a rate is measured)
     prefill    a + b*n + c*n*(p + n/2)   (n tokens computed over a prefix of p: per-token
                matmuls and causal attention), fitted to what the engine reports
 
 k = 0 (recompute everything) is always a candidate, so the choice never predicts more
 than recompute. Priors, before anything is measured: L2 pages always load (an L2 page
-loads in a small fraction of its recompute on every device we know); with a prefill
-rate but no L3 rate, the wait for L3 pages is at most ``explore_fraction`` of the
-predicted recompute (the prefetch measures L3 meanwhile, and the next request plans
-with the rate). With no prefill rate at all (an engine that never reported one, and
+loads in a small fraction of its recompute on every device we know); before the first
+L3 read, the link's latency and rate come from the backup's writes to the same L3
+(every page a read finds was written first, usually by this cache: writes measure the
+link before any read does, and a write is rarely faster than a read of the same
+bytes); with a prefill rate but neither, the wait for L3 pages is at most
+``explore_fraction`` of the predicted recompute (the prefetch measures L3 meanwhile,
+and the next request plans with the rate). With no prefill rate at all (an engine that never reported one, and
 no ``auto_prefill_tokens_per_s`` prior in the config) there is nothing to weigh a wait
 against: the lookup waits for the prefetch, as ``wait_complete`` does.
 """
@@ -141,16 +146,29 @@ class PrefillRate:
 
 
 class L3Rate:
-    """Seconds of one L3 call as latency + bytes / rate (reads and existence checks)."""
+    """Seconds of one L3 call as latency + bytes / rate (reads and existence checks);
+    until a read is measured, what the link's writes measured (module doc)."""
 
     def __init__(self) -> None:
         self._fit = DecayedFit(2, ridge=1e-6)
+        self._write_fit = DecayedFit(2, ridge=1e-6)
         self.num_reads = 0
+        self.num_writes = 0
         self._told: tuple[float, float] | None = None
 
     @property
     def is_known(self) -> bool:
-        return self.num_reads > 0 or self._told is not None
+        return self.num_reads > 0 or self._told is not None or self.num_writes > 0
+
+    @property
+    def is_from_writes(self) -> bool:
+        """The rates are the write prior's (no read measured, none told)."""
+        return not self.num_reads and self._told is None and self.num_writes > 0
+
+    def observe_write(self, nbytes: int, seconds: float) -> None:
+        if nbytes > 0 and seconds > 0:
+            self._write_fit.add(np.array([1.0, nbytes / 1e6]), seconds)
+            self.num_writes += 1
 
     def assume(self, latency_s: float, gbps: float) -> None:
         """Rates measured where the reads run (a daemon client learns its daemon's)."""
@@ -164,11 +182,37 @@ class L3Rate:
 
     @property
     def latency_s(self) -> float:
-        return self._told[0] if self._told and not self.num_reads else float(self._fit.weights[0])
+        if self.num_reads:
+            return float(self._fit.weights[0])
+        if self._told:
+            return self._told[0]
+        return float(self._write_fit.weights[0])
 
     @property
     def seconds_per_mb(self) -> float:
-        return self._told[1] if self._told and not self.num_reads else float(self._fit.weights[1])
+        if self.num_reads:
+            return float(self._fit.weights[1])
+        if self._told:
+            return self._told[1]
+        return float(self._write_fit.weights[1])
+
+
+class ExistsYield:
+    """The share of the pages asked in recent L3 existence checks that L3 held (decayed
+    page counts; None until a check answered)."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self._asked = self._found = 0.0
+        self._decay = decay
+
+    def observe(self, num_asked: int, num_found: int) -> None:
+        if num_asked > 0:
+            self._asked = self._decay * self._asked + num_asked
+            self._found = self._decay * self._found + min(max(num_found, 0), num_asked)
+
+    @property
+    def value(self) -> float | None:
+        return self._found / self._asked if self._asked else None
 
 
 @dataclass(frozen=True)
@@ -187,6 +231,10 @@ class Plan:
     predicted_recompute_s: float = math.nan
     is_modelled: bool = False
     """From measured rates (else a prior's budget, counted from the first wait)."""
+    is_write_prior: bool = False
+    """The L3 rates are the writes' (no read measured yet): a store that absorbs writes in
+    a cache (a disk's page cache) reads slower than it writes, so ``wait_auto`` waits at
+    most twice the predicted wait before it trusts what is ready instead."""
 
 
 class CostModel:
@@ -199,6 +247,7 @@ class CostModel:
         self.explore_fraction = explore_fraction
         self.prefill = PrefillRate(prior_tokens_per_s)
         self.l3 = L3Rate()
+        self.exists_yield = ExistsYield()
         self._l2_seconds_per_byte = RecentMedian()
         self._lock = threading.Lock()
 
@@ -212,6 +261,16 @@ class CostModel:
         with self._lock:
             self.l3.observe(nbytes, seconds)
 
+    def observe_l3_write(self, nbytes: int, seconds: float) -> None:
+        """One L3 write of ``nbytes`` took ``seconds`` (the prior until a read is measured)."""
+        with self._lock:
+            self.l3.observe_write(nbytes, seconds)
+
+    def observe_exists(self, num_asked: int, num_found: int) -> None:
+        """An L3 existence check of ``num_asked`` pages found the first ``num_found``."""
+        with self._lock:
+            self.exists_yield.observe(num_asked, num_found)
+
     def observe_l2_load(self, nbytes: int, seconds: float) -> None:
         """A load of ``nbytes`` from L2 held the engine up ``seconds`` (its exposed part)."""
         if nbytes > 0 and seconds >= 0:
@@ -221,10 +280,11 @@ class CostModel:
     def rates(self) -> dict[str, float | None]:
         """What is known now (for stats and reports); None where nothing was measured."""
         with self._lock:
-            l3 = self.l3.is_known
+            l3 = self.l3.is_known and not self.l3.is_from_writes   # reads only: the stats say "read"
             return {
                 "l3_latency_s": self.l3.latency_s if l3 else None,
                 "l3_read_gbps": 1e-3 / self.l3.seconds_per_mb if l3 and self.l3.seconds_per_mb else None,
+                "l3_exists_yield": self.exists_yield.value,
                 "l2_load_gbps": 1e-9 / l2 if (l2 := self._l2_seconds_per_byte.value) else None,
                 "prefill_tokens_per_s": (1 / self.prefill.seconds_per_token
                                          if self.prefill.is_known else None),
@@ -239,6 +299,11 @@ class CostModel:
         with self._lock:
             num_ready = max(0, min(num_ready, num_tokens // self.page_size))
             num_pending = max(0, min(num_pending, num_tokens // self.page_size - num_ready))
+            found_share = self.exists_yield.value
+            if is_checking and num_pending and found_share is not None and self.prefill.is_known:
+                # Not every page after the L2 hit is in L3 (a prompt's new tail never is):
+                # expect the share recent checks found (the check's round trip is in wait).
+                num_pending = int(math.floor(found_share * num_pending + 0.5))
             if not self.prefill.is_known:   # nothing to weigh a wait against: wait_complete
                 return Plan(num_ready + num_pending, math.inf if num_pending else 0.0, math.inf)
             if not num_pending and self._l2_seconds_per_byte.value is None:
@@ -263,7 +328,8 @@ class CostModel:
             give_up = max(0.0, float(cost[best_ready] - cost[best]))
             if best <= num_ready:
                 return Plan(best_ready, 0.0, give_up, float(cost[best_ready]), recompute_s, True)
-            return Plan(best, float(wait[best]), give_up, float(total[best]), recompute_s, True)
+            return Plan(best, float(wait[best]), give_up, float(total[best]), recompute_s, True,
+                        self.l3.is_from_writes)
 
     def _plan_exploring(self, num_ready: int, num_pending: int, cost: np.ndarray,
                         best_ready: int, waited_s: float) -> Plan:
@@ -295,6 +361,9 @@ def new_cost_model(prefetch: "PrefetchConfig", page_size: int, page_bytes: int) 
 
 
 _MIN_WAIT_S = 2e-4   # never spin: each round waits at least this long
+_WRITE_PRIOR_FLOOR_S = 0.02
+"""The least a plan on the write prior may wait: writes timed in microseconds say nothing
+of a reader's scheduling delays on a busy host."""
 
 
 @dataclass(frozen=True)
@@ -326,6 +395,8 @@ def wait_auto(model: CostModel, num_tokens: int, poll: Callable[[float], Progres
                           now - started)
         if plan.is_modelled:
             deadline = min(deadline, now + plan.give_up_s)
+        if plan.is_write_prior:   # unconfirmed by any read: no longer than twice its word
+            deadline = min(deadline, now + max(2 * plan.wait_s, _WRITE_PRIOR_FLOOR_S))
         if plan.wait_s <= 0 or progress.is_done or now >= deadline:
             return plan
         progress = poll(max(_MIN_WAIT_S, min(plan.wait_s, deadline - now)))

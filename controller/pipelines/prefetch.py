@@ -56,6 +56,9 @@ class PrefetchHost(Protocol):
     def observe_l3(self, nbytes: int, seconds: float) -> None:
         """One L3 call answered: a read of ``nbytes`` (0: an existence check) in ``seconds``."""
 
+    def observe_exists(self, num_asked: int, num_found: int) -> None:
+        """An existence check of ``num_asked`` pages found the first ``num_found``."""
+
 
 class Prefetch(PrefetchTicket):
     """One running (or finished) prefetch; the ticket handed to the caller."""
@@ -286,14 +289,20 @@ class Prefetcher:
                 ticket._is_checking = False
                 got = await self._read_run(ticket, keys, pos, pos + num_in_l3, leased, batch_pages)
                 pos += got
-                if got < num_in_l3 or (num_in_l3 == 0 and self._core.staged_page(keys[pos]) is None):
-                    return   # the chain breaks here: later pages are no use to a prefix
+                # L3 lacks keys[pos] (the check stopped there): unless the backup queue has
+                # it meanwhile, the chain breaks here and later pages are no use to a prefix
+                # (asking L3 again would only cost a round trip).
+                if got < num_in_l3 or (pos < gap_end and self._core.staged_page(keys[pos]) is None):
+                    return
 
     async def _exists(self, keys: Sequence[PageKey]) -> int:
         try:
             started = time.perf_counter()
             found = await self._l3.exists(keys)
             self._core.observe_l3(0, time.perf_counter() - started)
+            self._core.observe_exists(len(keys), found)
+            if found < len(keys):
+                self._core.note_l3_read([], None, keys[found])
             return found
         except Exception as exc:  # noqa: BLE001 - an L3 outage is a miss
             self._core.count_l3_error()
@@ -332,6 +341,9 @@ class Prefetcher:
                 found = await self._l3.get_into(wanted, views)
                 if any(found):   # a read of what L3 holds: the rate the cost model plans with
                     self._core.observe_l3(sum(found) * host.pool.slot_bytes, time.perf_counter() - started)
+                num_ok = next((i for i, ok in enumerate(found) if not ok), len(found))
+                self._core.note_l3_read(wanted[:num_ok], keys[lo - 1] if lo else None,
+                                        wanted[num_ok] if num_ok < len(wanted) else None)
             except Exception as exc:  # noqa: BLE001
                 core.count_l3_error()
                 log.warning("L3 get_into() failed, treating as miss: %s", exc)

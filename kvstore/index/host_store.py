@@ -6,7 +6,9 @@ in a READY slot, a leased page's slot is leased in the pool too, and a slot
 leaves the index before it goes back to the free list.
 
 What happens to an evicted page's bytes (spill to L3, or nothing) is the
-caller's ``on_evict`` hook, run while the slots still hold the data.
+caller's ``on_evict`` hook, run while the slots still hold the data. Who hears
+of pages entering and leaving (the daemon's KV events) is ``observer``'s
+business: it is told after the index changed (kvstore/index/observer.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from operator import ne
 from typing import Callable, Sequence
 
 from kvstore.host_pool import HostPool
+from kvstore.index.observer import NULL_OBSERVER, TierObserver
 from kvstore.index.tier_index import TierIndex, TierIndexError
 from kvstore.page_keys import PageKey
 
@@ -28,10 +31,12 @@ def _drop_pages(keys: list[PageKey], slots: list[int]) -> None:
 
 
 class HostStore:
-    def __init__(self, pool: HostPool, policy: str = "lru", on_evict: EvictHook = _drop_pages) -> None:
+    def __init__(self, pool: HostPool, policy: str = "lru", on_evict: EvictHook = _drop_pages,
+                 observer: TierObserver = NULL_OBSERVER) -> None:
         self.pool = pool
         self.index = TierIndex(pool.num_slots, policy)
         self.on_evict = on_evict
+        self.observer = observer
 
     @property
     def capacity(self) -> int:
@@ -56,6 +61,7 @@ class HostStore:
                 return None
             keys = [k for k, _ in victims]
             slots = [s for _, s in victims]
+            self.observer.removed(keys)
             try:
                 self.on_evict(keys, slots)
             finally:
@@ -73,6 +79,7 @@ class HostStore:
                 n //= 2   # fewer unleased pages than asked: take what there is
                 continue
             keys, slots = [k for k, _ in victims], [s for _, s in victims]
+            self.observer.removed(keys)
             try:
                 self.on_evict(keys, slots)
             finally:
@@ -95,6 +102,7 @@ class HostStore:
                 len(keys)]
         for start, end in zip(cuts, cuts[1:]):
             self.index.insert_chain(keys[start:end], slots[start:end], parents[start])
+            self.observer.stored(keys[start:end], parents[start])
 
     def discard(self, keys: Sequence[PageKey]) -> None:
         """Drop present, unleased pages without passing them to ``on_evict``.
@@ -105,6 +113,7 @@ class HostStore:
             if key not in self.index or self.index.is_leased(key):
                 raise TierIndexError(f"discard() of key {key.hex()} that is absent or leased")
         self.pool.free([self.index.remove(k) for k in keys])
+        self.observer.removed(keys)
 
     def abort(self, slots: Sequence[int]) -> None:
         """Give back reserved slots whose write failed."""

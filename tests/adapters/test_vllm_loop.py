@@ -91,6 +91,27 @@ def test_chunked_prefill_saves_every_page(tmp_path, request):
     assert loads_of(eng, "b") == [(0, 12)]
 
 
+def test_the_worker_reports_prefill_steps_to_the_schedulers_cost_model(tmp_path, request):
+    """Steps of one prompt chunk are timed on the worker and reach the cache whose auto
+    policy the scheduler's lookups follow (the engine's prefill rate)."""
+    from adapters.vllm.prefill_timing import PrefillSample, merge_samples
+
+    eng = make_engine(tmp_path, request, max_batched_tokens=64)
+    cost = eng.connector._cache._cost_model()
+    assert not cost.prefill.is_known
+    run_and_check(eng, vl.new_request("a", prompt_of(21, 197)))       # 4 chunks of 64, 64, 64, 5
+    assert [(c.num_tokens, c.num_cached) for plan in eng.plans for c in plan.prefills] == [
+        (64, 0), (64, 64), (64, 128), (5, 192)]
+    assert cost.prefill._fit.num_samples == 4
+    rate = cost.rates()["prefill_tokens_per_s"]
+    assert rate > 0
+    run_and_check(eng, vl.new_request("b", prompt_of(22, 3 * P)))
+    assert cost.prefill._fit.num_samples == 5
+    # Two TP ranks' samples of one step: one sample, the slower rank's time.
+    a, b = PrefillSample("r", 64, 0, 0.5), PrefillSample("r", 64, 0, 0.7)
+    assert merge_samples([a], [b]) == [b]
+
+
 def test_preempted_request_resumes_exactly(tmp_path, request):
     """Too few blocks for both decodes: vLLM preempts one, frees its blocks and resumes
     it later (a new lookup, new blocks, resumed_req_ids)."""
@@ -312,7 +333,11 @@ def test_daemon_mode_scheduler_and_worker_in_two_processes(tmp_path, request):
     eng = vl.Engine(vc, sched_cfg, worker)
     request.addfinalizer(eng.close)
     prompt = prompt_of(14, 6 * P + 5)                                  # two prefill chunks
+    cost = eng.connector._cache._cost_model()   # the scheduler side's: its lookups choose
+    assert cost.rates()["prefill_tokens_per_s"] is None
     run_and_check(eng, vl.new_request("a", prompt))
+    # The worker process timed its prefill steps; they came back through vLLM's output.
+    assert cost.prefill._fit.num_samples == 2 and cost.rates()["prefill_tokens_per_s"] > 0
     eng.forget_local_prefix_cache()
     run_and_check(eng, vl.new_request("b", prompt + [3]))
     assert loads_of(eng, "b") == [(0, 6)]

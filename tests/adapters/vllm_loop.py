@@ -207,9 +207,10 @@ class Runner:
         c.wait_for_save()
         c.get_finished(out.finished_req_ids)
         errors = c.get_block_ids_with_load_errors()
+        worker_meta = c.build_connector_worker_meta()   # worker -> scheduler, as the mixin does
         c.clear_connector_metadata()
         self._require_reported(bad_pos, errors)
-        return self._output(scheduled, tokens_of, bad_pos, errors)
+        return self._output(scheduled, tokens_of, bad_pos, errors, worker_meta)
 
     def _update_states(self, out: Any) -> dict[str, tuple[int, int]]:
         """Block tables from the scheduler output (gpu_model_runner's rules); zero new blocks
@@ -258,7 +259,7 @@ class Runner:
                 raise SilentCorruption(f"request {req_id}: KV at position {pos} is wrong and no load "
                                        f"error reports its block (reported: {sorted(errors)})")
 
-    def _output(self, scheduled, tokens_of, bad_pos, errors) -> ModelRunnerOutput:
+    def _output(self, scheduled, tokens_of, bad_pos, errors, worker_meta=None) -> ModelRunnerOutput:
         req_ids = list(scheduled)
         sampled = []
         for req_id in req_ids:
@@ -272,7 +273,8 @@ class Runner:
         return ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                  sampled_token_ids=sampled, logprobs=None, prompt_logprobs_dict={},
                                  pooler_output=None,
-                                 kv_connector_output=KVConnectorOutput(invalid_block_ids=errors))
+                                 kv_connector_output=KVConnectorOutput(invalid_block_ids=errors,
+                                                                       kv_connector_worker_meta=worker_meta))
 
 
 class Engine:

@@ -100,3 +100,23 @@ def test_a_fixed_policy_still_waits_and_counts_what_it_loads():
         ctl.release(result)
     finally:
         ctl.close()
+
+
+def test_backup_writes_and_existence_checks_feed_the_model():
+    """Before any read, the backup's writes give the L3 rates (a prior the stats do not
+    report as reads); a prefetch's existence check tells the share of a gap L3 holds."""
+    ctl = make()
+    try:
+        a = spill_to_l3(ctl)
+        cost = ctl._core.cost
+        assert cost.l3.num_writes > 0 and cost.l3.is_from_writes and cost.l3.num_reads == 0
+        assert cost.l3.latency_s >= 0 and cost.l3.seconds_per_mb > 0
+        assert ctl.stats().l3_read_gbps == 0.0
+        assert cost.exists_yield.value is None
+        # A's 6 pages in L3, then a tail of 6 pages that was never stored.
+        ticket = ctl.prefetch(a + tokens(6, base=50_000))
+        assert ticket.wait(5.0) and ticket.num_ready == 6
+        assert cost.exists_yield.value == 0.5   # one check: L3 is not asked again past the break
+        assert cost.l3.num_reads > 0 and not cost.l3.is_from_writes
+    finally:
+        ctl.close()

@@ -117,6 +117,42 @@ def test_priors_bound_the_wait_for_an_unmeasured_l3():
     assert exploring.plan(PROMPT, 4, 20, waited_s=plan.wait_s).num_pages == 4
 
 
+def test_an_unanswered_existence_check_expects_only_the_share_l3_held():
+    # 2 ms calls, fast reads: with every page after the hit expected, waiting for the check
+    # and one read pays (the test above); but a prompt's new tail is never in L3.
+    m = model(l3_latency_s=0.002, l3_gbps=100.0)
+    assert m.plan(PROMPT, 8, 48, is_checking=True).num_pages == 56   # no check answered yet: all may come
+    for _ in range(20):
+        m.observe_exists(num_asked=10, num_found=0)   # recent checks found nothing
+    plan = m.plan(PROMPT, 8, 48, is_checking=True)
+    assert plan.num_pages == 8 and plan.wait_s == 0   # do not wait a round trip for nothing
+    # Once the check has answered, its pages are real: wait for them.
+    assert m.plan(PROMPT, 8, 48, is_checking=False).num_pages == 56
+    # Half found: plan for half of the pending pages (and wait for them, here).
+    half = model(l3_latency_s=0.002, l3_gbps=100.0)
+    for _ in range(20):
+        half.observe_exists(num_asked=10, num_found=5)
+    assert half.rates()["l3_exists_yield"] == pytest.approx(0.5)
+    assert half.plan(PROMPT, 8, 48, is_checking=True).num_pages == 8 + 24
+
+
+def test_writes_stand_in_for_reads_until_a_read_is_measured():
+    fast, slow = model(), model()   # prefill known, no L3 read measured
+    for _ in range(3):
+        fast.observe_l3_write(8 * PAGE_BYTES, 1e-4 + 8 * PAGE_BYTES / 50e9)
+        slow.observe_l3_write(8 * PAGE_BYTES, 5e-3 + 8 * PAGE_BYTES / 0.05e9)
+    plan = fast.plan(PROMPT, num_ready=10, num_pending=50)
+    assert plan.is_modelled and plan.num_pages == 60 and plan.wait_s > 0   # no 2% exploring cap
+    plan = slow.plan(PROMPT, num_ready=10, num_pending=50)
+    assert plan.is_modelled and plan.num_pages == 10 and plan.wait_s == 0
+    assert fast.rates()["l3_read_gbps"] is None      # the stats report reads only
+    # A measured read replaces the prior: the slow link's reads turn out fast.
+    for pages in (8, 8, 4):
+        slow.observe_l3(pages * PAGE_BYTES, 1e-4 + pages * PAGE_BYTES / 50e9)
+    assert slow.plan(PROMPT, num_ready=10, num_pending=50).num_pages == 60
+    assert slow.rates()["l3_read_gbps"] == pytest.approx(50, rel=0.05)
+
+
 def test_the_choice_never_predicts_more_than_recompute():
     rng = np.random.default_rng(1)
     for _ in range(200):
@@ -171,4 +207,19 @@ def test_waits_on_a_prefetch_that_pays_and_not_on_one_that_does_not():
     started = time.monotonic()
     plan = wait_auto(slow, PROMPT, ticket.poll, 10.0)
     assert plan.num_pages == 0 and time.monotonic() - started < 0.04
+    ticket.cancel()
+
+
+def test_a_write_prior_that_reads_belie_is_not_waited_on_for_long():
+    # Writes said 1 ms a batch (a disk writing into its page cache); the reads are slow:
+    # a page every 50 ms. The lookup gives up after twice the predicted wait, with what is
+    # ready, instead of waiting up to the break-even point (most of a recompute here).
+    m = model(prefill_us_per_token=1000.0, batch_pages=1)
+    for _ in range(3):
+        m.observe_l3_write(PAGE_BYTES, 1e-3)
+    ticket = FakeTicket(20, 0.05)
+    plan = wait_auto(m, PROMPT, ticket.poll, 10.0)
+    assert plan.is_write_prior
+    # The break-even deadline alone would have waited give_up_s (> 0.5 s: 10+ pages).
+    assert plan.give_up_s > 0.5 and ticket.num_ready < 5 and not ticket.is_done
     ticket.cancel()

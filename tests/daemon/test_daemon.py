@@ -344,8 +344,9 @@ def test_auto_through_the_daemon_chooses_client_side_and_the_daemon_counts_it(tm
         assert stats.num_recomputed_by_choice_pages >= 1
         fast.close()
         cache.close()
-        text = wait_until(lambda: _metric_text(port, "num_recomputed_by_choice_pages"), 10)
-        assert text
+        # The metrics show the choices: pages recomputed by choice, pages loaded per tier.
+        for name in ("num_recomputed_by_choice_pages", "num_loaded_l3_pages"):
+            assert wait_until(lambda: _metric_text(port, name), 10), name
         daemon.check_integrity(quiescent=True)
 
 
