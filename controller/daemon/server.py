@@ -300,17 +300,22 @@ class DaemonServer:
         served = 0
         while served < limit:
             try:
-                parts = sock.recv_multipart(zmq.NOBLOCK)
+                # With CURVE, the frames carry the client's key (its ZAP User-Id).
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=self._authenticator is None)
             except zmq.Again:
                 break
             served += 1
+            peer = ""
+            if self._authenticator is not None:
+                peer = parts[-1].get("User-Id") or ""
+                parts = [part.bytes for part in parts]
             if len(parts) != 2:
                 self._count_bad("bad_message")
                 if len(parts) > 1:
                     self._send(parts[0], p.ErrorReply("bad_message", "send one frame per request"), 0)
                 continue
             identity, frame = parts
-            reply, request_id = self._handle(frame, identity)
+            reply, request_id = self._handle(frame, identity, peer)
             if reply is not None:   # None: a WaitPrefetch answered later
                 self._send(identity, reply, request_id)
         return served
@@ -322,7 +327,8 @@ class DaemonServer:
         except zmq.Again:
             log.warning("reply to a client dropped: its queue is full")
 
-    def _handle(self, frame: bytes, identity: bytes = b"") -> tuple[p.Message | None, int]:
+    def _handle(self, frame: bytes, identity: bytes = b"", peer: str = "") -> tuple[p.Message | None, int]:
+        """``peer``: the client's CURVE public key (z85) where CURVE is on, else ""."""
         try:
             msg, request_id, session_id = p.decode(frame, p.REQUESTS)
         except p.ProtocolError as exc:
@@ -331,7 +337,7 @@ class DaemonServer:
         self.metrics.requests.labels(type(msg).__name__).inc()
         try:
             if type(msg) is p.Hello:
-                return self._admit(self._hello(msg), identity), request_id
+                return self._admit(self._hello(msg, peer), identity), request_id
             if type(msg) is p.Ping:
                 return self._pong(), request_id
             session = self.sessions.sessions.get(session_id)
@@ -361,8 +367,8 @@ class DaemonServer:
     def _refuse(self, reason: str) -> None:
         self.metrics.refused.labels(reason).inc()
 
-    def _hello(self, msg: p.Hello) -> p.Message:
-        who = self._tenant_of(msg)
+    def _hello(self, msg: p.Hello, peer: str = "") -> p.Message:
+        who = self._tenant_of(msg, peer)
         if type(who) is p.ErrorReply:
             return who
         tenant, uid = who
@@ -408,7 +414,7 @@ class DaemonServer:
                             pool.fingerprint, cfg.lease_ttl_s, cfg.heartbeat_interval_s,
                             cfg.reservation_ttl_s, tenant, secret, side)
 
-    def _tenant_of(self, msg: p.Hello) -> tuple[str, int | None] | p.ErrorReply:
+    def _tenant_of(self, msg: p.Hello, peer: str = "") -> tuple[str, int | None] | p.ErrorReply:
         """(tenant, verified uid or None) of a Hello, or the refusal (tenant_config's doc)."""
         uid = None
         if msg.ticket and self.broker is not None:
@@ -427,6 +433,8 @@ class DaemonServer:
             return p.ErrorReply("unauthorized", "wrong or missing token")
         if self.config.is_legacy:
             return _LEGACY_TENANT, None
+        if peer:   # completed the CURVE handshake with an admitted key
+            return self._tenants.tenant_of_curve_key(peer), uid
         if uid is not None:
             return f"uid:{uid}", uid
         if self._is_tcp:

@@ -5,6 +5,9 @@ what a client says about itself:
 
 - a client presenting a tenant's token (``[tenants.NAME] token_file``) is tenant NAME
   (on tcp, and on ipc too);
+- a client whose CURVE key (tcp with ``auth.curve_*``) is a tenant's
+  ``curve_public_key`` (z85, as in the key file) is that tenant; another admitted key is
+  tenant ``curve:<its first 16 characters>``;
 - otherwise, on ipc, it is ``uid:N``: N is the uid the kernel reports for its side
   socket connection (SO_PEERCRED). Processes of one user are one tenant: they can
   read each other's memory anyway (ptrace, /proc), so the daemon cannot tell them
@@ -26,7 +29,7 @@ from typing import Any, Mapping
 from controller.config import ConfigError
 from controller.daemon.pools import TenantQuota
 
-_KEYS = {"token_file", "token", "l2_pages", "l3_bytes"}
+_KEYS = {"token_file", "token", "curve_public_key", "l2_pages", "l3_bytes"}
 MAX_TENANT_NAME = 64
 
 
@@ -36,6 +39,12 @@ class TenantSettings:
     default_quota: TenantQuota
     tokens: tuple[tuple[bytes, str], ...]
     allowed_uids: frozenset[int]
+    curve_keys: dict[str, str]
+    """z85 public key -> tenant."""
+
+    def tenant_of_curve_key(self, z85_key: str) -> str:
+        """The tenant of a client that completed the CURVE handshake with this key."""
+        return self.curve_keys.get(z85_key) or f"curve:{z85_key[:16]}"
 
     def tenant_of_token(self, offered: bytes) -> str | None:
         """The tenant whose token this is (every token compared, in constant time)."""
@@ -49,7 +58,7 @@ class TenantSettings:
 def parse_tenants(table: Mapping[str, Any], allow_users: str | None) -> TenantSettings:
     """Checked settings of ``DaemonConfig.tenants`` and ``allow_users``; ConfigError names
     the entry at fault."""
-    quotas, tokens, default = {}, [], TenantQuota()
+    quotas, tokens, default, curve_keys = {}, [], TenantQuota(), {}
     for name, entry in dict(table).items():
         where = f"tenants.{name}"
         if not isinstance(entry, Mapping):
@@ -67,9 +76,18 @@ def parse_tenants(table: Mapping[str, Any], allow_users: str | None) -> TenantSe
         token = _token(entry, where)
         if token is not None:
             tokens.append((token, name))
+        key = entry.get("curve_public_key")
+        if key is not None:
+            if type(key) is not str or len(key) != 40:
+                raise ConfigError(f"{where}.curve_public_key must be a z85 public key (40 "
+                                  "characters, the public-key line of a zmq.auth key file)")
+            if key in curve_keys:
+                raise ConfigError(f"{where}: two tenants share a CURVE key")
+            curve_keys[key] = name
     if len({t for t, _ in tokens}) != len(tokens):
         raise ConfigError("two tenants share a token: each tenant needs its own")
-    return TenantSettings(quotas, default, tuple(tokens), frozenset({os.getuid(), *_uids(allow_users)}))
+    return TenantSettings(quotas, default, tuple(tokens), frozenset({os.getuid(), *_uids(allow_users)}),
+                          curve_keys)
 
 
 def _count(entry: Mapping, key: str, where: str) -> int | None:

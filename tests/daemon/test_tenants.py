@@ -19,7 +19,7 @@ from controller.daemon.config import default_pool_bytes
 from controller.daemon.fd_broker import FdBroker
 from controller.status_cli import format_stats
 from controller.tenant_link import receive_segment
-from daemon_proc import REPO, child_env, running_daemon
+from daemon_proc import REPO, DaemonProcess, child_env, running_daemon, wait_until
 
 USERS = ("kvt-x", "kvt-y")
 WORKER = Path(__file__).with_name("tenant_worker.py")
@@ -167,3 +167,45 @@ def test_tcp_tenants_by_token_see_only_their_own_pages_in_l2_and_l3(tmp_path):
         alpha.release(hit)
         assert dst[:, :, :8].numpy().tobytes() == device_pool(seed=3)[:, :, :8].numpy().tobytes()
         alpha.close()
+
+
+def test_curve_keys_name_tenants(tmp_path):
+    """On tcp with CURVE, a client's key names its tenant: a listed key its tenant, another
+    admitted key a tenant of its own; their pages stay apart."""
+    import zmq.auth
+
+    from controller.client import Credentials
+    from daemon_proc import device_pool
+
+    certs, public = tmp_path / "certs", tmp_path / "public"
+    certs.mkdir()
+    public.mkdir()
+    files = {name: zmq.auth.create_certificates(str(certs), name) for name in ("server", "alpha", "beta")}
+    for name in ("alpha", "beta"):
+        shutil.copy(files[name][0], public)
+    alpha_key = zmq.auth.load_certificate(files["alpha"][0])[0].decode()
+    beta_key = zmq.auth.load_certificate(files["beta"][0])[0].decode()
+    env = {"KVSTORE_TENANTS": json.dumps({"alpha": {"curve_public_key": alpha_key}})}
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    args = ["--auth-curve-secret-key-file", files["server"][1], "--auth-curve-public-keys-dir", str(public)]
+
+    def creds(name):
+        return Credentials(curve_server_public_key_file=files["server"][0],
+                           curve_client_secret_key_file=files[name][1])
+
+    daemon = DaemonProcess(tmp_path, layout=None, address=address, env=env, args=args)
+    daemon.start(wait=False)   # its readiness probe pings without CURVE: wait for the log
+    try:
+        assert wait_until(lambda: "L3:" in daemon.log(), 60), daemon.log()
+        prompt = list(range(32))
+        alpha = daemon.client(device_pool(seed=5), credentials=creds("alpha"))
+        assert alpha._link.session.hello.tenant == "alpha"
+        assert alpha.store(prompt, range(8)).num_new_pages == 8
+        beta = daemon.client(device_pool(), credentials=creds("beta"))
+        assert beta._link.session.hello.tenant == f"curve:{beta_key[:16]}"
+        assert beta.lookup(prompt).num_hit_pages == 0
+        assert alpha.lookup(prompt).num_hit_pages == 8
+        alpha.close()
+        beta.close()
+    finally:
+        daemon.stop()
