@@ -64,6 +64,7 @@ from controller.load_handle import CompletedLoad, ControllerLoad
 from controller.pending_stores import PendingStore, PendingStores
 from controller.process_identity import own_identity
 from controller.segment import attach_segment
+from controller.tenant_link import PinnedPrefix, fetch_ticket, receive_segment
 from kvstore.host_pool import generations_view, segment_bytes
 from kvstore.layout import KVLayout
 from kvstore.page_keys import KeyNamespace, PageKeyCache
@@ -147,8 +148,12 @@ class Session:
 
     def __init__(self, address: str, layout_fingerprint: str | None = None, *,
                  credentials: Credentials = Credentials(), request_timeout_s: float = 10.0,
-                 client_name: str | None = None) -> None:
+                 client_name: str | None = None, layout: KVLayout | None = None,
+                 pins_memory: bool = False) -> None:
         self.address = parse_address(address).url   # a malformed one would wait forever
+        self.layout = layout
+        """Sent in Hello: the daemon builds this tenant's pool of it (None: stats only)."""
+        self.pins_memory = pins_memory
         self.credentials = credentials
         self.request_timeout_s = request_timeout_s
         self.client_name = client_name or f"pid-{os.getpid()}"
@@ -204,8 +209,10 @@ class Session:
         if self.layout_fingerprint is None:
             self.layout_fingerprint = self.ping().layout_fingerprint
         me = own_identity()
+        spec = p.layout_spec(self.layout) if self.layout is not None else ()
         hello = p.Hello(self.client_name[:200], me.pid & 0xFFFFFFFF, self.layout_fingerprint,
-                        self.credentials.token, me.start_ticks, me.pid_namespace)
+                        self.credentials.token, me.start_ticks, me.pid_namespace, spec,
+                        fetch_ticket(self.address, self.request_timeout_s), self.pins_memory)
         sent = time.monotonic()
         reply, instance = self._request(hello, b"", self.request_timeout_s)
         if type(reply) is p.ErrorReply:
@@ -281,36 +288,62 @@ class _MappedPool:
 
     def __init__(self, hello: p.HelloReply, layout: KVLayout, pin: bool) -> None:
         size = hello.num_slots * hello.slot_bytes
+        needed = segment_bytes(hello.num_slots, hello.slot_bytes)
         # CacheError saying why it cannot be mapped, or is too small
-        self._shm = attach_segment(hello.segment_name, segment_bytes(hello.num_slots, hello.slot_bytes))
+        if hello.fd_secret:   # a tenant's segment: handed over as a descriptor, no name
+            self._shm, self._mmap = None, receive_segment(hello.fd_socket, hello.fd_secret, needed)
+            buf = memoryview(self._mmap)
+        else:
+            self._shm, self._mmap = attach_segment(hello.segment_name, needed), None
+            buf = self._shm.buf
         self.layout = layout.with_arrangement("page_first")
         if hello.slot_bytes != self.layout.page_bytes:
-            self._shm.close()
+            self._release(buf)
             raise CacheError(f"segment {hello.segment_name} does not hold {hello.num_slots} pages of "
                              f"layout {layout.fingerprint()}")
-        self._bytes = np.ndarray((size,), dtype=np.uint8, buffer=self._shm.buf)
-        self.generations = generations_view(self._shm.buf, hello.num_slots, hello.slot_bytes)
+        self._bytes = np.ndarray((size,), dtype=np.uint8, buffer=buf)
+        self.generations = generations_view(buf, hello.num_slots, hello.slot_bytes)
         self.tensor = (torch.from_numpy(self._bytes).view(self.layout.torch_dtype)
                        .view(self.layout.pool_shape(hello.num_slots)))
         self.is_pinned = False
-        if pin:
+        self._prefix = None
+        if pin and self._mmap is not None:   # a sparse tenant segment: pinned as it is used
+            self._prefix = PinnedPrefix(self.tensor.data_ptr(), size, hello.slot_bytes)
+            self.is_pinned = self._prefix.cover(0)
+        elif pin:
             err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), size, 0x01 | 0x02)
             if int(err) != 0:
                 log.warning("cudaHostRegister of the daemon's segment failed (%d); copies are "
                             "not DMA (raise ulimit -l)", int(err))
             self.is_pinned = int(err) == 0
 
-    def close(self) -> None:
-        if self._shm is None:
-            return
-        if self.is_pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
-        del self.tensor, self._bytes, self.generations
+    def prepare_slots(self, slots: bytes) -> None:
+        """Before a device copy names ``slots`` (a reply's uint32 blob): pin the segment up
+        to them (tenant segments are pinned as they are used, ``tenant_link.PinnedPrefix``)."""
+        if self._prefix is not None and not self._prefix.cover(int(np.frombuffer(slots, "<u4").max())):
+            raise CacheError("cudaHostRegister of the daemon's segment failed: raise ulimit -l")
+
+    def _release(self, buf: memoryview | None = None) -> None:
         try:
-            self._shm.close()
+            if self._mmap is not None:
+                if buf is not None:
+                    buf.release()
+                self._mmap.close()
+            else:
+                self._shm.close()
         except BufferError:
             log.warning("daemon segment still viewed by a live tensor; it is unmapped when that goes")
-        self._shm = None
+        self._shm = self._mmap = None
+
+    def close(self) -> None:
+        if self._shm is None and self._mmap is None:
+            return
+        if self._prefix is not None:
+            self._prefix.close()
+        elif self.is_pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+        del self.tensor, self._bytes, self.generations
+        self._release()
 
 
 class DaemonLink:
@@ -329,7 +362,8 @@ class DaemonLink:
         self.prefetch_config = prefetch
         self.choice = ClientChoice(prefetch, layout.page_size, layout.page_bytes)
         self.session = Session(address, layout.fingerprint(), credentials=credentials,
-                               request_timeout_s=request_timeout_s, client_name=client_name)
+                               request_timeout_s=request_timeout_s, client_name=client_name,
+                               layout=layout, pins_memory=pin)
         self.pool: _MappedPool | None = None
         self._pool_epoch = -1
         self._pin = pin
@@ -365,6 +399,8 @@ class DaemonLink:
     def call(self, msg: p.Message, timeout_s: float | None = None) -> p.Message:
         reply = self.session.call(msg, timeout_s)
         self.ensure_mapped()
+        if type(reply) in (p.LookupReply, p.StorePlanReply) and reply.slots:
+            self.pool.prepare_slots(reply.slots)   # slots a device copy will name
         return reply
 
     def require_fresh(self) -> None:

@@ -30,7 +30,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from controller.api import CacheError, CacheStats
 from controller.async_runner import AsyncRunner
@@ -89,13 +89,21 @@ class CacheCore:
     """L2 + L3 + the pipelines; see the module docstring."""
 
     def __init__(self, config: ControllerConfig, layout: KVLayout,
-                 observers: CoreObservers = NO_OBSERVERS) -> None:
+                 observers: CoreObservers = NO_OBSERVERS, *, pool: HostPool | None = None,
+                 lock: threading.RLock | None = None, admit: Callable[["CacheCore", int], int] | None = None,
+                 wrap_l3: Callable | None = None) -> None:
         """``observers`` hear what enters and leaves L2 and what this core learns of L3
-        (the daemon's KV events; kvstore/index/observer.py)."""
+        (the daemon's KV events; kvstore/index/observer.py). ``pool``, ``lock``, ``admit``
+        and ``wrap_l3`` are for a daemon that runs several cores under one memory budget
+        (controller/daemon/pools.py): a pool it made, a lock all its cores share, a hook
+        that makes room in the budget before ``n`` slots are reserved here (it answers how
+        many may be), and a wrapper of the L3 connector (a tenant's key salt and quota)."""
         self.config = config
         self.layout = layout
         self.observers = observers
-        self.lock = threading.RLock()
+        self.lock = lock if lock is not None else threading.RLock()
+        self._admit = admit
+        self._wrap_l3 = wrap_l3
         self._stats = CacheStats()
         # Pages L3 lacks -> their position in their chain (0: a chain's first page), so a
         # flush writes parents before children: what a cut-short flush wrote is usable.
@@ -106,7 +114,8 @@ class CacheCore:
         self._prefetcher: Prefetcher | None = None
         self._backup: BackupQueue | None = None
         self._is_closed = False
-        pool = HostPool(layout, config.host_pool_pages, prefault=config.prefault_host_pool)
+        if pool is None:
+            pool = HostPool(layout, config.host_pool_pages, prefault=config.prefault_host_pool)
         self.host = HostStore(pool, policy=config.eviction_policy, on_evict=self._on_evict,
                               observer=observers.l2)
         self.cost = new_cost_model(config.prefetch, layout.page_size, pool.slot_bytes)
@@ -140,6 +149,8 @@ class CacheCore:
 
         try:
             self._l3 = self._runner.run(open_on_loop(), self.config.l3.timeout_s)
+            if self._wrap_l3 is not None:
+                self._l3 = self._wrap_l3(self._l3)
         except BaseException:
             self._runner.close()
             raise
@@ -316,6 +327,8 @@ class CacheCore:
     def reserve_up_to(self, n: int) -> list[int]:
         """As many slots as possible up to ``n`` (leased pages can't be evicted for them).
         Call under ``lock``."""
+        if self._admit is not None and n > 0:
+            n = self._admit(self, n)   # the shared budget makes room (other cores may evict)
         while n > 0:
             slots = self.host.reserve(n)
             if slots is not None:

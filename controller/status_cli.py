@@ -63,12 +63,16 @@ def format_stats(s: dict) -> str:
     used = s["num_slots"] - s["num_free_slots"]
     lookups = max(int(s.get("num_lookup_pages", 0)), 1)
     hit = s.get("num_l2_hit_pages", 0) + s.get("num_l3_hit_pages", 0)
+    if s.get("multi_layout"):
+        l2 = _pool_lines(s)
+    else:
+        l2 = [f"  layout   {s['layout']}, L3 {s['l3']}",
+              f"  L2       {used}/{s['num_slots']} slots used ({s['num_cached_pages']} pages cached, "
+              f"{s['num_reserved_slots']} being written), {s['num_slots'] * s['slot_bytes'] / 2**20:.1f} "
+              f"MiB in {s['segment']}"]
     return "\n".join([
         f"kvstore daemon pid {s['pid']} on {s['address']} (instance {s['instance'][:8]})",
-        f"  layout   {s['layout']}, L3 {s['l3']}",
-        f"  L2       {used}/{s['num_slots']} slots used ({s['num_cached_pages']} pages cached, "
-        f"{s['num_reserved_slots']} being written), {s['num_slots'] * s['slot_bytes'] / 2**20:.1f} MiB "
-        f"in {s['segment']}",
+        *l2,
         f"  clients  {s['num_clients']} attached, {s['num_leases']} leases, "
         f"{s['num_reservations']} reservations, {s['num_reaped_clients']} reaped",
         f"  fencing  {s.get('num_suspended_clients', 0)} clients suspended (silent, process alive), "
@@ -82,6 +86,24 @@ def format_stats(s: dict) -> str:
         f"  refused  {s['num_refused']} requests, {s['num_bad_messages']} bad messages",
         *_l3_lines(s),
     ])
+
+
+def _pool_lines(s: dict) -> list[str]:
+    """A daemon of every layout: its budget, each (tenant, layout) pool, each tenant's quotas."""
+    mib = 2 ** 20
+    lines = [f"  L2       {s['used_bytes'] / mib:.1f} of {s['budget_bytes'] / mib:.1f} MiB used by "
+             f"{s['num_pools']} pools ({s['num_cached_pages']} pages cached, {s['num_reserved_slots']} "
+             f"being written), L3 {s['l3']}"]
+    for pool in json.loads(s.get("pools", "[]")):
+        lines.append(f"  pool     {pool['tenant']} {pool['layout']}: {pool['used_slots']} pages of "
+                     f"{pool['slot_bytes']} B, evicted {pool['evicted_budget']} (budget) "
+                     f"{pool['evicted_quota']} (quota)")
+    for t in json.loads(s.get("tenants", "[]")):
+        l2q = t["l2_quota_pages"] or "none"
+        l3q = t["l3_quota_bytes"] or "none"
+        lines.append(f"  tenant   {t['tenant']}: L2 {t['l2_pages']} pages (quota {l2q}), L3 "
+                     f"{t['l3_bytes']} B (quota {l3q}, {t['l3_refused_pages']} pages refused)")
+    return lines
 
 
 def _l3_lines(s: dict) -> list[str]:

@@ -107,19 +107,44 @@ class HostPool:
         name: str | None = None,
         pin: bool | None = None,
         prefault: bool = False,
+        memfd: bool = False,
     ) -> None:
+        """``memfd``: back the segment with an anonymous memory file (``os.memfd_create``)
+        instead of a /dev/shm name: no other process can open it by name; the daemon hands
+        it to a tenant's clients as a file descriptor (``fileno``), and freed slots give
+        their memory back (``release_memory``), so a large sparse pool costs only what it
+        holds."""
         if num_slots <= 0:
             raise ValueError(f"HostPool needs num_slots > 0, got {num_slots}")
         self.layout = layout.with_arrangement("page_first")
         self.num_slots = num_slots
         self.slot_bytes = self.layout.page_bytes
-        check_pool_fits(num_slots, self.slot_bytes)  # the segment is sparse: fail now, not at OOM
-        self._shm = shared_memory.SharedMemory(
-            name=name or unique_shm_name(), create=True, size=segment_bytes(num_slots, self.slot_bytes)
-        )
-        self.name = self._shm.name
-        self._bytes = np.ndarray((num_slots * self.slot_bytes,), dtype=np.uint8, buffer=self._shm.buf)
-        self.generations = generations_view(self._shm.buf, num_slots, self.slot_bytes)
+        size = segment_bytes(num_slots, self.slot_bytes)
+        self._shm = self._mmap = None
+        self._fd = -1
+        if memfd:
+            # The caller (the daemon's pool registry) bounds what all its sparse pools hold.
+            self._fd = os.memfd_create(name or unique_shm_name(), os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(self._fd, size)
+                self._mmap = mmap.mmap(self._fd, size)
+            except BaseException:
+                os.close(self._fd)
+                raise
+            self.name = f"memfd:{name or 'pool'}"
+            self._buf = memoryview(self._mmap)
+        else:
+            check_pool_fits(num_slots, self.slot_bytes)  # the segment is sparse: fail now, not at OOM
+            self._shm = shared_memory.SharedMemory(name=name or unique_shm_name(), create=True, size=size)
+            self.name = self._shm.name
+            self._buf = self._shm.buf
+        self.is_memfd = memfd
+        self.returns_memory = memfd
+        """Freed slots give their memory back (``release_memory``). Turned off for good once
+        a client pins the segment (cudaHostRegister): a punched-out page it had pinned
+        would stay its own, so its device copies and everyone's mappings would diverge."""
+        self._bytes = np.ndarray((num_slots * self.slot_bytes,), dtype=np.uint8, buffer=self._buf)
+        self.generations = generations_view(self._buf, num_slots, self.slot_bytes)
         """Per-slot generation, bumped when a slot is reserved (module doc); in the segment."""
         self.tensor = (
             torch.from_numpy(self._bytes)
@@ -157,7 +182,25 @@ class HostPool:
     def slot_view(self, slot: int) -> memoryview:
         """Writable bytes of one slot (what L3 stores read into and write from)."""
         start = slot * self.slot_bytes
-        return self._shm.buf[start : start + self.slot_bytes]
+        return self._buf[start : start + self.slot_bytes]
+
+    def fileno(self) -> int:
+        """The memfd of a ``memfd`` pool (what its clients map); -1 for a /dev/shm one."""
+        return self._fd
+
+    def release_memory(self, slots: Sequence[int]) -> None:
+        """Give the memory of free slots back to the system (memfd pools; a no-op for
+        others): the whole OS pages inside each slot are punched out (MADV_REMOVE) and
+        read as zeros if the slot is used again. Pages a slot shares with a neighbour
+        at its edges stay (slots need not be page-aligned)."""
+        if self._mmap is None:
+            return
+        page = mmap.PAGESIZE
+        for slot in slots:
+            start = -(-slot * self.slot_bytes // page) * page
+            end = (slot + 1) * self.slot_bytes // page * page
+            if end > start:
+                self._mmap.madvise(mmap.MADV_REMOVE, start, end - start)
 
     # ---- slot states --------------------------------------------------------
     @property
@@ -203,6 +246,8 @@ class HostPool:
             raise HostPoolError(f"free() got a slot twice: {slots}")
         self._states[idx] = FREE
         self._free_stack.extend(slots)
+        if self.returns_memory:   # a sparse pool holds only what is in use
+            self.release_memory(slots)
 
     def lease(self, slots: Iterable[int]) -> None:
         """Pin ready slots for a reader; they can't be freed until unleased."""
@@ -244,7 +289,7 @@ class HostPool:
     def close(self) -> None:
         """Unpin, unmap and remove the segment. Idempotent."""
         shm = getattr(self, "_shm", None)
-        if shm is None:
+        if shm is None and getattr(self, "_mmap", None) is None:
             return
         if self.is_pinned:
             torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
@@ -254,10 +299,27 @@ class HostPool:
             npu_ops.unregister_host_memory(self.tensor.data_ptr())
         del self.tensor, self._bytes, self.generations
         self._shm = None
+        if self._mmap is not None:
+            self._close_memfd()
+            return
         try:
             _close_mapping(shm)
         finally:
             shm.unlink()
+
+    def _close_memfd(self) -> None:
+        mm, self._mmap = self._mmap, None
+        try:
+            self._buf.release()
+            mm.close()
+        except BufferError:
+            gc.collect()
+            try:
+                mm.close()
+            except BufferError:
+                log.warning("host pool %s closed while views of it were alive", self.name)
+        os.close(self._fd)
+        self._fd = -1
 
     def __enter__(self) -> "HostPool":
         return self

@@ -1,6 +1,8 @@
 """Who the daemon serves: socket permissions on ipc://, a shared token or CURVE on tcp://.
 
 - ipc:// (default): the socket is 0600 in a 0700 directory; only this user can connect.
+  With ``allow_users`` it is 0666 (its directory must let those users in) and the
+  daemon serves only the uids it allows, each as a tenant (tenant_config.py).
 - tcp:// + token: every Hello carries the token (compared in constant time); a
   session id (16 random bytes) is then required on every request. Without
   encryption the token is visible on the network: use it on trusted links, or CURVE.
@@ -29,20 +31,27 @@ class TokenCheck:
     def __init__(self, token: bytes | None) -> None:
         self._token = token
 
+    @property
+    def is_open(self) -> bool:
+        """No shared token is configured (every Hello passes this check)."""
+        return self._token is None
+
     def is_allowed(self, offered: bytes) -> bool:
         if self._token is None:
             return True
         return hmac.compare_digest(offered, self._token)
 
 
-def bind_ipc(socket: zmq.Socket, address: str) -> None:
-    """Bind with the socket file created 0600 (umask) and checked afterwards."""
+def bind_ipc(socket: zmq.Socket, address: str, shared: bool = False) -> None:
+    """Bind with the socket file created 0600 (umask) and checked afterwards. ``shared``
+    (``--allow-users``): 0666, other users may connect; the daemon admits only the uids
+    it allows, by their side socket ticket (controller/daemon/fd_broker.py)."""
     old = os.umask(0o177)
     try:
         socket.bind(address)
     finally:
         os.umask(old)
-    os.chmod(address[len("ipc://"):], 0o600)
+    os.chmod(address[len("ipc://"):], 0o666 if shared else 0o600)
 
 
 def start_curve(context: zmq.Context, socket: zmq.Socket, auth: AuthConfig,

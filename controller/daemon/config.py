@@ -78,14 +78,28 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    """Everything one daemon runs with; one layout (one shm segment) per daemon."""
+    """Everything one daemon runs with. Without a layout it serves every layout its
+    clients name, a pool per (tenant, layout) under one budget (``host_pool_bytes``);
+    with ``--layout-*`` and no tenant settings it is a legacy daemon: one layout, one
+    /dev/shm segment of ``host_pool_pages`` pages, one trust domain."""
 
-    layout: KVLayout
-    """The KV layout this daemon's host pool holds; clients with another layout are refused."""
+    layout: KVLayout | None = None
+    """The one KV layout this daemon serves (None: every layout its clients name)."""
     address: str = field(default_factory=default_address)
     """ipc://PATH (default: in the per-user runtime directory) or tcp://HOST:PORT (needs auth)."""
     host_pool_pages: int = 4096
-    """Pages of shared host memory (L2)."""
+    """Pages of shared host memory (L2) of a legacy daemon (fixed layout, no tenants)."""
+    host_pool_bytes: int | None = None
+    """The memory budget all pools share (the default: ``default_pool_bytes()``, a quarter
+    of physical memory up to 64 GiB); more than physical memory is refused."""
+    allow_users: str | None = None
+    """Other users (names or uids, comma-separated) whose clients may use this daemon, each
+    as a tenant of its own; their socket must be reachable (an --address in a directory
+    they can enter). Default: only this user."""
+    tenants: Mapping[str, Any] = field(default_factory=dict)
+    """Per-tenant settings: ``[tenants.NAME]`` with ``token_file`` (or ``token``: a client
+    presenting it is this tenant), ``l2_pages`` and ``l3_bytes`` quotas. Tenants by uid are
+    named ``uid:N``; ``[tenants."*"]`` holds the default quotas."""
     eviction_policy: str = ControllerConfig.eviction_policy
     """Which L2 page goes first when full; see kvstore.eviction.policy_names()."""
     l3: L3Config = field(default_factory=L3Config)
@@ -133,10 +147,13 @@ class DaemonConfig:
 
     def __post_init__(self) -> None:
         if parse_address(self.address).is_tcp:
-            if self.auth.read_token() is None and not self.auth.is_curve:
+            has_tenant_tokens = any(isinstance(t, Mapping) and ("token" in t or "token_file" in t)
+                                    for t in dict(self.tenants).values())
+            if self.auth.read_token() is None and not self.auth.is_curve and not has_tenant_tokens:
                 raise ConfigError(
                     f"address {self.address} is tcp:// but no credentials are set: set auth.token_file "
-                    "(or KVSTORE_AUTH_TOKEN), or auth.curve_secret_key_file + auth.curve_public_keys_dir")
+                    "(or KVSTORE_AUTH_TOKEN), auth.curve_secret_key_file + auth.curve_public_keys_dir, "
+                    "or tenants with a token_file each")
             if self.auth.is_curve and not self.auth.curve_public_keys_dir:
                 raise ConfigError("auth.curve_secret_key_file needs auth.curve_public_keys_dir")
         if self.heartbeat_interval_s * 2 > self.lease_ttl_s:
@@ -145,7 +162,24 @@ class DaemonConfig:
                 f"lease_ttl_s ({self.lease_ttl_s})")
         ControllerConfig(host_pool_pages=self.host_pool_pages, eviction_policy=self.eviction_policy,
                          l3=self.l3)  # validates those fields with its own messages
+        if not self.is_legacy:
+            check_budget(self.budget_bytes())
+            from controller.daemon.tenant_config import parse_tenants
+
+            parse_tenants(self.tenants, self.allow_users)   # errors name the entry
         self._check_events()
+
+    @property
+    def is_legacy(self) -> bool:
+        """One layout in one /dev/shm segment, one trust domain (the pre-tenant daemon)."""
+        return (self.layout is not None and not self.tenants and not self.allow_users
+                and self.host_pool_bytes is None)
+
+    def budget_bytes(self) -> int:
+        """The bytes all pools share (checked against this machine in ``__post_init__``)."""
+        if self.is_legacy:
+            return self.host_pool_pages * self.layout.page_bytes
+        return self.host_pool_bytes if self.host_pool_bytes is not None else default_pool_bytes()
 
     def _check_events(self) -> None:
         named = {"address": self.address}
@@ -179,6 +213,9 @@ class DaemonConfig:
                 continue
             if spec.name == "auth.token":
                 value = "***"
+            if spec.name == "tenants":
+                value = {name: {k: ("***" if k == "token" else v) for k, v in dict(t).items()}
+                         for name, t in dict(value).items()}
             if isinstance(value, Mapping):
                 value = dict(value)
             table = out
@@ -217,6 +254,47 @@ def _bool(text: str) -> bool:
     raise ValueError(f"expected true/false, got {text!r}")
 
 
+_GIB = 1 << 30
+_MIN_BUDGET = 64 << 20
+
+
+def default_pool_bytes(physical: int | None = None) -> int:
+    """A quarter of physical memory, at most 64 GiB and at least 64 MiB."""
+    from kvstore.host_memory import read_host_memory
+
+    physical = physical if physical is not None else read_host_memory().physical_bytes
+    if physical is None:
+        return 4 * _GIB
+    return max(_MIN_BUDGET, min(physical // 4, 64 * _GIB))
+
+
+def check_budget(budget: int, physical: int | None = None) -> None:
+    """Refuse a budget larger than this machine's memory (ConfigError with the numbers)."""
+    from kvstore.host_memory import read_host_memory
+
+    physical = physical if physical is not None else read_host_memory().physical_bytes
+    if budget <= 0:
+        raise ConfigError(f"host_pool_bytes must be > 0, got {budget}")
+    if physical is not None and budget > physical:
+        raise ConfigError(f"host_pool_bytes {budget / _GIB:.1f} GiB exceeds this machine's physical "
+                          f"memory ({physical / _GIB:.1f} GiB): the pools would be OOM-killed once "
+                          f"full; give at most {physical // 2 // _GIB} GiB (half), or leave it out for "
+                          f"{default_pool_bytes(physical) / _GIB:.1f} GiB")
+
+
+def parse_bytes(text: str) -> int:
+    """``8G``, ``512M``, ``65536`` (K, M, G, T: powers of 1024)."""
+    text = text.strip()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:].upper(), 1)
+    number = text[:-1] if scale != 1 else text
+    if number.upper().endswith("I"):
+        raise ValueError(f"write sizes as 8G or 512M, got {text!r}")
+    value = float(number) * scale
+    if not value.is_integer() and scale == 1:
+        raise ValueError(f"expected a byte count like 8G, got {text!r}")
+    return int(value)
+
+
 def _json_table(text: str) -> dict:
     value = json.loads(text)
     if not isinstance(value, dict):
@@ -227,7 +305,13 @@ def _json_table(text: str) -> dict:
 _I, _F, _S = (int,), (int, float), (str,)
 FIELDS: tuple[Setting, ...] = (
     Setting("address", str, _S, "ipc://PATH or tcp://HOST:PORT"),
-    Setting("host_pool_pages", int, _I, "pages of shared host memory (L2)"),
+    Setting("host_pool_pages", int, _I, "pages of shared host memory (L2) of a one-layout daemon"),
+    Setting("host_pool_bytes", parse_bytes, (int, str), "memory budget of all pools (e.g. 32G; "
+            "default a quarter of physical memory, at most 64G)"),
+    Setting("allow_users", str, _S, "other users (names or uids, comma-separated) that may "
+            "connect, each a tenant of its own"),
+    Setting("tenants", _json_table, (dict,), "per-tenant tokens and quotas (a table; JSON in "
+            "env/flags): {NAME: {token_file, l2_pages, l3_bytes}}"),
     Setting("eviction_policy", str, _S, "L2 eviction policy name"),
     Setting("layout.num_layers", int, _I, "layers of the KV layout"),
     Setting("layout.num_kv_heads", int, _I, "KV heads per layer (per TP rank)"),
@@ -272,7 +356,7 @@ _POSITIVE = {"host_pool_pages", "lease_ttl_s", "heartbeat_interval_s", "reservat
 def _get(config: DaemonConfig, name: str) -> Any:
     obj: Any = config
     for part in name.split("."):
-        obj = getattr(obj, part)
+        obj = getattr(obj, part) if obj is not None else None   # no layout: its fields are None
     return obj
 
 
@@ -321,6 +405,11 @@ def read_sources(
 
 def _refuse_secret_flags(flags: Mapping[str, str | None]) -> None:
     """A token on the command line is shown to every user of the host (ps, /proc/PID/cmdline)."""
+    tenants = flags.get("tenants")
+    if tenants is not None and '"token"' in tenants:
+        raise ConfigError(f"{_BY_NAME['tenants'].flag} with a token would show it to every user of "
+                          "this host (ps): give each tenant a token_file (chmod 600), or set "
+                          f"{_BY_NAME['tenants'].env} or the config file")
     if flags.get("auth.token") is not None:
         raise ConfigError(f"{_BY_NAME['auth.token'].flag} would show the token to every user of this "
                           "host (ps); put it in a file only the daemon's user can read (chmod 600) "
@@ -347,11 +436,17 @@ def build_config(values: Mapping[str, tuple[Any, str]]) -> DaemonConfig:
         (groups[head].__setitem__(leaf, value) if leaf else top.__setitem__(name, value))
     missing = [f"layout.{f}" for f in ("num_layers", "num_kv_heads", "head_dim", "page_size")
                if f not in groups["layout"]]
-    if missing:
-        raise ConfigError(f"the daemon serves one KV layout: set {', '.join(missing)} "
-                          f"(e.g. [layout] in --config, or {_BY_NAME[missing[0]].flag})")
+    if missing and groups["layout"]:
+        raise ConfigError(f"a daemon of one KV layout needs all of it: set {', '.join(missing)} "
+                          f"(e.g. [layout] in --config, or {_BY_NAME[missing[0]].flag}); or set no "
+                          "layout.* at all to serve every layout its clients name")
+    if isinstance(top.get("host_pool_bytes"), str):
+        try:
+            top["host_pool_bytes"] = parse_bytes(top["host_pool_bytes"])
+        except ValueError as exc:
+            raise ConfigError(f"host_pool_bytes (from {values['host_pool_bytes'][1]}): {exc}") from None
     try:
-        layout = KVLayout(**groups["layout"])
+        layout = KVLayout(**groups["layout"]) if groups["layout"] else None
         l3 = L3Config(**groups["l3"])
         return DaemonConfig(layout=layout, l3=l3, auth=AuthConfig(**groups["auth"]), **top)
     except (LayoutError, OSError) as exc:
@@ -364,6 +459,11 @@ def load_config(config_file=None, environ: Mapping[str, str] | None = None,
                                      flags or {}))
 
 
+def _toml_key(key: str) -> str:
+    """A bare TOML key, or a quoted one (tenant names like ``uid:1001`` or ``*``)."""
+    return key if key and all(c.isalnum() or c in "-_" for c in key) else json.dumps(key)
+
+
 def to_toml(table: Mapping[str, Any], prefix: str = "") -> str:
     """A small TOML writer for ``--print-config`` (scalars and nested tables only)."""
     lines, subtables = [], []
@@ -371,9 +471,9 @@ def to_toml(table: Mapping[str, Any], prefix: str = "") -> str:
         if isinstance(value, Mapping):
             subtables.append((key, value))
         else:
-            lines.append(f"{key} = {json.dumps(value)}")
+            lines.append(f"{_toml_key(key)} = {json.dumps(value)}")
     out = "\n".join(lines)
     for key, value in subtables:
-        name = f"{prefix}{key}"
+        name = f"{prefix}{_toml_key(key)}"
         out += f"\n\n[{name}]\n" + to_toml(value, name + ".")
     return out.strip("\n") + "\n"

@@ -39,7 +39,8 @@ class LookupCounts:
 
     def __init__(self, metrics: DaemonMetrics, page_bytes: int) -> None:
         self._metrics = metrics
-        self._page_bytes = page_bytes
+        self.page_bytes = page_bytes
+        """Of the pool being looked up (the daemon sets it per lookup: pools differ)."""
         self._open: dict[bytes, OpenLookup] = {}
 
     def take(self, session_id: bytes, follows: int) -> OpenLookup | None:
@@ -85,4 +86,4 @@ class LookupCounts:
     def _count(self, tier: str, num_pages: int) -> None:
         if num_pages > 0:
             self._metrics.lookup_pages[tier].inc(num_pages)
-            self._metrics.lookup_bytes[tier].inc(num_pages * self._page_bytes)
+            self._metrics.lookup_bytes[tier].inc(num_pages * self.page_bytes)

@@ -74,7 +74,27 @@ class DaemonMetrics:
                           "call, or a page a write could not store, e.g. disk full)", ["direction"],
                           registry=r)
         self.l3_errors = {d: l3_errors.labels(d) for d in ("read", "write")}
+        self.budget = Gauge("kvstore_pool_budget_bytes", "Host memory budget all pools share, and "
+                            "what they hold", ["kind"], registry=r)
+        self.pool_pages = Gauge("kvstore_pool_pages", "Pages of each (tenant, layout) pool: used "
+                                "slots, and pages evicted for the budget or the tenant's quota",
+                                ["tenant", "layout", "kind"], registry=r)
+        self.tenant = Gauge("kvstore_tenant", "Per tenant: L2 pages and bytes held, L3 bytes "
+                            "written and not seen gone, quotas (0: none), L3 pages refused by "
+                            "the quota", ["tenant", "kind"], registry=r)
         self._server = None
+
+    def refresh_pools(self, budget: int, used: int, pools: list[dict], tenants: dict) -> None:
+        self.budget.labels("budget").set(budget)
+        self.budget.labels("used").set(used)
+        for pool in pools:
+            for kind, key in (("used", "used_slots"), ("evicted_budget", "evicted_budget"),
+                              ("evicted_quota", "evicted_quota")):
+                self.pool_pages.labels(pool["tenant"], pool["layout"], kind).set(pool[key])
+        for name, t in tenants.items():
+            for kind in ("l2_pages", "l2_bytes", "l2_quota_pages", "l3_bytes", "l3_quota_bytes",
+                         "l3_refused_pages"):
+                self.tenant.labels(name, kind).set(t[kind])
 
     def refresh_core(self, stats: dict, free: int, reserved: int, total: int) -> None:
         for name, value in stats.items():

@@ -26,10 +26,13 @@ from typing import Any, Callable, ClassVar
 import msgpack
 import numpy as np
 
-VERSION = 4
+VERSION = 5
 """3: Hello names the client process (start time, pid namespace); lookups and store
 plans carry the slots' generations (slot fencing). 4: Lookup.follows (a look-again
-after waiting on L3 is counted with the lookup it completes)."""
+after waiting on L3 is counted with the lookup it completes). 5: Hello carries the
+layout itself (the daemon builds a pool per tenant and layout) and a credentials
+ticket; HelloReply names the tenant and hands the segment over as a file descriptor
+(a one-time secret redeemed on the daemon's side socket)."""
 KEY_BYTES = 16
 ID_BYTES = 16
 MAX_KEYS = 32768
@@ -81,6 +84,12 @@ def _bytes(max_len: int, exact: int | None = None) -> Check:
     return check
 
 
+def _opt_id(v: Any) -> bytes:
+    if type(v) is not bytes or len(v) not in (0, ID_BYTES):
+        raise ProtocolError(f"expected b'' or {ID_BYTES} bytes, got {_short(v)}")
+    return v
+
+
 def _key_blob(v: Any) -> bytes:
     if type(v) is not bytes or len(v) % KEY_BYTES:
         raise ProtocolError(f"keys must be bytes of 16 * n, got {_short(v)}")
@@ -106,6 +115,36 @@ def _seconds(v: Any) -> float:
     if type(v) not in (int, float) or not math.isfinite(v) or not 0 <= v <= 1e6:
         raise ProtocolError(f"expected seconds in [0, 1e6], got {_short(v)}")
     return float(v)
+
+
+MAX_LAYOUT = {"num_layers": 4096, "num_kv_heads": 4096, "head_dim": 65536, "page_size": 65536}
+"""Bounds of a layout a client may ask a daemon to build (each field; the page's byte
+size is bounded by the daemon's budget too)."""
+LAYOUT_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2", "uint8", "int8")
+
+
+def _layout_spec(v: Any) -> tuple:
+    """A layout as [num_layers, num_kv_heads, head_dim, page_size, dtype, is_mla], or []
+    (a session that only asks for stats)."""
+    if type(v) is not list or len(v) not in (0, 6):
+        raise ProtocolError(f"layout must be [] or [layers, heads, head_dim, page_size, dtype, "
+                            f"is_mla], got {_short(v)}")
+    if not v:
+        return ()
+    for value, (name, top) in zip(v[:4], MAX_LAYOUT.items()):
+        if type(value) is not int or not 0 < value <= top:
+            raise ProtocolError(f"layout {name} must be an int in 1..{top}, got {_short(value)}")
+    if type(v[4]) is not str or v[4] not in LAYOUT_DTYPES:
+        raise ProtocolError(f"layout dtype must be one of {LAYOUT_DTYPES}, got {_short(v[4])}")
+    if type(v[5]) is not bool:
+        raise ProtocolError(f"layout is_mla must be a bool, got {_short(v[5])}")
+    return tuple(v)
+
+
+def layout_spec(layout: Any) -> tuple:
+    """The Hello ``layout`` field of a KVLayout (kvstore.layout)."""
+    return (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.page_size,
+            layout.dtype, layout.is_mla)
 
 
 def _stats_map(v: Any) -> dict[str, int | float | str]:
@@ -137,8 +176,13 @@ class Message:
 # Requests (client -> daemon) ------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Hello(Message):
-    """Open a session. ``layout_fingerprint`` must equal the daemon's layout; ``token``
-    is the shared secret on tcp (b"" on ipc, where file permissions guard the socket).
+    """Open a session. ``layout`` is the client's KV layout (``layout_spec``; [] for a
+    stats-only session) and ``layout_fingerprint`` its fingerprint (both must agree);
+    ``token`` is the shared secret on tcp, or a tenant's token (b"" otherwise).
+    ``ticket`` (16 bytes, ipc) is what the daemon's side socket gave this client for
+    its verified uid (b"" where there is none: tcp, a legacy daemon). ``pins_memory``:
+    the client will pin the segment for device copies (the daemon then stops giving
+    freed slots' memory back in that pool: see HostPool.returns_memory).
     (pid, pid_start_ticks, pid_namespace) name the client process
     (``controller.process_identity``): a daemon that can verify them keeps a silent
     client's slots while that process lives, rather than reusing them."""
@@ -149,7 +193,10 @@ class Hello(Message):
     token: bytes
     pid_start_ticks: int
     pid_namespace: int
-    SPEC = (text, u32, text, secret, u64, u64)
+    layout: tuple = ()
+    ticket: bytes = b""
+    pins_memory: bool = False
+    SPEC = (text, u32, text, secret, u64, u64, _layout_spec, _opt_id, _bool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +325,10 @@ class Ping(Message):
 # Replies (daemon -> client) -------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class HelloReply(Message):
+    """``segment_name``: the /dev/shm segment to map (a legacy daemon), or "" when the
+    segment is handed over as a file descriptor: redeem ``fd_secret`` (once, within
+    seconds) on the unix socket ``fd_socket``. ``tenant``: who the daemon took this
+    client for. ``num_slots`` 0: a stats-only session."""
     TYPE = 64
     session: bytes
     segment_name: str
@@ -287,7 +338,11 @@ class HelloReply(Message):
     lease_ttl_s: float
     heartbeat_interval_s: float
     reservation_ttl_s: float
-    SPEC = (_bytes(ID_BYTES, ID_BYTES), text, u32, u64, text, _seconds, _seconds, _seconds)
+    tenant: str = ""
+    fd_secret: bytes = b""
+    fd_socket: str = ""
+    SPEC = (_bytes(ID_BYTES, ID_BYTES), text, u32, u64, text, _seconds, _seconds, _seconds, text,
+            _opt_id, text)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,22 +1,24 @@
-"""The daemon: one ROUTER socket, one thread that owns the CacheCore, a life cycle like uvicorn's.
+"""The daemon: one ROUTER socket, one thread that owns the cache pools, a life cycle like uvicorn's.
 
     startup:   claim the address (lock file; stale socket/segment of a dead daemon removed),
-               create the CacheCore (host pool in shm + L3), bind, start metrics
+               create the pool registry (controller/daemon/pools.py: one CacheCore per
+               tenant and layout, made at its first Hello; a legacy daemon's one pool in
+               shm now), bind, start the side socket (fd_broker.py) and metrics
     main loop: poll; serve every frame that has arrived; once per tick reap silent
                clients and overdue reservations and refresh the gauges
     shutdown:  (SIGTERM/SIGINT) stop accepting, serve what already arrived, close every
                session, write back due pages to L3 up to a deadline, remove segment,
                socket and lock; exit 0
 
-Requests are served one at a time in arrival order by the loop thread, so the
-cache needs no locks; replies carry the daemon's instance id (random per start)
-so a client notices a restart.
+Requests are served one at a time in arrival order by the loop thread (the cores
+share one lock with their L3 threads); a session belongs to one pool, and every
+request works on its session's core. Replies carry the daemon's instance id
+(random per start) so a client notices a restart.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import secrets
@@ -27,17 +29,22 @@ from typing import Callable
 
 import zmq
 
-from controller.core import CacheCore
+from controller.config import ConfigError
 from controller.daemon import protocol as p
 from controller.daemon.admission import FreshSessions
 from controller.daemon.auth import TokenCheck, bind_ipc, start_curve
-from controller.daemon.config import DaemonConfig
+from controller.daemon.config import DaemonConfig, runtime_dir
+from controller.daemon.fd_broker import FdBroker, side_socket_path
 from controller.daemon.lookup_counts import LookupCounts
 from controller.daemon.metrics import DaemonMetrics, l3_health_fields
+from controller.daemon.pools import PoolRegistry, merge_reports
 from controller.daemon.runtime import InstanceLock
 from controller.daemon.sessions import ClientSession, SessionTable
+from controller.daemon.stats_view import core_stats_of, pools_entries
+from controller.daemon.tenant_config import parse_tenants
 from controller.events.publisher import NullPublisher, open_publisher
 from controller.process_identity import ProcessIdentity
+from kvstore.layout import KVLayout, LayoutError
 
 
 log = logging.getLogger("kvstore.daemon")
@@ -50,6 +57,9 @@ _DRAIN_S = 1.0
 _MAX_SESSIONS = 4096
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _WARN_INTERVAL_S = 10.0
+_LEGACY_TENANT = "default"
+"""The tenant of a one-layout daemon's clients, and of tcp clients of the shared token."""
+_STATS_ONLY = (p.GetStats, p.Heartbeat, p.Goodbye, p.CheckIntegrity)
 
 
 class DaemonServer:
@@ -58,7 +68,9 @@ class DaemonServer:
         self.instance_id = secrets.token_bytes(p.ID_BYTES)
         self.metrics = DaemonMetrics()
         self.should_exit = threading.Event()
-        self.core = None
+        self.pools: PoolRegistry | None = None
+        self.broker: FdBroker | None = None
+        self._tenants = parse_tenants(config.tenants, config.allow_users)
         self.events = NullPublisher()
         self.sessions: SessionTable | None = None
         self.lookup_counts: LookupCounts | None = None
@@ -96,26 +108,41 @@ class DaemonServer:
         cfg = self.config
         self._lock = InstanceLock(cfg.address)  # raises AddressInUse next to a live daemon
         try:
+            t = self._tenants
             self.events = open_publisher(cfg.events, cfg.events_replay, self.instance_id,
                                          cfg.events_topic, cfg.events_buffer_batches)
-            self.core = CacheCore(cfg.controller_config(), cfg.layout,
-                                  self.events.core_events(cfg.layout.page_size))
-            self._lock.record(os.getpid(), self.core.pool.name)
-            self.sessions = SessionTable(self.core, cfg.lease_ttl_s, cfg.reservation_ttl_s,
+            self.pools = PoolRegistry(cfg.controller_config(), cfg.budget_bytes(), quotas=t.quotas,
+                                      default_quota=t.default_quota, fixed_layout=cfg.layout,
+                                      legacy=cfg.is_legacy,
+                                      observers_for=lambda layout: self.events.core_events(layout.page_size))
+            segment = ""
+            if cfg.is_legacy:   # its one pool exists from the start, as it always did
+                segment = self.pools.pool_for(_LEGACY_TENANT, cfg.layout).core.pool.name
+            self._lock.record(os.getpid(), segment)
+            self.sessions = SessionTable(None, cfg.lease_ttl_s, cfg.reservation_ttl_s,
                                          cfg.heartbeat_interval_s, cfg.orphan_quarantine_s)
-            self.lookup_counts = LookupCounts(self.metrics, self.core.pool.slot_bytes)
+            self.lookup_counts = LookupCounts(self.metrics, cfg.layout.page_bytes if cfg.layout else 0)
+            if not cfg.is_legacy:   # before the zmq socket: a client that gets a Pong finds it
+                self.broker = FdBroker(side_socket_path(cfg.address, runtime_dir()),
+                                       set(t.allowed_uids), shared=bool(cfg.allow_users))
             self._bind()
             if cfg.metrics_port is not None:
                 self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
         except BaseException:
             self._teardown(flush_deadline_s=None)
             raise
-        pool = self.core.pool
         log.info("kvstore daemon %s (pid %d) listening on %s", self.instance_id.hex()[:8],
                  os.getpid(), cfg.address)
-        log.info("host pool: segment %s, %d pages of %d bytes (%.1f MiB), layout %s, policy %s",
-                 pool.name, pool.num_slots, pool.slot_bytes, pool.num_slots * pool.slot_bytes / 2**20,
-                 cfg.layout.fingerprint(), cfg.eviction_policy)
+        if cfg.is_legacy:
+            pool = self.pools.pools[(_LEGACY_TENANT, cfg.layout.fingerprint())].core.pool
+            log.info("host pool: segment %s, %d pages of %d bytes (%.1f MiB), layout %s, policy %s",
+                     pool.name, pool.num_slots, pool.slot_bytes, pool.num_slots * pool.slot_bytes / 2**20,
+                     cfg.layout.fingerprint(), cfg.eviction_policy)
+        else:
+            log.info("host pools: %.1f MiB for every (tenant, layout), %s, policy %s; segments "
+                     "handed over on %s", cfg.budget_bytes() / 2**20,
+                     f"layout {cfg.layout.fingerprint()} only" if cfg.layout else "any layout",
+                     cfg.eviction_policy, self.broker.path)
         log.info("L3: %s", f"{cfg.l3.connector} ({cfg.l3.write_policy}) {dict(cfg.l3.options)}"
                  if cfg.l3.connector else "none")
         if cfg.events is not None:
@@ -139,7 +166,7 @@ class DaemonServer:
                 raise OSError(f"can't listen on {self.config.address}: {exc} (is another daemon "
                               "serving it?)") from None
         else:
-            bind_ipc(sock, self.config.address)
+            bind_ipc(sock, self.config.address, shared=bool(self.config.allow_users))
 
     def main_loop(self) -> None:
         poller = zmq.Poller()
@@ -168,7 +195,8 @@ class DaemonServer:
 
     def _teardown(self, flush_deadline_s: float | None) -> None:
         """Close sockets, sessions, cache (flush, L3, shm), metrics, lock: each even if one fails."""
-        steps = [self._close_socket, lambda: self.sessions and self.sessions.close_all(),
+        steps = [self._close_socket, lambda: self.broker and self.broker.close(),
+                 lambda: self.sessions and self.sessions.close_all(),
                  lambda: self._close_core(flush_deadline_s), self.events.close, self.metrics.close,
                  lambda: self._lock and self._lock.release()]
         for step in steps:
@@ -188,10 +216,10 @@ class DaemonServer:
             self._context = None
 
     def _close_core(self, flush_deadline_s: float | None) -> None:
-        if self.core is None:
+        if self.pools is None:
             return
         start = time.monotonic()
-        report = self.core.close(flush_deadline_s)
+        report = merge_reports(self.pools.close(flush_deadline_s))
         self.metrics.flush_seconds.observe(time.monotonic() - start)
         if report is not None and report.num_failed:
             log.warning("shutdown flush: wrote %d pages back to L3, %d pages LOST (not written within "
@@ -200,7 +228,7 @@ class DaemonServer:
                         self.config.flush_deadline_s)
         elif report is not None and report.num_written:
             log.info("wrote %d pages back to L3", report.num_written)
-        self.core = None
+        self.pools = None
 
     @contextlib.contextmanager
     def _signals_captured(self):
@@ -223,16 +251,19 @@ class DaemonServer:
     def _tick(self, now: float) -> None:
         for event in self.sessions.reap(now):
             self._report_reap(event)
-        m, s, pool = self.metrics, self.sessions, self.core.pool
+        m, s = self.metrics, self.sessions
         self.lookup_counts.close_ended(s.sessions)
         m.clients.set(len(s.sessions))
         m.leases.set(s.num_leases)
         m.reservations.set(s.num_reservations)
         m.suspended.set(s.num_suspended)
         m.quarantined.set(s.num_quarantined_slots)
-        m.refresh_core(dataclasses.asdict(self.core.stats()), pool.num_free, pool.num_reserved,
-                       pool.num_slots)
-        m.refresh_l3(self.core.l3_health())
+        cores = [pool.core for pool in self.pools.pools.values()]
+        m.refresh_core(core_stats_of(cores), sum(c.pool.num_free for c in cores),
+                       sum(c.pool.num_reserved for c in cores), sum(c.pool.num_slots for c in cores))
+        m.refresh_pools(self.pools.budget_bytes, self.pools.used_bytes, self.pools.describe(),
+                        self.pools.tenants())
+        m.refresh_l3(_first_l3_health(cores))
 
     def _report_reap(self, event) -> None:
         kind, session, num_leases, num_res = event
@@ -269,17 +300,22 @@ class DaemonServer:
         served = 0
         while served < limit:
             try:
-                parts = sock.recv_multipart(zmq.NOBLOCK)
+                # With CURVE, the frames carry the client's key (its ZAP User-Id).
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=self._authenticator is None)
             except zmq.Again:
                 break
             served += 1
+            peer = ""
+            if self._authenticator is not None:
+                peer = parts[-1].get("User-Id") or ""
+                parts = [part.bytes for part in parts]
             if len(parts) != 2:
                 self._count_bad("bad_message")
                 if len(parts) > 1:
                     self._send(parts[0], p.ErrorReply("bad_message", "send one frame per request"), 0)
                 continue
             identity, frame = parts
-            reply, request_id = self._handle(frame, identity)
+            reply, request_id = self._handle(frame, identity, peer)
             if reply is not None:   # None: a WaitPrefetch answered later
                 self._send(identity, reply, request_id)
         return served
@@ -291,7 +327,8 @@ class DaemonServer:
         except zmq.Again:
             log.warning("reply to a client dropped: its queue is full")
 
-    def _handle(self, frame: bytes, identity: bytes = b"") -> tuple[p.Message | None, int]:
+    def _handle(self, frame: bytes, identity: bytes = b"", peer: str = "") -> tuple[p.Message | None, int]:
+        """``peer``: the client's CURVE public key (z85) where CURVE is on, else ""."""
         try:
             msg, request_id, session_id = p.decode(frame, p.REQUESTS)
         except p.ProtocolError as exc:
@@ -300,7 +337,7 @@ class DaemonServer:
         self.metrics.requests.labels(type(msg).__name__).inc()
         try:
             if type(msg) is p.Hello:
-                return self._admit(self._hello(msg), identity), request_id
+                return self._admit(self._hello(msg, peer), identity), request_id
             if type(msg) is p.Ping:
                 return self._pong(), request_id
             session = self.sessions.sessions.get(session_id)
@@ -309,6 +346,9 @@ class DaemonServer:
                 return p.ErrorReply("unknown_session", "no such session (the daemon restarted or "
                                     "reclaimed it): send Hello again"), request_id
             self._fresh.graduate(session_id)
+            if session.core is None and type(msg) not in _STATS_ONLY:
+                return p.ErrorReply("bad_layout", "this session named no layout (stats only): "
+                                    "Hello with the engine's layout to use the cache"), request_id
             if self.sessions.touch(session):
                 self.metrics.fence_events.labels("resumed").inc()
                 log.info("client %r (pid %d) resumed; its leases and reservations stood",
@@ -327,29 +367,106 @@ class DaemonServer:
     def _refuse(self, reason: str) -> None:
         self.metrics.refused.labels(reason).inc()
 
-    def _hello(self, msg: p.Hello) -> p.Message:
-        if not self._tokens.is_allowed(msg.token):
-            self._refuse("bad_token")
-            log.warning("refused client %r (pid %d): wrong or missing token", msg.client_name, msg.pid)
-            return p.ErrorReply("unauthorized", "wrong or missing token")
-        fingerprint = self.config.layout.fingerprint()
-        if msg.layout_fingerprint != fingerprint:
+    def _hello(self, msg: p.Hello, peer: str = "") -> p.Message:
+        who = self._tenant_of(msg, peer)
+        if type(who) is p.ErrorReply:
+            return who
+        tenant, uid = who
+        layout = self._layout_of(msg)
+        if type(layout) is p.ErrorReply:
             self._refuse("bad_layout")
-            return p.ErrorReply("bad_layout", f"this daemon serves layout {fingerprint}, the client "
-                                f"has {msg.layout_fingerprint}; start a daemon for that layout")
+            return layout
         if self._is_full():
             self._refuse("too_many_clients")
             return p.ErrorReply("limit", f"{_MAX_SESSIONS} clients are attached; try again later")
+        pool = None
+        if layout is not None:
+            try:
+                pool = self.pools.pool_for(tenant, layout)
+            except (ConfigError, LayoutError, OSError) as exc:
+                self._refuse("bad_layout")
+                return p.ErrorReply("bad_layout", str(exc)[:500])
         session = self.sessions.open(
-            msg.client_name, ProcessIdentity(msg.pid, msg.pid_start_ticks, msg.pid_namespace))
-        pool, cfg = self.core.pool, self.config
+            msg.client_name, ProcessIdentity(msg.pid, msg.pid_start_ticks, msg.pid_namespace),
+            core=pool.core if pool is not None else None, tenant=tenant, uid=uid)
+        cfg = self.config
         if session.is_watched:
-            log.info("client %r (pid %d) attached", msg.client_name, msg.pid)
+            log.info("client %r (pid %d) attached as tenant %s", msg.client_name, msg.pid, tenant)
         else:
             self._warn_unwatched(msg)
-        return p.HelloReply(session.session_id, pool.name, pool.num_slots, pool.slot_bytes,
-                            fingerprint, cfg.lease_ttl_s, cfg.heartbeat_interval_s,
-                            cfg.reservation_ttl_s)
+        if pool is None:   # stats only (kvstore status)
+            return p.HelloReply(session.session_id, "", 0, 0, "", cfg.lease_ttl_s,
+                                cfg.heartbeat_interval_s, cfg.reservation_ttl_s, tenant)
+        host = pool.core.pool
+        if msg.pins_memory and host.returns_memory:
+            with self.pools.lock:
+                host.returns_memory = False   # before it can map (and pin) the segment
+            log.info("pool %s %s: a client pins it; freed slots keep their memory from now on",
+                     tenant, pool.fingerprint)
+        name, secret, side = host.name, b"", ""
+        if host.is_memfd:
+            from kvstore.host_pool import segment_bytes
+
+            name, side = "", str(self.broker.path)
+            secret = self.broker.grant(uid, host.fileno(), segment_bytes(host.num_slots,
+                                                                         host.slot_bytes))
+        return p.HelloReply(session.session_id, name, host.num_slots, host.slot_bytes,
+                            pool.fingerprint, cfg.lease_ttl_s, cfg.heartbeat_interval_s,
+                            cfg.reservation_ttl_s, tenant, secret, side)
+
+    def _tenant_of(self, msg: p.Hello, peer: str = "") -> tuple[str, int | None] | p.ErrorReply:
+        """(tenant, verified uid or None) of a Hello, or the refusal (tenant_config's doc)."""
+        uid = None
+        if msg.ticket and self.broker is not None:
+            uid = self.broker.redeem_ticket(msg.ticket)
+            if uid is None:
+                self._refuse("bad_ticket")
+                return p.ErrorReply("unauthorized", "the credentials ticket is unknown or expired "
+                                    "(one use, 30 s): connect again")
+        named = self._tenants.tenant_of_token(msg.token)
+        if named is not None:
+            return named, uid
+        open_tcp = self._is_tcp and self._tokens.is_open and not self.config.auth.is_curve
+        if not self._tokens.is_allowed(msg.token) or open_tcp:   # open_tcp: tenant tokens only
+            self._refuse("bad_token")
+            log.warning("refused client %r (pid %d): wrong or missing token", msg.client_name, msg.pid)
+            return p.ErrorReply("unauthorized", "wrong or missing token")
+        if self.config.is_legacy:
+            return _LEGACY_TENANT, None
+        if peer:   # completed the CURVE handshake with an admitted key
+            return self._tenants.tenant_of_curve_key(peer), uid
+        if uid is not None:
+            return f"uid:{uid}", uid
+        if self._is_tcp:
+            return _LEGACY_TENANT, None
+        self._refuse("no_ticket")
+        return p.ErrorReply("unauthorized", "this daemon names tenants by uid: a client on ipc must "
+                            f"fetch a ticket from {self.broker.path} first (a client of protocol "
+                            f"version {p.VERSION} does)")
+
+    def _layout_of(self, msg: p.Hello) -> KVLayout | None | p.ErrorReply:
+        """The layout a Hello names (None: a stats-only session), checked."""
+        fixed = self.config.layout
+        if msg.layout:
+            layers, heads, dim, page, dtype, is_mla = msg.layout
+            try:
+                layout = KVLayout(layers, heads, dim, page, dtype=dtype, is_mla=is_mla)
+            except LayoutError as exc:
+                return p.ErrorReply("bad_layout", str(exc)[:500])
+            if layout.fingerprint() != msg.layout_fingerprint:
+                return p.ErrorReply("bad_layout", f"layout {layout.fingerprint()} and fingerprint "
+                                    f"{msg.layout_fingerprint} disagree")
+            if layout.page_bytes > self.pools.budget_bytes:
+                return p.ErrorReply("bad_layout", f"a page of {layout.fingerprint()} takes "
+                                    f"{layout.page_bytes} bytes, more than this daemon's budget")
+            return layout
+        if not msg.layout_fingerprint:
+            return None
+        if fixed is not None and msg.layout_fingerprint == fixed.fingerprint():
+            return fixed   # a client that names its layout by fingerprint only
+        served = fixed.fingerprint() if fixed is not None else "any layout sent in Hello"
+        return p.ErrorReply("bad_layout", f"this daemon serves layout {served}, the client "
+                            f"has {msg.layout_fingerprint}; start a daemon for that layout")
 
     def _is_full(self) -> bool:
         """Whether _MAX_SESSIONS established clients are attached (fresh ones never count:
@@ -383,25 +500,29 @@ class DaemonServer:
         self._unwatched_logged_at, self._num_unwatched = now, 0
 
     def _pong(self) -> p.Message:
-        if self._is_tcp:  # no session: tell a stranger nothing about the host
-            return p.PongReply(0, "", self.config.layout.fingerprint())
-        return p.PongReply(os.getpid(), self.core.pool.name, self.config.layout.fingerprint())
+        fixed = self.config.layout.fingerprint() if self.config.layout is not None else ""
+        if self._is_tcp or not self.config.is_legacy:  # no session: tell a stranger nothing
+            return p.PongReply(0 if self._is_tcp else os.getpid(), "", fixed)
+        segment = self.pools.pools[(_LEGACY_TENANT, fixed)].core.pool.name
+        return p.PongReply(os.getpid(), segment, fixed)
 
     def _lookup(self, session: ClientSession, msg: p.Lookup) -> p.Message:
         if len(session.leases) >= self.config.max_leases_per_client:
             return p.ErrorReply("limit", f"client holds {len(session.leases)} leases: release some")
         start = time.perf_counter()
+        core = session.core
         keys = p.split_keys(msg.keys)
         first = self.lookup_counts.take(session.session_id, msg.follows)
+        self.lookup_counts.page_bytes = core.pool.slot_bytes
         # Never wait on L3 here: the client waits (WaitPrefetch) while others are served.
-        num_l2, num_l3, num_pending, ticket = self.core.lookup(
+        num_l2, num_l3, num_pending, ticket = core.lookup(
             keys, wait=False, start_prefetch=msg.start_prefetch,
             num_counted=first.num_hit if first is not None else None)
         num_hit = num_l2 + num_l3
         if num_hit:
             hit = keys[:num_hit]
-            hit_slots = self.core.slots_of(hit)
-            slots, gens = p.pack_u32(hit_slots), p.pack_u32(self.core.pool.generations[hit_slots])
+            hit_slots = core.slots_of(hit)
+            slots, gens = p.pack_u32(hit_slots), p.pack_u32(core.pool.generations[hit_slots])
             lease_id = self.sessions.add_lease(session, hit)
         else:
             slots, gens, lease_id = b"", b"", 0
@@ -412,7 +533,7 @@ class DaemonServer:
 
     # ---- prefetch -----------------------------------------------------------------------
     def _start_prefetch(self, session: ClientSession, msg: p.StartPrefetch) -> p.Message:
-        ticket = self.core.prefetch(p.split_keys(msg.keys))
+        ticket = session.core.prefetch(p.split_keys(msg.keys))
         if ticket is None:
             return p.PrefetchReply(0, 0, 0, 0, 0, True)
         return _progress(self.sessions.add_prefetch(session, ticket), ticket)
@@ -453,12 +574,12 @@ class DaemonServer:
         if len(session.reservations) >= 1024:
             return p.ErrorReply("limit", "client holds 1024 open reservations: commit or abort some")
         keys = p.split_keys(msg.keys)
-        plan = self.core.begin_store(keys)
+        plan = session.core.begin_store(keys)
         self.metrics.store_pages["skipped"].inc(plan.num_skipped)
         if not plan.positions:
             return p.StorePlanReply(0, b"", b"", plan.num_skipped, b"")
         res_id = self.sessions.add_reservation(session, keys, plan)
-        gens = self.core.pool.generations[list(plan.slots)]
+        gens = session.core.pool.generations[list(plan.slots)]
         return p.StorePlanReply(res_id, p.pack_u32(plan.positions), p.pack_u32(plan.slots),
                                 plan.num_skipped, p.pack_u32(gens))
 
@@ -467,20 +588,20 @@ class DaemonServer:
         if found is None:
             return p.ErrorReply("unknown_reservation", f"reservation {msg.reservation_id} is not "
                                 "open (aborted after reservation_ttl_s, or never made)")
-        published = self.core.commit_store(found.keys, found.plan)
+        published = session.core.commit_store(found.keys, found.plan)
         self.metrics.store_pages["published"].inc(published)
         return p.CommitReply(published)
 
     def _abort_store(self, session: ClientSession, msg: p.AbortStore) -> p.Message:
         found = self.sessions.take_reservation(session, msg.reservation_id)
         if found is not None:
-            self.core.abort_store(found.plan)
+            session.core.abort_store(found.plan)
             self.metrics.store_pages["aborted"].inc(len(found.plan.slots))
         return p.OkReply()
 
     def _count_loads(self, session: ClientSession, msg: p.CountLoads) -> p.Message:
-        self.core.count_loaded(msg.num_l2, msg.num_l3)
-        self.core.count_recomputed_by_choice(msg.num_recomputed)
+        session.core.count_loaded(msg.num_l2, msg.num_l3)
+        session.core.count_recomputed_by_choice(msg.num_recomputed)
         return p.OkReply()
 
     def _ok(self, session: ClientSession, msg: p.Message) -> p.Message:
@@ -493,20 +614,46 @@ class DaemonServer:
 
     def _check_integrity(self, session: ClientSession, msg: p.CheckIntegrity) -> p.Message:
         try:
-            self.core.check_integrity(msg.quiescent)
+            for core in self._visible_cores(session):
+                core.check_integrity(msg.quiescent)
         except Exception as exc:  # noqa: BLE001 - reported to the caller, not fatal here
             return p.ErrorReply("integrity", f"{type(exc).__name__}: {exc}"[:500])
         return p.OkReply()
 
+    def _visible_cores(self, session: ClientSession) -> list:
+        """The session's own pool; for a stats-only session, the pools it may see."""
+        if session.core is not None:
+            return [session.core]
+        return [pool.core for pool in self._visible_pools(session)]
+
+    def _visible_pools(self, session: ClientSession) -> list:
+        """Every pool for the daemon's own user (and a legacy daemon), else the tenant's."""
+        pools = list(self.pools.pools.values())
+        if self.config.is_legacy or session.uid == os.getuid():
+            return pools
+        return [pool for pool in pools if pool.tenant == session.tenant]
+
     def _stats(self, session: ClientSession, msg: p.GetStats) -> p.Message:
-        stats = {k: v for k, v in dataclasses.asdict(self.core.stats()).items()
-                 if type(v) in (int, float)}
-        pool = self.core.pool
+        cores = self._visible_cores(session)
+        stats = core_stats_of(cores)
+        visible = self._visible_pools(session)
+        tenants = self.pools.tenants()
+        if not (self.config.is_legacy or session.uid == os.getuid()):
+            tenants = {session.tenant: tenants[session.tenant]} if session.tenant in tenants else {}
+        if session.core is not None:
+            pool = session.core.pool
+            segment, layout = pool.name, session.core.layout.fingerprint()
+            num_slots, slot_bytes = pool.num_slots, pool.slot_bytes
+        else:
+            segment = layout = ""
+            num_slots, slot_bytes = sum(c.pool.num_slots for c in cores), 0
         stats.update(
             pid=os.getpid(), instance=self.instance_id.hex(), address=self.config.address,
-            segment=pool.name, layout=self.config.layout.fingerprint(),
-            num_slots=pool.num_slots, slot_bytes=pool.slot_bytes, num_free_slots=pool.num_free,
-            num_reserved_slots=pool.num_reserved, num_cached_pages=len(self.core.host.index),
+            segment=segment, layout=layout, tenant=session.tenant,
+            num_slots=num_slots, slot_bytes=slot_bytes,
+            num_free_slots=sum(c.pool.num_free for c in cores),
+            num_reserved_slots=sum(c.pool.num_reserved for c in cores),
+            num_cached_pages=sum(len(c.host.index) for c in cores),
             num_clients=len(self.sessions.sessions), num_leases=self.sessions.num_leases,
             num_reservations=self.sessions.num_reservations,
             num_bad_messages=sum(self._bad.values()),
@@ -514,9 +661,22 @@ class DaemonServer:
             num_reaped_clients=int(self.metrics.reaped_clients._value.get()),
             num_fresh_clients=len(self._fresh), num_evicted_fresh_clients=self._fresh.num_evicted,
             l3=self.config.l3.connector or "none",
+            budget_bytes=self.pools.budget_bytes,
+            used_bytes=sum(pool.used_bytes for pool in visible), num_pools=len(visible),
+            multi_layout=int(not self.config.is_legacy),
         )
-        stats.update(l3_health_fields(self.core.l3_health()))
+        stats.update(pools_entries(self.pools.describe(), visible, tenants))
+        stats.update(l3_health_fields(_first_l3_health(cores)))
         return p.StatsReply(stats)
+
+
+def _first_l3_health(cores: list):
+    """The L3 store's health as the first pool with one sees it (they share the store)."""
+    for core in cores:
+        health = core.l3_health()
+        if health is not None:
+            return health
+    return None
 
 
 def _progress(prefetch_id: int, ticket) -> p.PrefetchReply:

@@ -67,6 +67,12 @@ class ClientSession:
     leases: dict[int, list[bytes]] = field(default_factory=dict)
     reservations: dict[int, Reservation] = field(default_factory=dict)
     prefetches: dict[int, Any] = field(default_factory=dict)   # id -> controller's Prefetch
+    core: Any = None
+    """The CacheCore of the session's pool (its tenant and layout); None for a session
+    that named no layout (``kvstore status``): it may only ask for stats."""
+    tenant: str = ""
+    uid: int | None = None
+    """The client's uid as the daemon verified it (SO_PEERCRED), None when unknown (tcp)."""
 
     @property
     def is_watched(self) -> bool:
@@ -76,6 +82,7 @@ class ClientSession:
 class _Quarantined(NamedTuple):
     release_at: float
     plans: list[Any]
+    core: Any
 
 
 class ReapEvent(NamedTuple):
@@ -91,7 +98,8 @@ class ReapEvent(NamedTuple):
 
 
 class SessionTable:
-    """Open sessions and their holdings; gives them back to ``core`` (a CacheCore)."""
+    """Open sessions and their holdings; gives them back to their session's core (a
+    CacheCore; ``core`` is the default for sessions opened without one)."""
 
     def __init__(self, core, lease_ttl_s: float, reservation_ttl_s: float,
                  heartbeat_interval_s: float = 1.0, orphan_quarantine_s: float | None = None) -> None:
@@ -107,10 +115,12 @@ class SessionTable:
         self.num_leases = 0
         self.num_reservations = 0
 
-    def open(self, name: str, claim: ProcessIdentity) -> ClientSession:
-        """A new session; its process is watched when ``claim`` verifies."""
+    def open(self, name: str, claim: ProcessIdentity, core: Any = None, tenant: str = "",
+             uid: int | None = None) -> ClientSession:
+        """A new session (of ``core``'s pool); its process is watched when ``claim`` verifies."""
         start = claim.start_ticks if verify(claim) else 0
-        session = ClientSession(secrets.token_bytes(16), name, claim.pid, time.monotonic(), start)
+        session = ClientSession(secrets.token_bytes(16), name, claim.pid, time.monotonic(), start,
+                                core=core if core is not None else self.core, tenant=tenant, uid=uid)
         self.sessions[session.session_id] = session
         return session
 
@@ -125,7 +135,7 @@ class SessionTable:
         if keys is None:
             return False
         self.num_leases -= 1
-        self.core.release(keys)
+        session.core.release(keys)
         return True
 
     def add_reservation(self, session: ClientSession, keys: list[bytes], plan) -> int:
@@ -158,9 +168,9 @@ class SessionTable:
         process is gone); (leases, reservations)."""
         num_leases, num_res = self._detach(session)
         for keys in session.leases.values():
-            self.core.release(keys)
+            session.core.release(keys)
         for res in session.reservations.values():
-            self.core.abort_store(res.plan)
+            session.core.abort_store(res.plan)
         session.leases.clear()
         session.reservations.clear()
         return num_leases, num_res
@@ -176,10 +186,11 @@ class SessionTable:
         """End the session: its leases now, its reserved slots after the quarantine."""
         counts = self._detach(session)
         for keys in session.leases.values():
-            self.core.release(keys)
+            session.core.release(keys)
         if session.reservations:
             self._quarantine.append(_Quarantined(
-                now + self.orphan_quarantine_s, [r.plan for r in session.reservations.values()]))
+                now + self.orphan_quarantine_s, [r.plan for r in session.reservations.values()],
+                session.core))
         session.leases.clear()
         session.reservations.clear()
         return counts
@@ -221,7 +232,7 @@ class SessionTable:
         self._quarantine = [q for q in self._quarantine if q.release_at > now]
         for q in ended:
             for plan in q.plans:
-                self.core.abort_store(plan)
+                q.core.abort_store(plan)
         return [ReapEvent("released", None, 0, sum(len(q.plans) for q in ended))]
 
     @property

@@ -68,6 +68,26 @@ class HostStore:
                 self.pool.free(slots)  # the pages left the index; their slots must come back
         return self.pool.try_reserve(n)
 
+    def evict(self, n: int) -> int:
+        """Evict up to ``n`` unleased pages chosen by the policy (``on_evict`` sees them,
+        their slots go back to the pool); how many were evicted. For a budget shared with
+        other stores (the daemon's pools), which frees memory here for use elsewhere."""
+        done = 0
+        while n > 0:
+            victims = self.index.evict(n)
+            if not victims:
+                n //= 2   # fewer unleased pages than asked: take what there is
+                continue
+            keys, slots = [k for k, _ in victims], [s for _, s in victims]
+            self.observer.removed(keys)
+            try:
+                self.on_evict(keys, slots)
+            finally:
+                self.pool.free(slots)
+            done += len(victims)
+            break
+        return done
+
     def commit(
         self, keys: Sequence[PageKey], slots: Sequence[int], parents: Sequence[PageKey | None]
     ) -> None:

@@ -42,13 +42,15 @@ def child_env(**extra: str) -> dict[str, str]:
 class DaemonProcess:
     def __init__(self, tmp_path: Path, *, address: str | None = None, host_pages: int = 64,
                  args: list[str] | tuple = (), env: dict[str, str] | None = None,
-                 token: bytes = b"", name: str = "daemon", layout: KVLayout = LAYOUT) -> None:
+                 token: bytes = b"", name: str = "daemon", layout: KVLayout | None = LAYOUT) -> None:
+        """``layout`` None: a daemon of every layout (no --layout-*, no --host-pool-pages)."""
         self.layout = layout
         self.address = address or f"ipc://{tmp_path / 'run' / 'kvstore.sock'}"
         self.log_path = tmp_path / f"{name}.log"
         self.token = token
+        fixed = ["--host-pool-pages", str(host_pages), *layout_args(layout)] if layout else []
         self.cmd = [sys.executable, "-m", "controller.cli", "serve", "--address", self.address,
-                    "--host-pool-pages", str(host_pages), *layout_args(layout), *args]
+                    *fixed, *args]
         self.env = child_env(**(env or {}))
         self.proc: subprocess.Popen | None = None
 
@@ -88,8 +90,8 @@ class DaemonProcess:
         self.stop(signal.SIGKILL)
 
     def session(self, **kwargs) -> Session:
-        return Session(self.address, self.layout.fingerprint(), credentials=Credentials(token=self.token),
-                       **kwargs)
+        fingerprint = self.layout.fingerprint() if self.layout is not None else None
+        return Session(self.address, fingerprint, credentials=Credentials(token=self.token), **kwargs)
 
     def client(self, device_pool: torch.Tensor, namespace: KeyNamespace = NAMESPACE,
                **kwargs) -> DaemonClient:

@@ -69,9 +69,11 @@ def test_bad_settings_name_the_field(env, flags, message):
         load_config(None, environ=environ, flags={k: v for k, v in flags.items() if v is not None})
 
 
-def test_a_layout_is_required_and_unknown_file_keys_are_named(tmp_path):
+def test_a_partial_layout_is_refused_and_unknown_file_keys_are_named(tmp_path):
+    # No layout at all: a daemon of every layout (issue 19); part of one: refused.
+    assert load_config(None, environ={}).layout is None
     with pytest.raises(ConfigError, match="layout.num_layers"):
-        load_config(None, environ={})
+        load_config(None, environ={"KVSTORE_LAYOUT_HEAD_DIM": "8"})
     path = tmp_path / "bad.toml"
     path.write_text("host_pool_pagez = 3\n")
     with pytest.raises(ConfigError, match="unknown setting 'host_pool_pagez'"):
@@ -85,3 +87,19 @@ def test_l3_encoding_is_a_daemon_setting():
     assert load_config(None, environ=LAYOUT_ENV, flags={"host_pool_pages": "8"}).l3.encoding == "lossless"
     with pytest.raises(ConfigError, match="encoding 'fp9' is unknown"):
         load_config(None, environ=dict(environ, KVSTORE_L3_ENCODING="fp9"))
+
+
+def test_hello_layout_is_checked_as_untrusted_input():
+    """A Hello names the layout the daemon will build a pool of (issue 19): each field typed
+    and bounded before any message exists; the ticket is b"" or 16 bytes."""
+    good = p.Hello("c", 1, "fp", b"", 0, 0, (2, 1, 576, 64, "bfloat16", True), b"t" * 16, True)
+    assert p.decode(p.encode(good, 1, b""), p.REQUESTS)[0] == good
+    for bad in ([2, 1, 576], [0, 1, 8, 4, "float32", False], [2, 1, 1 << 20, 4, "float32", False],
+                [2, 1, 8, 4, "complex64", False], [2, 1, 8, 4, "float32", 1], [2.0, 1, 8, 4, "float32", False],
+                "mha"):
+        frame = msgpack.packb([p.VERSION, p.Hello.TYPE, 1, b"", "c", 1, "fp", b"", 0, 0, bad, b"", False])
+        with pytest.raises(p.ProtocolError, match="layout"):
+            p.decode(frame, p.REQUESTS)
+    frame = msgpack.packb([p.VERSION, p.Hello.TYPE, 1, b"", "c", 1, "fp", b"", 0, 0, [], b"short", False])
+    with pytest.raises(p.ProtocolError, match="16 bytes"):
+        p.decode(frame, p.REQUESTS)
