@@ -166,7 +166,8 @@ class PrefixLHDPolicy(EvictionPolicy):
         # page's children become roots; the index re-links them (on_link) if it returns.
         self._parent: dict[PageKey, PageKey] = {}
         self._num_children: dict[PageKey, int] = {}
-        self._counts = [[0.0] * _NUM_BUCKETS for _ in range(num_classes)]
+        # Interval histograms, one row per class (an array: a run of uses adds to it in place).
+        self._counts = np.zeros((num_classes, _NUM_BUCKETS), dtype=np.float64)
         self._censored = [0.0] * num_classes  # left the history without a reuse
         self._num_refs = 0.0  # decayed like the counts: the budget's time base
         # Budget feedback: the plan assumes its statistics are the tier's
@@ -340,7 +341,7 @@ class PrefixLHDPolicy(EvictionPolicy):
             cls = 0
         else:
             prev_cls = previous % k
-            self._counts[prev_cls][_bucket(clock - previous // k)] += 1.0
+            self._counts[prev_cls, _bucket(clock - previous // k)] += 1.0
             cls = prev_cls + 1 if prev_cls + 1 < k else prev_cls
         self._stamp[key] = clock * k + cls
         if key not in self._num_children:  # a leaf: a candidate; a parent waits for its children
@@ -363,11 +364,12 @@ class PrefixLHDPolicy(EvictionPolicy):
             used = prev[seen] // k
             buckets = np.minimum((_BUCKETS_PER_OCTAVE * np.log2(clocks[seen] - used)).astype(np.int64),
                                  _NUM_BUCKETS - 1)
-            counts = np.array(self._counts)
-            np.add.at(counts, (prev_cls[seen], buckets), 1.0)  # one add per use, in order: as _use
-            self._counts = counts.tolist()
-        # += 1.0 per use, in order (a sequential scan, so the float result is _use's)
-        self._num_refs = float(np.add.accumulate(np.r_[self._num_refs, np.ones(m)])[-1])
+            np.add.at(self._counts, (prev_cls[seen], buckets), 1.0)  # one add per use, in order: as _use
+        # += 1.0 per use, in order (so the float result is _use's; cheaper than numpy for a run)
+        num_refs = self._num_refs
+        for _ in repeat(None, m):
+            num_refs += 1.0
+        self._num_refs = num_refs
         new = clocks * k + np.minimum(prev_cls + 1, k - 1)  # (no previous use: class 0)
         stamps.update(zip(keys, new.tolist()))
         self._clock = clock = c0 + m
@@ -386,12 +388,9 @@ class PrefixLHDPolicy(EvictionPolicy):
             scale = self._budget_scale * 2 ** ((0.5 - early) / 4)
             self._budget_scale = min(max(scale, 1 / 16), 16.0)
             self._num_early = self._num_victims = 0
-        self._retention = fit_retention(self._counts, self._censored,
+        self._retention = fit_retention(self._counts.tolist(), self._censored,
                                         self._budget_scale * self._capacity * self._num_refs)
-        for class_counts in self._counts:
-            for b, count in enumerate(class_counts):
-                if count:
-                    class_counts[b] = count * _DECAY
+        self._counts *= _DECAY   # elementwise, the product the per-count loop made
         self._censored = [c * _DECAY for c in self._censored]
         self._num_refs *= _DECAY
         self._rebuild()
