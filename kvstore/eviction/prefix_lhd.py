@@ -161,6 +161,12 @@ class PrefixLHDPolicy(EvictionPolicy):
         self._stamp: dict[PageKey, int] = {}
         self._ghost: OrderedDict[PageKey, int] = OrderedDict()
         self._heap: list[tuple[float, int, PageKey]] = []
+        # After a fit the heap is rebuilt only when a victim is next asked for: a tier
+        # that evicts nothing between two fits (a daemon whose pool holds its working
+        # set) pays no O(pages) rebuild and no push per use. The victims are the same:
+        # the rebuilt heap holds exactly the live leaves' entries, which the eager heap
+        # also held (besides dead ones skipped at the top).
+        self._heap_is_stale = False
         # Chains: key -> parent for keys inserted (or linked) under a cached parent,
         # and the number of cached children of each page that has any. A removed
         # page's children become roots; the index re-links them (on_link) if it returns.
@@ -273,7 +279,8 @@ class PrefixLHDPolicy(EvictionPolicy):
                 del num_children[parent]
                 pstamp = self._stamp[parent]
                 pused = pstamp // k
-                heapq.heappush(self._heap, (pused + self._retention[pstamp % k], pused, parent))
+                if not self._heap_is_stale:
+                    heapq.heappush(self._heap, (pused + self._retention[pstamp % k], pused, parent))
         cls = stamp % k
         self._num_victims += 1
         if stamp // k + self._retention[cls] > self._clock:
@@ -286,6 +293,8 @@ class PrefixLHDPolicy(EvictionPolicy):
                 ghost.popitem(last=False)
 
     def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
+        if self._heap_is_stale:
+            self._rebuild()
         heap, stamps, num_children, k = self._heap, self._stamp, self._num_children, self._num_classes
         while heap:  # drop dead entries from the top (cleanup, not a decision)
             _, used, key = heap[0]
@@ -344,7 +353,7 @@ class PrefixLHDPolicy(EvictionPolicy):
             self._counts[prev_cls, _bucket(clock - previous // k)] += 1.0
             cls = prev_cls + 1 if prev_cls + 1 < k else prev_cls
         self._stamp[key] = clock * k + cls
-        if key not in self._num_children:  # a leaf: a candidate; a parent waits for its children
+        if key not in self._num_children and not self._heap_is_stale:  # a leaf: a candidate
             heapq.heappush(self._heap, (clock + self._retention[cls], clock, key))
         if clock >= self._next_fit:
             self._fit()
@@ -374,6 +383,10 @@ class PrefixLHDPolicy(EvictionPolicy):
         stamps.update(zip(keys, new.tolist()))
         self._clock = clock = c0 + m
         num_children, retention, heap = self._num_children, self._retention, self._heap
+        if self._heap_is_stale:   # rebuilt with every leaf before the next victim
+            if clock >= self._next_fit:
+                self._fit()
+            return
         is_parent = np.fromiter(map(num_children.__contains__, keys), dtype=bool, count=m)
         for j in np.flatnonzero(~is_parent).tolist():  # leaves: candidates, as in _use
             used = c0 + 1 + j
@@ -393,7 +406,7 @@ class PrefixLHDPolicy(EvictionPolicy):
         self._counts *= _DECAY   # elementwise, the product the per-count loop made
         self._censored = [c * _DECAY for c in self._censored]
         self._num_refs *= _DECAY
-        self._rebuild()
+        self._heap_is_stale = True   # rebuilt under the new ages when a victim is asked for
 
     def _rebuild(self) -> None:
         """The heap from the live leaves, under the ages just fitted: O(cached pages)."""
@@ -407,3 +420,4 @@ class PrefixLHDPolicy(EvictionPolicy):
         heap = list(zip(expiry.tolist(), used.tolist(), keys))
         heapq.heapify(heap)
         self._heap = heap
+        self._heap_is_stale = False
