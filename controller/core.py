@@ -32,6 +32,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
+import numpy as np
+
 from controller.api import CacheError, CacheStats
 from controller.async_runner import AsyncRunner
 from controller.config import ConfigError, ControllerConfig
@@ -174,8 +176,7 @@ class CacheCore:
         self.check_open()
         keys = list(keys)
         with self.lock:
-            num_hit = self.host.match_prefix(keys)  # work per radix run, not per page
-            self.host.lease(keys[:num_hit])
+            num_hit = self.host.lease_prefix(keys)  # one walk of the radix runs, not per page
             ticket, in_l2_after_gap = None, []
             if num_hit < len(keys) and self._prefetcher is not None:
                 # Pages past the gap that L2 holds now count as L2 hits if the gap fills.
@@ -322,6 +323,11 @@ class CacheCore:
         """Slots of present pages (leased ones stay put); raises KeyError for an absent one."""
         with self.lock:
             return self.host.slots_of(keys)
+
+    def slot_array(self, keys: Sequence[PageKey]) -> np.ndarray:
+        """``slots_of`` as an int64 array (the daemon packs it for the wire as one)."""
+        with self.lock:
+            return self.host.slot_array(keys)
 
     def release(self, keys: Sequence[PageKey]) -> None:
         """End one lease on each key (all or nothing)."""

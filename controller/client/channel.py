@@ -23,6 +23,11 @@ class Credentials:
     curve_client_secret_key_file: str | None = None
 
 
+_MAX_UNANSWERED = 64
+"""Replies to requests sent without waiting that may queue before they are read (the
+socket's receive queue holds 1,000)."""
+
+
 class Channel:
     """One DEALER socket with request ids and a deadline per request (not thread-safe)."""
 
@@ -32,6 +37,7 @@ class Channel:
         self._context = context
         self._ids = itertools.count(1)
         self._socket: zmq.Socket | None = None
+        self._num_unanswered = 0   # requests sent by send_only since the last request
         self.num_timeouts = 0
         """Requests that got no reply within their deadline."""
 
@@ -53,18 +59,23 @@ class Channel:
         """(reply, instance id); raises DaemonUnavailable after ``timeout_s``."""
         if self._socket is None:
             self._socket = self._open()
+        sock = self._socket
         request_id = next(self._ids)
         deadline = time.monotonic() + timeout_s
         try:
-            self._socket.send(p.encode(msg, request_id, session), zmq.NOBLOCK)
+            sock.send(p.encode(msg, request_id, session), zmq.NOBLOCK)
+            self._num_unanswered = 0   # their replies come first, and are skipped below
             while True:
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._socket.poll(left * 1000):
+                if left <= 0:
                     break
-                reply, reply_id, instance = p.decode(self._socket.recv(), p.REPLIES)
+                # A blocking receive with a timeout: no poller built per request.
+                sock.setsockopt(zmq.RCVTIMEO, max(1, int(left * 1000)))
+                reply, reply_id, instance = p.decode(sock.recv(), p.REPLIES)
                 if reply_id == request_id or (reply_id == 0 and type(reply) is p.ErrorReply):
                     return reply, instance
-                # else: a late reply to a request we gave up on; skip it
+                # else: the reply to a request sent without waiting, or a late reply to a
+                # request we gave up on; skip it
         except zmq.Again:
             pass
         except p.ProtocolError as exc:
@@ -75,7 +86,33 @@ class Channel:
         raise DaemonUnavailable(f"no reply from the kvstore daemon at {self.address} within "
                                 f"{timeout_s:.1f} s (is `kvstore serve` running?)")
 
+    def send_only(self, msg: p.Message, session: bytes) -> bool:
+        """Send a request whose answer nobody waits for (a Release: its reply carries
+        nothing). The daemon serves this socket's requests in order, so the next request
+        finds it done; its reply is skipped by the next ``request``. False (nothing
+        sent) when the socket's queue is full."""
+        if self._socket is None:
+            self._socket = self._open()
+        if self._num_unanswered >= _MAX_UNANSWERED:
+            self._drain()
+        try:
+            self._socket.send(p.encode(msg, next(self._ids), session), zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        self._num_unanswered += 1
+        return True
+
+    def _drain(self) -> None:
+        """Read the replies that have arrived (to requests sent without waiting)."""
+        try:
+            while True:
+                self._socket.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        self._num_unanswered = 0
+
     def reset(self) -> None:
+        self._num_unanswered = 0
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None

@@ -15,7 +15,7 @@ from controller.client.session import Heartbeat, Session
 from controller.client_choice import ClientChoice
 from controller.config import PrefetchConfig
 from controller.daemon import protocol as p
-from controller.liveness import DaemonUnavailable, LinkHealth
+from controller.liveness import LinkHealth
 from kvstore.layout import KVLayout
 
 log = logging.getLogger("controller.client")   # one logger for the client package (and liveness)
@@ -137,10 +137,9 @@ class DaemonLink:
     def release_lease(self, daemon_lease_id: int) -> None:
         if not daemon_lease_id:
             return
-        try:
-            self.session.call(p.Release(daemon_lease_id))
-        except DaemonUnavailable:
-            pass  # the daemon reclaims it with the session
+        # Not waited for: a release has nothing to answer, and the daemon serves this
+        # session's next request after it (a daemon that is gone reclaims it with the session).
+        self.session.send_only(p.Release(daemon_lease_id))
 
     def abort_store(self, reservation_id: int) -> None:
         try:

@@ -116,6 +116,15 @@ class Session:
             return reply
         return reply
 
+    def send_only(self, msg: p.Message) -> None:
+        """Send ``msg`` in this session without waiting for its answer (a Release): the
+        daemon serves this session's requests in order, so the next one finds it done.
+        Nothing is sent while the daemon is down or no session is open (a lost session
+        took its leases with it)."""
+        if self.hello is None or self.watch.is_down:
+            return
+        self.channel.send_only(msg, self.hello.session)
+
     def close(self) -> None:
         self.watch.close()
         if self.hello is not None:

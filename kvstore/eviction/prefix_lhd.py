@@ -292,6 +292,38 @@ class PrefixLHDPolicy(EvictionPolicy):
             if len(ghost) > self._ghost_limit:
                 ghost.popitem(last=False)
 
+    def on_remove_many(self, keys: Sequence[PageKey]) -> None:
+        """``on_remove`` of each key in order, in one loop over local names (an
+        eviction's victims: the same steps, without a call per page)."""
+        k, num_children, stamps, parents = self._num_classes, self._num_children, self._stamp, self._parent
+        retention, censored, clock, heap = self._retention, self._censored, self._clock, self._heap
+        ghost, ghost_limit = self._ghost, self._ghost_limit
+        num_early = 0
+        for key in keys:
+            stamp = stamps.pop(key)
+            num_children.pop(key, None)
+            parent = parents.pop(key, None)
+            if parent is not None and parent in num_children:
+                left = num_children[parent] - 1
+                if left:
+                    num_children[parent] = left
+                else:  # the parent is a leaf again, at its own last use
+                    del num_children[parent]
+                    if not self._heap_is_stale:
+                        pstamp = stamps[parent]
+                        pused = pstamp // k
+                        heapq.heappush(heap, (pused + retention[pstamp % k], pused, parent))
+            cls = stamp % k
+            if stamp // k + retention[cls] > clock:
+                num_early += 1
+            censored[cls] += 1.0  # until it comes back (see on_insert)
+            if ghost_limit:
+                ghost[key] = stamp
+                if len(ghost) > ghost_limit:
+                    ghost.popitem(last=False)
+        self._num_victims += len(keys)
+        self._num_early += num_early
+
     def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
         if self._heap_is_stale:
             self._rebuild()
