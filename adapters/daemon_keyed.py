@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from adapters.keyed import KeyedCache, KeyedLease, KeyedReservation
+from adapters.keyed_api import KeyedCache, KeyedLease, KeyedReservation
 from controller.api import CacheError, CacheStats
 from controller.client import DaemonLink, DaemonUnavailable
 from controller.daemon import protocol as p

@@ -39,10 +39,13 @@ def connect_daemon(address: str | None, namespace: KeyNamespace, device_pool: to
     """
     import os
 
-    from controller.client import DaemonClient
+    from controller.daemon.address import parse_address
     from controller.daemon.config import default_address
 
     address = address or os.environ.get("KVSTORE_ADDRESS") or default_address()
+    parse_address(address)   # a malformed one fails before the client's imports
+    from controller.client import DaemonClient
+
     return DaemonClient(address, namespace, device_pool, **options)
 
 

@@ -32,6 +32,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
+import numpy as np
+
 from controller.api import CacheError, CacheStats
 from controller.async_runner import AsyncRunner
 from controller.config import ConfigError, ControllerConfig
@@ -191,14 +193,12 @@ class CacheCore:
         self.check_open()
         keys = list(keys)
         with self.lock:
-            num_hit = self.host.match_prefix(keys)  # work per radix run, not per page
-            self.host.lease(keys[:num_hit])
+            num_hit = self.host.lease_prefix(keys)  # one walk of the radix runs, not per page
             ticket, in_l2_after_gap = None, []
             if num_hit < len(keys) and self._prefetcher is not None:
                 # Pages past the gap that L2 holds now count as L2 hits if the gap fills.
                 in_l2_after_gap = [s is not None for s in self.host.index.get_many(keys[num_hit:])]
-                ticket = (self._prefetch_locked(keys, num_hit) if start_prefetch
-                          else self._prefetcher.find(keys, num_hit))
+                ticket = self._prefetch_locked(keys, num_hit, in_l2_after_gap, start_prefetch)
         num_pending, first_missing = 0, num_hit
         if ticket is not None:
             try:
@@ -220,7 +220,7 @@ class CacheCore:
             else:
                 self._count_more_hits(keys[:num_hit], num_counted)
             if self._prefetcher is not None:
-                self._prefetcher.claim(keys[:num_hit])
+                self.host.release(self._prefetcher.claim(keys[:num_hit]))
             if wait:   # the daemon's clients choose (and count) for themselves
                 num_hit = self._choose_locked(keys, num_hit, num_pending)
                 num_l2 = self._num_l2_of(num_hit, first_missing, in_l2_after_gap)
@@ -315,14 +315,23 @@ class CacheCore:
             start = self.host.index.match_prefix(keys)
             return self._prefetch_locked(keys, start) if start < len(keys) else None
 
-    def _prefetch_locked(self, keys: list[PageKey], start: int) -> Prefetch | None:
+    def _prefetch_locked(self, keys: list[PageKey], start: int, in_l2: list[bool] | None = None,
+                         may_start: bool = True) -> Prefetch | None:
+        """The running prefetch of ``keys[start:]``, or (``may_start``) a new one. ``in_l2``:
+        per key from ``start``, whether L2 holds it (asked here when not given). Calls
+        go one way, core -> prefetcher: the pages the new prefetch keeps leased are
+        leased here and handed to it."""
         if self._prefetcher is None:
             return None
         running = self._prefetcher.find(keys, start)
-        if running is not None:
+        if running is not None or not may_start:
             return running
+        if in_l2 is None:
+            in_l2 = [s is not None for s in self.host.index.get_many(keys[start:])]
+        leased = [k for k, there in zip(keys[start:], in_l2) if there]
+        self.host.lease(leased)
         whole = len(keys) if self.config.prefetch.policy == "sync" else None
-        return self._prefetcher.start(keys, start, batch_pages=whole)
+        return self._prefetcher.start(keys, start, leased, batch_pages=whole)
 
     def reserve_up_to(self, n: int) -> list[int]:
         """As many slots as possible up to ``n`` (leased pages can't be evicted for them).
@@ -340,6 +349,11 @@ class CacheCore:
         """Slots of present pages (leased ones stay put); raises KeyError for an absent one."""
         with self.lock:
             return self.host.slots_of(keys)
+
+    def slot_array(self, keys: Sequence[PageKey]) -> np.ndarray:
+        """``slots_of`` as an int64 array (the daemon packs it for the wire as one)."""
+        with self.lock:
+            return self.host.slot_array(keys)
 
     def release(self, keys: Sequence[PageKey]) -> None:
         """End one lease on each key (all or nothing)."""

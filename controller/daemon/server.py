@@ -521,8 +521,9 @@ class DaemonServer:
         num_hit = num_l2 + num_l3
         if num_hit:
             hit = keys[:num_hit]
-            hit_slots = core.slots_of(hit)
-            slots, gens = p.pack_u32(hit_slots), p.pack_u32(core.pool.generations[hit_slots])
+            hit_slots = core.slot_array(hit)   # packed as arrays, no list per page
+            slots = hit_slots.astype(p.SLOT_DTYPE).tobytes()
+            gens = core.pool.generations[hit_slots].astype(p.SLOT_DTYPE, copy=False).tobytes()
             lease_id = self.sessions.add_lease(session, hit)
         else:
             slots, gens, lease_id = b"", b"", 0

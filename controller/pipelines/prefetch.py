@@ -174,16 +174,15 @@ class Prefetcher:
         running = self._running.get(keys[start])
         return running if running is not None and running.covers(keys, start) else None
 
-    def start(self, keys: Sequence[PageKey], start: int, batch_pages: int | None = None) -> Prefetch:
-        """Start reading ``keys[start:]``; call under the core lock (it leases the chain's
-        L2 pages from ``start`` on at once)."""
+    def start(self, keys: Sequence[PageKey], start: int, leased: list[PageKey],
+              batch_pages: int | None = None) -> Prefetch:
+        """Start reading ``keys[start:]``; call under the core lock. ``leased``: the
+        chain's L2 pages from ``start`` on, which the caller has just leased for it (the
+        prefetch releases them when it ends, or holds them for their request)."""
         ticket = Prefetch(keys, start)
-        present = [k for k, slot in zip(keys[start:], self._core.host.index.get_many(keys[start:]))
-                   if slot is not None]
-        self._core.host.lease(present)
         self._running[keys[start]] = ticket
         future = asyncio.run_coroutine_threadsafe(
-            self._run(ticket, present, batch_pages or self._config.batch_pages), self._loop)
+            self._run(ticket, leased, batch_pages or self._config.batch_pages), self._loop)
         ticket._cancel = future.cancel
         ticket._drop_hold = self._drop_hold_locking
         return ticket
@@ -220,34 +219,42 @@ class Prefetcher:
             self._release_hold(next(iter(self._held)))
 
     def _release_hold(self, ticket: Prefetch) -> None:
+        self._core.host.release(self._end_hold(ticket))
+
+    def _end_hold(self, ticket: Prefetch) -> list[PageKey]:
+        """Forget ``ticket``'s hold; the keys it leased (to be released), or []."""
         held = self._held.pop(ticket, None)
         if held is None:
-            return
+            return []
         start_key = ticket.keys[ticket.start]
         if self._held_by_start.get(start_key) is ticket:
             del self._held_by_start[start_key]
         self.num_held_pages -= len(held[1])
-        self._core.host.release(held[1])
+        return held[1]
 
     def _drop_hold_locking(self, ticket: Prefetch) -> None:
         with self._core.lock:
             self._release_hold(ticket)
 
-    def claim(self, hit: Sequence[PageKey]) -> None:
+    def claim(self, hit: Sequence[PageKey]) -> list[PageKey]:
         """A lookup leased ``hit``: the holds of finished prefetches of that chain end
-        (their pages now have the lookup's lease); expired holds end too."""
+        (their pages now have the lookup's lease); expired holds end too. Returns the
+        keys whose hold ended, for the caller to release (a lookup calls the prefetcher,
+        never the other way round). Call under the core lock."""
+        ended: list[PageKey] = []
         if not self._held:
-            return
+            return ended
         now = time.monotonic()
         while self._held:
             ticket, (deadline, _) = next(iter(self._held.items()))
             if deadline > now:
                 break
-            self._release_hold(ticket)
+            ended += self._end_hold(ticket)
         for key in hit:
             ticket = self._held_by_start.get(key)
             if ticket is not None:
-                self._release_hold(ticket)
+                ended += self._end_hold(ticket)
+        return ended
 
     def held_leases(self) -> Counter:
         """Leases the holds keep, per key (what an idle cache may still show)."""

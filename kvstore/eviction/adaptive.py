@@ -457,6 +457,9 @@ class AdaptivePolicy(EvictionPolicy):
     def on_remove(self, key: PageKey) -> None:  # replaced per instance by _bind
         self._live.on_remove(key)
 
+    def on_remove_many(self, keys: Sequence[PageKey]) -> None:  # replaced per instance by _bind
+        self._live.on_remove_many(keys)
+
     def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
         return self._live.choose_victims(n, is_evictable)  # replaced per instance by _bind
 
@@ -466,6 +469,7 @@ class AdaptivePolicy(EvictionPolicy):
     def _bind(self, live: EvictionPolicy) -> None:
         self._live = live
         self.on_link, self.on_remove = live.on_link, live.on_remove  # type: ignore[method-assign]
+        self.on_remove_many = live.on_remove_many  # type: ignore[method-assign]
         self.choose_victims = live.choose_victims  # type: ignore[method-assign]
 
     # ---- sampling and switching ----------------------------------------------

@@ -71,6 +71,13 @@ class EvictionPolicy(ABC):
     def on_remove(self, key: PageKey) -> None:
         """``key`` left the tier (evicted or deleted)."""
 
+    def on_remove_many(self, keys: Sequence[PageKey]) -> None:
+        """``on_remove`` of each key in order (an eviction's victims). This default does
+        exactly that; a policy may batch it with the same effect."""
+        on_remove = self.on_remove
+        for key in keys:
+            on_remove(key)
+
     @abstractmethod
     def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
         """``n`` keys to evict, best first, or ``[]``; removes nothing (see the class contract)."""

@@ -18,6 +18,8 @@ from itertools import compress
 from operator import ne
 from typing import Callable, Sequence
 
+import numpy as np
+
 from kvstore.host_pool import HostPool
 from kvstore.index.observer import NULL_OBSERVER, TierObserver
 from kvstore.index.tier_index import TierIndex, TierIndexError
@@ -49,6 +51,10 @@ class HostStore:
     def slots_of(self, keys: Sequence[PageKey]) -> list[int]:
         """Slots of present keys; raises KeyError for an absent one."""
         return self.index.slots_of(keys)
+
+    def slot_array(self, keys: Sequence[PageKey]) -> np.ndarray:
+        """``slots_of`` as an int64 array."""
+        return self.index.slot_array(keys)
 
     def reserve(self, n: int) -> list[int] | None:
         """``n`` slots to write into, evicting unleased pages if needed; None if that
@@ -124,14 +130,21 @@ class HostStore:
 
     def lease(self, keys: Sequence[PageKey]) -> list[int]:
         """Protect pages from eviction and slot reuse; returns their slots."""
-        slots = self.index.lease(keys)
+        slots = self.index.lease_slots(keys)   # an array all the way into the pool
         self.pool.lease(slots)
-        return slots
+        return slots.tolist()
+
+    def lease_prefix(self, keys: Sequence[PageKey]) -> int:
+        """Lease the longest prefix of a chain held in L2 (one walk); its length."""
+        num_hit, slots = self.index.lease_prefix(keys)
+        if num_hit:
+            self.pool.lease(slots)
+        return num_hit
 
     def release(self, keys: Sequence[PageKey]) -> None:
         """End one lease on each key. Raises (and changes nothing) if a key holds fewer
         leases than it is named here."""
-        self.pool.unlease(self.index.release(keys))
+        self.pool.unlease(self.index.release_slots(keys))
 
     def check_integrity(self, quiescent: bool = False, held: Counter | None = None) -> None:
         """Raise if the pool, the index and the leases disagree. ``quiescent``: also

@@ -198,6 +198,40 @@ class RunTree:
         self._free_entries.append(e)
         return e
 
+    def remove_many(self, keys: Sequence[PageKey]) -> list[int]:
+        """``remove`` each key in order; their (now free) entries. Where the keys walk a
+        run back from its tail (an eviction peeling a chain: tail, then the page before
+        it, ...), the run is trimmed at once instead of page by page; the result is
+        what ``remove`` per key leaves, entries freed in the same order."""
+        entry_of, run_id, pos, runs = self.entry_of, self._run_id, self._pos, self._runs
+        freed: list[int] = []
+        i, n = 0, len(keys)
+        while i < n:
+            key = keys[i]
+            e = entry_of[key]
+            run = runs[int(run_id[e])]
+            p = int(pos[e]) - run.base
+            m = 1
+            if p == len(run.keys) - 1:   # the tail: how many of the next keys are the pages before it
+                run_keys = run.keys
+                while m <= p and i + m < n and keys[i + m] == run_keys[p - m]:
+                    m += 1
+            freed.append(self.remove(key))   # the tail goes as remove does it (its children wait)
+            if m > 1:   # then run.keys[p - m + 1 : p] go, last first; none has other children
+                cut = p - m + 1
+                gone = run.keys[cut:]
+                entries = run.buf[cut:len(run.keys)].tolist()[::-1]
+                del run.keys[cut:]
+                for k in gone:
+                    del entry_of[k]
+                self._free_entries.extend(entries)
+                freed.extend(entries)
+                if not run.keys:
+                    self._detach(run)
+                    del runs[run.id]
+            i += m
+        return freed
+
     def _new_run(self, parent_key: PageKey | None, base: int) -> _Run:
         run = _Run(self._next_run_id, parent_key, base)
         self._next_run_id += 1

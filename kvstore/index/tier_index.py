@@ -28,6 +28,7 @@ from kvstore.page_keys import PageKey
 # ufunc.at takes its fast path only when the operand's dtype is the array's (numpy 2):
 # with a Python int it is ~200x slower per element.
 _ONE = np.int32(1)
+_NO_SLOTS = np.zeros(0, dtype=np.int64)
 
 
 class TierIndexError(RuntimeError):
@@ -83,7 +84,11 @@ class TierIndex:
 
     def slots_of(self, keys: Iterable[PageKey]) -> list[int]:
         """Slots of present keys; raises KeyError for an absent one."""
-        return self._tree.slot[self._entries(keys, KeyError)].tolist()
+        return self.slot_array(keys).tolist()
+
+    def slot_array(self, keys: Iterable[PageKey]) -> np.ndarray:
+        """``slots_of`` as an int64 array (packed for the wire without a list)."""
+        return self._tree.slot[self._entries(keys, KeyError)]
 
     def is_leased(self, key: PageKey) -> bool:
         return self.lease_count(key) > 0
@@ -166,22 +171,50 @@ class TierIndex:
         """
         if n <= 0:
             return []
-        entry_of, leases = self._tree.entry_of, self._leases
+        tree = self._tree
+        entry_of, leases = tree.entry_of, self._leases
         victims = self.policy.choose_victims(n, lambda k: not leases[entry_of[k]])
         if len(victims) != n:
             return []
-        return [(key, self.remove(key)) for key in victims]
+        if n == 1 or len(set(victims)) != n:   # one page (a replay's miss): no batch to make
+            return [(key, self.remove(key)) for key in victims]
+        # Batched: one lease check, the runs trimmed from their tails, one policy call.
+        entries = np.fromiter(map(entry_of.__getitem__, victims), dtype=np.int64, count=n)
+        if leases[entries].any():
+            raise TierIndexError("the policy chose a leased page as a victim")
+        slots = tree.slot[entries].tolist()
+        tree.remove_many(victims)
+        self.policy.on_remove_many(victims)
+        return list(zip(victims, slots))
 
     def lease(self, keys: Iterable[PageKey]) -> list[int]:
         """Protect present keys from eviction until ``release``; leases nest. Returns
         their slots. Raises (and changes nothing) if a key is absent."""
+        return self.lease_slots(keys).tolist()
+
+    def lease_slots(self, keys: Iterable[PageKey]) -> np.ndarray:
+        """``lease``, the slots as an array (the host store passes them on as one)."""
         entries = self._entries(keys)
         np.add.at(self._leases, entries, _ONE)
-        return self._tree.slot[entries].tolist()
+        return self._tree.slot[entries]
+
+    def lease_prefix(self, keys: Sequence[PageKey]) -> tuple[int, np.ndarray]:
+        """Lease the longest cached prefix of a chain in one walk of its runs: (its
+        length, the slots as an array)."""
+        parts = [run.buf[p:p + m] for run, p, m in self._tree.segments(keys)]
+        if not parts:
+            return 0, _NO_SLOTS
+        entries = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        np.add.at(self._leases, entries, _ONE)
+        return len(entries), self._tree.slot[entries]
 
     def release(self, keys: Iterable[PageKey]) -> list[int]:
         """End one lease per key named (a key named twice ends two); returns their slots.
         Raises (and changes nothing) if a key holds fewer leases than it is named."""
+        return self.release_slots(keys).tolist()
+
+    def release_slots(self, keys: Iterable[PageKey]) -> np.ndarray:
+        """``release``, the slots as an array."""
         keys = keys if isinstance(keys, list) else list(keys)
         entries = self._entries(keys)
         leases = self._leases
@@ -190,7 +223,7 @@ class TierIndex:
             np.add.at(leases, entries, _ONE)
             short = [k.hex() for k, e in zip(keys, entries) if leases[e] <= 0]
             raise TierIndexError(f"release() of keys that hold no lease: {short[:4]}")
-        return self._tree.slot[entries].tolist()
+        return self._tree.slot[entries]
 
     def check_integrity(self) -> None:
         """Raise TierIndexError if capacity, leases, runs or the policy disagree with the map."""

@@ -13,9 +13,10 @@ def key(i: int) -> bytes:
     return i.to_bytes(16, "little")
 
 
-def drive_two(name: str, capacity: int, steps: int, max_run: int, seed: int) -> int:
+def drive_two(name: str, capacity: int, steps: int, max_run: int, seed: int, max_victims: int = 1) -> int:
     """The same random chain traffic into two instances, one batched and one per key;
-    they must name the same victims throughout. Returns the victims compared."""
+    they must name the same victims throughout (up to ``max_victims`` at a time, removed
+    by one ``on_remove_many`` from the batched one). Returns the victims compared."""
     batched, per_key = make_policy(name), make_policy(name)
     batched.set_capacity(capacity)
     per_key.set_capacity(capacity)
@@ -41,10 +42,14 @@ def drive_two(name: str, capacity: int, steps: int, max_run: int, seed: int) -> 
             batched.on_access_run(run)
             EvictionPolicy.on_access_run(per_key, run)  # the per-key default
         elif cached:
-            victims = batched.choose_victims(1, lambda k: True)
-            assert victims == per_key.choose_victims(1, lambda k: True)
+            n = rnd.randrange(1, max_victims + 1)
+            victims = batched.choose_victims(n, lambda k: True)
+            assert victims == per_key.choose_victims(n, lambda k: True)
+            if max_victims > 1:
+                batched.on_remove_many(victims)
             for victim in victims:
-                batched.on_remove(victim)
+                if max_victims == 1:
+                    batched.on_remove(victim)
                 per_key.on_remove(victim)
                 cached.remove(victim)
                 present.discard(victim)
@@ -55,6 +60,11 @@ def drive_two(name: str, capacity: int, steps: int, max_run: int, seed: int) -> 
 @pytest.mark.parametrize("name", policy_names())
 def test_a_batched_run_evicts_as_per_key_accesses_do(name):
     assert drive_two(name, capacity=48, steps=2500, max_run=24, seed=1) > 100
+
+
+@pytest.mark.parametrize("name", policy_names())
+def test_batched_removal_of_several_victims_is_per_key_removal(name):
+    assert drive_two(name, capacity=48, steps=2500, max_run=24, seed=2, max_victims=6) > 100
 
 
 def test_the_adaptive_policy_samples_and_ends_epochs_inside_runs_as_per_key():

@@ -133,3 +133,21 @@ class RunTreeMachine(RuleBasedStateMachine):
 
 TestRunTreeMachine = RunTreeMachine.TestCase
 TestRunTreeMachine.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+
+
+def test_remove_many_trims_a_chain_from_its_tail_as_remove_per_key_would():
+    keys = [bytes([i]) * 16 for i in range(10)]
+    branch = [bytes([100 + i]) * 16 for i in range(3)]
+    trees = [RunTree(32), RunTree(32)]
+    for tree in trees:
+        tree.add_chain(keys, list(range(10)), None)
+        tree.add_chain(branch, [20, 21, 22], keys[5])      # a branch after page 5: a split
+    # Peel the main chain from its tail past the branch point, then a page of the branch.
+    victims = keys[9:5:-1] + [branch[2]] + [keys[0]]
+    freed = trees[0].remove_many(victims)
+    assert freed == [trees[1].remove(k) for k in victims]
+    for tree in trees:
+        assert tree.check() is None
+    assert trees[0].entry_of == trees[1].entry_of and trees[0]._free_entries == trees[1]._free_entries
+    assert trees[0].match_prefix(keys) == trees[1].match_prefix(keys) == 0
+    assert trees[0].match_prefix(keys[1:6] + branch) == 7

@@ -169,3 +169,18 @@ def test_a_parent_that_leaves_and_comes_back_is_linked_again(policy):
     victims = index.evict(1)
     assert victims and victims[0][0] != key(1)  # key(1) has a cached child again
     index.check_integrity()
+
+
+def test_lease_prefix_is_match_prefix_then_lease_in_one_walk():
+    one, two = TierIndex(16), TierIndex(16)
+    keys = [bytes([i]) * 16 for i in range(6)]
+    for index in (one, two):
+        index.insert_chain(keys[:4], [10, 11, 12, 13])
+        index.insert(keys[5], 15, keys[4])          # after a gap: not in the prefix
+    num_hit, slots = one.lease_prefix(keys)
+    assert num_hit == two.match_prefix(keys) == 4
+    assert slots.tolist() == two.lease(keys[:4]) == [10, 11, 12, 13]
+    assert [one.lease_count(k) for k in keys] == [two.lease_count(k) for k in keys] == [1, 1, 1, 1, 0, 0]
+    assert one.lease_prefix([keys[4]])[0] == 0 and one.lease_count(keys[5]) == 0
+    one.release(keys[:4])
+    one.check_integrity()
