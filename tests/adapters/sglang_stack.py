@@ -144,8 +144,9 @@ class HiCacheRank:
         entries = [self._entry(PoolName.KV, self.host_pool, self.device_pool, anchor=True)]
         if side_pool is not None:
             side_device = self._device_pool(False)
-            entries.append(self._entry(side_pool, self._host_pool(side_device, mem_layout, False),
-                                       side_device, anchor=False))
+            self.side_host = self._host_pool(side_device, mem_layout, False)
+            self.side_axes = _HOST_AXES[(False, mem_layout)]
+            entries.append(self._entry(side_pool, self.side_host, side_device, anchor=False))
         if mamba:
             self.mamba_host = self._mamba_host_pool(mem_layout)
             entries.append(build_pool_entry(
@@ -219,6 +220,48 @@ class HiCacheRank:
                 self.mamba_host.conv_buffer[0][slot, :, 0].clone())
 
     # ---- SGLang's controller loops --------------------------------------------------------
+    def write_window_page(self, host_index: int, page: torch.Tensor) -> None:
+        """Put an SWA window page in the side (SWA) host pool, as ``write_page`` does."""
+        self.side_host.get_data_page(host_index, flat=False).copy_(_to_host(page, self.side_axes))
+
+    def read_window_page(self, host_index: int) -> torch.Tensor:
+        return _from_host(self.side_host.get_data_page(host_index, flat=False), self.side_axes).clone()
+
+    def backup_window(self, tokens: Sequence[int], window_pages: int, window_kv) -> int:
+        """Cache a prompt's pages with its last ``window_pages`` SWA pages, as the SWA tree
+        component backs a node up (host pages of the window, keyed by the node's last hashes,
+        TRAILING_PAGES). ``window_kv(page_hash)``: the SWA KV of that page."""
+        hashes = page_hashes(tokens)
+        host_indices = self.host_pool.alloc(len(hashes) * PAGE)
+        for i, h in enumerate(hashes):
+            self.write_page(int(host_indices[i * PAGE]), page_kv(h, self.is_mla))
+        window = self.side_host.alloc(window_pages * PAGE)
+        tail = hashes[-window_pages:]
+        for i, h in enumerate(tail):
+            self.write_window_page(int(window[i * PAGE]), window_kv(h))
+        swa = PoolTransfer(name=PoolName.SWA, host_indices=window, keys=tail,
+                           hit_policy=PoolHitPolicy.TRAILING_PAGES)
+        op_id = self.controller.write_storage(host_indices, full_pages(tokens), hash_value=hashes,
+                                              extra_pools=[swa])
+        done = self.controller.ack_backup_queue.get(timeout=WAIT_S)
+        assert done.id == op_id
+        self.host_pool.free(host_indices)
+        self.side_host.free(window)
+        self.last_backup = done
+        return done.completed_tokens
+
+    def prefetch_window(self, tokens: Sequence[int], window_pages: int):
+        """A sliding-window request's prefetch, as the SWA tree component drives it:
+        ``window_pages`` placeholder keys, staging pages once the hit is known. Returns
+        (tokens loaded, KV host rows, window host rows or None when the window was not loaded)."""
+        swa = PoolTransfer(name=PoolName.SWA, keys=["__placeholder__"] * window_pages,
+                           hit_policy=PoolHitPolicy.TRAILING_PAGES)
+        loaded, rows = self.prefetch(tokens, extra_pools=[swa])
+        if not loaded:
+            return 0, rows, None
+        got = self._last_op.pool_storage_result.extra_pool_hit_pages.get(PoolName.SWA.value, 0)
+        return loaded, rows, (swa.host_indices if got == window_pages else None)
+
     def backup(self, tokens: Sequence[int], state=None) -> int:
         """Cache a prompt's full pages as SGLang does after prefill; tokens backed up.
         ``state``: a hybrid model's Mamba state at the prompt's last full page, backed up
@@ -275,6 +318,8 @@ class HiCacheRank:
         for transfer in extra_pools or []:   # the tree cache's side-pool staging slots
             if transfer.name == PoolName.MAMBA:
                 transfer.host_indices = self.mamba_host.alloc(1)
+            elif transfer.name == PoolName.SWA:
+                transfer.host_indices = self.side_host.alloc(len(transfer.keys) * PAGE)
         self._last_op = op
         self.controller.prefetch_buffer.put(op)   # what the tree cache does with a hit
         loaded = 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sglang_stack import (CONV_SHAPE, MAMBA_LAYERS, PAGE, SSM_SHAPE, HiCacheRank, page_hashes,
-                          readme_extra_config)
+                          page_kv, readme_extra_config)
 from sglang.srt.mem_cache.hicache_storage import PoolHitPolicy, PoolName, PoolTransfer
 from test_sglang_engine import assert_loaded
 
@@ -138,6 +138,40 @@ def test_state_comes_back_from_kvstore_l3(request, tmp_path):
     assert rank.backend.cache_stats().num_l3_hit_pages >= 3
     assert rank.backend._side["mamba"].cache.stats().num_l3_hit_pages >= 1
     assert (tmp_path.parent / (tmp_path.name + ".side-mamba")).is_dir()
+
+
+# ---- sliding-window models: the SWA pool's last window, page by page --------------------------
+WINDOW = 2
+
+
+def window_kv(page_hash: str) -> torch.Tensor:
+    """The SWA layers' KV of a page (drawn from the hash, unlike its full-attention KV)."""
+    return page_kv(page_hash[-15:], False)
+
+
+def test_swa_window_round_trips_and_the_hit_needs_the_whole_window(request):
+    """A (3 pages) stored with its window (pages 1, 2), B (6 pages) with pages 4, 5: the
+    restorable prefixes are 3 and 6; a hit of 4 or 5 pages would miss window pages.
+    Loaded window pages equal what the writer held, bit for bit."""
+    def rank():
+        r = HiCacheRank("page_first", False, readme_extra_config(
+            kvstore_embedded_name=request.node.name), side_pool=PoolName.SWA)
+        request.addfinalizer(r.close)
+        return r
+    writer, reader = rank(), rank()
+    assert writer.backup_window(A, WINDOW, window_kv) == 12
+    assert writer.last_backup.pool_storage_result.extra_pool_hit_pages.get(PoolName.SWA) == WINDOW
+    assert writer.backup_window(B, WINDOW, window_kv) == 24
+    query = reader.backend.batch_exists_v2(page_hashes(B), [PoolTransfer(
+        name=PoolName.SWA, keys=["x"] * WINDOW, hit_policy=PoolHitPolicy.TRAILING_PAGES)])
+    assert query.restorable_prefix_pages == [3, 6]
+    for tokens, pages in ((B, 6), (A, 3)):
+        loaded, rows, window = reader.prefetch_window(tokens, WINDOW)
+        assert loaded == pages * PAGE
+        assert_loaded(reader, tokens, rows, pages)
+        assert window is not None, "the hit came without its window"
+        for i, h in enumerate(page_hashes(tokens)[pages - WINDOW: pages]):
+            assert torch.equal(reader.read_window_page(int(window[i * PAGE])), window_kv(h))
 
 
 def test_a_mamba_pool_that_is_not_sglangs_mamba_host_pool_is_refused(request):
