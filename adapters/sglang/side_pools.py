@@ -124,7 +124,7 @@ class SidePool:
         self.cache = open_keyed_cache(_side_config(config, name, storage_config), self.layout)
         if self._mamba is not None:
             entry = self.cache.host_tensor[0]
-            if entry.numel() * entry.element_size() < self._mamba.nbytes or not entry.is_contiguous():
+            if not entry.is_contiguous() or entry.numel() * entry.element_size() < self._mamba.nbytes:
                 raise ConfigError(f"kvstore's {name} cache slots do not hold a state of "
                                   f"{self._mamba.nbytes} bytes")
         else:
@@ -140,7 +140,8 @@ class SidePool:
         return [int(s) // P for s in host_indices[: n * P: P].tolist()]
 
     def exists(self, keys: Sequence[PageKey]) -> list[bool]:
-        """Entry by entry (entries are not a chain: each stands alone)."""
+        """Entry by entry (entries are not a chain: each stands alone). One lookup per key:
+        through a daemon, one request each (a batched existence call would make it one)."""
         return [self.cache.count_cached([k]) == 1 for k in keys]
 
     def load(self, keys: Sequence[PageKey], host_indices: torch.Tensor) -> list[bool]:
@@ -192,13 +193,14 @@ class SidePool:
 
 def _side_config(config: AdapterConfig, name: str, storage_config: Any) -> AdapterConfig:
     """Embedded: the same cache name (a separate cache, as its layout differs), with a disk
-    L3 in the directory ``<KV pages' directory>.side-<pool>`` next to the pages' (a disk store directory has one
-    owner; Redis and Mooncake keys differ by namespace, so they are shared as they are).
+    L3 in ``<the pages' directory>.side-<pool>`` (a disk store directory has one owner;
+    Redis and Mooncake keys differ by namespace, so they are shared as they are).
     Daemon: a daemon serves one layout, so the side pool needs its own URL."""
     if config.is_embedded:
         l3 = config.controller.l3
         if l3.connector == "disk" and "path" in l3.options:
-            options = {**l3.options, "path": f"{os.path.normpath(str(l3.options['path']))}.side-{name}"}
+            path = f"{os.path.normpath(str(l3.options['path']))}.side-{name}"
+            options = {**l3.options, "path": path}
             controller = dataclasses.replace(config.controller,
                                              l3=dataclasses.replace(l3, options=options))
             return dataclasses.replace(config, controller=controller)

@@ -225,7 +225,8 @@ class HiCacheRank:
         self.side_host.get_data_page(host_index, flat=False).copy_(_to_host(page, self.side_axes))
 
     def read_window_page(self, host_index: int) -> torch.Tensor:
-        return _from_host(self.side_host.get_data_page(host_index, flat=False), self.side_axes).clone()
+        native = self.side_host.get_data_page(host_index, flat=False)
+        return _from_host(native, self.side_axes).clone()
 
     def backup_window(self, tokens: Sequence[int], window_pages: int, window_kv) -> int:
         """Cache a prompt's pages with its last ``window_pages`` SWA pages, as the SWA tree
