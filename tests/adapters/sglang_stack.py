@@ -11,6 +11,11 @@ backup thread -> ``_page_backup``; ``prefetch`` -> prefetch thread ->
 ``_storage_hit_query``; the hit's host pages -> ``prefetch_buffer`` -> I/O thread ->
 ``_page_transfer``. Get/set or v1 is chosen by SGLang from ``interface_v1``.
 
+Hybrid models (``mamba=True`` / ``side_pool=PoolName.SWA``): SGLang's ``MambaPoolHost`` or
+an SWA MHA host pool joins the ``HostPoolGroup``; backups and prefetches carry the
+``PoolTransfer``s the hybrid tree cache's components build, and the staging slots they
+allocate once a hit is known (the tree cache itself does not run here).
+
 What stands in for the engine: the KV itself. A page's KV is drawn from its SGLang
 page hash (``page_kv``) and written into the host pool where the engine's
 device->host copy would put it (no copy kernel runs on CPU); ``read_page`` reads it
