@@ -13,8 +13,10 @@ Keys are SGLang's page hashes digested into the namespace of ``namespace_for``.
 The zero-copy v1 calls need ``"interface_v1": 1`` in the extra config (else SGLang
 uses the older get/set calls with flat pages, one copy more). Both store pages in
 kvstore's slot order, whatever SGLang's host layout: a page written through either
-call from any layout reads back the same through the other. Hybrid models' side
-pools (the v2 calls) are refused when SGLang registers them, which fails its attach.
+call from any layout reads back the same through the other. Hybrid models' Mamba
+state and SWA window pools go through the v2 calls to entries of their own layout
+chained to the page keys (``adapters.sglang.side_pools``; the hit rule is
+``batch_exists_v2``); other side pools are refused when SGLang registers them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from sglang.srt.mem_cache.hicache_storage import (
     HiCacheStorage,
     HiCacheStorageConfig,
+    PoolHitPolicy,
     PoolName,
     PoolTransfer,
     PoolTransferResult,
@@ -41,6 +44,7 @@ from adapters.keys import digest_keys
 from adapters.page_copy import check_page_view, pages_to_slots, slots_to_pages
 from adapters.sglang.host_layout import flat_page_view, layout_of, page_view
 from adapters.sglang.namespace import namespace_for
+from adapters.sglang.side_pools import SUPPORTED, SidePool
 from controller.api import CacheError
 from controller.config import ConfigError
 from kvstore.page_keys import PageKey
@@ -79,6 +83,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         self.config = AdapterConfig.from_extra(storage_config.extra_config)
         self._cache: KeyedCache | None = None
         self._ns_digest = b""
+        self._side: dict[str, SidePool] = {}
         self._metrics_lock = threading.Lock()
         self._metrics = _new_metrics()
         mem_pool_host = (kwargs or {}).get("mem_pool_host")
@@ -199,39 +204,103 @@ class KVStoreHiCacheStorage(HiCacheStorage):
     def exists(self, key: str) -> bool:
         return self.batch_exists([key]) == 1
 
-    # ---- hybrid models' side pools: refused ------------------------------------------------
+    # ---- hybrid models' side pools (the v2 calls) ------------------------------------------
     def register_mem_host_pool_v2(self, host_pool: Any, host_pool_name: Any) -> None:
         """SGLang registers each host pool of the model here as it attaches the backend:
         the KV pool (already registered by ``register_mem_pool_host``) and, for hybrid
-        models, side pools (Mamba/linear-attention state, SWA window, DSA indexer, draft
-        KV). kvstore stores KV pages only, so a side pool is refused with ConfigError,
-        which fails SGLang's attach (``HiCacheStorage.on_host_pools_registered``: raising
-        fails the attach): the engine does not start serving KV pages without the state
-        they belong to, and the runtime attach API answers with this message."""
-        if str(host_pool_name) == PoolName.KV.value:
+        models, side pools. Mamba state and SWA window pools are served from entries of
+        their own layout (``adapters.sglang.side_pools``); any other side pool (DSA
+        indexer, DeepSeek-V4 compressed pools, draft KV) is refused with ConfigError,
+        which fails SGLang's attach (raising there fails it): the engine does not serve
+        KV pages without the state they belong to."""
+        name = str(host_pool_name)
+        if name == PoolName.KV.value:
             super().register_mem_host_pool_v2(host_pool, host_pool_name)
             return
-        self.close()
-        raise ConfigError(
-            f"the kvstore HiCache backend stores KV pages only, but this model also has a "
-            f"{str(host_pool_name)!r} host pool (a hybrid model's side state: Mamba, SWA, DSA "
-            "indexer or draft KV). kvstore cannot store that state yet; run this model "
-            "without --hicache-storage-backend (HiCache keeps L1/L2), or with a backend that "
-            "serves the batch_*_v2 calls")
+        if name not in SUPPORTED:
+            self.close()
+            raise ConfigError(
+                f"the kvstore HiCache backend serves KV pages and the {list(SUPPORTED)} side "
+                f"pools, but this model also has a {name!r} host pool (DSA indexer, compressed "
+                "or draft KV). kvstore cannot store that pool yet; run this model without "
+                "--hicache-storage-backend (HiCache keeps L1/L2), or with a backend that "
+                "serves it")
+        self._require_cache()
+        if name not in self._side:
+            try:
+                self._side[name] = SidePool(name, host_pool, self.storage_config, self.config,
+                                            self.namespace)
+            except Exception:
+                self.close()
+                raise
+        super().register_mem_host_pool_v2(host_pool, host_pool_name)
+
+    def _side_pool(self, name: Any) -> SidePool | None:
+        return self._side.get(str(name))
 
     def batch_exists_v2(self, keys: List[str], pool_transfers: Optional[List[PoolTransfer]] = None,
                         extra_info: Any = None) -> PoolTransferResult:
-        """Unreachable once side pools are refused at attach; if SGLang asks anyway, nothing
-        is cached for a chain that needs side state (a miss, which SGLang recomputes)."""
-        return PoolTransferResult.empty()
+        """The hit rule: the prefix lengths B (in pages) such that pages 0..B-1 are cached
+        and every side pool has its entries at B (TRAILING_PAGES: the last ``len(keys)``
+        pages before B; ALL_PAGES: every page before B). ``kv_hit_pages`` is the longest such
+        B; ``restorable_prefix_pages`` all of them (SGLang intersects them across ranks)."""
+        page_keys = self._keys(keys)
+        kv_pages = self._require_cache().count_cached(page_keys)
+        hit_count: dict = {PoolName.KV: kv_pages} if kv_pages else {}
+        restorable = list(range(1, kv_pages + 1))
+        for transfer in pool_transfers or []:
+            if not restorable:
+                break
+            pool = self._side_pool(transfer.name)
+            if pool is None:        # a pool we do not hold: nothing is restorable with it
+                restorable = []
+                break
+            present = pool.exists(pool.entry_keys(page_keys[:kv_pages]))
+            if transfer.hit_policy == PoolHitPolicy.TRAILING_PAGES:
+                trailing = max(1, len(transfer.keys or ()))
+                ok = [B for B in restorable if all(present[max(0, B - trailing):B])]
+            elif transfer.hit_policy == PoolHitPolicy.ALL_PAGES:
+                lead = present.index(False) if False in present else len(present)
+                ok = [B for B in restorable if B <= lead]
+            else:
+                raise CacheError(f"kvstore: pool {transfer.name} asks for hit policy "
+                                 f"{transfer.hit_policy}, which this backend does not serve")
+            if ok:
+                hit_count[transfer.name] = ok[-1]
+            restorable = ok
+        return PoolTransferResult(restorable[-1] if restorable else 0, hit_count, restorable)
 
     def batch_get_v2(self, transfers: List[PoolTransfer], extra_info: Any = None) -> dict:
-        """As ``batch_exists_v2``: every page of every pool is reported not read."""
-        return {t.name: [False] * len(t.keys or []) for t in transfers}
+        """Per pool, one flag per key (SGLang counts the leading successes): KV pages through
+        the v1 path, side entries under the key chained to each key's page."""
+        results = {}
+        for t in transfers:
+            keys = list(t.keys or [])
+            if str(t.name) == PoolName.KV.value:
+                results[t.name] = self.batch_get_v1(keys, t.host_indices)
+                continue
+            pool = self._side_pool(t.name)
+            if pool is None or not keys:
+                results[t.name] = [False] * len(keys)
+                continue
+            results[t.name] = pool.load(pool.entry_keys(self._keys(keys)), t.host_indices)
+        return results
 
     def batch_set_v2(self, transfers: List[PoolTransfer], extra_info: Any = None) -> dict:
-        """As ``batch_exists_v2``: every page of every pool is reported not written."""
-        return {t.name: [False] * len(t.keys or []) for t in transfers}
+        """Per pool, one flag per key. Side entries are written by every rank (Mamba state
+        and SWA heads are sharded over TP ranks even where MLA pages are not)."""
+        results = {}
+        for t in transfers:
+            keys = list(t.keys or [])
+            if str(t.name) == PoolName.KV.value:
+                results[t.name] = self.batch_set_v1(keys, t.host_indices)
+                continue
+            pool = self._side_pool(t.name)
+            if pool is None or not keys:
+                results[t.name] = [False] * len(keys)
+                continue
+            results[t.name] = pool.store(pool.entry_keys(self._keys(keys)), t.host_indices)
+        return results
 
     # ---- housekeeping ------------------------------------------------------------------------
     def _record(self, kind: str, num_pages: int, start: float) -> None:
@@ -261,6 +330,9 @@ class KVStoreHiCacheStorage(HiCacheStorage):
 
     def close(self) -> None:
         """Close this backend's handle on the cache (an embedded cache closes with its last)."""
+        for pool in self._side.values():
+            pool.close()
+        self._side = {}
         if self._cache is not None:
             self._cache.close()
             self._cache = None

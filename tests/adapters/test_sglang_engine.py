@@ -133,20 +133,22 @@ def test_a_flat_page_of_another_pool_is_refused(request):
         flat_page_view(torch.zeros(layout.page_bytes // 4), "page_unified", layout)
 
 
-# ---- hybrid models: side pools are refused --------------------------------------------------
-@pytest.mark.parametrize("side_pool", [PoolName.SWA, PoolName.MAMBA, PoolName.INDEXER])
+# ---- hybrid models: side pools other than Mamba / SWA are refused ----------------------------
+# (Mamba and SWA side pools are served: tests/adapters/test_sglang_hybrid.py)
+@pytest.mark.parametrize("side_pool", [PoolName.INDEXER, PoolName.DRAFT])
 def test_a_hybrid_models_side_pool_fails_sglangs_attach(request, side_pool):
     """SGLang's controller registers every host pool with the backend as it attaches it;
-    kvstore refuses a side pool there, so the engine does not start with a cache that
-    would serve KV without its state, and says what to do."""
+    kvstore refuses a side pool it cannot store there, so the engine does not start with a
+    cache that would serve KV without its state, and says what to do."""
     extra = readme_extra_config(kvstore_embedded_name=request.node.name)
     with pytest.raises(ConfigError, match=f"'{side_pool.value}' host pool.*without --hicache-storage-backend"):
         HiCacheRank("page_first", False, extra, side_pool=side_pool)
 
 
 def test_side_pool_transfers_are_misses_if_sglang_asks_anyway(request):
-    """Were a side pool's transfer to reach the backend (SGLang's hit query with a hybrid
-    request's extra pools), it is a miss: the KV pages alone are never served for it."""
+    """Were a transfer for a side pool this backend does not hold to reach it (SGLang's hit
+    query with a hybrid request's extra pools), it is a miss: the KV pages alone are never
+    served for it."""
     rank = make_rank(request)
     assert rank.backup(PROMPT) == 12
     swa = PoolTransfer(name=PoolName.SWA, keys=page_hashes(PROMPT))
