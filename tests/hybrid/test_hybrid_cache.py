@@ -5,6 +5,7 @@ L3 Redis, embedded and with daemons as processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -202,6 +203,34 @@ def test_daemons_l2_and_l3(model, tmp_path):
     finally:
         for d in daemons:
             d.stop()
+
+
+@pytest.mark.slow
+def test_one_daemon_serves_pages_and_snapshots(model, tmp_path):
+    """A daemon of every layout (no --layout-*): the pages and the snapshots are two pools of
+    one daemon under one memory budget; hits and a branch stay bit-exact."""
+    from daemon_proc import DaemonProcess
+
+    on, off = HybridEngine(model, P, 48), HybridEngine(model, P, 48)
+    kv_ns, snap_ns = namespaces(on)
+    (tmp_path / "run").mkdir()
+    daemon = DaemonProcess(tmp_path, layout=None, args=["--host-pool-bytes", "64M"]).start()
+    try:
+        pages = daemon.client(on.pools.kv, kv_ns)
+        snaps = daemon.client(on.snapshot_pool, snap_ns, prefetch=SNAPSHOT_PREFETCH)
+        cache = HybridCache(pages, snaps, kv_ns.digest(), STRIDE, align_pages=ALIGN)
+        on.attach_cache(cache)
+        try:
+            first = golden(on, off, A, 0)
+            golden(on, off, A + first.tokens + tokens(4, 20), 72)
+            assert golden(on, off, A[:50] + tokens(3, 30), 32).snapshot_tier == "L2"
+        finally:
+            cache.close()
+        pools = json.loads(daemon.stats()["pools"])
+        assert sorted(pool["layout"] for pool in pools) == sorted(
+            [kv_ns.layout.fingerprint(), snap_ns.layout.fingerprint()]), pools
+    finally:
+        daemon.stop()
 
 
 def test_stores_are_all_or_nothing(model):
