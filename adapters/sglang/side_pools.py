@@ -9,7 +9,8 @@ stores its snapshots:
 
 - in a cache of their own layout (one size class per pool: the state's bytes, or the SWA
   pool's pages), opened like the KV cache (embedded: by name + layout; daemon: the URL in
-  ``kvstore_side_urls[pool]``, a daemon serving that layout);
+  ``kvstore_side_urls[pool]``, a daemon serving that layout, else the pages' daemon
+  when it serves every layout);
 - under a key chained to the KV page key it follows:
   ``BLAKE2b-128(key = side namespace digest, data = KV page key)``, the side namespace
   being the model's (model, TP rank/size, salt) with this pool's name and layout, so a
@@ -38,6 +39,7 @@ from adapters.config import AdapterConfig
 from adapters.keyed import KeyedCache, open_keyed_cache
 from adapters.page_copy import check_page_view, pages_to_slots, slots_to_pages
 from adapters.sglang.host_layout import layout_of, page_view
+from controller.api import CacheError
 from controller.config import ConfigError
 from kvstore.layout import KVLayout
 from kvstore.page_keys import KEY_BYTES, KeyNamespace, PageKey
@@ -121,7 +123,17 @@ class SidePool:
                                       tp_size=int(storage_config.tp_size),
                                       cache_salt=config.cache_salt)
         self._ns_digest = self.namespace.digest()
-        self.cache = open_keyed_cache(_side_config(config, name, storage_config), self.layout)
+        side_config = _side_config(config, name, storage_config)
+        try:
+            self.cache = open_keyed_cache(side_config, self.layout)
+        except CacheError as exc:
+            if config.is_embedded or side_config.url != config.url:
+                raise
+            raise ConfigError(
+                f"the daemon at {config.url} cannot serve the {name!r} side pool's layout ({exc}); "
+                f"start it without --layout-* (a daemon of every layout), or start a daemon for "
+                f"that layout and name it in --hicache-storage-backend-extra-config as "
+                f"\"kvstore_side_urls\": {{\"{name}\": \"ipc://...\"}}") from None
         if self._mamba is not None:
             entry = self.cache.host_tensor[0]
             if not entry.is_contiguous() or entry.numel() * entry.element_size() < self._mamba.nbytes:
@@ -195,7 +207,8 @@ def _side_config(config: AdapterConfig, name: str, storage_config: Any) -> Adapt
     """Embedded: the same cache name (a separate cache, as its layout differs), with a disk
     L3 in ``<the pages' directory>.side-<pool>`` (a disk store directory has one owner;
     Redis and Mooncake keys differ by namespace, so they are shared as they are).
-    Daemon: a daemon serves one layout, so the side pool needs its own URL."""
+    Daemon: the pages' daemon when it serves every layout (started without --layout-*);
+    else a daemon of the side pool's layout, named in ``kvstore_side_urls``."""
     if config.is_embedded:
         l3 = config.controller.l3
         if l3.connector == "disk" and "path" in l3.options:
@@ -207,11 +220,6 @@ def _side_config(config: AdapterConfig, name: str, storage_config: Any) -> Adapt
         return config
     urls = (storage_config.extra_config or {}).get("kvstore_side_urls") or {}
     url = urls.get(name) if isinstance(urls, dict) else None
-    if not url:
-        raise ConfigError(
-            f"this model has a {name!r} side pool and kvstore_url names a daemon, which serves "
-            f"one layout; start a daemon for the {name} entries' layout and name it in "
-            f"--hicache-storage-backend-extra-config as \"kvstore_side_urls\": "
-            f"{{\"{name}\": \"ipc://...\"}}")
-    return dataclasses.replace(config, url=str(url))
+    # Without a URL of its own: the pages' daemon, which serves it when it serves every layout.
+    return dataclasses.replace(config, url=str(url)) if url else config
 

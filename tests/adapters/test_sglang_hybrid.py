@@ -8,6 +8,8 @@ transfer, TRAILING_PAGES), its sidecar load after the KV pages (``_sync_trailing
 hash) and the tree cache's slot allocation. Every loaded state is compared bit for bit
 (a float32 SSM state and a bfloat16 conv state) with what its writer held."""
 
+import json
+
 import pytest
 import torch
 
@@ -205,3 +207,21 @@ def test_ranks_share_states_through_live_daemons(request, tmp_path):
     assert_loaded(reader, A, rows, 3)
     assert_state(state, page_hashes(A)[2])
     assert states.stats()["num_stored_pages"] == 1 and states.stats()["num_leases"] == 0
+
+
+def test_a_daemon_of_every_layout_serves_pages_and_states(request, tmp_path):
+    """A daemon started without --layout-*: the pages and the Mamba states are two pools of
+    it, reached through kvstore_url alone."""
+    from daemon_proc import DaemonProcess
+
+    (tmp_path / "run").mkdir()
+    daemon = DaemonProcess(tmp_path, layout=None, args=["--host-pool-bytes", "256M"]).start()
+    request.addfinalizer(daemon.stop)
+    urls = {"kvstore_url": daemon.address}
+    writer, reader = make(request, **urls), make(request, "page_first_direct", **urls)
+    backup_with_state(writer, A)
+    loaded, rows, state = reader.prefetch_hybrid(A)
+    assert loaded == 12
+    assert_loaded(reader, A, rows, 3)
+    assert_state(state, page_hashes(A)[2])
+    assert len(json.loads(daemon.stats()["pools"])) == 2
