@@ -1,24 +1,6 @@
-"""KeyedCache: kvstore's L2 (+L3) addressed by page keys, for engines that keep their own pages.
-
-``CacheClient`` takes tokens and an engine device pool of one contiguous tensor.
-Engine plug-ins have neither: SGLang hands its backend page hashes and indices
-into *its* host pool; vLLM keeps one KV tensor per layer. So the adapters use
-this smaller, key-level API and move the bytes themselves::
-
-    lease = cache.lookup_keys(keys)          # longest cached prefix of the chain, leased
-    cache.host_tensor[lease.slots[i]]        # page keys[i], page_first [layer][kv][token][head][dim]
-    cache.fence(lease).bad_positions()       # after the copy: pages whose slot changed owner
-    cache.release_keys(lease)
-
-    res = cache.begin_store_keys(keys)       # reserve slots for the absent pages
-    cache.host_tensor[res.slots[i]] = ...    # write page keys[res.positions[i]]
-    cache.commit_store_keys(res)             # publish (or abort_store_keys)
-
-Keys are 16-byte digests made by the adapter inside a ``KeyNamespace`` (see
-``adapters.keys``). Two implementations: ``adapters.embedded_keyed.EmbeddedKeyedCache``
-(a ``CacheCore`` in this process) and ``adapters.daemon_keyed.DaemonKeyedCache`` (the daemon's
-Lookup / BeginStore / CommitStore messages and its mapped shm segment).
-Both are thread-safe (engines call their plug-ins from several threads).
+"""Where the adapters open a ``KeyedCache`` (the page-key API, ``adapters.keyed_api``):
+the mode is chosen here, above both implementations, ``adapters.embedded_keyed`` (a
+``CacheCore`` in this process) and ``adapters.daemon_keyed`` (a ``kvstore serve`` daemon).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from kvstore.layout import KVLayout
 
 from .attention import attention, sdpa_attention, split_attention
 from .hybrid_config import HybridConfig
-from .model import ATTENTION_KINDS, DRAW_ON, DecoderShapeError, _Draw, apply_rope, pool_view, rms_norm, rope_tables
+from .model import DecoderShapeError, _Draw, check_model_options, apply_rope, pool_view, rms_norm, rope_tables
 from .ssd import block_ends, causal_conv, ssd_scan
 
 
@@ -124,12 +124,7 @@ class HybridDecoder(nn.Module):
                  dtype: torch.dtype = torch.float32, attention: str = "explicit",
                  draw_on: str = "cpu") -> None:
         super().__init__()
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        if attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
-        if draw_on not in DRAW_ON:
-            raise ValueError(f"draw_on must be one of {DRAW_ON}, got {draw_on!r}")
+        check_model_options(dtype, attention, draw_on)
         self.config, self.dtype, self.attention = config, dtype, attention
         b = config.base
         gen = torch.Generator(device="cpu" if draw_on == "cpu" else device).manual_seed(b.seed)

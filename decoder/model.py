@@ -47,6 +47,16 @@ ATTENTION_KINDS: tuple[str, ...] = ("explicit", "sdpa", "sdpa_lower_right")
 DRAW_ON: tuple[str, ...] = ("cpu", "device")
 
 
+
+def check_model_options(dtype: torch.dtype, attention: str, draw_on: str) -> None:
+    """Refuse what a reference model (dense or hybrid) cannot be built with."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+    if draw_on not in DRAW_ON:
+        raise ValueError(f"draw_on must be one of {DRAW_ON}, got {draw_on!r}")
+
 class DecoderShapeError(ValueError):
     """An argument of ``forward_chunk`` does not fit the model or the pool."""
 
@@ -141,12 +151,7 @@ class ReferenceDecoder(nn.Module):
         path, a baseline; see decoder/attention.py). ``draw_on``: "cpu" (same weights on every device)
         or "device" (drawn on ``device``; what a GPU-sized model needs)."""
         super().__init__()
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        if attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
-        if draw_on not in DRAW_ON:
-            raise ValueError(f"draw_on must be one of {DRAW_ON}, got {draw_on!r}")
+        check_model_options(dtype, attention, draw_on)
         self.config, self.dtype, self.attention = config, dtype, attention
         gen = torch.Generator(device="cpu" if draw_on == "cpu" else device).manual_seed(config.seed)
         draw = _Draw(gen, dtype)

@@ -183,6 +183,16 @@ def test_a_mamba_pool_that_is_not_sglangs_mamba_host_pool_is_refused(request):
 
 
 # ---- daemon mode: one daemon per layout (pages, states) ----------------------------------------
+def state_round_trip(request, urls: dict) -> None:
+    """One rank backs A up with its state; another, of the other host layout, loads both."""
+    writer, reader = make(request, **urls), make(request, "page_first_direct", **urls)
+    backup_with_state(writer, A)
+    loaded, rows, state = reader.prefetch_hybrid(A)
+    assert loaded == 12
+    assert_loaded(reader, A, rows, 3)
+    assert_state(state, page_hashes(A)[2])
+
+
 def test_ranks_share_states_through_live_daemons(request, tmp_path):
     """Two engines' ranks on two `kvstore serve` daemons: one for the KV pages' layout, one
     for the state entries' (named by kvstore_side_urls). Without the second URL the attach
@@ -200,12 +210,7 @@ def test_ranks_share_states_through_live_daemons(request, tmp_path):
     with pytest.raises(ConfigError, match="kvstore_side_urls"):
         HiCacheRank("page_first", False, readme_extra_config(kvstore_url=kv.address), mamba=True)
     urls = {"kvstore_url": kv.address, "kvstore_side_urls": {"mamba": states.address}}
-    writer, reader = make(request, **urls), make(request, "page_first_direct", **urls)
-    backup_with_state(writer, A)
-    loaded, rows, state = reader.prefetch_hybrid(A)
-    assert loaded == 12
-    assert_loaded(reader, A, rows, 3)
-    assert_state(state, page_hashes(A)[2])
+    state_round_trip(request, urls)
     assert states.stats()["num_stored_pages"] == 1 and states.stats()["num_leases"] == 0
 
 
@@ -218,10 +223,5 @@ def test_a_daemon_of_every_layout_serves_pages_and_states(request, tmp_path):
     daemon = DaemonProcess(tmp_path, layout=None, args=["--host-pool-bytes", "256M"]).start()
     request.addfinalizer(daemon.stop)
     urls = {"kvstore_url": daemon.address}
-    writer, reader = make(request, **urls), make(request, "page_first_direct", **urls)
-    backup_with_state(writer, A)
-    loaded, rows, state = reader.prefetch_hybrid(A)
-    assert loaded == 12
-    assert_loaded(reader, A, rows, 3)
-    assert_state(state, page_hashes(A)[2])
+    state_round_trip(request, urls)
     assert len(json.loads(daemon.stats()["pools"])) == 2
