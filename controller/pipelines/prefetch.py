@@ -56,8 +56,8 @@ class PrefetchHost(Protocol):
     def observe_l3(self, nbytes: int, seconds: float) -> None:
         """One L3 call answered: a read of ``nbytes`` (0: an existence check) in ``seconds``."""
 
-    def observe_exists(self, num_asked: int, num_found: int) -> None:
-        """An existence check of ``num_asked`` pages found the first ``num_found``."""
+    def observe_exists(self, keys: Sequence[PageKey], num_found: int) -> None:
+        """An existence check of ``keys`` found the first ``num_found``."""
 
 
 class Prefetch(PrefetchTicket):
@@ -300,7 +300,7 @@ class Prefetcher:
             started = time.perf_counter()
             found = await self._l3.exists(keys)
             self._core.observe_l3(0, time.perf_counter() - started)
-            self._core.observe_exists(len(keys), found)
+            self._core.observe_exists(keys, found)
             if found < len(keys):
                 self._core.note_l3_read([], None, keys[found])
             return found

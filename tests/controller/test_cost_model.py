@@ -136,6 +136,45 @@ def test_an_unanswered_existence_check_expects_only_the_share_l3_held():
     assert half.plan(PROMPT, 8, 48, is_checking=True).num_pages == 8 + 24
 
 
+def test_pages_known_in_l3_are_waited_for_before_the_check_answers():
+    # The pipeline bench's cold start: the first checks were of new sessions' prompts (none
+    # in L3), so the share of recent checks is ~0, yet a continuing session's earlier turns
+    # were written to L3 by this cache: those are expected, the new tail is not.
+    m = model(l3_latency_s=0.002, l3_gbps=100.0)
+    for _ in range(20):
+        m.observe_exists(num_asked=10, num_found=0)
+    assert m.plan(PROMPT, 8, 48, is_checking=True).num_pages == 8            # share ~0: go
+    plan = m.plan(PROMPT, 8, 48, is_checking=True, num_known=40)
+    assert plan.num_pages == 48 and plan.wait_s > 0                          # the known run
+    assert m.plan(PROMPT, 8, 48, is_checking=True, num_known=0).num_pages == 8   # none known
+    # A high share of unknown pages does not make a known run longer than it is.
+    high = model(l3_latency_s=0.002, l3_gbps=100.0)
+    for _ in range(20):
+        high.observe_exists(num_asked=10, num_found=9)
+    assert high.plan(PROMPT, 8, 48, is_checking=True, num_known=20).num_pages == 28
+    # Once the check has answered, its count is what comes (the known run is not asked).
+    assert m.plan(PROMPT, 8, 30, is_checking=False, num_known=0).num_pages == 38
+
+
+def test_presence_learns_from_writes_reads_and_checks():
+    m = model()
+    keys = [f"k{i}" for i in range(10)]
+    m.note_l3(keys[:6])                                   # the backup wrote six
+    assert m.num_known(keys) == 6
+    assert m.num_known(keys[6:], also=lambda k: k == "k6") == 1   # one waits in the backup queue
+    m.note_l3([], missing="k2")                           # a read missed it: forgotten
+    assert m.num_known(keys) == 2
+    # A check from a known page is not a sample of the unknown share; one from an unknown is.
+    m.observe_exists_keys(keys[:4], num_found=2)
+    assert m.exists_yield.value is None and m.num_known(keys) == 2
+    m.observe_exists_keys(["new0", "new1", "new2", "new3"], num_found=1)
+    assert m.exists_yield.value == 0.25 and m.num_known(["new0", "new1"]) == 1
+    small = CostModel(P, PAGE_BYTES, 8)
+    small.presence = type(small.presence)(max_keys=3)
+    small.note_l3(keys[:5])                               # bounded: the oldest go first
+    assert small.num_known(keys[2:]) == 3 and small.num_known(keys) == 0
+
+
 def test_writes_stand_in_for_reads_until_a_read_is_measured():
     fast, slow = model(), model()   # prefill known, no L3 read measured
     for _ in range(3):
@@ -223,3 +262,21 @@ def test_a_write_prior_that_reads_belie_is_not_waited_on_for_long():
     # The break-even deadline alone would have waited give_up_s (> 0.5 s: 10+ pages).
     assert plan.give_up_s > 0.5 and ticket.num_ready < 5 and not ticket.is_done
     ticket.cancel()
+
+
+def test_wait_auto_waits_on_the_check_only_for_pages_known_in_l3():
+    m = model(l3_latency_s=0.002, l3_gbps=100.0)
+    for _ in range(20):
+        m.observe_exists(num_asked=10, num_found=0)   # unknown pages: none found lately
+    waits: list[float] = []
+
+    def poll_with(known):
+        def poll(wait_s):   # checking at first; after any wait the check has answered
+            waits.append(wait_s)
+            return Progress(8, 48, True, False, known) if len(waits) == 1 else Progress(56, 0, False, True)
+        return poll
+
+    assert wait_auto(m, PROMPT, poll_with(0), 10.0).num_pages == 8 and waits == [0.0]
+    waits.clear()
+    plan = wait_auto(m, PROMPT, poll_with(48), 10.0)
+    assert plan.num_pages == 56 and len(waits) == 2 and waits[1] > 0
