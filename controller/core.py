@@ -260,9 +260,12 @@ class CacheCore:
             if ticket.is_waited_out:   # its request already waited as long as it paid
                 return
 
+            seen = ticket.num_moves
+
             def poll(wait_s: float) -> Progress:
-                if wait_s:
-                    ticket.wait(wait_s)
+                nonlocal seen
+                if wait_s:   # woken by each batch that lands: the plan may say go sooner
+                    seen = ticket.wait_for_progress(wait_s, seen)
                 ready, is_checking = num_l2 + ticket.num_ready, ticket.is_checking
                 known = None
                 if is_checking:   # what L3 is known to hold (or the backup queue still has)

@@ -78,6 +78,8 @@ class Prefetch(PrefetchTicket):
         """Set when a scheduler waited on it as long as the ``auto`` cost model said it paid:
         the lookup of its request then takes what is ready without waiting again."""
         self._done = threading.Event()
+        self._moved = threading.Event()   # set when pages land, the check answers, or it ends
+        self._num_moves = 0
         self._cancel: Callable[[], None] | None = None
         self._drop_hold: Callable[["Prefetch"], None] | None = None
 
@@ -112,6 +114,24 @@ class Prefetch(PrefetchTicket):
 
     def wait(self, timeout_s: float | None = None) -> bool:
         return self._done.wait(timeout_s)
+
+    @property
+    def num_moves(self) -> int:
+        """How often it has moved (pages landed, the check answered, it ended)."""
+        return self._num_moves
+
+    def wait_for_progress(self, timeout_s: float, seen: int) -> int:
+        """Block until it has moved since ``num_moves`` was ``seen`` (more pages ready, the
+        existence check answered, the end) or ``timeout_s`` passes; returns ``num_moves``
+        (the ``auto`` lookup plans again at each move)."""
+        self._moved.clear()
+        if self._num_moves == seen and not self._done.is_set():
+            self._moved.wait(timeout_s)   # a move after the clear sets it
+        return self._num_moves
+
+    def _note_progress(self) -> None:
+        self._num_moves += 1   # before the set: a waiter that cleared sees one or the other
+        self._moved.set()
 
     def cancel(self) -> None:
         self.request_cancel()
@@ -206,6 +226,7 @@ class Prefetcher:
                     self._core.host.release(leased)
             ticket._num_failed = max(0, ticket._num_pages - ticket._num_ready)
             ticket._done.set()
+            ticket._note_progress()
 
     # ---- holds (all under the core lock) ----------------------------------------------
     def _hold(self, ticket: Prefetch, leased: list[PageKey]) -> None:
@@ -281,12 +302,15 @@ class Prefetcher:
                     staged = self._take_staged(keys, pos, gap_end, leased)
                 ticket._num_pages += staged
                 ticket._num_ready += staged
+                if staged:
+                    ticket._note_progress()
                 pos += staged
                 if pos >= gap_end:
                     break
                 num_in_l3 = await self._exists(keys[pos:gap_end])
                 ticket._num_pages += num_in_l3
                 ticket._is_checking = False
+                ticket._note_progress()
                 got = await self._read_run(ticket, keys, pos, pos + num_in_l3, leased, batch_pages)
                 pos += got
                 # L3 lacks keys[pos] (the check stopped there): unless the backup queue has
@@ -319,6 +343,7 @@ class Prefetcher:
             async with self._inflight:
                 n = await self._read_batch(keys, pos, min(hi, pos + batch_pages), leased)
             ticket._num_ready += n
+            ticket._note_progress()
             if n < min(hi, pos + batch_pages) - pos:
                 return pos + n - lo
             pos += n

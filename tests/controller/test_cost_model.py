@@ -280,3 +280,23 @@ def test_wait_auto_waits_on_the_check_only_for_pages_known_in_l3():
     waits.clear()
     plan = wait_auto(m, PROMPT, poll_with(48), 10.0)
     assert plan.num_pages == 56 and len(waits) == 2 and waits[1] > 0
+
+
+def test_a_prefetch_wakes_its_waiter_at_each_move():
+    # The auto lookup plans again when pages land or the check answers, not only when the
+    # predicted wait runs out (a batch that lands early is used at once).
+    from controller.pipelines.prefetch import Prefetch
+
+    ticket = Prefetch(["a", "b", "c"], 0)
+    seen = ticket.num_moves
+    got: list[int] = []
+    waiter = threading.Thread(target=lambda: got.append(ticket.wait_for_progress(600.0, seen)))
+    waiter.start()
+    ticket._num_ready = 2
+    ticket._note_progress()   # before or after the waiter's clear: it returns either way
+    waiter.join(60.0)
+    assert not waiter.is_alive(), "the move did not wake the waiter (it would sleep 600 s)"
+    assert got == [seen + 1] and ticket.num_ready == 2 and not ticket.is_done
+    # A move the waiter has not seen yet returns at once (no lost wake-up).
+    ticket._note_progress()
+    assert ticket.wait_for_progress(600.0, seen + 1) == seen + 2
