@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from controller.api import PrefetchTicket
-from controller.pipelines.cost_model import CostModel, DecayedFit, PrefillRate, Progress, wait_auto
+from controller.pipelines.cost_model import CostModel, DecayedFit, PrefillRate, Progress, RecentMedian, wait_auto
 
 P = 32                 # tokens per page
 PAGE_BYTES = 1 << 20   # 1 MiB pages
@@ -48,6 +48,17 @@ def test_fit_never_returns_negative_weights():
     for x in (1.0, 2.0, 3.0):
         fit.add(np.array([1.0, x]), 10.0 - x)    # a falling line: the slope would be negative
     assert (fit.weights >= 0).all()
+
+
+def test_recent_median_is_kept_between_samples_and_follows_them():
+    median = RecentMedian(size=4)
+    assert median.value is None
+    for v in (1.0, 2.0, 3.0):
+        median.add(v)
+    assert median.value == 2.0 and median.value == 2.0   # read twice: the kept value
+    median.add(10.0)
+    median.add(11.0)                                       # window now 2, 3, 10, 11
+    assert median.value == 6.5
 
 
 def test_prefill_rate_predicts_the_simulated_engine():
