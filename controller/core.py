@@ -266,12 +266,16 @@ class CacheCore:
                 nonlocal seen
                 if wait_s:   # woken by each batch that lands: the plan may say go sooner
                     seen = ticket.wait_for_progress(wait_s, seen)
-                ready, is_checking = num_l2 + ticket.num_ready, ticket.is_checking
+                is_checking, is_done, pending = ticket.is_checking, ticket.is_done, ticket.num_pending
                 known = None
-                if is_checking:   # what L3 is known to hold (or the backup queue still has)
-                    with self.lock:
-                        known = self.cost.num_known(keys[ready:], lambda k: self.staged_page(k) is not None)
-                return Progress(ready, ticket.num_pending, is_checking, ticket.is_done, known)
+                with self.lock:   # the ready prefix as L2 has it (an L2 run after a gap counts)
+                    ready = num_l2 + self.host.index.match_prefix(keys[num_l2:])
+                    if is_checking:   # what L3 is known to hold, or L2 or the backup queue has
+                        known = self.cost.num_known(keys[ready:], lambda k: k in self.host.index
+                                                    or self.staged_page(k) is not None)
+                if is_checking:
+                    pending = len(keys) - ready
+                return Progress(ready, pending, is_checking, is_done, known)
 
             wait_auto(self.cost, num_tokens, poll, 4 * self.config.l3.timeout_s)
         elif policy.policy in ("wait_complete", "sync"):

@@ -97,8 +97,8 @@ class Prefetch(PrefetchTicket):
 
     @property
     def num_pending(self) -> int:
-        # Until L3 has answered the first existence check, every page after the start
-        # may still come.
+        # While an existence check has not answered, every page after the start may
+        # still come.
         if self._is_checking and not self._done.is_set():
             return len(self.keys) - self.start - self._num_ready
         return super().num_pending
@@ -109,7 +109,7 @@ class Prefetch(PrefetchTicket):
 
     @property
     def is_checking(self) -> bool:
-        """True until L3 has answered the first existence check."""
+        """True while an existence check has not answered (the first, or a later gap's)."""
         return self._is_checking and not self._done.is_set()
 
     def wait(self, timeout_s: float | None = None) -> bool:
@@ -307,6 +307,9 @@ class Prefetcher:
                 pos += staged
                 if pos >= gap_end:
                     break
+                if not ticket._is_checking:   # a later gap's check: what comes is open again
+                    ticket._is_checking = True
+                    ticket._note_progress()
                 num_in_l3 = await self._exists(keys[pos:gap_end])
                 ticket._num_pages += num_in_l3
                 ticket._is_checking = False
@@ -341,20 +344,26 @@ class Prefetcher:
         pos = lo
         while pos < hi:
             async with self._inflight:
-                n = await self._read_batch(keys, pos, min(hi, pos + batch_pages), leased)
+                n, num_slots = await self._read_batch(keys, pos, min(hi, pos + batch_pages), leased)
             ticket._num_ready += n
             ticket._note_progress()
-            if n < min(hi, pos + batch_pages) - pos:
+            # Fewer slots than pages (L2 short of unleased pages) is not a break in the
+            # chain: read on with what the next reservation gets. No slot at all, or a
+            # page L3 did not return, ends it.
+            if not num_slots or n < num_slots:
                 return pos + n - lo
             pos += n
         return hi - lo
 
-    async def _read_batch(self, keys: Sequence[PageKey], lo: int, hi: int, leased: list[PageKey]) -> int:
+    async def _read_batch(self, keys: Sequence[PageKey], lo: int, hi: int,
+                          leased: list[PageKey]) -> tuple[int, int]:
+        """Read the leading pages of ``keys[lo:hi]`` that slots can be reserved for;
+        returns (pages that arrived, slots reserved)."""
         core, host = self._core, self._core.host
         with core.lock:
             slots = core.reserve_up_to(hi - lo)
         if not slots:
-            return 0
+            return 0, 0
         wanted = list(keys[lo : lo + len(slots)])
         self.num_inflight_batches += 1
         self.idle.clear()
@@ -379,7 +388,7 @@ class Prefetcher:
             with core.lock:
                 self._commit(keys, lo, wanted[:num_ok], slots, leased)
             committed = True
-            return num_ok
+            return num_ok, len(slots)
         finally:
             if not committed:   # cancelled: the read has stopped, the slots may go back
                 with core.lock:
