@@ -202,7 +202,7 @@ class CacheCore:
         if ticket is not None:
             try:
                 if wait:
-                    self._wait_per_policy(ticket, num_hit, len(keys) * self.layout.page_size)
+                    self._wait_per_policy(ticket, num_hit, keys)
             finally:
                 with self.lock:
                     num_hit += self.host.index.match_prefix(keys[first_missing:])
@@ -251,8 +251,8 @@ class CacheCore:
     def observe_l3(self, nbytes: int, seconds: float) -> None:
         self.cost.observe_l3(nbytes, seconds)
 
-    def observe_exists(self, num_asked: int, num_found: int) -> None:
-        self.cost.observe_exists(num_asked, num_found)
+    def observe_exists(self, keys: Sequence[PageKey], num_found: int) -> None:
+        self.cost.observe_exists_keys(keys, num_found)
 
     def observe_l3_write(self, nbytes: int, seconds: float) -> None:
         self.cost.observe_l3_write(nbytes, seconds)
@@ -263,17 +263,29 @@ class CacheCore:
         gap, and the ones after it that were there already."""
         return min(num_hit, first_missing) + sum(in_l2_after_gap[:max(0, num_hit - first_missing)])
 
-    def _wait_per_policy(self, ticket: Prefetch, num_l2: int, num_tokens: int) -> None:
+    def _wait_per_policy(self, ticket: Prefetch, num_l2: int, keys: list[PageKey]) -> None:
         policy = self.config.prefetch
+        num_tokens = len(keys) * self.layout.page_size
         if policy.policy == "auto":
             if ticket.is_waited_out:   # its request already waited as long as it paid
                 return
 
+            seen = ticket.num_moves
+
             def poll(wait_s: float) -> Progress:
-                if wait_s:
-                    ticket.wait(wait_s)
-                return Progress(num_l2 + ticket.num_ready, ticket.num_pending, ticket.is_checking,
-                                ticket.is_done)
+                nonlocal seen
+                if wait_s:   # woken by each batch that lands: the plan may say go sooner
+                    seen = ticket.wait_for_progress(wait_s, seen)
+                is_checking, is_done, pending = ticket.is_checking, ticket.is_done, ticket.num_pending
+                known = None
+                with self.lock:   # the ready prefix as L2 has it (an L2 run after a gap counts)
+                    ready = num_l2 + self.host.index.match_prefix(keys[num_l2:])
+                    if is_checking:   # what L3 is known to hold, or L2 or the backup queue has
+                        known = self.cost.num_known(keys[ready:], lambda k: k in self.host.index
+                                                    or self.staged_page(k) is not None)
+                if is_checking:
+                    pending = len(keys) - ready
+                return Progress(ready, pending, is_checking, is_done, known)
 
             wait_auto(self.cost, num_tokens, poll, 4 * self.config.l3.timeout_s)
         elif policy.policy in ("wait_complete", "sync"):
@@ -415,6 +427,7 @@ class CacheCore:
         """Count a finished put; written pages stop being due."""
         written = [k for k, ok in zip(keys, stored) if ok]
         self._stats.num_l3_written_pages += len(written)
+        self.cost.note_l3(written)
         self.observers.l3.stored(written, None)   # pages of several chains: no parent
         for key in written:
             self._due.pop(key, None)
@@ -425,6 +438,7 @@ class CacheCore:
     def note_l3_read(self, keys: list[PageKey], parent: PageKey | None, missing: PageKey | None) -> None:
         """What a read of L3 showed: ``keys`` (a chain after ``parent``) are there, and
         ``missing`` (the page after them) is not, whoever removed it."""
+        self.cost.note_l3(keys, missing)
         self.observers.l3.stored(keys, parent)
         if missing is not None:
             self.observers.l3.removed([missing])

@@ -8,9 +8,12 @@ k hit pages, recompute the rest" and picks the least, from rates measured online
     wait(k)    0 while page k is already in L2; else the predicted arrival of page k from
                the running prefetch: calls(j) * l3_latency + j * page_bytes / l3_rate,
                j = k - pages ready, calls(j) = ceil(j / batch_pages) (+ the existence
-               check while it runs; until it answers, only the share of the pending pages
-               that L3 held in recent existence checks is expected to come: the new tail
-               of a prompt is never in L3, and waiting a round trip to learn so is a loss)
+               check while it runs; until it answers, the pages expected are the leading
+               pending pages this cache knows L3 holds (it wrote them, or a read or check
+               found them: ``L3Presence``), or, when it knows none, the share that recent
+               checks starting at such an unknown page found: the new tail of a prompt is
+               never in L3, and waiting a round trip to learn so is a loss, while a
+               session's earlier turns, written here, are)
     load(k)    k * page_bytes / l2_rate (L2 -> device; 0 until a rate is measured)
     prefill    a + b*n + c*n*(p + n/2)   (n tokens computed over a prefix of p: per-token
                matmuls and causal attention), fitted to what the engine reports
@@ -31,11 +34,12 @@ against: the lookup waits for the prefetch, as ``wait_complete`` does.
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -93,13 +97,19 @@ class RecentMedian:
 
     def __init__(self, size: int = 16) -> None:
         self._values: deque[float] = deque(maxlen=size)
+        self._median: float | None = None
 
     def add(self, value: float) -> None:
         self._values.append(value)
+        self._median = None
 
     @property
     def value(self) -> float | None:
-        return float(np.median(self._values)) if self._values else None
+        # Kept between samples: a plan reads it several times, and np.median of 16 floats
+        # was 60% of a plan's time (a plan is on every lookup's path).
+        if self._median is None and self._values:
+            self._median = float(statistics.median(self._values))
+        return self._median
 
 
 class PrefillRate:
@@ -215,6 +225,41 @@ class ExistsYield:
         return self._found / self._asked if self._asked else None
 
 
+class L3Presence:
+    """Keys this cache knows L3 holds: written by its backup, or found by a read or an
+    existence check (the most recent ``max_keys``; a read or check that misses one
+    forgets it). Before an existence check answers, the leading run of these among the
+    pending pages is what a prefetch is expected to bring: a session's earlier turns are
+    there, its new tail is not (the pages after the run are not counted on)."""
+
+    def __init__(self, max_keys: int = 1 << 16) -> None:
+        self._keys: OrderedDict[Hashable, None] = OrderedDict()
+        self._max_keys = max_keys
+
+    def add(self, keys: Sequence[Hashable]) -> None:
+        for key in keys:
+            self._keys[key] = None
+            self._keys.move_to_end(key)
+        while len(self._keys) > self._max_keys:
+            self._keys.popitem(last=False)
+
+    def discard(self, key: Hashable) -> None:
+        self._keys.pop(key, None)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._keys
+
+    def run_length(self, keys: Sequence[Hashable], also: Callable[[Hashable], bool] | None = None) -> int:
+        """How many leading ``keys`` are known (``also``: another test that counts, e.g.
+        a page still waiting in the backup queue)."""
+        n = 0
+        for key in keys:
+            if key not in self._keys and not (also is not None and also(key)):
+                break
+            n += 1
+        return n
+
+
 @dataclass(frozen=True)
 class Plan:
     """What to do for one request now.
@@ -248,6 +293,8 @@ class CostModel:
         self.prefill = PrefillRate(prior_tokens_per_s)
         self.l3 = L3Rate()
         self.exists_yield = ExistsYield()
+        """Of checks that started at a page ``presence`` did not know (see plan)."""
+        self.presence = L3Presence()
         self._l2_seconds_per_byte = RecentMedian()
         self._lock = threading.Lock()
 
@@ -267,9 +314,34 @@ class CostModel:
             self.l3.observe_write(nbytes, seconds)
 
     def observe_exists(self, num_asked: int, num_found: int) -> None:
-        """An L3 existence check of ``num_asked`` pages found the first ``num_found``."""
+        """An L3 existence check of ``num_asked`` pages, from one ``presence`` did not know,
+        found the first ``num_found``."""
         with self._lock:
             self.exists_yield.observe(num_asked, num_found)
+
+    def observe_exists_keys(self, keys: Sequence[Hashable], num_found: int) -> None:
+        """An existence check of ``keys`` found the first ``num_found``: they are known now,
+        the next one is not; the share counts only checks from an unknown page (a known
+        one is expected through ``presence``)."""
+        with self._lock:
+            if keys and keys[0] not in self.presence:
+                self.exists_yield.observe(len(keys), num_found)
+            self._note_l3_locked(list(keys[:num_found]), keys[num_found] if num_found < len(keys) else None)
+
+    def note_l3(self, present: Sequence[Hashable], missing: Hashable | None = None) -> None:
+        """Keys L3 holds now (written, or read back), and one it lacks (a read missed it)."""
+        with self._lock:
+            self._note_l3_locked(present, missing)
+
+    def _note_l3_locked(self, present: Sequence[Hashable], missing: Hashable | None) -> None:
+        self.presence.add(present)
+        if missing is not None:
+            self.presence.discard(missing)
+
+    def num_known(self, keys: Sequence[Hashable], also: Callable[[Hashable], bool] | None = None) -> int:
+        """How many leading ``keys`` are known to be in L3 (see ``L3Presence.run_length``)."""
+        with self._lock:
+            return self.presence.run_length(keys, also)
 
     def observe_l2_load(self, nbytes: int, seconds: float) -> None:
         """A load of ``nbytes`` from L2 held the engine up ``seconds`` (its exposed part)."""
@@ -292,18 +364,24 @@ class CostModel:
 
     # ---- the choice ----------------------------------------------------------------------
     def plan(self, num_tokens: int, num_ready: int, num_pending: int,
-             is_checking: bool = False, waited_s: float = 0.0) -> Plan:
+             is_checking: bool = False, waited_s: float = 0.0, num_known: int | None = None) -> Plan:
         """The choice for a prompt of ``num_tokens`` whose first ``num_ready`` pages are in
         L2 and whose next ``num_pending`` pages a prefetch is reading (``is_checking``: its
-        existence check has not answered yet). ``waited_s``: waited for them so far."""
+        existence check has not answered yet). ``waited_s``: waited for them so far.
+        ``num_known``: of the pending pages, the leading ones known to be in L3
+        (``presence``; None: the caller cannot tell)."""
         with self._lock:
             num_ready = max(0, min(num_ready, num_tokens // self.page_size))
             num_pending = max(0, min(num_pending, num_tokens // self.page_size - num_ready))
             found_share = self.exists_yield.value
-            if is_checking and num_pending and found_share is not None and self.prefill.is_known:
+            if is_checking and num_pending and self.prefill.is_known:
                 # Not every page after the L2 hit is in L3 (a prompt's new tail never is):
-                # expect the share recent checks found (the check's round trip is in wait).
-                num_pending = int(math.floor(found_share * num_pending + 0.5))
+                # expect the run known to be there, else the share recent checks from an
+                # unknown page found (the check's round trip is in wait).
+                if num_known:
+                    num_pending = min(num_known, num_pending)
+                elif found_share is not None:
+                    num_pending = int(math.floor(found_share * num_pending + 0.5))
             if not self.prefill.is_known:   # nothing to weigh a wait against: wait_complete
                 return Plan(num_ready + num_pending, math.inf if num_pending else 0.0, math.inf)
             if not num_pending and self._l2_seconds_per_byte.value is None:
@@ -375,6 +453,8 @@ class Progress:
     num_pending: int
     is_checking: bool = False
     is_done: bool = False
+    num_known: int | None = None
+    """Of the pending pages, the leading ones known to be in L3 (None: cannot tell)."""
 
 
 def wait_auto(model: CostModel, num_tokens: int, poll: Callable[[float], Progress],
@@ -392,7 +472,7 @@ def wait_auto(model: CostModel, num_tokens: int, poll: Callable[[float], Progres
     for _ in range(max_rounds):
         now = time.monotonic()
         plan = model.plan(num_tokens, progress.num_ready, progress.num_pending, progress.is_checking,
-                          now - started)
+                          now - started, progress.num_known)
         if plan.is_modelled:
             deadline = min(deadline, now + plan.give_up_s)
         if plan.is_write_prior:   # unconfirmed by any read: no longer than twice its word
@@ -404,10 +484,10 @@ def wait_auto(model: CostModel, num_tokens: int, poll: Callable[[float], Progres
 
 
 def worth_waiting_s(model: CostModel, num_tokens: int, num_ready: int, num_pending: int,
-                    is_checking: bool, waited_s: float) -> float:
+                    is_checking: bool, waited_s: float, num_known: int | None = None) -> float:
     """For a scheduler that polls instead of blocking: how much longer to wait (0: go).
     Never past the predicted time of recomputing the whole prompt, whatever the pages do."""
-    plan = model.plan(num_tokens, num_ready, num_pending, is_checking, waited_s)
+    plan = model.plan(num_tokens, num_ready, num_pending, is_checking, waited_s, num_known)
     if plan.is_modelled and waited_s >= plan.predicted_recompute_s:
         return 0.0
     return plan.wait_s

@@ -56,8 +56,8 @@ class PrefetchHost(Protocol):
     def observe_l3(self, nbytes: int, seconds: float) -> None:
         """One L3 call answered: a read of ``nbytes`` (0: an existence check) in ``seconds``."""
 
-    def observe_exists(self, num_asked: int, num_found: int) -> None:
-        """An existence check of ``num_asked`` pages found the first ``num_found``."""
+    def observe_exists(self, keys: Sequence[PageKey], num_found: int) -> None:
+        """An existence check of ``keys`` found the first ``num_found``."""
 
 
 class Prefetch(PrefetchTicket):
@@ -78,6 +78,8 @@ class Prefetch(PrefetchTicket):
         """Set when a scheduler waited on it as long as the ``auto`` cost model said it paid:
         the lookup of its request then takes what is ready without waiting again."""
         self._done = threading.Event()
+        self._moved = threading.Event()   # set when pages land, the check answers, or it ends
+        self._num_moves = 0
         self._cancel: Callable[[], None] | None = None
         self._drop_hold: Callable[["Prefetch"], None] | None = None
 
@@ -95,8 +97,8 @@ class Prefetch(PrefetchTicket):
 
     @property
     def num_pending(self) -> int:
-        # Until L3 has answered the first existence check, every page after the start
-        # may still come.
+        # While an existence check has not answered, every page after the start may
+        # still come.
         if self._is_checking and not self._done.is_set():
             return len(self.keys) - self.start - self._num_ready
         return super().num_pending
@@ -107,11 +109,29 @@ class Prefetch(PrefetchTicket):
 
     @property
     def is_checking(self) -> bool:
-        """True until L3 has answered the first existence check."""
+        """True while an existence check has not answered (the first, or a later gap's)."""
         return self._is_checking and not self._done.is_set()
 
     def wait(self, timeout_s: float | None = None) -> bool:
         return self._done.wait(timeout_s)
+
+    @property
+    def num_moves(self) -> int:
+        """How often it has moved (pages landed, the check answered, it ended)."""
+        return self._num_moves
+
+    def wait_for_progress(self, timeout_s: float, seen: int) -> int:
+        """Block until it has moved since ``num_moves`` was ``seen`` (more pages ready, the
+        existence check answered, the end) or ``timeout_s`` passes; returns ``num_moves``
+        (the ``auto`` lookup plans again at each move)."""
+        self._moved.clear()
+        if self._num_moves == seen and not self._done.is_set():
+            self._moved.wait(timeout_s)   # a move after the clear sets it
+        return self._num_moves
+
+    def _note_progress(self) -> None:
+        self._num_moves += 1   # before the set: a waiter that cleared sees one or the other
+        self._moved.set()
 
     def cancel(self) -> None:
         self.request_cancel()
@@ -205,6 +225,7 @@ class Prefetcher:
                     self._core.host.release(leased)
             ticket._num_failed = max(0, ticket._num_pages - ticket._num_ready)
             ticket._done.set()
+            ticket._note_progress()
 
     # ---- holds (all under the core lock) ----------------------------------------------
     def _hold(self, ticket: Prefetch, leased: list[PageKey]) -> None:
@@ -288,12 +309,18 @@ class Prefetcher:
                     staged = self._take_staged(keys, pos, gap_end, leased)
                 ticket._num_pages += staged
                 ticket._num_ready += staged
+                if staged:
+                    ticket._note_progress()
                 pos += staged
                 if pos >= gap_end:
                     break
+                if not ticket._is_checking:   # a later gap's check: what comes is open again
+                    ticket._is_checking = True
+                    ticket._note_progress()
                 num_in_l3 = await self._exists(keys[pos:gap_end])
                 ticket._num_pages += num_in_l3
                 ticket._is_checking = False
+                ticket._note_progress()
                 got = await self._read_run(ticket, keys, pos, pos + num_in_l3, leased, batch_pages)
                 pos += got
                 # L3 lacks keys[pos] (the check stopped there): unless the backup queue has
@@ -307,7 +334,7 @@ class Prefetcher:
             started = time.perf_counter()
             found = await self._l3.exists(keys)
             self._core.observe_l3(0, time.perf_counter() - started)
-            self._core.observe_exists(len(keys), found)
+            self._core.observe_exists(keys, found)
             if found < len(keys):
                 self._core.note_l3_read([], None, keys[found])
             return found
@@ -324,19 +351,26 @@ class Prefetcher:
         pos = lo
         while pos < hi:
             async with self._inflight:
-                n = await self._read_batch(keys, pos, min(hi, pos + batch_pages), leased)
+                n, num_slots = await self._read_batch(keys, pos, min(hi, pos + batch_pages), leased)
             ticket._num_ready += n
-            if n < min(hi, pos + batch_pages) - pos:
+            ticket._note_progress()
+            # Fewer slots than pages (L2 short of unleased pages) is not a break in the
+            # chain: read on with what the next reservation gets. No slot at all, or a
+            # page L3 did not return, ends it.
+            if not num_slots or n < num_slots:
                 return pos + n - lo
             pos += n
         return hi - lo
 
-    async def _read_batch(self, keys: Sequence[PageKey], lo: int, hi: int, leased: list[PageKey]) -> int:
+    async def _read_batch(self, keys: Sequence[PageKey], lo: int, hi: int,
+                          leased: list[PageKey]) -> tuple[int, int]:
+        """Read the leading pages of ``keys[lo:hi]`` that slots can be reserved for;
+        returns (pages that arrived, slots reserved)."""
         core, host = self._core, self._core.host
         with core.lock:
             slots = core.reserve_up_to(hi - lo)
         if not slots:
-            return 0
+            return 0, 0
         wanted = list(keys[lo : lo + len(slots)])
         self.num_inflight_batches += 1
         self.idle.clear()
@@ -361,7 +395,7 @@ class Prefetcher:
             with core.lock:
                 self._commit(keys, lo, wanted[:num_ok], slots, leased)
             committed = True
-            return num_ok
+            return num_ok, len(slots)
         finally:
             if not committed:   # cancelled: the read has stopped, the slots may go back
                 with core.lock:

@@ -104,7 +104,8 @@ def test_a_fixed_policy_still_waits_and_counts_what_it_loads():
 
 def test_backup_writes_and_existence_checks_feed_the_model():
     """Before any read, the backup's writes give the L3 rates (a prior the stats do not
-    report as reads); a prefetch's existence check tells the share of a gap L3 holds."""
+    report as reads); the written pages are known to be in L3 (``presence``), and an
+    existence check from a page the cache did not know tells the share such gaps hold."""
     ctl = make()
     try:
         a = spill_to_l3(ctl)
@@ -113,10 +114,16 @@ def test_backup_writes_and_existence_checks_feed_the_model():
         assert cost.l3.latency_s >= 0 and cost.l3.seconds_per_mb > 0
         assert ctl.stats().l3_read_gbps == 0.0
         assert cost.exists_yield.value is None
-        # A's 6 pages in L3, then a tail of 6 pages that was never stored.
+        keys_a = ctl._keys(a + tokens(6, base=50_000))
+        assert cost.num_known(keys_a) == 6   # the backup wrote A: known, its new tail not
+        # A's 6 pages in L3, then a tail of 6 pages that was never stored: the check
+        # starts at a known page, so it is not a sample of the unknown pages' share.
         ticket = ctl.prefetch(a + tokens(6, base=50_000))
         assert ticket.wait(5.0) and ticket.num_ready == 6
-        assert cost.exists_yield.value == 0.5   # one check: L3 is not asked again past the break
+        assert cost.exists_yield.value is None
         assert cost.l3.num_reads > 0 and not cost.l3.is_from_writes
+        # A prompt that was never stored: its check starts at an unknown page and finds none.
+        assert ctl.prefetch(tokens(4, base=70_000)).wait(5.0)
+        assert cost.exists_yield.value == 0.0
     finally:
         ctl.close()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from controller.api import PrefetchTicket
-from controller.pipelines.cost_model import CostModel, DecayedFit, PrefillRate, Progress, wait_auto
+from controller.pipelines.cost_model import CostModel, DecayedFit, PrefillRate, Progress, RecentMedian, wait_auto
 
 P = 32                 # tokens per page
 PAGE_BYTES = 1 << 20   # 1 MiB pages
@@ -48,6 +48,17 @@ def test_fit_never_returns_negative_weights():
     for x in (1.0, 2.0, 3.0):
         fit.add(np.array([1.0, x]), 10.0 - x)    # a falling line: the slope would be negative
     assert (fit.weights >= 0).all()
+
+
+def test_recent_median_is_kept_between_samples_and_follows_them():
+    median = RecentMedian(size=4)
+    assert median.value is None
+    for v in (1.0, 2.0, 3.0):
+        median.add(v)
+    assert median.value == 2.0 and median.value == 2.0   # read twice: the kept value
+    median.add(10.0)
+    median.add(11.0)                                       # window now 2, 3, 10, 11
+    assert median.value == 6.5
 
 
 def test_prefill_rate_predicts_the_simulated_engine():
@@ -134,6 +145,45 @@ def test_an_unanswered_existence_check_expects_only_the_share_l3_held():
         half.observe_exists(num_asked=10, num_found=5)
     assert half.rates()["l3_exists_yield"] == pytest.approx(0.5)
     assert half.plan(PROMPT, 8, 48, is_checking=True).num_pages == 8 + 24
+
+
+def test_pages_known_in_l3_are_waited_for_before_the_check_answers():
+    # The pipeline bench's cold start: the first checks were of new sessions' prompts (none
+    # in L3), so the share of recent checks is ~0, yet a continuing session's earlier turns
+    # were written to L3 by this cache: those are expected, the new tail is not.
+    m = model(l3_latency_s=0.002, l3_gbps=100.0)
+    for _ in range(20):
+        m.observe_exists(num_asked=10, num_found=0)
+    assert m.plan(PROMPT, 8, 48, is_checking=True).num_pages == 8            # share ~0: go
+    plan = m.plan(PROMPT, 8, 48, is_checking=True, num_known=40)
+    assert plan.num_pages == 48 and plan.wait_s > 0                          # the known run
+    assert m.plan(PROMPT, 8, 48, is_checking=True, num_known=0).num_pages == 8   # none known
+    # A high share of unknown pages does not make a known run longer than it is.
+    high = model(l3_latency_s=0.002, l3_gbps=100.0)
+    for _ in range(20):
+        high.observe_exists(num_asked=10, num_found=9)
+    assert high.plan(PROMPT, 8, 48, is_checking=True, num_known=20).num_pages == 28
+    # Once the check has answered, its count is what comes (the known run is not asked).
+    assert m.plan(PROMPT, 8, 30, is_checking=False, num_known=0).num_pages == 38
+
+
+def test_presence_learns_from_writes_reads_and_checks():
+    m = model()
+    keys = [f"k{i}" for i in range(10)]
+    m.note_l3(keys[:6])                                   # the backup wrote six
+    assert m.num_known(keys) == 6
+    assert m.num_known(keys[6:], also=lambda k: k == "k6") == 1   # one waits in the backup queue
+    m.note_l3([], missing="k2")                           # a read missed it: forgotten
+    assert m.num_known(keys) == 2
+    # A check from a known page is not a sample of the unknown share; one from an unknown is.
+    m.observe_exists_keys(keys[:4], num_found=2)
+    assert m.exists_yield.value is None and m.num_known(keys) == 2
+    m.observe_exists_keys(["new0", "new1", "new2", "new3"], num_found=1)
+    assert m.exists_yield.value == 0.25 and m.num_known(["new0", "new1"]) == 1
+    small = CostModel(P, PAGE_BYTES, 8)
+    small.presence = type(small.presence)(max_keys=3)
+    small.note_l3(keys[:5])                               # bounded: the oldest go first
+    assert small.num_known(keys[2:]) == 3 and small.num_known(keys) == 0
 
 
 def test_writes_stand_in_for_reads_until_a_read_is_measured():
@@ -223,3 +273,41 @@ def test_a_write_prior_that_reads_belie_is_not_waited_on_for_long():
     # The break-even deadline alone would have waited give_up_s (> 0.5 s: 10+ pages).
     assert plan.give_up_s > 0.5 and ticket.num_ready < 5 and not ticket.is_done
     ticket.cancel()
+
+
+def test_wait_auto_waits_on_the_check_only_for_pages_known_in_l3():
+    m = model(l3_latency_s=0.002, l3_gbps=100.0)
+    for _ in range(20):
+        m.observe_exists(num_asked=10, num_found=0)   # unknown pages: none found lately
+    waits: list[float] = []
+
+    def poll_with(known):
+        def poll(wait_s):   # checking at first; after any wait the check has answered
+            waits.append(wait_s)
+            return Progress(8, 48, True, False, known) if len(waits) == 1 else Progress(56, 0, False, True)
+        return poll
+
+    assert wait_auto(m, PROMPT, poll_with(0), 10.0).num_pages == 8 and waits == [0.0]
+    waits.clear()
+    plan = wait_auto(m, PROMPT, poll_with(48), 10.0)
+    assert plan.num_pages == 56 and len(waits) == 2 and waits[1] > 0
+
+
+def test_a_prefetch_wakes_its_waiter_at_each_move():
+    # The auto lookup plans again when pages land or the check answers, not only when the
+    # predicted wait runs out (a batch that lands early is used at once).
+    from controller.pipelines.prefetch import Prefetch
+
+    ticket = Prefetch(["a", "b", "c"], 0)
+    seen = ticket.num_moves
+    got: list[int] = []
+    waiter = threading.Thread(target=lambda: got.append(ticket.wait_for_progress(600.0, seen)))
+    waiter.start()
+    ticket._num_ready = 2
+    ticket._note_progress()   # before or after the waiter's clear: it returns either way
+    waiter.join(60.0)
+    assert not waiter.is_alive(), "the move did not wake the waiter (it would sleep 600 s)"
+    assert got == [seen + 1] and ticket.num_ready == 2 and not ticket.is_done
+    # A move the waiter has not seen yet returns at once (no lost wake-up).
+    ticket._note_progress()
+    assert ticket.wait_for_progress(600.0, seen + 1) == seen + 2

@@ -294,3 +294,23 @@ def test_holds_end_by_time_by_cancel_and_past_their_share_of_l2():
     assert ctl.stats().num_prefetch_held_pages == 2      # the older hold went
     ctl.check_integrity(quiescent=True)
     ctl.close()
+
+
+def test_a_read_short_of_l2_slots_reads_on_with_the_slots_it_gets():
+    # L2 of 8 pages, 3 of them leased: a 6-page chain from L3 (sync: one batch of 6) gets
+    # 3 slots, then 1, then 1. Fewer slots than pages is not a break in the chain (it was
+    # read as one: 3 pages, the rest recomputed).
+    ctl, pool = make(host_pages=8, policy="sync")
+    ctl.store(tokens(6), list(range(6)))
+    ctl.store(tokens(8, base=900), list(range(10, 18)))   # A leaves L2 for L3
+    assert ctl.drain_backups(5.0)
+    held = ctl.lookup(tokens(3, base=900))               # 3 pages of L2 leased
+    assert held.num_hit_pages == 3
+    result = ctl.lookup(tokens(6))
+    assert (result.num_l2_pages, result.num_l3_pages) == (0, 5)   # every free slot used
+    ctl.load(result, list(range(30, 35))).wait_all()
+    assert torch.equal(pool[:, :, 30:35], pool[:, :, 0:5])
+    ctl.release(result)
+    ctl.release(held)
+    ctl.check_integrity(quiescent=True)
+    ctl.close()

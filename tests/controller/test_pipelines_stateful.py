@@ -2,6 +2,8 @@
 against a small L2 over a real L3 store; the host store's integrity is checked after
 every step, and every page loaded holds the bytes its chain was stored with."""
 
+import time
+
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -85,6 +87,14 @@ class PipelineMachine(RuleBasedStateMachine):
             self.ctl.release(result)
         for ticket in self.tickets:
             ticket.wait(10)
+        # best_effort lookups start prefetches of their own (not in self.tickets): quiescent
+        # means those have ended too (a read short of slots may still be reserving).
+        prefetcher, deadline = self.ctl._core._prefetcher, time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with self.ctl._core.lock:
+                if not prefetcher._running:
+                    break
+            time.sleep(0.005)
         self.ctl.drain_backups(10)
         self.ctl.check_integrity(quiescent=True)
         self.ctl.close()
