@@ -140,6 +140,9 @@ class HostPool:
             self._buf = self._shm.buf
         self.is_memfd = memfd
         self.returns_memory = memfd
+        self.high_water = 0
+        """1 + the highest slot ever reserved: a pool that keeps freed slots' memory
+        (``returns_memory`` off) holds at most this many slots' bytes."""
         """Freed slots give their memory back (``release_memory``). Turned off for good once
         a client pins the segment (cudaHostRegister): a punched-out page it had pinned
         would stay its own, so its device copies and everyone's mappings would diverge."""
@@ -220,6 +223,8 @@ class HostPool:
         if n > len(self._free_stack):
             return None
         slots = [self._free_stack.pop() for _ in range(n)]
+        if slots:
+            self.high_water = max(self.high_water, max(slots) + 1)
         self._states[slots] = RESERVED
         # Before anyone can learn these slot numbers: a reader or writer that held one
         # earlier sees the change once its copy is over (kvstore.slot_fence).

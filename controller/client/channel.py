@@ -40,6 +40,8 @@ class Channel:
         self._num_unanswered = 0   # requests sent by send_only since the last request
         self.num_timeouts = 0
         """Requests that got no reply within their deadline."""
+        self.num_resets = 0
+        """Sockets closed with requests possibly still queued (they were dropped)."""
 
     def _open(self) -> zmq.Socket:
         sock = self._context.socket(zmq.DEALER)
@@ -113,6 +115,7 @@ class Channel:
 
     def reset(self) -> None:
         self._num_unanswered = 0
+        self.num_resets += 1
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None

@@ -97,13 +97,15 @@ class DaemonLink:
         """Lease the cached prefix of ``keys``, waiting on the daemon's prefetch of L3
         pages as ``prefetch_config.policy`` says. Raises DaemonUnavailable, CacheError."""
         reply = self._lookup_once(keys, start_prefetch=True)
+        epoch = self.session.epoch   # the session reply's lease belongs to
         if reply.num_pending:
             self.choice.refresh(self.call)   # the L3 rates a wait plans with (hits: at release)
         if reply.num_pending and self._wait_for_prefetch(reply, num_tokens):
             # Look again for what arrived (counted with the first as one lookup); the
             # first lease ends once the second holds.
             again = self._lookup_once(keys, start_prefetch=False, follows=reply.prefetch_id)
-            self.release_lease(reply.lease_id)
+            if self.session.epoch == epoch:   # else it went with the old session, and its
+                self.release_lease(reply.lease_id)   # id may name a lease of the new one
             num_l2 = min(reply.num_l2, again.num_l2 + again.num_l3)
             reply = dataclasses.replace(again, num_l2=num_l2,
                                         num_l3=again.num_l2 + again.num_l3 - num_l2)

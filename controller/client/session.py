@@ -50,6 +50,12 @@ class Session:
         """Bumped whenever the session (and every lease and reservation) was lost."""
         self.last_ack_sent = 0.0
         """monotonic send time of the latest request the daemon answered."""
+        self._unconfirmed: list[p.Message] = []
+        """Sent without waiting since the last answered request (Releases): a channel reset
+        drops what is still queued, so they go again (ending a lease twice is harmless;
+        lease ids are not reused within a daemon's life) unless the session was lost."""
+        self._unconfirmed_epoch = 0
+        self._unconfirmed_resets = 0   # the channel's resets when they were sent
 
     def _request(self, msg: p.Message, session: bytes, timeout_s: float) -> tuple[p.Message, bytes]:
         """``channel.request``, refused at once while the daemon is down; a timeout marks
@@ -113,8 +119,10 @@ class Session:
         for attempt in range(2):
             if self.hello is None:
                 self.attach()
+            self._resend_unconfirmed()
             sent = time.monotonic()
             reply, instance = self._request(msg, self.hello.session, timeout_s)
+            self._unconfirmed.clear()   # answered in order: what went before was served
             if type(reply) is p.ErrorReply and reply.code == "unknown_session":
                 self.hello = None
                 if attempt == 0:
@@ -124,6 +132,16 @@ class Session:
             return reply
         return reply
 
+    def _resend_unconfirmed(self) -> None:
+        if not self._unconfirmed or self._unconfirmed_resets == self.channel.num_resets:
+            return   # none, or still queued on the live socket
+        if self._unconfirmed_epoch != self.epoch:   # that session, and its leases, are gone
+            self._unconfirmed.clear()
+            return
+        self._unconfirmed_resets = self.channel.num_resets
+        for msg in self._unconfirmed:
+            self.channel.send_only(msg, self.hello.session)
+
     def send_only(self, msg: p.Message) -> None:
         """Send ``msg`` in this session without waiting for its answer (a Release): the
         daemon serves this session's requests in order, so the next one finds it done.
@@ -131,7 +149,17 @@ class Session:
         took its leases with it)."""
         if self.hello is None or self.watch.is_down:
             return
-        self.channel.send_only(msg, self.hello.session)
+        if not self._unconfirmed or self._unconfirmed_epoch != self.epoch:
+            self._unconfirmed.clear()
+            self._unconfirmed_epoch, self._unconfirmed_resets = self.epoch, self.channel.num_resets
+        if not self.channel.send_only(msg, self.hello.session):
+            try:   # the socket's queue is full: wait for this one instead of losing it
+                self.call(msg)
+            except CacheError:
+                pass   # the daemon is down: it reclaims the session's leases with it
+            return
+        if len(self._unconfirmed) < 4096:
+            self._unconfirmed.append(msg)
 
     def close(self) -> None:
         self.watch.close()

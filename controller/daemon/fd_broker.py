@@ -18,8 +18,9 @@ the runtime directory). One request per connection, answered at once::
 - Only uids in ``allowed_uids`` (the daemon's own, plus ``--allow-users``) get an
   answer at all.
 
-Runs on a thread of its own: every step is in memory and bounded by a socket timeout,
-and the state it shares with the daemon's loop (tickets, grants) sits under a lock.
+A thread of its own accepts; each request is served on a short-lived thread (at most
+64 at once, 8 per uid), read whole within 0.5 s, so a peer that trickles bytes holds only
+itself. The state shared with the daemon's loop (tickets, grants) sits under a lock.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ log = logging.getLogger("kvstore.daemon")
 TTL_S = 30.0
 _MAX_PENDING = 4096
 _IO_TIMEOUT_S = 1.0
+_REQUEST_DEADLINE_S = 0.5
+"""A whole request (17 bytes at most) must arrive within this: a peer trickling bytes
+holds only its own connection's thread, and only this long."""
+_MAX_CONNECTIONS = 64
+_MAX_CONNECTIONS_PER_UID = 8
 _CRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
 
 
@@ -77,6 +83,7 @@ class FdBroker:
         self._tickets: dict[bytes, tuple[int, float]] = {}
         self._grants: dict[bytes, _Grant] = {}
         self.num_refused = 0
+        self._num_open: dict[int, int] = {}   # connections being served, per uid
         path.unlink(missing_ok=True)   # a dead daemon's (the instance lock is held)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
@@ -136,6 +143,25 @@ class FdBroker:
                 if self._stop.is_set():
                     return
                 continue
+            # One thread per connection, bounded in all and per uid: a slow or hostile
+            # peer cannot hold the side socket for other clients.
+            try:
+                uid = peer_credentials(conn)[1]
+            except OSError:
+                conn.close()
+                continue
+            with self._lock:
+                busy = self._num_open.get(uid, 0)
+                if sum(self._num_open.values()) >= _MAX_CONNECTIONS or busy >= _MAX_CONNECTIONS_PER_UID:
+                    self.num_refused += 1
+                    conn.close()
+                    continue
+                self._num_open[uid] = busy + 1
+            threading.Thread(target=self._serve_one, args=(conn, uid), daemon=True,
+                             name="kvstore-side-request").start()
+
+    def _serve_one(self, conn: socket.socket, uid: int) -> None:
+        try:
             with conn:
                 conn.settimeout(_IO_TIMEOUT_S)
                 try:
@@ -144,11 +170,20 @@ class FdBroker:
                     log.debug("side socket request failed: %s", exc)
                 except Exception:  # noqa: BLE001 - the broker must outlive one bad request
                     log.exception("side socket request failed")
+        finally:
+            with self._lock:
+                left = self._num_open[uid] - 1
+                if left:
+                    self._num_open[uid] = left
+                else:
+                    del self._num_open[uid]
 
     def _handle(self, conn: socket.socket) -> None:
         pid, uid, _ = peer_credentials(conn)
-        op = _recv_exact(conn, 1)   # the whole request first: a refusal must reach the client
-        secret = _recv_exact(conn, 16) if op == b"F" else b""
+        deadline = time.monotonic() + _REQUEST_DEADLINE_S
+        # the whole request first: a refusal must reach the client
+        op = _recv_exact(conn, 1, deadline)
+        secret = _recv_exact(conn, 16, deadline) if op == b"F" else b""
         if uid not in self.allowed_uids:
             self.num_refused += 1
             conn.sendall(b"E" + f"uid {uid} may not use this daemon (its owner can admit it: "
@@ -186,9 +221,13 @@ class FdBroker:
         self.path.unlink(missing_ok=True)
 
 
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
+def _recv_exact(conn: socket.socket, n: int, deadline: float) -> bytes:
     data = b""
     while len(data) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise OSError("the client sent its side-socket request too slowly")
+        conn.settimeout(left)
         chunk = conn.recv(n - len(data))
         if not chunk:
             raise OSError("the client closed the side socket mid-request")

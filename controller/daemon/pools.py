@@ -8,7 +8,10 @@ what they share is the budget, in bytes:
 - every pool's segment is a sparse memfd as large as the whole budget could fill
   (``budget // slot_bytes`` slots, at most MAX_SLOTS_PER_POOL): memory is only taken by slots in use, and a
   freed slot's memory goes back at once (``HostPool.release_memory``), so the
-  budget bounds what the pools hold physically;
+  budget bounds what the pools hold physically. A pool a client pinned for DMA keeps
+  its freed slots' memory (unpinning under a live mapping is not safe): it counts every
+  slot it ever used (``HostPool.high_water``), and evicting from it frees nothing, so
+  only its own stores evict from it;
 - before a pool reserves slots (``CacheCore.reserve_up_to``) the registry makes room
   (``admit``): first the tenant's own quota (a tenant over ``l2_pages`` evicts its
   own pages first, from the pool that asks, then its other pools), then the budget:
@@ -18,7 +21,9 @@ what they share is the budget, in bytes:
 That is max-min fairness by bytes: a pool below its fair share (budget / pools) is
 never evicted for a pool above it, a busy pool can use what idle ones leave free,
 and one model's burst cannot flush the others below their share. Pages leased by a
-reader are never evicted; when nothing can give way the store gets fewer slots.
+reader are never evicted; when nothing can give way the store gets fewer slots. The
+fairness is between pools whose pages can go: a tenant without an ``l2_pages`` quota
+that keeps its pages leased holds them (set quotas where tenants do not trust each other).
 
 All cores share one lock (the registry's), taken by the daemon's loop and by each
 core's L3 thread, so evicting from another pool while one reserves is safe.
@@ -91,7 +96,25 @@ class Pool:
 
     @property
     def used_bytes(self) -> int:
-        return self.used_slots * self.slot_bytes
+        """The memory this pool holds: its slots in use, or, once it keeps freed slots'
+        memory (a client pinned it), every slot it ever used."""
+        pool = self.core.pool
+        if pool.returns_memory:
+            return self.used_slots * self.slot_bytes
+        return max(self.used_slots, pool.high_water) * self.slot_bytes
+
+    def new_bytes(self, n: int) -> int:
+        """What reserving ``n`` more slots adds to ``used_bytes`` (a pool that keeps its
+        memory reuses the slots it freed first: the free list is last in, first out)."""
+        pool = self.core.pool
+        if pool.returns_memory:
+            return n * self.slot_bytes
+        return max(0, self.used_slots + n - pool.high_water) * self.slot_bytes
+
+    @property
+    def frees_memory(self) -> bool:
+        """Whether evicting its pages gives memory back to the budget."""
+        return self.core.pool.returns_memory
 
 
 @dataclass
@@ -139,7 +162,8 @@ class PoolRegistry:
                                   "--layout-* to serve every layout")
             if len(self.pools) >= self.max_pools:
                 raise ConfigError(f"this daemon holds {len(self.pools)} pools (tenant, layout), "
-                                  "its limit: detach unused models or run another daemon")
+                                  "its limit (pools stay until the daemon stops): restart it, "
+                                  "or run another daemon for more models")
             if len(self._tenant(tenant).pools) >= MAX_POOLS_PER_TENANT:
                 raise ConfigError(f"tenant {tenant} has pools of {MAX_POOLS_PER_TENANT} layouts "
                                   "already, its limit: run another daemon for more models")
@@ -227,19 +251,23 @@ class PoolRegistry:
         return max(0, n - max(over, 0))
 
     def _within_budget(self, pool: Pool, n: int) -> int:
-        need = n * pool.slot_bytes
         stuck: set[int] = set()
         while True:
+            need = pool.new_bytes(n)
             free = self.budget_bytes - self.used_bytes
             if need <= free:
                 return n
             # The pool holding the most bytes (the asker's request counted as its own).
+            # A pool that keeps its memory gives none back by evicting: only the asker
+            # evicts from it (its own freed slots are reused without new memory).
             def held(p: Pool) -> int:
                 return p.used_bytes + (need if p is pool else 0)
-            ranked = sorted((p for p in self.pools.values() if id(p) not in stuck), key=held,
-                            reverse=True)
+            ranked = sorted((p for p in self.pools.values()
+                             if id(p) not in stuck and (p.frees_memory or p is pool)),
+                            key=held, reverse=True)
             if not ranked:
-                return max(0, free // pool.slot_bytes)
+                reusable = n - pool.new_bytes(n) // pool.slot_bytes
+                return max(0, reusable + free // pool.slot_bytes)
             victim = ranked[0]
             # Evict down towards the next largest, in one batch (never below it: that
             # would swap which pool is over its share).

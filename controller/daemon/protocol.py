@@ -464,7 +464,9 @@ def decode(frame: bytes, table: dict[int, type[Message]]) -> tuple[Message, int,
         raise ProtocolError("a frame must be an array [version, type, request_id, id, ...]")
     version, type_id, request_id, header_id, *values = obj
     if version != VERSION or type(version) is not int:
-        raise ProtocolError(f"protocol version {_short(version)} is not {VERSION}", "bad_version")
+        raise ProtocolError(f"protocol version {_short(version)} is not {VERSION}: client and "
+                            "daemon must come from the same kvstore release; upgrade the older one",
+                            "bad_version")
     cls = table.get(type_id) if type(type_id) is int else None
     if cls is None:
         raise ProtocolError(f"unknown message type {_short(type_id)}")

@@ -440,9 +440,10 @@ class DaemonServer:
         if self._is_tcp:
             return _LEGACY_TENANT, None
         self._refuse("no_ticket")
-        return p.ErrorReply("unauthorized", "this daemon names tenants by uid: a client on ipc must "
-                            f"fetch a ticket from {self.broker.path} first (a client of protocol "
-                            f"version {p.VERSION} does)")
+        return p.ErrorReply("unauthorized", "this daemon names tenants by uid: a client on ipc "
+                            f"fetches a ticket from its side socket {self.broker.path} first; make "
+                            "that path visible to the client next to the ipc socket (the same "
+                            "mount), or give the client a tenant token")
 
     def _layout_of(self, msg: p.Hello) -> KVLayout | None | p.ErrorReply:
         """The layout a Hello names (None: a stats-only session), checked."""

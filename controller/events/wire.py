@@ -48,6 +48,8 @@ END_SEQ = (-1).to_bytes(SEQ_BYTES, "big", signed=True)
 """The replay's end marker (vLLM's ``ZmqEventPublisher.END_SEQ``)."""
 MAX_PAYLOAD_BYTES = 64 << 20
 """A subscriber refuses larger payloads (network input: sizes are checked)."""
+_MAX_ARRAY = 1 << 17
+"""The most items in one array (a store of 131,072 pages is one event)."""
 
 
 class EventFormatError(ValueError):
@@ -122,8 +124,11 @@ def decode_batch(payload: bytes) -> EventBatch:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise EventFormatError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     try:
+        # Bounded before anything is built: a payload of nils must not become a list of
+        # tens of millions of items; ext types are refused (no hook turns them into objects).
         raw = msgpack.unpackb(payload, raw=False, strict_map_key=True,
-                              max_bin_len=MAX_PAYLOAD_BYTES, max_str_len=1 << 20)
+                              max_bin_len=MAX_PAYLOAD_BYTES, max_str_len=1 << 20,
+                              max_array_len=_MAX_ARRAY, max_map_len=16, max_ext_len=0)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise EventFormatError(f"payload is not msgpack: {exc}") from None
     if not isinstance(raw, list) or len(raw) < 2:
@@ -134,6 +139,8 @@ def decode_batch(payload: bytes) -> EventBatch:
     if not isinstance(ts, (int, float)) or not isinstance(events, list) \
             or not isinstance(rank, int) or not isinstance(incarnation, str):
         raise EventFormatError("batch fields have the wrong types (float, array, int, str)")
+    if incarnation and not _is_incarnation(incarnation):
+        raise EventFormatError("the incarnation is 32 hex digits (the daemon's instance id)")
     return EventBatch(float(ts), tuple(_event(e) for e in events), incarnation, rank)
 
 
@@ -149,15 +156,19 @@ def _event(raw: object) -> Event:
     medium = raw.get("medium")
     if not isinstance(hashes, list) or not all(_is_key(h) for h in hashes):
         raise EventFormatError(f"{kind}.block_hashes must be an array of {KEY_BYTES}-byte keys")
-    if medium is not None and not isinstance(medium, str):
-        raise EventFormatError(f"{kind}.medium must be a string")
+    if medium is not None and medium not in MEDIA:
+        raise EventFormatError(f"{kind}.medium must be one of {MEDIA} or nil, got {medium!r}")
     if kind == "BlockRemoved":
         return BlockRemoved(tuple(hashes), medium or "")
     parent, size = raw.get("parent_block_hash"), raw.get("block_size")
-    if parent is not None and not _is_key(parent) or not isinstance(size, int):
+    if parent is not None and not _is_key(parent) or type(size) is not int or size <= 0:
         raise EventFormatError("BlockStored.parent_block_hash must be a key or nil, "
-                               "block_size an int")
+                               "block_size a positive int")
     return BlockStored(tuple(hashes), parent, medium or "", size)
+
+
+def _is_incarnation(value: str) -> bool:
+    return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
 
 
 def _is_key(value: object) -> bool:

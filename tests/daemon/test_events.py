@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from controller.config import ConfigError
+from controller.config import ConfigError, PrefetchConfig
 from controller.daemon.config import load_config
 from controller.events import wire
 from controller.events.publisher import ZmqEventPublisher
@@ -156,7 +156,8 @@ def test_l3_events_follow_writes_and_reads_of_a_disk_store(tmp_path):
         client.close()
         daemon.stop()
         daemon.start()    # L2 is empty, the disk keeps its pages; the view starts over
-        client = daemon.client(device_pool(16, seed=2))
+        # wait_complete: this test is about the events of a read, not auto's choice to read
+        client = daemon.client(device_pool(16, seed=2), prefetch=PrefetchConfig(policy="wait_complete"))
         result = client.lookup(chain_tokens(0))   # read back from disk: known to be in L3
         assert result.num_l3_pages == CHAIN
         client.release(result)
