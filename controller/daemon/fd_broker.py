@@ -40,6 +40,7 @@ log = logging.getLogger("kvstore.daemon")
 
 TTL_S = 30.0
 _MAX_PENDING = 4096
+_MAX_PENDING_PER_SEGMENT = 64
 _IO_TIMEOUT_S = 1.0
 _REQUEST_DEADLINE_S = 0.5
 """A whole request (17 bytes at most) must arrive within this: a peer trickling bytes
@@ -114,7 +115,12 @@ class FdBroker:
         now = time.monotonic()
         with self._lock:
             self._prune(now)
-            if len(self._grants) >= _MAX_PENDING:   # a Hello flood: the oldest go first
+            # A Hello flood expires its own pool's grants (oldest first), not another
+            # tenant's: at most _MAX_PENDING_PER_SEGMENT per segment, then the table's cap.
+            same = [k for k, g in self._grants.items() if g.fd == fd]
+            if len(same) >= _MAX_PENDING_PER_SEGMENT:
+                del self._grants[same[0]]
+            elif len(self._grants) >= _MAX_PENDING:
                 self._grants.pop(next(iter(self._grants)))
             self._grants[secret] = _Grant(uid, fd, size, now + TTL_S)
         return secret

@@ -32,15 +32,14 @@ class OpenLookup:
     num_hit: int
     num_open: int       # pages after the hit: L3 hits or misses once the follow-up comes
     started: float      # perf_counter at the first request
+    page_bytes: int     # of the pool it looked up (a daemon of every layout has several)
 
 
 class LookupCounts:
     """Each session's open lookup (at most one: a client's lookups are sequential)."""
 
-    def __init__(self, metrics: DaemonMetrics, page_bytes: int) -> None:
+    def __init__(self, metrics: DaemonMetrics) -> None:
         self._metrics = metrics
-        self.page_bytes = page_bytes
-        """Of the pool being looked up (the daemon sets it per lookup: pools differ)."""
         self._open: dict[bytes, OpenLookup] = {}
 
     def take(self, session_id: bytes, follows: int) -> OpenLookup | None:
@@ -50,30 +49,32 @@ class LookupCounts:
         if found is not None and follows and found.prefetch_id == follows:
             return found
         if found is not None:
-            self._count("miss", found.num_open)
+            self._count("miss", found.num_open, found.page_bytes)
         return None
 
     def observe(self, session_id: bytes, num_keys: int, num_l2: int, num_l3: int,
                 num_pending: int, prefetch_id: int, first: OpenLookup | None,
-                started: float) -> None:
-        """Count a Lookup's answer (``first``: what ``take`` returned for it)."""
+                started: float, page_bytes: int) -> None:
+        """Count a Lookup's answer (``first``: what ``take`` returned for it) in pages of
+        ``page_bytes``, the looked-up pool's."""
         m, now = self._metrics, time.perf_counter()
         num_hit = num_l2 + num_l3
         if first is not None:
             came_up = min(max(0, num_hit - first.num_hit), first.num_open)
-            self._count("l3", came_up)
-            self._count("miss", first.num_open - came_up)
+            self._count("l3", came_up, first.page_bytes)
+            self._count("miss", first.num_open - came_up, first.page_bytes)
             if came_up:
                 m.l3_fetch_seconds.observe(now - first.started)
             return
         m.lookups.inc()
         m.lookup_seconds.observe(now - started)
-        self._count("l2", num_l2)
-        self._count("l3", num_l3)
+        self._count("l2", num_l2, page_bytes)
+        self._count("l3", num_l3, page_bytes)
         if num_pending and prefetch_id:
-            self._open[session_id] = OpenLookup(prefetch_id, num_hit, num_keys - num_hit, started)
+            self._open[session_id] = OpenLookup(prefetch_id, num_hit, num_keys - num_hit, started,
+                                                page_bytes)
         else:
-            self._count("miss", num_keys - num_hit)
+            self._count("miss", num_keys - num_hit, page_bytes)
         if num_l3:
             m.l3_fetch_seconds.observe(now - started)
 
@@ -81,9 +82,10 @@ class LookupCounts:
         """Count the open pages of sessions that ended (Goodbye, reaped) as misses."""
         live = set(live_sessions)
         for session_id in [s for s in self._open if s not in live]:
-            self._count("miss", self._open.pop(session_id).num_open)
+            ended = self._open.pop(session_id)
+            self._count("miss", ended.num_open, ended.page_bytes)
 
-    def _count(self, tier: str, num_pages: int) -> None:
+    def _count(self, tier: str, num_pages: int, page_bytes: int) -> None:
         if num_pages > 0:
             self._metrics.lookup_pages[tier].inc(num_pages)
-            self._metrics.lookup_bytes[tier].inc(num_pages * self.page_bytes)
+            self._metrics.lookup_bytes[tier].inc(num_pages * page_bytes)

@@ -121,7 +121,7 @@ class DaemonServer:
             self._lock.record(os.getpid(), segment)
             self.sessions = SessionTable(None, cfg.lease_ttl_s, cfg.reservation_ttl_s,
                                          cfg.heartbeat_interval_s, cfg.orphan_quarantine_s)
-            self.lookup_counts = LookupCounts(self.metrics, cfg.layout.page_bytes if cfg.layout else 0)
+            self.lookup_counts = LookupCounts(self.metrics)
             if not cfg.is_legacy:   # before the zmq socket: a client that gets a Pong finds it
                 self.broker = FdBroker(side_socket_path(cfg.address, runtime_dir()),
                                        set(t.allowed_uids), shared=bool(cfg.allow_users))
@@ -514,7 +514,6 @@ class DaemonServer:
         core = session.core
         keys = p.split_keys(msg.keys)
         first = self.lookup_counts.take(session.session_id, msg.follows)
-        self.lookup_counts.page_bytes = core.pool.slot_bytes
         # Never wait on L3 here: the client waits (WaitPrefetch) while others are served.
         num_l2, num_l3, num_pending, ticket = core.lookup(
             keys, wait=False, start_prefetch=msg.start_prefetch,
@@ -530,7 +529,7 @@ class DaemonServer:
             slots, gens, lease_id = b"", b"", 0
         prefetch_id = self.sessions.add_prefetch(session, ticket) if num_pending else 0
         self.lookup_counts.observe(session.session_id, len(keys), num_l2, num_l3, num_pending,
-                                   prefetch_id, first, start)
+                                   prefetch_id, first, start, core.pool.slot_bytes)
         return p.LookupReply(lease_id, num_l2, num_l3, slots, num_pending, prefetch_id, gens)
 
     # ---- prefetch -----------------------------------------------------------------------
