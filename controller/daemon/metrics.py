@@ -21,7 +21,15 @@ TIERS = ("l2", "l3", "miss")
 
 class DaemonMetrics:
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._add_lookup_metrics(self.registry)
+        self._add_request_metrics(self.registry)
+        self._add_state_gauges(self.registry)
+        self._add_l3_gauges(self.registry)
+        self._add_pool_gauges(self.registry)
+        self._server = None
+
+    def _add_lookup_metrics(self, r: CollectorRegistry) -> None:
         pages = Counter("kvstore_lookup_pages", "Pages asked for by lookups, by the tier that served "
                         "them (miss: no tier)", ["tier"], registry=r)
         nbytes = Counter("kvstore_lookup_bytes", "Bytes of looked-up pages, by serving tier",
@@ -36,6 +44,9 @@ class DaemonMetrics:
             buckets=_L3_BUCKETS, registry=r)
         self.flush_seconds = Histogram("kvstore_l3_flush_seconds", "Time of write-back flushes to L3",
                                        buckets=_L3_BUCKETS, registry=r)
+
+    def _add_request_metrics(self, r: CollectorRegistry) -> None:
+        """Requests by type and outcome, refusals, and what fencing reclaimed."""
         stored = Counter("kvstore_store_pages", "Pages offered to store, by outcome", ["outcome"],
                          registry=r)
         self.store_pages = {o: stored.labels(o) for o in ("published", "skipped", "aborted")}
@@ -55,6 +66,8 @@ class DaemonMetrics:
         self.fence_events = Counter("kvstore_fence_events", "Slot fencing: clients suspended (silent, "
                                     "process alive), resumed, orphaned (silent, unwatched: slots "
                                     "quarantined), reservations overdue", ["event"], registry=r)
+
+    def _add_state_gauges(self, r: CollectorRegistry) -> None:
         self.suspended = Gauge("kvstore_suspended_clients", "Silent clients whose process lives: their "
                                "slots are kept", registry=r)
         self.quarantined = Gauge("kvstore_quarantined_slots", "Slots of orphaned sessions kept out of use",
@@ -66,6 +79,8 @@ class DaemonMetrics:
         self.core = Gauge("kvstore_cache_counter", "Counters of the cache core (CacheStats fields: "
                           "hits per tier, evictions, L3 errors, pages written/dropped)", ["name"],
                           registry=r)
+
+    def _add_l3_gauges(self, r: CollectorRegistry) -> None:
         self.l3_up = Gauge("kvstore_l3_up", "1 while L3 reads and writes work, 0 while either "
                            "fails (see kvstore status for the last error)", registry=r)
         self.l3_failing_since = Gauge("kvstore_l3_failing_since_seconds", "Unix time L3 began "
@@ -74,6 +89,8 @@ class DaemonMetrics:
                           "call, or a page a write could not store, e.g. disk full)", ["direction"],
                           registry=r)
         self.l3_errors = {d: l3_errors.labels(d) for d in ("read", "write")}
+
+    def _add_pool_gauges(self, r: CollectorRegistry) -> None:
         self.budget = Gauge("kvstore_pool_budget_bytes", "Host memory budget all pools share, and "
                             "what they hold", ["kind"], registry=r)
         self.pool_pages = Gauge("kvstore_pool_pages", "Pages of each (tenant, layout) pool: used "
@@ -82,7 +99,6 @@ class DaemonMetrics:
         self.tenant = Gauge("kvstore_tenant", "Per tenant: L2 pages and bytes held, L3 bytes "
                             "written and not seen gone, quotas (0: none), L3 pages refused by "
                             "the quota", ["tenant", "kind"], registry=r)
-        self._server = None
 
     def refresh_pools(self, budget: int, used: int, pools: list[dict], tenants: dict) -> None:
         self.budget.labels("budget").set(budget)
