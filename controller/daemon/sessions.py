@@ -166,32 +166,31 @@ class SessionTable:
     def close(self, session: ClientSession) -> tuple[int, int]:
         """End every lease and abort every reservation of ``session`` now (Goodbye, or its
         process is gone); (leases, reservations)."""
-        num_leases, num_res = self._detach(session)
-        for keys in session.leases.values():
-            session.core.release(keys)
+        counts = self._detach(session)
         for res in session.reservations.values():
             session.core.abort_store(res.plan)
-        session.leases.clear()
         session.reservations.clear()
-        return num_leases, num_res
+        return counts
 
     def _detach(self, session: ClientSession) -> tuple[int, int]:
+        """Forget ``session`` and end its leases now; its reservations are left to the
+        caller (aborted, or quarantined). (leases, reservations) it held."""
         self.sessions.pop(session.session_id, None)
         num_leases, num_res = len(session.leases), len(session.reservations)
         self.num_leases -= num_leases
         self.num_reservations -= num_res
+        for keys in session.leases.values():
+            session.core.release(keys)
+        session.leases.clear()
         return num_leases, num_res
 
     def _quarantine_session(self, session: ClientSession, now: float) -> tuple[int, int]:
         """End the session: its leases now, its reserved slots after the quarantine."""
         counts = self._detach(session)
-        for keys in session.leases.values():
-            session.core.release(keys)
         if session.reservations:
             self._quarantine.append(_Quarantined(
                 now + self.orphan_quarantine_s, [r.plan for r in session.reservations.values()],
                 session.core))
-        session.leases.clear()
         session.reservations.clear()
         return counts
 
