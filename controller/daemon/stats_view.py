@@ -7,12 +7,16 @@ import dataclasses
 import json
 from typing import Any
 
+from controller.api import CacheStats
+
 _MAX_JSON = 4000
 """A stats string must stay under the protocol's string bound (4 KiB)."""
 
 
 def core_stats_of(cores: list) -> dict[str, int | float]:
     """The numeric CacheStats fields of ``cores``, summed (rates: the largest)."""
+    if not cores:   # no pool yet: the fields all at zero
+        return {k: v for k, v in dataclasses.asdict(CacheStats()).items() if type(v) in (int, float)}
     out: dict[str, int | float] = {}
     for core in cores:
         for name, value in dataclasses.asdict(core.stats()).items():
@@ -20,10 +24,6 @@ def core_stats_of(cores: list) -> dict[str, int | float]:
                 out[name] = out.get(name, 0) + value
             elif type(value) is float:
                 out[name] = max(out.get(name, 0.0), value)
-    if not cores:
-        from controller.api import CacheStats
-
-        out = {k: v for k, v in dataclasses.asdict(CacheStats()).items() if type(v) in (int, float)}
     return out
 
 
