@@ -267,8 +267,30 @@ class PrefixLHDPolicy(EvictionPolicy):
         self._use_run(keys, prev)
 
     def on_remove(self, key: PageKey) -> None:
-        # One path for single and batched removals, so the two cannot drift apart.
-        self.on_remove_many((key,))
+        k, num_children = self._num_classes, self._num_children
+        stamp = self._stamp.pop(key)
+        num_children.pop(key, None)
+        parent = self._parent.pop(key, None)
+        if parent is not None and parent in num_children:
+            left = num_children[parent] - 1
+            if left:
+                num_children[parent] = left
+            else:  # the parent is a leaf again, at its own last use
+                del num_children[parent]
+                pstamp = self._stamp[parent]
+                pused = pstamp // k
+                if not self._heap_is_stale:
+                    heapq.heappush(self._heap, (pused + self._retention[pstamp % k], pused, parent))
+        cls = stamp % k
+        self._num_victims += 1
+        if stamp // k + self._retention[cls] > self._clock:
+            self._num_early += 1
+        self._censored[cls] += 1.0  # until it comes back (see on_insert)
+        if self._ghost_limit:
+            ghost = self._ghost
+            ghost[key] = stamp
+            if len(ghost) > self._ghost_limit:
+                ghost.popitem(last=False)
 
     def on_remove_many(self, keys: Sequence[PageKey]) -> None:
         """``on_remove`` of each key in order, in one loop over local names (an
