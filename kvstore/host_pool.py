@@ -119,7 +119,31 @@ class HostPool:
         self.layout = layout.with_arrangement("page_first")
         self.num_slots = num_slots
         self.slot_bytes = self.layout.page_bytes
-        size = segment_bytes(num_slots, self.slot_bytes)
+        self._create_segment(name, memfd)
+        self.is_memfd = memfd
+        self.returns_memory = memfd
+        """Freed slots give their memory back (``release_memory``). Turned off for good once
+        a client pins the segment (cudaHostRegister): a punched-out page it had pinned
+        would stay its own, so its device copies and everyone's mappings would diverge."""
+        self.high_water = 0
+        """1 + the highest slot ever reserved: a pool that keeps freed slots' memory
+        (``returns_memory`` off) holds at most this many slots' bytes."""
+        self._map_arrays()
+        if prefault:
+            # One write per OS page makes the kernel hand every page over now (shm pages
+            # are allocated on first touch); the segment is all zeros either way.
+            self._bytes[:: mmap.PAGESIZE] = 0
+        self._states = np.zeros(num_slots, dtype=np.uint8)
+        self._leases = np.zeros(num_slots, dtype=np.int32)
+        # Stack of free slots; low slots are handed out first (reversed order).
+        self._free_stack: list[int] = list(range(num_slots - 1, -1, -1))
+        self.is_pinned = False
+        if pin if pin is not None else torch.cuda.is_available():
+            self._pin()
+
+    def _create_segment(self, name: str | None, memfd: bool) -> None:
+        """Create the shared segment (a memfd or a /dev/shm name); sets ``name``, ``_buf``."""
+        size = segment_bytes(self.num_slots, self.slot_bytes)
         self._shm = self._mmap = None
         self._fd = -1
         if memfd:
@@ -134,37 +158,21 @@ class HostPool:
             self.name = f"memfd:{name or 'pool'}"
             self._buf = memoryview(self._mmap)
         else:
-            check_pool_fits(num_slots, self.slot_bytes)  # the segment is sparse: fail now, not at OOM
+            check_pool_fits(self.num_slots, self.slot_bytes)  # the segment is sparse: fail now, not at OOM
             self._shm = shared_memory.SharedMemory(name=name or unique_shm_name(), create=True, size=size)
             self.name = self._shm.name
             self._buf = self._shm.buf
-        self.is_memfd = memfd
-        self.returns_memory = memfd
-        self.high_water = 0
-        """1 + the highest slot ever reserved: a pool that keeps freed slots' memory
-        (``returns_memory`` off) holds at most this many slots' bytes."""
-        """Freed slots give their memory back (``release_memory``). Turned off for good once
-        a client pins the segment (cudaHostRegister): a punched-out page it had pinned
-        would stay its own, so its device copies and everyone's mappings would diverge."""
-        self._bytes = np.ndarray((num_slots * self.slot_bytes,), dtype=np.uint8, buffer=self._buf)
-        self.generations = generations_view(self._buf, num_slots, self.slot_bytes)
+
+    def _map_arrays(self) -> None:
+        """The byte, generation and tensor views over the segment."""
+        self._bytes = np.ndarray((self.num_slots * self.slot_bytes,), dtype=np.uint8, buffer=self._buf)
+        self.generations = generations_view(self._buf, self.num_slots, self.slot_bytes)
         """Per-slot generation, bumped when a slot is reserved (module doc); in the segment."""
         self.tensor = (
             torch.from_numpy(self._bytes)
             .view(self.layout.torch_dtype)
-            .view(self.layout.pool_shape(num_slots))
+            .view(self.layout.pool_shape(self.num_slots))
         )
-        if prefault:
-            # One write per OS page makes the kernel hand every page over now (shm pages
-            # are allocated on first touch); the segment is all zeros either way.
-            self._bytes[:: mmap.PAGESIZE] = 0
-        self._states = np.zeros(num_slots, dtype=np.uint8)
-        self._leases = np.zeros(num_slots, dtype=np.int32)
-        # Stack of free slots; low slots are handed out first (reversed order).
-        self._free_stack: list[int] = list(range(num_slots - 1, -1, -1))
-        self.is_pinned = False
-        if pin if pin is not None else torch.cuda.is_available():
-            self._pin()
 
     # ---- memory -------------------------------------------------------------
     def _pin(self) -> None:
