@@ -388,9 +388,11 @@ class CacheCore:
         A page that another store published meanwhile keeps that copy, and this
         slot goes back to the pool."""
         with self.lock:
-            index = self.host.index
-            fresh = [(p, s) for p, s in zip(plan.positions, plan.slots) if keys[p] not in index]
-            self.host.abort([s for p, s in zip(plan.positions, plan.slots) if keys[p] in index])
+            wanted = [keys[p] for p in plan.positions]
+            taken = self.host.index.contains_many(wanted)   # published meanwhile by another store
+            fresh = [(p, s) for p, s, t in zip(plan.positions, plan.slots, taken) if not t]
+            if len(fresh) < len(wanted):
+                self.host.abort([s for s, t in zip(plan.slots, taken) if t])
             if not fresh:
                 return 0
             new_keys = [keys[p] for p, _ in fresh]

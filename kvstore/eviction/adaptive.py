@@ -115,10 +115,17 @@ def _sampled(keys: Sequence[PageKey], start: int, end: int, threshold: int) -> l
     hashed as one array when the keys are of one length of at least 8 bytes."""
     chunk = keys[start:end]
     size = len(chunk[0]) if chunk else 0
-    if size < 8 or len(set(map(len, chunk))) != 1:
+    joined = b"".join(chunk)
+    # Keys of one length (a tier's keys are one digest size; trace keys one counter
+    # width). The total is the check: checking each key's length costs more than the
+    # hashing, and keys of mixed lengths that add up exactly only sample other keys.
+    if size < 8 or len(joined) != size * len(chunk):
         return [start + j for j, key in enumerate(chunk) if key_hash(key) < threshold]
-    rows = np.frombuffer(b"".join(chunk), dtype=np.uint8).reshape(len(chunk), size)
-    low = np.ascontiguousarray(rows[:, :8]).view("<u8").ravel()  # int.from_bytes(key[:8], "little")
+    if size % 8 == 0:  # each key's first 8 bytes, as a strided view: int.from_bytes(key[:8], "little")
+        low = np.frombuffer(joined, dtype="<u8")[::size // 8]
+    else:
+        rows = np.frombuffer(joined, dtype=np.uint8).reshape(len(chunk), size)
+        low = np.ascontiguousarray(rows[:, :8]).view("<u8").ravel()
     hashes = (low * np.uint64(_GOLDEN) + np.uint64(_OFFSET)) >> np.uint64(32)  # wraps mod 2**64
     return (np.flatnonzero(hashes < threshold) + start).tolist()
 
@@ -431,10 +438,20 @@ class AdaptivePolicy(EvictionPolicy):
         self._feed(keys, False, parent)
 
     def _feed(self, keys: Sequence[PageKey], hit: bool, parent: PageKey | None) -> None:
-        """References in order, as per-key calls would make them: keys go to the live
-        expert in runs cut where an epoch ends (an epoch's end may switch experts)."""
-        live_one = (lambda j: self._live.on_access(keys[j])) if hit else \
-            (lambda j: self._live.on_insert(keys[j], keys[j - 1] if j else parent))
+        """References in order, as per-key calls would make them. The live expert gets
+        the keys in one call, cut only where an epoch's end hands the tier to another
+        expert (the key that ends the epoch goes to the new one, as per key)."""
+        given = 0  # keys[:given] went to the live expert
+
+        def give(upto: int) -> None:
+            nonlocal given
+            if upto > given:
+                if hit:
+                    self._live.on_access_run(keys[given:upto])
+                else:
+                    self._live.on_insert_run(keys[given:upto], keys[given - 1] if given else parent)
+            given = upto
+
         i, n = 0, len(keys)
         while i < n:
             # keys[i + j] is reference clock + 1 + j; the one reaching _next_epoch ends it
@@ -443,16 +460,10 @@ class AdaptivePolicy(EvictionPolicy):
                 for j in _sampled(keys, i, end, self._threshold):
                     self._sample(keys[j], hit)
             self._clock += end - i
-            last = end if self._clock < self._next_epoch else end - 1
-            if last > i:
-                if hit:
-                    self._live.on_access_run(keys[i:last])
-                else:
-                    self._live.on_insert_run(keys[i:last], keys[i - 1] if i else parent)
-            if last < end:  # the epoch ends between the last key's sample and its live call
-                self._end_epoch()
-                live_one(last)
+            if self._clock >= self._next_epoch:
+                self._end_epoch(before_switch=lambda: give(end - 1))
             i = end
+        give(n)
 
     def on_remove(self, key: PageKey) -> None:  # replaced per instance by _bind
         self._live.on_remove(key)
@@ -465,6 +476,11 @@ class AdaptivePolicy(EvictionPolicy):
 
     def __len__(self) -> int:
         return len(self._live)
+
+    def check(self) -> str | None:
+        """What is inconsistent in the followed expert's structure, or None (for tests)."""
+        check = getattr(self._live, "check", None)
+        return check() if check is not None else None
 
     def _bind(self, live: EvictionPolicy) -> None:
         self._live = live
@@ -490,7 +506,9 @@ class AdaptivePolicy(EvictionPolicy):
                     if not other:
                         row[j] += 1.0
 
-    def _end_epoch(self) -> None:
+    def _end_epoch(self, before_switch: Callable[[], None] | None = None) -> None:
+        """Judge the epoch: decay the scores and maybe follow another expert (after
+        ``before_switch``, which gives the expert followed until now what is its)."""
         self._next_epoch = self._clock + self._epoch
         if self._clock >= self._warmup:
             scores = [m.score for m in self._minis]
@@ -505,6 +523,8 @@ class AdaptivePolicy(EvictionPolicy):
             self._challenger, self._num_wins = pick, self._num_wins + 1 if same else 1
             patience = self._guard_patience if self._live_scored else self._patience
             if pick != self._leader and self._num_wins >= patience:
+                if before_switch is not None:
+                    before_switch()
                 self._follow(pick)
         decay = self._decay
         for mini in self._minis:

@@ -65,13 +65,15 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 from collections import OrderedDict
-from itertools import compress, repeat
+from itertools import repeat
 from typing import Callable, Sequence
 
 import numpy as np
 
 from kvstore.eviction.base import EvictionPolicy
+from kvstore.eviction.use_runs import UseRun, UseRuns
 from kvstore.page_keys import PageKey
 
 _BUCKETS_PER_OCTAVE = 4
@@ -142,11 +144,14 @@ def fit_retention(counts: list[list[float]], censored: list[float], budget: floa
 class PrefixLHDPolicy(EvictionPolicy):
     """Learned keep-until ages per reuse class, leaves of the page chains only (module docstring).
 
-    Layout: one min-heap of ``(expiry, last use, key)`` over the leaves; an
-    entry is live while the key's last use is the entry's and the key has no
-    cached child, others are dropped when they reach the top. A page is
-    pushed when it is used as a leaf and when its last cached child leaves.
-    Every fit rebuilds the heap from the leaves under the new ages.
+    Layout: the cached chains as :class:`UseRuns` (runs of pages with
+    consecutive last uses and one class), and one min-heap of
+    ``(expiry, last use, run id)`` over the tails of runs without children
+    (the leaves); an entry is live while its run is a leaf whose tail was last
+    used then, others are dropped when they reach the top. So a lookup's run
+    of pages costs a few steps per run, not per page, and a victim's parent,
+    the page before it in its run, is the next candidate of that run. Every
+    fit rebuilds the heap from the leaf runs under the new ages.
     """
 
     name = "prefix-lhd"
@@ -156,26 +161,25 @@ class PrefixLHDPolicy(EvictionPolicy):
             raise ValueError("num_classes must be >= 1 and history_factor >= 0 (x capacity)")
         self._num_classes, self._history_factor = num_classes, history_factor
         self._clock = 0
-        # key -> stamp = last use * num_classes + class at that use, for cached pages;
-        # the ghost history keeps the stamps of evicted pages, oldest first.
-        self._stamp: dict[PageKey, int] = {}
+        self._runs = UseRuns(self._push)
+        # The ghost history keeps the stamps (last use * num_classes + class) of
+        # evicted pages, oldest first.
         self._ghost: OrderedDict[PageKey, int] = OrderedDict()
-        self._heap: list[tuple[float, int, PageKey]] = []
+        self._heap: list[tuple[float, int, int]] = []
         # After a fit the heap is rebuilt only when a victim is next asked for: a tier
         # that evicts nothing between two fits (a daemon whose pool holds its working
-        # set) pays no O(pages) rebuild and no push per use. The victims are the same:
-        # the rebuilt heap holds exactly the live leaves' entries, which the eager heap
-        # also held (besides dead ones skipped at the top).
+        # set) pays no rebuild and no push per use. The victims are the same: the
+        # rebuilt heap holds exactly the live leaves' entries.
         self._heap_is_stale = False
-        # Chains: key -> parent for keys inserted (or linked) under a cached parent,
-        # and the number of cached children of each page that has any. A removed
-        # page's children become roots; the index re-links them (on_link) if it returns.
-        self._parent: dict[PageKey, PageKey] = {}
-        self._num_children: dict[PageKey, int] = {}
-        # Interval histograms, one row per class (an array: a run of uses adds to it in place).
+        # Interval histograms, one row per class, as fitted (decayed floats), and the
+        # uses since the last fit as exact integers: a run of m uses adds m at once,
+        # and the fit folds them in, so batched and per-page uses learn the same.
         self._counts = np.zeros((num_classes, _NUM_BUCKETS), dtype=np.float64)
+        self._new_counts = np.zeros((num_classes, _NUM_BUCKETS), dtype=np.int64)
         self._censored = [0.0] * num_classes  # left the history without a reuse
+        self._new_censored = [0] * num_classes
         self._num_refs = 0.0  # decayed like the counts: the budget's time base
+        self._new_refs = 0
         # Budget feedback: the plan assumes its statistics are the tier's
         # future; where they are off (prefix pinning, drift) victims leave
         # before their expiry (budget too generous) or long after (too
@@ -197,234 +201,224 @@ class PrefixLHDPolicy(EvictionPolicy):
         """The keep-until age of each class (references), as last fitted. Changes nothing."""
         return list(self._retention)
 
+    @property
+    def num_runs(self) -> int:
+        """Runs (nodes) the policy keeps now. Changes nothing."""
+        return len(self._runs.runs)
+
     def __len__(self) -> int:
-        return len(self._stamp)
+        return len(self._runs)
 
     def pages_by_recency(self) -> list[tuple[PageKey, PageKey | None]]:
         """(page, cached parent or None) of every cached page, least recently used
         first. Changes nothing."""
-        stamps, parent_of = self._stamp, self._parent
-        return [(key, parent if (parent := parent_of.get(key)) in stamps else None)
-                for key in sorted(stamps, key=stamps.__getitem__)]
+        return [(key, parent) for _, key, parent in sorted(self._runs.iter_pages(), key=_first)]
+
+    def check(self) -> str | None:
+        """What is inconsistent in the runs, or None. O(pages); for tests."""
+        return self._runs.check()
 
     # ---- EvictionPolicy ------------------------------------------------------
     def on_insert(self, key: PageKey, parent: PageKey | None) -> None:
-        if parent is not None and parent in self._stamp:
-            self._parent[key] = parent
-            self._num_children[parent] = self._num_children.get(parent, 0) + 1
-        previous = self._ghost.pop(key, None) if self._ghost else None
-        if previous is not None:  # evicted, now back: counted as "no reuse", it was one
-            cls = previous % self._num_classes
-            self._censored[cls] = max(self._censored[cls] - 1.0, 0.0)
-        self._use(key, previous)
-
-    def on_link(self, child: PageKey, parent: PageKey) -> None:
-        # The parent stops being a leaf: its heap entry goes stale.
-        self._parent[child] = parent
-        self._num_children[parent] = self._num_children.get(parent, 0) + 1
-
-    def on_access(self, key: PageKey) -> None:
-        self._use(key, self._stamp[key])
-
-    def on_access_run(self, keys: Sequence[PageKey]) -> None:
-        """``on_access`` of each key in order, batched between fits (same effect)."""
-        if len(set(keys)) != len(keys):  # a key used twice sees its own first use
-            return super().on_access_run(keys)
-        i, n = 0, len(keys)
-        while i < n:
-            end = min(n, i + max(self._next_fit - self._clock, 1))
-            seg = keys[i:end]
-            self._use_run(seg, np.fromiter(map(self._stamp.__getitem__, seg), np.int64, len(seg)))
-            i = end
+        if self._ghost and key in self._ghost:
+            return self._insert_segment([key], parent)
+        used = self._clock = self._clock + 1
+        self._new_refs += 1
+        run = self._runs.add_one(key, parent, used, 0)
+        if not self._heap_is_stale:  # (the push of _push, inline: one page at a time is the replay's case)
+            heapq.heappush(self._heap, (used + self._retention[0], used, run.id))
+        if used >= self._next_fit:
+            self._fit()
 
     def on_insert_run(self, keys: Sequence[PageKey], parent: PageKey | None) -> None:
-        """``on_insert`` of each key in order (each under the one before), batched between
-        fits. A page is pushed on the heap only if it is still a leaf once its chain is
-        in: the entries per-key inserts push for the others are dead on arrival."""
+        """``on_insert`` of each key in order (each under the one before): one run per
+        class among them, cut where a fit falls."""
         if len(set(keys)) != len(keys):
             return super().on_insert_run(keys, parent)
+        keys = keys if isinstance(keys, list) else list(keys)
         i, n = 0, len(keys)
         while i < n:
             end = min(n, i + max(self._next_fit - self._clock, 1))
-            self._insert_links(keys[i:end], parent if i == 0 else keys[i - 1])
+            self._insert_segment(keys[i:end], parent if i == 0 else keys[i - 1])
             i = end
 
-    def _insert_links(self, keys: Sequence[PageKey], parent: PageKey | None) -> None:
-        num_children = self._num_children
-        if parent is not None and parent in self._stamp:
-            self._parent[keys[0]] = parent
-            num_children[parent] = num_children.get(parent, 0) + 1
-        self._parent.update(zip(keys[1:], keys))
-        num_children.update(zip(keys[:-1], repeat(1)))  # new pages: one child each, the next
-        prev = np.full(len(keys), -1, dtype=np.int64)
-        if self._ghost:
-            back = list(map(self._ghost.pop, keys, repeat(None)))
-            for j, previous in enumerate(back):
-                if previous is not None:  # evicted, now back: counted as "no reuse", it was one
-                    cls = previous % self._num_classes
-                    self._censored[cls] = max(self._censored[cls] - 1.0, 0.0)
-                    prev[j] = previous
-        self._use_run(keys, prev)
+    def on_link(self, child: PageKey, parent: PageKey) -> None:
+        # The parent's run stops being a leaf: its heap entry goes stale.
+        self._runs.link(child, parent)
+
+    def on_access(self, key: PageKey) -> None:
+        self.on_access_run((key,))
+
+    def on_access_run(self, keys: Sequence[PageKey]) -> None:
+        """``on_access`` of each key in order: a step per stretch of keys that lies in
+        one run, not per key."""
+        runs, k = self._runs, self._num_classes
+        i, n, previous = 0, len(keys), None
+        while i < n:
+            run, p, m = runs.segments(keys, i, n - i)
+            clock = self._clock
+            cls, bucket = run.cls, _bucket(clock + 1 - run.used0 - p)  # one interval for all m
+            run = runs.isolate(run, p, m)
+            run.used0, run.cls = clock + 1, min(cls + 1, k - 1)
+            if run.parent is not None and run.parent is previous:
+                run = runs.merge_into_parent(run)
+            if not run.children:
+                self._push(run)
+            previous = run
+            i += m
+            self._count_uses(cls, bucket, m)
+
+    def _count_uses(self, cls: int, bucket: int, m: int) -> None:
+        """``m`` uses of class ``cls`` pages at one interval bucket, the clock moving past
+        them; each fit they cross counts those before it (as uses one at a time would)."""
+        while m:
+            step = min(m, max(self._next_fit - self._clock, 1))
+            self._new_counts[cls, bucket] += step
+            self._clock += step
+            self._new_refs += step
+            m -= step
+            if self._clock >= self._next_fit:
+                self._fit()
 
     def on_remove(self, key: PageKey) -> None:
-        k, num_children = self._num_classes, self._num_children
-        stamp = self._stamp.pop(key)
-        num_children.pop(key, None)
-        parent = self._parent.pop(key, None)
-        if parent is not None and parent in num_children:
-            left = num_children[parent] - 1
-            if left:
-                num_children[parent] = left
-            else:  # the parent is a leaf again, at its own last use
-                del num_children[parent]
-                pstamp = self._stamp[parent]
-                pused = pstamp // k
-                if not self._heap_is_stale:
-                    heapq.heappush(self._heap, (pused + self._retention[pstamp % k], pused, parent))
-        cls = stamp % k
-        self._num_victims += 1
-        if stamp // k + self._retention[cls] > self._clock:
-            self._num_early += 1
-        self._censored[cls] += 1.0  # until it comes back (see on_insert)
-        if self._ghost_limit:
-            ghost = self._ghost
-            ghost[key] = stamp
-            if len(ghost) > self._ghost_limit:
-                ghost.popitem(last=False)
+        self._trim(self._runs.make_tail(key), 1)
 
     def on_remove_many(self, keys: Sequence[PageKey]) -> None:
-        """``on_remove`` of each key in order, in one loop over local names (an
-        eviction's victims: the same steps, without a call per page)."""
-        k, num_children, stamps, parents = self._num_classes, self._num_children, self._stamp, self._parent
-        retention, censored, clock, heap = self._retention, self._censored, self._clock, self._heap
-        ghost, ghost_limit = self._ghost, self._ghost_limit
-        num_early = 0
-        for key in keys:
-            stamp = stamps.pop(key)
-            num_children.pop(key, None)
-            parent = parents.pop(key, None)
-            if parent is not None and parent in num_children:
-                left = num_children[parent] - 1
-                if left:
-                    num_children[parent] = left
-                else:  # the parent is a leaf again, at its own last use
-                    del num_children[parent]
-                    if not self._heap_is_stale:
-                        pstamp = stamps[parent]
-                        pused = pstamp // k
-                        heapq.heappush(heap, (pused + retention[pstamp % k], pused, parent))
-            cls = stamp % k
-            if stamp // k + retention[cls] > clock:
-                num_early += 1
-            censored[cls] += 1.0  # until it comes back (see on_insert)
-            if ghost_limit:
-                ghost[key] = stamp
-                if len(ghost) > ghost_limit:
-                    ghost.popitem(last=False)
-        self._num_victims += len(keys)
-        self._num_early += num_early
+        """``on_remove`` of each key in order; where the keys walk a run back from its tail
+        (an eviction's victims), the run is trimmed at once."""
+        runs = self._runs
+        i, n = 0, len(keys)
+        while i < n:
+            run, p = runs.place(keys[i])
+            m = 1
+            if p == len(run.keys) - 1 and i + 1 < n:
+                m = min(p + 1, n - i)
+                behind = run.keys[p - m + 1:p + 1]
+                behind.reverse()
+                if behind != keys[i:i + m]:
+                    m = list(map(operator.ne, behind, keys[i:i + m])).index(True)
+                self._trim(run, m)
+            else:
+                self._trim(runs.make_tail(keys[i]), 1)
+            i += m
 
     def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
         if self._heap_is_stale:
             self._rebuild()
-        heap, stamps, num_children, k = self._heap, self._stamp, self._num_children, self._num_classes
+        heap, runs = self._heap, self._runs.runs
         while heap:  # drop dead entries from the top (cleanup, not a decision)
-            _, used, key = heap[0]
-            stamp = stamps.get(key)
-            if stamp is not None and stamp // k == used and key not in num_children:
-                if n == 1 and is_evictable(key):
-                    return [key]  # the common case
+            _, used, run_id = heap[0]
+            run = runs.get(run_id)
+            if run is not None and not run.children and run.tail_used == used:
+                if n == 1 and is_evictable(run.keys[-1]):
+                    return [run.keys[-1]]  # the common case
                 break
             heapq.heappop(heap)
         return self._choose_many(n, is_evictable)
 
     def _choose_many(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
-        """``n`` victims or none, leaves freed by earlier victims included; changes nothing."""
-        heap, stamps, num_children, k = self._heap, self._stamp, self._num_children, self._num_classes
-        extra: list[tuple[float, int, PageKey]] = []  # parents freed by earlier victims
+        """``n`` victims or none, best first; changes nothing. A leaf run gives its pages
+        tail first (each is the next best once the one after it goes: its last use is
+        one earlier, its class the same) until one is leased; a run given up whole
+        makes its parent run a candidate once all of the parent's children are."""
+        heap, runs, retention = self._heap, self._runs.runs, self._retention
+        extra: list[tuple[float, int, int]] = []  # parent runs freed by earlier victims
         popped, victims, seen = [], [], set()
-        children_left: dict[PageKey, int] = {}
+        children_left: dict[int, int] = {}
         while len(victims) < n:
             if extra and (not heap or extra[0] < heap[0]):
                 entry, from_heap = heapq.heappop(extra), False
             elif heap:
                 entry, from_heap = heapq.heappop(heap), True
+                popped.append(entry)
             else:
                 break
-            if from_heap:
-                popped.append(entry)
-            _, used, key = entry
-            stamp = stamps.get(key)
-            if (key in seen or stamp is None or stamp // k != used
-                    or (from_heap and key in num_children)):
+            _, used, run_id = entry
+            run = runs.get(run_id)
+            if (run_id in seen or run is None or run.tail_used != used
+                    or (from_heap and run.children)):
                 continue  # stale or duplicate entry, or not a leaf
-            seen.add(key)
-            if not is_evictable(key):
-                continue
-            victims.append(key)
-            parent = self._parent.get(key)
-            if parent is not None and parent in num_children:
-                left = children_left[parent] = children_left.get(parent, num_children[parent]) - 1
+            seen.add(run_id)
+            keys = run.keys
+            j = len(keys) - 1
+            while j >= 0 and len(victims) < n and is_evictable(keys[j]):
+                victims.append(keys[j])
+                j -= 1
+            parent = run.parent
+            if j < 0 and parent is not None:
+                left = children_left[parent.id] = children_left.get(parent.id, len(parent.children)) - 1
                 if left == 0:
-                    pstamp = stamps[parent]
-                    pused = pstamp // k
-                    heapq.heappush(extra, (pused + self._retention[pstamp % k], pused, parent))
+                    pused = parent.tail_used
+                    heapq.heappush(extra, (pused + retention[parent.cls], pused, parent.id))
         for entry in popped:  # nothing was removed: the heap gets its entries back
             heapq.heappush(heap, entry)
         return victims if len(victims) == n else []
 
     # ---- learning ------------------------------------------------------------
-    def _use(self, key: PageKey, previous: int | None) -> None:
-        clock = self._clock = self._clock + 1
-        self._num_refs += 1.0
-        k = self._num_classes
-        if previous is None:
-            cls = 0
-        else:
-            prev_cls = previous % k
-            self._counts[prev_cls, _bucket(clock - previous // k)] += 1.0
-            cls = prev_cls + 1 if prev_cls + 1 < k else prev_cls
-        self._stamp[key] = clock * k + cls
-        if key not in self._num_children and not self._heap_is_stale:  # a leaf: a candidate
-            heapq.heappush(self._heap, (clock + self._retention[cls], clock, key))
-        if clock >= self._next_fit:
-            self._fit()
-
-    def _use_run(self, keys: Sequence[PageKey], prev: np.ndarray) -> None:
-        """``_use(key, previous stamp)`` for distinct keys, in order, as array work
-        (``prev[j]`` is -1 for a key with no previous use)::
-
-            key j:  clock c0+1+j,  interval c0+1+j - used_j,  class min(prev class+1, k-1) or 0
-        """
+    def _insert_segment(self, keys: list[PageKey], parent: PageKey | None) -> None:
+        """New pages (a chain, each under the one before, the first under ``parent``)
+        used at the next clocks; pages back from the ghost history keep their class
+        count, so the chain becomes one run per stretch of equal class."""
         m, k, c0 = len(keys), self._num_classes, self._clock
-        stamps = self._stamp
-        clocks = np.arange(c0 + 1, c0 + m + 1, dtype=np.int64)
-        seen = prev >= 0
-        prev_cls = np.where(seen, prev % k, -1)
-        if seen.any():
-            used = prev[seen] // k
-            buckets = np.minimum((_BUCKETS_PER_OCTAVE * np.log2(clocks[seen] - used)).astype(np.int64),
-                                 _NUM_BUCKETS - 1)
-            np.add.at(self._counts, (prev_cls[seen], buckets), 1.0)  # one add per use, in order: as _use
-        # += 1.0 per use, in order (so the float result is _use's; cheaper than numpy for a run)
-        num_refs = self._num_refs
-        for _ in repeat(None, m):
-            num_refs += 1.0
-        self._num_refs = num_refs
-        new = clocks * k + np.minimum(prev_cls + 1, k - 1)  # (no previous use: class 0)
-        stamps.update(zip(keys, new.tolist()))
-        self._clock = clock = c0 + m
-        num_children, retention, heap = self._num_children, self._retention, self._heap
-        if self._heap_is_stale:   # rebuilt with every leaf before the next victim
-            if clock >= self._next_fit:
-                self._fit()
-            return
-        is_parent = np.fromiter(map(num_children.__contains__, keys), dtype=bool, count=m)
-        for j in np.flatnonzero(~is_parent).tolist():  # leaves: candidates, as in _use
-            used = c0 + 1 + j
-            heapq.heappush(heap, (used + retention[int(new[j]) % k], used, keys[j]))
-        if clock >= self._next_fit:
+        classes = None
+        if self._ghost:
+            back = list(map(self._ghost.pop, keys, repeat(None)))
+            if back.count(None) != m:
+                classes = [0] * m
+                new_counts, new_censored, censored = self._new_counts, self._new_censored, self._censored
+                for j, previous in enumerate(back):
+                    if previous is not None:  # evicted, now back: counted as "no reuse", it was one
+                        cls = previous % k
+                        if censored[cls] + new_censored[cls] >= 1.0:
+                            new_censored[cls] -= 1
+                        else:  # what is left of it decayed away: none now
+                            censored[cls], new_censored[cls] = 0.0, 0
+                        new_counts[cls, _bucket(c0 + 1 + j - previous // k)] += 1
+                        classes[j] = min(cls + 1, k - 1)
+        self._clock = c0 + m
+        self._new_refs += m
+        runs = self._runs
+        if classes is None:
+            run = runs.add(keys, parent, c0 + 1, 0)
+        else:
+            start = 0
+            for end in range(1, m + 1):
+                if end == m or classes[end] != classes[start]:
+                    run = runs.add(keys[start:end], parent if start == 0 else keys[start - 1],
+                                   c0 + 1 + start, classes[start])
+                    start = end
+        self._push(run)  # only the last run can be a leaf
+        if self._clock >= self._next_fit:
             self._fit()
+
+    def _trim(self, run: UseRun, m: int) -> None:
+        """Remove ``run``'s last ``m`` pages: ghosts, counts and the new leaf."""
+        k, cls, clock = self._num_classes, run.cls, self._clock
+        first_used = run.used0 + len(run.keys) - m
+        # Early victims (left before their expiry): pages used at first_used + j
+        # with first_used + j + retention > clock, i.e. j > clock - retention - first_used.
+        threshold = clock - self._retention[cls] - first_used
+        self._num_early += m - min(max(math.floor(threshold) + 1, 0), m)
+        self._num_victims += m
+        self._new_censored[cls] += m  # until they come back (see _insert_segment)
+        gone, leaf = self._runs.trim(run, m)
+        if self._ghost_limit:
+            ghost = self._ghost
+            if m == 1:
+                ghost[gone[0]] = first_used * k + cls
+            else:
+                last_used = first_used + m - 1
+                ghost.update(zip(gone, range(last_used * k + cls, (first_used - 1) * k + cls, -k)))
+            for _ in range(len(ghost) - self._ghost_limit):
+                ghost.popitem(last=False)
+        if leaf is not None:
+            self._push(leaf)
+
+    def _push(self, run: UseRun) -> None:
+        """A heap entry for a leaf run's tail (none while the heap waits for its rebuild)."""
+        if not self._heap_is_stale:
+            used = run.tail_used
+            heapq.heappush(self._heap, (used + self._retention[run.cls], used, run.id))
 
     def _fit(self) -> None:
         self._next_fit = self._clock + self._fit_period
@@ -433,23 +427,29 @@ class PrefixLHDPolicy(EvictionPolicy):
             scale = self._budget_scale * 2 ** ((0.5 - early) / 4)
             self._budget_scale = min(max(scale, 1 / 16), 16.0)
             self._num_early = self._num_victims = 0
+        self._counts += self._new_counts
+        self._new_counts[:] = 0
+        self._censored = [c + new for c, new in zip(self._censored, self._new_censored)]
+        self._new_censored = [0] * self._num_classes
+        self._num_refs += self._new_refs
+        self._new_refs = 0
         self._retention = fit_retention(self._counts.tolist(), self._censored,
                                         self._budget_scale * self._capacity * self._num_refs)
-        self._counts *= _DECAY   # elementwise, the product the per-count loop made
+        self._counts *= _DECAY
         self._censored = [c * _DECAY for c in self._censored]
         self._num_refs *= _DECAY
         self._heap_is_stale = True   # rebuilt under the new ages when a victim is asked for
 
     def _rebuild(self) -> None:
-        """The heap from the live leaves, under the ages just fitted: O(cached pages)."""
-        k, stamps, num_children = self._num_classes, self._stamp, self._num_children
-        # As arrays: (used + retention[class], used, key) of each leaf, in the map's order.
-        leaf = ~np.fromiter(map(num_children.__contains__, stamps), dtype=bool, count=len(stamps))
-        stamp = np.fromiter(stamps.values(), dtype=np.int64, count=len(stamps))[leaf]
-        used = stamp // k
-        expiry = used + np.asarray(self._retention, dtype=np.float64)[stamp % k]
-        keys = list(compress(stamps, leaf.tolist()))
-        heap = list(zip(expiry.tolist(), used.tolist(), keys))
+        """The heap from the leaf runs, under the ages just fitted: O(runs)."""
+        retention = self._retention
+        heap = [(used + retention[run.cls], used, run.id)
+                for run in self._runs.runs.values() if not run.children
+                for used in (run.tail_used,)]
         heapq.heapify(heap)
         self._heap = heap
         self._heap_is_stale = False
+
+
+def _first(item: tuple) -> int:
+    return item[0]

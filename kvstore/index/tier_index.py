@@ -65,6 +65,10 @@ class TierIndex:
         """Radix nodes (runs of chained pages) the index holds now."""
         return self._tree.num_runs
 
+    def contains_many(self, keys: Iterable[PageKey]) -> list[bool]:
+        """Whether this tier holds each key (one C-level pass)."""
+        return list(map(self._tree.entry_of.__contains__, keys))
+
     def get(self, key: PageKey) -> int | None:
         """The slot of ``key``, or None if this tier does not hold it."""
         e = self._tree.entry_of.get(key)
@@ -241,3 +245,7 @@ class TierIndex:
             raise TierIndexError("a lease is held on a page not in the index")
         if len(self.policy) != len(tree):
             raise TierIndexError(f"policy tracks {len(self.policy)} pages, index holds {len(tree)}")
+        check_policy = getattr(self.policy, "check", None)   # a policy with structure of its own
+        problem = check_policy() if check_policy is not None else None
+        if problem:
+            raise TierIndexError(f"eviction policy {self.policy.name}: {problem}")
