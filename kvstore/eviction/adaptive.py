@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from itertools import repeat
 from typing import Callable, Sequence
 
@@ -184,33 +185,48 @@ class _Miniature:
 class _LeafGuard(EvictionPolicy):
     """A flat expert (LRU, S3-FIFO, ARC) held to the prefix rule, as the live expert.
 
-    Keeps the chain links the index reports and each page's last use; a page
-    with a cached child is shown to the expert as not evictable, so it names
-    its best-ranked leaf and a chain shrinks from its tail. The prefix experts
-    need none of this: they choose leaves by themselves.
+    Keeps the chain links the index reports and each page's last use. A page
+    with a cached child is *parked* in the expert (out of its queues until
+    its last child leaves, then back where it is looked at next), so the
+    expert only ever ranks leaves and a chain shrinks from its tail; an expert
+    that cannot park is shown parents as not evictable instead (it steps past
+    them). The prefix experts need none of this: they choose leaves by
+    themselves.
     """
 
     def __init__(self, policy: EvictionPolicy) -> None:
         self.policy, self.name = policy, policy.name
+        self._park = getattr(policy, "park", None)
+        self._unpark = getattr(policy, "unpark", None)
         self._clock = 0
         self._last: dict[PageKey, int] = {}  # cached key -> clock of its last use
         self._parent: dict[PageKey, PageKey] = {}
         self._num_children: dict[PageKey, int] = {}  # only keys with cached children
+        self._leaves: set[PageKey] = set()  # the others
 
     def set_capacity(self, capacity: int) -> None:
         self.policy.set_capacity(capacity)
 
+    def _add_child(self, parent: PageKey) -> None:
+        count = self._num_children.get(parent, 0)
+        self._num_children[parent] = count + 1
+        if not count:
+            self._leaves.discard(parent)
+            if self._park is not None:
+                self._park(parent)
+
     def on_insert(self, key: PageKey, parent: PageKey | None) -> None:
         self._clock += 1
         self._last[key] = self._clock
+        self._leaves.add(key)
+        self.policy.on_insert(key, parent)
         if parent is not None:  # the index names only a cached parent
             self._parent[key] = parent
-            self._num_children[parent] = self._num_children.get(parent, 0) + 1
-        self.policy.on_insert(key, parent)
+            self._add_child(parent)
 
     def on_link(self, child: PageKey, parent: PageKey) -> None:
         self._parent[child] = parent
-        self._num_children[parent] = self._num_children.get(parent, 0) + 1
+        self._add_child(parent)
 
     def on_access(self, key: PageKey) -> None:
         self._clock += 1
@@ -229,13 +245,16 @@ class _LeafGuard(EvictionPolicy):
         start = self._clock
         self._clock += len(keys)
         self._last.update(zip(keys, range(start + 1, self._clock + 1)))
+        self.policy.on_insert_run(keys, parent)
+        self._leaves.add(keys[-1])
         num_children = self._num_children
         if parent is not None:
             self._parent[keys[0]] = parent
-            num_children[parent] = num_children.get(parent, 0) + 1
+            self._add_child(parent)
         self._parent.update(zip(keys[1:], keys))
         num_children.update(zip(keys[:-1], repeat(1)))  # new pages: one child each, the next
-        self.policy.on_insert_run(keys, parent)
+        if self._park is not None:
+            deque(map(self._park, keys[:-1]), maxlen=0)
 
     def on_remove(self, key: PageKey) -> None:
         del self._last[key]
@@ -243,6 +262,8 @@ class _LeafGuard(EvictionPolicy):
         # (on_link) if the page comes back, so its count starts afresh.
         num_children = self._num_children
         num_children.pop(key, None)
+        self._leaves.discard(key)
+        self.policy.on_remove(key)
         parent = self._parent.pop(key, None)
         if parent is not None and parent in num_children:
             left = num_children[parent] - 1
@@ -250,7 +271,9 @@ class _LeafGuard(EvictionPolicy):
                 num_children[parent] = left
             else:
                 del num_children[parent]
-        self.policy.on_remove(key)
+                self._leaves.add(parent)
+                if self._unpark is not None:
+                    self._unpark(parent)
 
     def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
         num_children = self._num_children
@@ -273,7 +296,7 @@ class _LeafGuard(EvictionPolicy):
     def _peel(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
         """``n`` victims, least recently used leaf first, counting leaves freed on the way."""
         last, parent_of, num_children = self._last, self._parent, self._num_children
-        heap = [(t, k) for k, t in last.items() if k not in num_children and is_evictable(k)]
+        heap = [(last[k], k) for k in self._leaves if is_evictable(k)]
         heapq.heapify(heap)
         children_left: dict[PageKey, int] = {}
         victims: list[PageKey] = []

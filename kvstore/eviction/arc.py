@@ -12,6 +12,11 @@ and |T1|+|T2|+|B1|+|B2| <= 2c.
 Our index evicts before it inserts and does not tell the policy which key is
 coming, so the adaptation happens in ``on_insert``, one step after the
 original's REPLACE; the ordering inside each list is the paper's.
+
+Under the prefix rule (adaptive's leaf guard) a page with a cached child is
+*parked*: out of T1/T2 until its last child leaves, then back at its list's
+least recent end (a hit while parked moves it to T2). Eviction then never
+steps past parents.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class ARCPolicy(EvictionPolicy):
         self._t2: _Queue[PageKey, None] = OrderedDict()
         self._b1: _Queue[PageKey, None] = OrderedDict()
         self._b2: _Queue[PageKey, None] = OrderedDict()
+        self._parked: dict[PageKey, bool] = {}  # key -> it belongs to T1
 
     def set_capacity(self, capacity: int) -> None:
         self._capacity = capacity
@@ -57,23 +63,44 @@ class ARCPolicy(EvictionPolicy):
             self._t1[key] = None
 
     def on_access(self, key: PageKey) -> None:
+        if key in self._parked:
+            self._parked[key] = False   # a hit: it belongs to T2
+            return
         if self._t1.pop(key, False) is None:
             self._t2[key] = None
         else:
             self._t2.move_to_end(key)
 
     def on_access_run(self, keys: Sequence[PageKey]) -> None:
+        if self._parked:
+            return super().on_access_run(keys)
         # Each hit key ends up in T2, most recent last, in the order of its last hit.
         deque(map(self._t1.pop, keys, repeat(None)), maxlen=0)
         deque(map(self._t2.pop, keys, repeat(None)), maxlen=0)
         self._t2.update(zip(reversed(dict.fromkeys(reversed(keys))), repeat(None)))
 
-    def on_remove(self, key: PageKey) -> None:
+    def park(self, key: PageKey) -> None:
+        """Take ``key`` out of T1/T2 until ``unpark`` (it has a cached child)."""
         if self._t1.pop(key, False) is None:
-            self._b1[key] = None
-        else:
-            del self._t2[key]
-            self._b2[key] = None
+            self._parked[key] = True
+        elif self._t2.pop(key, False) is None:
+            self._parked[key] = False
+
+    def unpark(self, key: PageKey) -> None:
+        """Back at the least recent end of its list."""
+        in_t1 = self._parked.pop(key, None)
+        if in_t1 is not None:
+            queue = self._t1 if in_t1 else self._t2
+            queue[key] = None
+            queue.move_to_end(key, last=False)
+
+    def on_remove(self, key: PageKey) -> None:
+        in_t1 = self._parked.pop(key, None)
+        if in_t1 is None:
+            in_t1 = self._t1.pop(key, False) is None
+            if not in_t1:
+                del self._t2[key]
+        (self._b1 if in_t1 else self._b2)[key] = None
         c = self._c()
         while self._b1 and len(self._t1) + len(self._b1) > c:
             self._b1.popitem(last=False)
@@ -98,4 +125,4 @@ class ARCPolicy(EvictionPolicy):
         return victims
 
     def __len__(self) -> int:
-        return len(self._t1) + len(self._t2)
+        return len(self._t1) + len(self._t2) + len(self._parked)

@@ -1,4 +1,11 @@
-"""Least recently used: evict the page whose last hit or insert is oldest."""
+"""Least recently used: evict the page whose last hit or insert is oldest.
+
+Under the prefix rule (adaptive's leaf guard) a page with a cached child is
+*parked*: out of the order until its last child leaves, then back at the
+oldest end (its last use came before its child's, the oldest leaf's). So an
+eviction never steps past parents: without parking it stepped past every page
+of the oldest chain, thousands on long prompts.
+"""
 
 from __future__ import annotations
 
@@ -16,21 +23,38 @@ class LRUPolicy(EvictionPolicy):
     def __init__(self) -> None:
         # Oldest first; move_to_end on access keeps each operation O(1).
         self._order: OrderedDict[PageKey, None] = OrderedDict()
+        self._parked: set[PageKey] = set()
 
     def on_insert(self, key: PageKey, parent: PageKey | None) -> None:
         self._order[key] = None
 
     def on_access(self, key: PageKey) -> None:
-        self._order.move_to_end(key)
+        if key not in self._parked:
+            self._order.move_to_end(key)
 
     def on_access_run(self, keys: Sequence[PageKey]) -> None:
-        deque(map(self._order.move_to_end, keys), maxlen=0)  # the loop in C
+        order = self._order
+        keys = filter(order.__contains__, keys) if self._parked else keys
+        deque(map(order.move_to_end, keys), maxlen=0)  # the loop in C
+
+    def park(self, key: PageKey) -> None:
+        """Take ``key`` out of the order until ``unpark`` (it has a cached child)."""
+        if self._order.pop(key, False) is None:
+            self._parked.add(key)
+
+    def unpark(self, key: PageKey) -> None:
+        """Back at the oldest end: the next candidate."""
+        if key in self._parked:
+            self._parked.discard(key)
+            self._order[key] = None
+            self._order.move_to_end(key, last=False)
 
     def on_insert_run(self, keys: Sequence[PageKey], parent: PageKey | None) -> None:
         self._order.update(zip(keys, repeat(None)))  # new keys: appended in order
 
     def on_remove(self, key: PageKey) -> None:
-        del self._order[key]
+        if self._order.pop(key, False) is not None:
+            self._parked.remove(key)
 
     def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
         victims: list[PageKey] = []
@@ -44,4 +68,4 @@ class LRUPolicy(EvictionPolicy):
         return []
 
     def __len__(self) -> int:
-        return len(self._order)
+        return len(self._order) + len(self._parked)
