@@ -90,6 +90,7 @@ class DaemonServer:
         self._bad = {}
         self._num_unwatched, self._unwatched_logged_at = 0, float("-inf")
         self._fresh = FreshSessions()   # sessions that sent nothing but Hello (a flood's)
+        self._request_counters: dict[type, object] = {}   # message type -> its requests counter
         # WaitPrefetch requests answered later: (deadline, identity, request_id, id, ticket)
         self._waiters: list[tuple[float, bytes, int, int, object]] = []
 
@@ -334,7 +335,10 @@ class DaemonServer:
         except p.ProtocolError as exc:
             self._count_bad(exc.code)
             return p.ErrorReply(exc.code, str(exc)[:500]), 0
-        self.metrics.requests.labels(type(msg).__name__).inc()
+        counter = self._request_counters.get(type(msg))
+        if counter is None:   # (labels() costs a lock and a tuple per call: once per type)
+            counter = self._request_counters[type(msg)] = self.metrics.requests.labels(type(msg).__name__)
+        counter.inc()
         try:
             if type(msg) is p.Hello:
                 return self._admit(self._hello(msg, peer), identity), request_id

@@ -115,7 +115,9 @@ def _sampled(keys: Sequence[PageKey], start: int, end: int, threshold: int) -> l
     """Positions in [start, end) of the keys with ``key_hash(key) < threshold``,
     hashed as one array when the keys are of one length of at least 8 bytes."""
     chunk = keys[start:end]
-    size = len(chunk[0]) if chunk else 0
+    if len(chunk) < 16:   # a few keys: the arrays' fixed cost is more than hashing them one by one
+        return [start + j for j, key in enumerate(chunk) if key_hash(key) < threshold]
+    size = len(chunk[0])
     joined = b"".join(chunk)
     # Keys of one length (a tier's keys are one digest size; trace keys one counter
     # width). The total is the check: checking each key's length costs more than the

@@ -175,7 +175,7 @@ class PrefixLHDPolicy(EvictionPolicy):
         # uses since the last fit as exact integers: a run of m uses adds m at once,
         # and the fit folds them in, so batched and per-page uses learn the same.
         self._counts = np.zeros((num_classes, _NUM_BUCKETS), dtype=np.float64)
-        self._new_counts = np.zeros((num_classes, _NUM_BUCKETS), dtype=np.int64)
+        self._new_counts = [0] * (num_classes * _NUM_BUCKETS)  # [class * _NUM_BUCKETS + bucket]
         self._censored = [0.0] * num_classes  # left the history without a reuse
         self._new_censored = [0] * num_classes
         self._num_refs = 0.0  # decayed like the counts: the budget's time base
@@ -252,28 +252,39 @@ class PrefixLHDPolicy(EvictionPolicy):
     def on_access_run(self, keys: Sequence[PageKey]) -> None:
         """``on_access`` of each key in order: a step per stretch of keys that lies in
         one run, not per key."""
-        runs, k = self._runs, self._num_classes
+        runs, where, top = self._runs, self._runs.where, self._num_classes - 1
         i, n, previous = 0, len(keys), None
         while i < n:
-            run, p, m = runs.segments(keys, i, n - i)
-            clock = self._clock
-            cls, bucket = run.cls, _bucket(clock + 1 - run.used0 - p)  # one interval for all m
-            run = runs.isolate(run, p, m)
-            run.used0, run.cls = clock + 1, min(cls + 1, k - 1)
+            run, pos = where[keys[i]]
+            p, run_keys = pos - run.base, run.keys
+            m = min(len(run_keys) - p, n - i)
+            if m > 1 and run_keys[p:p + m] != keys[i:i + m]:
+                m = list(map(operator.ne, run_keys[p:p + m], keys[i:i + m])).index(True)
+            clock, cls = self._clock, run.cls
+            bucket = _bucket(clock + 1 - run.used0 - p)  # one interval for all m
+            if p or m < len(run_keys):
+                run = runs.isolate(run, p, m)
+            run.used0, run.cls = clock + 1, cls + 1 if cls < top else top
             if run.parent is not None and run.parent is previous:
                 run = runs.merge_into_parent(run)
-            if not run.children:
-                self._push(run)
+            if not run.children and not self._heap_is_stale:
+                used = clock + m   # the run's tail is the stretch's last page (merged or not)
+                heapq.heappush(self._heap, (used + self._retention[run.cls], used, run.id))
             previous = run
             i += m
-            self._count_uses(cls, bucket, m)
+            if clock + m < self._next_fit:   # (the common case of _count_uses)
+                self._new_counts[cls * _NUM_BUCKETS + bucket] += m
+                self._clock = clock + m
+                self._new_refs += m
+            else:
+                self._count_uses(cls, bucket, m)
 
     def _count_uses(self, cls: int, bucket: int, m: int) -> None:
         """``m`` uses of class ``cls`` pages at one interval bucket, the clock moving past
         them; each fit they cross counts those before it (as uses one at a time would)."""
         while m:
             step = min(m, max(self._next_fit - self._clock, 1))
-            self._new_counts[cls, bucket] += step
+            self._new_counts[cls * _NUM_BUCKETS + bucket] += step
             self._clock += step
             self._new_refs += step
             m -= step
@@ -373,7 +384,7 @@ class PrefixLHDPolicy(EvictionPolicy):
                             new_censored[cls] -= 1
                         else:  # what is left of it decayed away: none now
                             censored[cls], new_censored[cls] = 0.0, 0
-                        new_counts[cls, _bucket(c0 + 1 + j - previous // k)] += 1
+                        new_counts[cls * _NUM_BUCKETS + _bucket(c0 + 1 + j - previous // k)] += 1
                         classes[j] = min(cls + 1, k - 1)
         self._clock = c0 + m
         self._new_refs += m
@@ -427,8 +438,8 @@ class PrefixLHDPolicy(EvictionPolicy):
             scale = self._budget_scale * 2 ** ((0.5 - early) / 4)
             self._budget_scale = min(max(scale, 1 / 16), 16.0)
             self._num_early = self._num_victims = 0
-        self._counts += self._new_counts
-        self._new_counts[:] = 0
+        self._counts += np.array(self._new_counts, dtype=np.float64).reshape(self._counts.shape)
+        self._new_counts = [0] * len(self._new_counts)
         self._censored = [c + new for c, new in zip(self._censored, self._new_censored)]
         self._new_censored = [0] * self._num_classes
         self._num_refs += self._new_refs
