@@ -28,9 +28,9 @@ Two rules hold whatever is followed:
 - **Prefix rule**: only leaves (pages without a cached child) are victims.
   The prefix experts (prefix-lhd, prefix-slru) choose leaves by themselves
   and run bare; the others (LRU, S3-FIFO, ARC) run inside a
-  :class:`_LeafGuard`, which keeps the chain links and shows a page with a
-  cached child as not evictable, so they name their best-ranked leaf and a
-  chain shrinks from its tail.
+  :class:`_LeafGuard`, which keeps the chain links and parks a page in the
+  expert while it has a cached child (out of its queues until its last child
+  leaves), so they rank only leaves and a chain shrinks from its tail.
 - **Leases**: ``is_evictable`` from the index is asked of every victim.
 
 Cost: the live expert's own cost (plus the leaf guard's dict operations

@@ -56,9 +56,16 @@ past like the future) is off:
 Priorities are ``(expiry, last use)``, earliest first, in one heap of the
 leaves, rebuilt under the new ages at every fit. Histograms decay
 by half every 16 fits (8 x capacity references), so the policy follows a
-workload that changes. What it costs: one dict entry per cached or
-remembered page, O(log n) per reference, and every capacity/2 references an
-O(capacity) rebuild of the heap.
+workload that changes.
+
+State per run, not per page (:mod:`kvstore.eviction.use_runs`): the pages of
+a run are chained, were last used at consecutive clocks and share a class, so
+a lookup's stretch through a run is one histogram add of weight m (every page
+of it sees the same interval) and a few assignments; the heap holds a run's
+tail, and eviction trims runs from their tails. What it costs: one dict entry
+per cached or remembered page, a few steps per run a lookup enters, O(log n)
+per victim run, and every capacity/2 references a fit and an O(runs) rebuild
+of the heap.
 """
 
 from __future__ import annotations
