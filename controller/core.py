@@ -208,8 +208,13 @@ class CacheCore:
                     num_hit += self.host.index.match_prefix(keys[first_missing:])
                     self.host.lease(keys[first_missing:num_hit])
             num_pending = 0 if ticket.is_done else ticket.num_pending
-            if wait and num_pending:
+            if wait and not ticket.is_done:
                 ticket.is_claimed = True   # its request goes ahead now: nothing to hold for
+                if not num_pending:
+                    # Every page is up and leased for this lookup; only the prefetch's end
+                    # is left (it releases its own leases then). Wait for it, so that a
+                    # lookup never returns while a finished prefetch still leases pages.
+                    ticket.wait(self.config.l3.timeout_s)
         # Pages of the hit that were in L2 when asked count as L2 hits (a run after a
         # gap too); the rest came up from L3.
         num_l2 = self._num_l2_of(num_hit, first_missing, in_l2_after_gap)

@@ -129,15 +129,20 @@ def fit_retention(counts: list[list[float]], censored: list[float], budget: floa
     first; the step that crosses the budget is taken in proportion to what is
     left. A class with no step taken gets 0 (its pages go first).
     """
+    return spend_budget([_hull_steps(row, cens) for row, cens in zip(counts, censored)], budget)
+
+
+def spend_budget(hulls: list[list[tuple[float, float, float]]], budget: float) -> list[float]:
+    """``fit_retention`` from each class's hull steps (``_hull_steps``)."""
     steps = []
-    for c, (class_counts, class_censored) in enumerate(zip(counts, censored)):
+    for c, hull in enumerate(hulls):
         start = 0.0
-        for cost, hits, age in _hull_steps(class_counts, class_censored):
+        for cost, hits, age in hull:
             if cost > 0:
                 steps.append((hits / cost, cost, c, start, age))
             start = age
     steps.sort(key=lambda s: -s[0])
-    retention = [0.0] * len(counts)
+    retention = [0.0] * len(hulls)
     for _, cost, c, start, age in steps:
         if budget >= cost:
             retention[c] = age
@@ -187,6 +192,8 @@ class PrefixLHDPolicy(EvictionPolicy):
         self._new_censored = [0] * num_classes
         self._num_refs = 0.0  # decayed like the counts: the budget's time base
         self._new_refs = 0
+        self._reset: set[int] = set()   # classes whose censored count was reset since the last fit
+        self._hulls: list[list[tuple[float, float, float]] | None] = [None] * num_classes  # as last fitted
         # Budget feedback: the plan assumes its statistics are the tier's
         # future; where they are off (prefix pinning, drift) victims leave
         # before their expiry (budget too generous) or long after (too
@@ -391,6 +398,7 @@ class PrefixLHDPolicy(EvictionPolicy):
                             new_censored[cls] -= 1
                         else:  # what is left of it decayed away: none now
                             censored[cls], new_censored[cls] = 0.0, 0
+                            self._reset.add(cls)
                         new_counts[cls * _NUM_BUCKETS + _bucket(c0 + 1 + j - previous // k)] += 1
                         classes[j] = min(cls + 1, k - 1)
         self._clock = c0 + m
@@ -445,14 +453,26 @@ class PrefixLHDPolicy(EvictionPolicy):
             scale = self._budget_scale * 2 ** ((0.5 - early) / 4)
             self._budget_scale = min(max(scale, 1 / 16), 16.0)
             self._num_early = self._num_victims = 0
-        self._counts += np.array(self._new_counts, dtype=np.float64).reshape(self._counts.shape)
-        self._new_counts = [0] * len(self._new_counts)
-        self._censored = [c + new for c, new in zip(self._censored, self._new_censored)]
+        # A class whose counts only decayed since the last fit has that fit's hull scaled
+        # by the decay (costs and hits alike: the same steps, in the same order), so
+        # only classes that saw uses, evictions or a reset are fitted afresh.
+        new_counts, new_censored, hulls = self._new_counts, self._new_censored, self._hulls
+        changed = [c in self._reset or bool(new_censored[c])
+                   or any(new_counts[c * _NUM_BUCKETS:(c + 1) * _NUM_BUCKETS])
+                   for c in range(self._num_classes)]
+        self._counts += np.array(new_counts, dtype=np.float64).reshape(self._counts.shape)
+        self._new_counts = [0] * len(new_counts)
+        self._censored = [c + new for c, new in zip(self._censored, new_censored)]
         self._new_censored = [0] * self._num_classes
+        self._reset = set()
         self._num_refs += self._new_refs
         self._new_refs = 0
-        self._retention = fit_retention(self._counts.tolist(), self._censored,
-                                        self._budget_scale * self._capacity * self._num_refs)
+        for c, fresh in enumerate(changed):
+            if fresh or hulls[c] is None:
+                hulls[c] = _hull_steps(self._counts[c].tolist(), self._censored[c])
+            else:
+                hulls[c] = [(cost * _DECAY, hits * _DECAY, age) for cost, hits, age in hulls[c]]
+        self._retention = spend_budget(hulls, self._budget_scale * self._capacity * self._num_refs)
         self._counts *= _DECAY
         self._censored = [c * _DECAY for c in self._censored]
         self._num_refs *= _DECAY

@@ -7,6 +7,7 @@ one at a time. A chain used again and again settles into one run."""
 
 from collections import OrderedDict
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from kvstore.eviction.prefix_lhd import PrefixLHDPolicy
@@ -172,3 +173,47 @@ def test_a_leased_leaf_keeps_its_parent_from_being_a_victim():
     assert policy.num_runs == 2
     assert policy.choose_victims(1, lambda k: k != b) == []
     assert policy.choose_victims(2, lambda k: True) == [b, a]
+
+
+class _EveryClass:
+    def __contains__(self, item) -> bool:
+        return True
+
+
+class _FitsEveryClassAfresh(PrefixLHDPolicy):
+    """The same policy with no hull reused: every fit computes every class's hull."""
+
+    def _fit(self) -> None:
+        self._reset = _EveryClass()
+        super()._fit()
+
+
+def test_a_fit_that_reuses_unchanged_classes_hulls_fits_what_a_full_fit_does():
+    import random
+
+    rnd = random.Random(5)
+    reused, fresh = PrefixLHDPolicy(), _FitsEveryClassAfresh()
+    retentions = []
+    for policy in (reused, fresh):
+        policy.set_capacity(64)
+    chains = [[key(1000 * c + i) for i in range(24)] for c in range(6)]
+    for chain in chains[:2]:
+        for policy in (reused, fresh):
+            policy.on_insert_run(chain, None)
+    for step in range(3000):   # the same two prompts again and again: most classes see nothing new
+        chain = chains[step % 2] if step % 50 else chains[2 + step // 50 % 4]
+        for policy in (reused, fresh):
+            num_hit = next((i for i, k in enumerate(chain) if k not in policy._runs), len(chain))
+            if num_hit:
+                policy.on_access_run(chain[:num_hit])
+            rest = chain[num_hit:]
+            if rest:
+                while len(policy) + len(rest) > 64:
+                    policy.on_remove_many(policy.choose_victims(1, lambda k: True))
+                policy.on_insert_run(rest, chain[num_hit - 1] if num_hit else None)
+        if rnd.random() < 0.01:
+            retentions.append((reused.retention, fresh.retention))
+    assert len(retentions) > 10
+    for a, b in retentions:
+        assert a == pytest.approx(b, rel=1e-9)
+    assert reused.choose_victims(16, lambda k: True) == fresh.choose_victims(16, lambda k: True)
