@@ -29,6 +29,8 @@ import logging
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from itertools import compress
+from operator import not_
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -381,9 +383,12 @@ class CacheCore:
         """Reserve slots for the pages of a chain that L2 lacks; present ones count as hits."""
         self.check_open()
         with self.lock:
-            present = self.host.index.get_many(keys)
-            absent = [i for i, slot in enumerate(present) if slot is None]
-            self.host.touch([k for k, slot in zip(keys, present) if slot is not None])
+            present = self.host.index.contains_many(keys)
+            if any(present):
+                self.host.touch(list(compress(keys, present)))
+                absent = list(compress(range(len(keys)), map(not_, present)))
+            else:   # (the common case: a new chain, no step per page)
+                absent = list(range(len(keys)))
             slots = self.reserve_up_to(len(absent)) if absent else []
         return StorePlan(tuple(absent[: len(slots)]), tuple(slots), len(absent) - len(slots))
 
@@ -393,18 +398,23 @@ class CacheCore:
         A page that another store published meanwhile keeps that copy, and this
         slot goes back to the pool."""
         with self.lock:
-            wanted = [keys[p] for p in plan.positions]
-            taken = self.host.index.contains_many(wanted)   # published meanwhile by another store
-            fresh = [(p, s) for p, s, t in zip(plan.positions, plan.slots, taken) if not t]
-            if len(fresh) < len(wanted):
-                self.host.abort([s for s, t in zip(plan.slots, taken) if t])
-            if not fresh:
+            positions, slots = list(plan.positions), list(plan.slots)
+            new_keys = list(map(keys.__getitem__, positions))
+            taken = self.host.index.contains_many(new_keys)   # published meanwhile by another store
+            if any(taken):
+                self.host.abort(list(compress(slots, taken)))
+                kept = list(map(not_, taken))
+                positions, slots = list(compress(positions, kept)), list(compress(slots, kept))
+                new_keys = list(compress(new_keys, kept))
+            if not new_keys:
                 return 0
-            new_keys = [keys[p] for p, _ in fresh]
-            self.host.commit(new_keys, [s for _, s in fresh], [keys[p - 1] if p else None for p, _ in fresh])
+            parents = [keys[p - 1] if p else None for p in positions] \
+                if positions[-1] - positions[0] != len(positions) - 1 \
+                else [keys[positions[0] - 1] if positions[0] else None, *new_keys[:-1]]  # one stretch
+            self.host.commit(new_keys, slots, parents)
             self._stats.num_stored_pages += len(new_keys)
             if self._backup is not None:
-                depths = [p for p, _ in fresh]
+                depths = positions
                 self._due.update(zip(new_keys, depths))
                 if self.config.l3.write_policy == "write_through":
                     self._backup.add_resident(new_keys, depths)
@@ -420,6 +430,8 @@ class CacheCore:
         """Due pages leaving L2 are copied out for the backup queue (their slots are
         reused at once); what does not fit in its memory is dropped and counted."""
         self._stats.num_evicted_pages += len(keys)
+        if self._due.keys().isdisjoint(keys):
+            return
         due = [(k, s) for k, s in zip(keys, slots) if k in self._due]
         if not due:
             return

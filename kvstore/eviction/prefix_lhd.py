@@ -311,6 +311,7 @@ class PrefixLHDPolicy(EvictionPolicy):
     def on_remove_many(self, keys: Sequence[PageKey]) -> None:
         """``on_remove`` of each key in order; where the keys walk a run back from its tail
         (an eviction's victims), the run is trimmed at once."""
+        keys = keys if isinstance(keys, list) else list(keys)   # (list slices compare with lists)
         runs = self._runs
         i, n = 0, len(keys)
         while i < n:
@@ -347,6 +348,7 @@ class PrefixLHDPolicy(EvictionPolicy):
         one earlier, its class the same) until one is leased; a run given up whole
         makes its parent run a candidate once all of the parent's children are."""
         heap, runs, retention = self._heap, self._runs.runs, self._retention
+        count_leading = getattr(is_evictable, "count_leading", None)   # a run's pages at once
         extra: list[tuple[float, int, int]] = []  # parent runs freed by earlier victims
         popped, victims, seen = [], [], set()
         children_left: dict[int, int] = {}
@@ -366,9 +368,17 @@ class PrefixLHDPolicy(EvictionPolicy):
             seen.add(run_id)
             keys = run.keys
             j = len(keys) - 1
-            while j >= 0 and len(victims) < n and is_evictable(keys[j]):
-                victims.append(keys[j])
-                j -= 1
+            if count_leading is not None and n - len(victims) > 1:
+                want = min(n - len(victims), j + 1)
+                tail = keys[j - want + 1:j + 1]
+                tail.reverse()   # the tail first
+                ok = count_leading(tail)
+                victims += tail[:ok]
+                j -= ok
+            else:
+                while j >= 0 and len(victims) < n and is_evictable(keys[j]):
+                    victims.append(keys[j])
+                    j -= 1
             parent = run.parent
             if j < 0 and parent is not None:
                 left = children_left[parent.id] = children_left.get(parent.id, len(parent.children)) - 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from itertools import compress
-from operator import ne
+from operator import itemgetter, ne
 from typing import Callable, Sequence
 
 import numpy as np
@@ -65,8 +65,7 @@ class HostStore:
             victims = self.index.evict(shortfall)
             if not victims:
                 return None
-            keys = [k for k, _ in victims]
-            slots = [s for _, s in victims]
+            keys, slots = list(map(itemgetter(0), victims)), list(map(itemgetter(1), victims))
             self.observer.removed(keys)
             try:
                 self.on_evict(keys, slots)
@@ -84,7 +83,7 @@ class HostStore:
             if not victims:
                 n //= 2   # fewer unleased pages than asked: take what there is
                 continue
-            keys, slots = [k for k, _ in victims], [s for _, s in victims]
+            keys, slots = list(map(itemgetter(0), victims)), list(map(itemgetter(1), victims))
             self.observer.removed(keys)
             try:
                 self.on_evict(keys, slots)

@@ -34,6 +34,7 @@ Python work follows the number of runs on the path, not the pages.
 from __future__ import annotations
 
 import operator
+from collections import deque
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -203,6 +204,7 @@ class RunTree:
         run back from its tail (an eviction peeling a chain: tail, then the page before
         it, ...), the run is trimmed at once instead of page by page; the result is
         what ``remove`` per key leaves, entries freed in the same order."""
+        keys = keys if isinstance(keys, list) else list(keys)   # (list slices compare with lists)
         entry_of, run_id, pos, runs = self.entry_of, self._run_id, self._pos, self._runs
         freed: list[int] = []
         i, n = 0, len(keys)
@@ -212,18 +214,19 @@ class RunTree:
             run = runs[int(run_id[e])]
             p = int(pos[e]) - run.base
             m = 1
-            if p == len(run.keys) - 1:   # the tail: how many of the next keys are the pages before it
-                run_keys = run.keys
-                while m <= p and i + m < n and keys[i + m] == run_keys[p - m]:
-                    m += 1
+            if p == len(run.keys) - 1 and i + 1 < n:   # the tail: how many next keys are the pages before it
+                m = min(p + 1, n - i)
+                behind = run.keys[p - m + 1:p + 1]
+                behind.reverse()
+                if behind != keys[i:i + m]:   # (one C-level compare in the common case)
+                    m = list(map(operator.ne, behind, keys[i:i + m])).index(True)
             freed.append(self.remove(key))   # the tail goes as remove does it (its children wait)
             if m > 1:   # then run.keys[p - m + 1 : p] go, last first; none has other children
                 cut = p - m + 1
                 gone = run.keys[cut:]
                 entries = run.buf[cut:len(run.keys)].tolist()[::-1]
                 del run.keys[cut:]
-                for k in gone:
-                    del entry_of[k]
+                deque(map(entry_of.__delitem__, gone), maxlen=0)   # the loop in C
                 self._free_entries.extend(entries)
                 freed.extend(entries)
                 if not run.keys:

@@ -31,6 +31,25 @@ _ONE = np.int32(1)
 _NO_SLOTS = np.zeros(0, dtype=np.int64)
 
 
+class _Unleased:
+    """``is_evictable`` for the policy: a page without a lease. ``count_leading`` checks
+    a run of pages at once (a policy that trims a run from its tail asks it)."""
+
+    __slots__ = ("_entry_of", "_leases")
+
+    def __init__(self, entry_of: dict, leases: np.ndarray) -> None:
+        self._entry_of, self._leases = entry_of, leases
+
+    def __call__(self, key: PageKey) -> bool:
+        return not self._leases[self._entry_of[key]]
+
+    def count_leading(self, keys: Sequence[PageKey]) -> int:
+        """How many of ``keys``, from the first, hold no lease."""
+        entries = np.fromiter(map(self._entry_of.__getitem__, keys), dtype=np.int64, count=len(keys))
+        leased = np.flatnonzero(self._leases[entries])
+        return int(leased[0]) if len(leased) else len(keys)
+
+
 class TierIndexError(RuntimeError):
     """An index operation broke its rules (duplicate insert, full index, leased removal)."""
 
@@ -177,7 +196,7 @@ class TierIndex:
             return []
         tree = self._tree
         entry_of, leases = tree.entry_of, self._leases
-        victims = self.policy.choose_victims(n, lambda k: not leases[entry_of[k]])
+        victims = self.policy.choose_victims(n, _Unleased(entry_of, leases))
         if len(victims) != n:
             return []
         if n == 1 or len(set(victims)) != n:   # one page (a replay's miss): no batch to make

@@ -78,6 +78,19 @@ class PerPageModel:
         return out
 
 
+class NotLeased:
+    """``is_evictable`` with the index's bulk check, ``count_leading``."""
+
+    def __init__(self, leased: set[bytes]) -> None:
+        self.leased = leased
+
+    def __call__(self, key_: bytes) -> bool:
+        return key_ not in self.leased
+
+    def count_leading(self, keys: list[bytes]) -> int:
+        return next((i for i, k in enumerate(keys) if k in self.leased), len(keys))
+
+
 def policy_state(policy: PrefixLHDPolicy) -> dict[bytes, tuple[int, int]]:
     runs = policy._runs
     return {key_: (run.used0 + pos - run.base, run.cls) for key_, (run, pos) in runs.where.items()}
@@ -135,7 +148,8 @@ def test_runs_keep_every_pages_state_as_the_per_page_rules_do(ops, capacity):
                 if pick % 5 == 0:   # pages inside the chain leased, not only its front
                     leased.update(hit[-n:])
         elif op == "evict" and cached:
-            evictable = lambda k: k not in leased   # noqa: E731
+            # as the index gives it: a page check, and (every other time) a run's check at once
+            evictable = NotLeased(leased) if pick % 2 else (lambda k: k not in leased)
             victims = policy.choose_victims(n, evictable)
             assert victims == model.victims(n, policy.retention, evictable)
             assert policy.choose_victims(n, evictable) == victims   # changes nothing
@@ -217,3 +231,14 @@ def test_a_fit_that_reuses_unchanged_classes_hulls_fits_what_a_full_fit_does():
     for a, b in retentions:
         assert a == pytest.approx(b, rel=1e-9)
     assert reused.choose_victims(16, lambda k: True) == fresh.choose_victims(16, lambda k: True)
+
+
+def test_a_run_is_trimmed_up_to_its_first_leased_page_from_the_tail():
+    policy = PrefixLHDPolicy()
+    policy.set_capacity(64)
+    chain = [key(i) for i in range(10)]
+    policy.on_insert_run(chain, None)
+    for evictable in (NotLeased({chain[6]}), lambda k: k != chain[6]):
+        # the tail down to page 7 goes; page 6 is leased, so 6 and its parents stay
+        assert policy.choose_victims(3, evictable) == [chain[9], chain[8], chain[7]]
+        assert policy.choose_victims(4, evictable) == []
