@@ -261,7 +261,22 @@ class PrefixLHDPolicy(EvictionPolicy):
         self._runs.link(child, parent)
 
     def on_access(self, key: PageKey) -> None:
-        self.on_access_run((key,))
+        run = self._runs.where[key][0]
+        if len(run.keys) != 1:
+            return self.on_access_run((key,))
+        # A run of one page (the miniatures' and a replay's common case): on_access_run's
+        # steps without a split or a merge to consider.
+        clock, cls, top = self._clock, run.cls, self._num_classes - 1
+        bucket = _bucket(clock + 1 - run.used0)
+        run.used0, run.cls = clock + 1, cls + 1 if cls < top else top
+        if not run.children and not self._heap_is_stale:
+            heapq.heappush(self._heap, (clock + 1 + self._retention[run.cls], clock + 1, run.id))
+        if clock + 1 < self._next_fit:
+            self._new_counts[cls * _NUM_BUCKETS + bucket] += 1
+            self._clock = clock + 1
+            self._new_refs += 1
+        else:
+            self._count_uses(cls, bucket, 1)
 
     def on_access_run(self, keys: Sequence[PageKey]) -> None:
         """``on_access`` of each key in order: a step per stretch of keys that lies in
