@@ -386,9 +386,7 @@ class CacheCore:
             present = self.host.index.contains_many(keys)
             if any(present):
                 self.host.touch(list(compress(keys, present)))
-                absent = list(compress(range(len(keys)), map(not_, present)))
-            else:   # (the common case: a new chain, no step per page)
-                absent = list(range(len(keys)))
+            absent = list(compress(range(len(keys)), map(not_, present)))
             slots = self.reserve_up_to(len(absent)) if absent else []
         return StorePlan(tuple(absent[: len(slots)]), tuple(slots), len(absent) - len(slots))
 
@@ -408,16 +406,12 @@ class CacheCore:
                 new_keys = list(compress(new_keys, kept))
             if not new_keys:
                 return 0
-            parents = [keys[p - 1] if p else None for p in positions] \
-                if positions[-1] - positions[0] != len(positions) - 1 \
-                else [keys[positions[0] - 1] if positions[0] else None, *new_keys[:-1]]  # one stretch
-            self.host.commit(new_keys, slots, parents)
+            self.host.commit(new_keys, slots, [keys[p - 1] if p else None for p in positions])
             self._stats.num_stored_pages += len(new_keys)
             if self._backup is not None:
-                depths = positions
-                self._due.update(zip(new_keys, depths))
+                self._due.update(zip(new_keys, positions))   # a page's depth is its position
                 if self.config.l3.write_policy == "write_through":
-                    self._backup.add_resident(new_keys, depths)
+                    self._backup.add_resident(new_keys, positions)
             return len(new_keys)
 
     def abort_store(self, plan: StorePlan) -> None:

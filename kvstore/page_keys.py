@@ -13,6 +13,7 @@ forging a collision with another's pages. Partial last pages get no key.
 from __future__ import annotations
 
 import hashlib
+import operator
 import threading
 from dataclasses import dataclass
 from typing import Sequence
@@ -227,3 +228,25 @@ class PageKeyCache:
         total = sum(len(p.keys) for p in prompts)
         while prompts and (len(prompts) > self.max_prompts or total > self.max_pages):
             total -= len(prompts.pop(0).keys)
+
+
+def num_matching(run: list[PageKey], p: int, keys: list[PageKey], i: int) -> int:
+    """How many of ``keys[i:]`` are ``run[p]``, ``run[p + 1]``, ... in that order: a
+    lookup's stretch through a run of chained pages (at least 1: ``keys[i]`` must be
+    ``run[p]``). One C-level compare when the whole stretch matches."""
+    m = min(len(run) - p, len(keys) - i)
+    if m > 1 and run[p:p + m] != keys[i:i + m]:
+        m = list(map(operator.ne, run[p:p + m], keys[i:i + m])).index(True)
+    return m
+
+
+def num_walked_back(run: list[PageKey], p: int, keys: list[PageKey], i: int) -> int:
+    """How many of ``keys[i:]`` are ``run[p]``, ``run[p - 1]``, ... in that order: an
+    eviction's victims peeling a run of chained pages from ``run[p]`` back (at least 1:
+    ``keys[i]`` must be ``run[p]``). One C-level compare when the whole stretch matches."""
+    m = min(p + 1, len(keys) - i)
+    behind = run[p - m + 1:p + 1]
+    behind.reverse()
+    if behind == keys[i:i + m]:
+        return m
+    return list(map(operator.ne, behind, keys[i:i + m])).index(True)

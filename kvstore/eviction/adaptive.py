@@ -115,13 +115,12 @@ def _sampled(keys: Sequence[PageKey], start: int, end: int, threshold: int) -> l
     """Positions in [start, end) of the keys with ``key_hash(key) < threshold``,
     hashed as one array when the keys are of one length of at least 8 bytes."""
     chunk = keys[start:end]
-    if len(chunk) < 16:   # a few keys: the arrays' fixed cost is more than hashing them one by one
-        return [start + j for j, key in enumerate(chunk) if key_hash(key) < threshold]
-    size = len(chunk[0])
-    joined = b"".join(chunk)
-    # Keys of one length (a tier's keys are one digest size; trace keys one counter
+    size = len(chunk[0]) if chunk else 0
+    # As arrays for 16 keys or more (below, their fixed cost is more than hashing one by
+    # one) of one length (a tier's keys are one digest size; trace keys one counter
     # width). The total is the check: checking each key's length costs more than the
     # hashing, and keys of mixed lengths that add up exactly only sample other keys.
+    joined = b"".join(chunk) if len(chunk) >= 16 else b""
     if size < 8 or len(joined) != size * len(chunk):
         return [start + j for j, key in enumerate(chunk) if key_hash(key) < threshold]
     if size % 8 == 0:  # each key's first 8 bytes, as a strided view: int.from_bytes(key[:8], "little")

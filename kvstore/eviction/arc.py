@@ -14,9 +14,9 @@ coming, so the adaptation happens in ``on_insert``, one step after the
 original's REPLACE; the ordering inside each list is the paper's.
 
 Under the prefix rule (adaptive's leaf guard) a page with a cached child is
-*parked*: out of T1/T2 until its last child leaves, then back at its list's
-least recent end (a hit while parked moves it to T2). Eviction then never
-steps past parents.
+parked (:mod:`kvstore.eviction.parking`): out of T1/T2 until its last child
+leaves, then back at its list's least recent end (a hit while parked moves it
+to T2).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from itertools import repeat
 from typing import Callable, Sequence
 
 from kvstore.eviction.base import EvictionPolicy
+from kvstore.eviction.parking import park, unpark
 from kvstore.page_keys import PageKey
 
 _Queue = OrderedDict  # key -> None, least recent first
@@ -41,7 +42,7 @@ class ARCPolicy(EvictionPolicy):
         self._t2: _Queue[PageKey, None] = OrderedDict()
         self._b1: _Queue[PageKey, None] = OrderedDict()
         self._b2: _Queue[PageKey, None] = OrderedDict()
-        self._parked: dict[PageKey, bool] = {}  # key -> it belongs to T1
+        self._parked: dict[PageKey, int] = {}  # key -> its list: 0 T1, 1 T2
 
     def set_capacity(self, capacity: int) -> None:
         self._capacity = capacity
@@ -64,7 +65,7 @@ class ARCPolicy(EvictionPolicy):
 
     def on_access(self, key: PageKey) -> None:
         if key in self._parked:
-            self._parked[key] = False   # a hit: it belongs to T2
+            self._parked[key] = 1   # a hit: it belongs to T2
             return
         if self._t1.pop(key, False) is None:
             self._t2[key] = None
@@ -80,27 +81,18 @@ class ARCPolicy(EvictionPolicy):
         self._t2.update(zip(reversed(dict.fromkeys(reversed(keys))), repeat(None)))
 
     def park(self, key: PageKey) -> None:
-        """Take ``key`` out of T1/T2 until ``unpark`` (it has a cached child)."""
-        if self._t1.pop(key, False) is None:
-            self._parked[key] = True
-        elif self._t2.pop(key, False) is None:
-            self._parked[key] = False
+        park(key, (self._t1, self._t2), self._parked)
 
     def unpark(self, key: PageKey) -> None:
-        """Back at the least recent end of its list."""
-        in_t1 = self._parked.pop(key, None)
-        if in_t1 is not None:
-            queue = self._t1 if in_t1 else self._t2
-            queue[key] = None
-            queue.move_to_end(key, last=False)
+        unpark(key, (self._t1, self._t2), self._parked)
 
     def on_remove(self, key: PageKey) -> None:
-        in_t1 = self._parked.pop(key, None)
-        if in_t1 is None:
-            in_t1 = self._t1.pop(key, False) is None
-            if not in_t1:
+        queue = self._parked.pop(key, None)
+        if queue is None:
+            queue = 0 if self._t1.pop(key, False) is None else 1
+            if queue:
                 del self._t2[key]
-        (self._b1 if in_t1 else self._b2)[key] = None
+        (self._b2 if queue else self._b1)[key] = None
         c = self._c()
         while self._b1 and len(self._t1) + len(self._b1) > c:
             self._b1.popitem(last=False)

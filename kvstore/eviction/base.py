@@ -27,6 +27,9 @@ class EvictionPolicy(ABC):
       eviction reorders its own queues (S3-FIFO promotes, CLOCK advances its
       hand) may do that reordering here, but a second call with nothing
       between returns the same victims.
+    - ``is_evictable`` may also offer ``count_leading(keys)``: how many of ``keys``,
+      from the first, are evictable, in one call (the index's does). A policy that
+      trims a run of pages may use it; per-key calls mean the same.
     - ``set_capacity`` is called once by the index before any other call;
       policies that size internal queues or ghost lists by the tier's
       capacity use it, others ignore it.

@@ -1,10 +1,8 @@
 """Least recently used: evict the page whose last hit or insert is oldest.
 
 Under the prefix rule (adaptive's leaf guard) a page with a cached child is
-*parked*: out of the order until its last child leaves, then back at the
-oldest end (its last use came before its child's, the oldest leaf's). So an
-eviction never steps past parents: without parking it stepped past every page
-of the oldest chain, thousands on long prompts.
+parked (:mod:`kvstore.eviction.parking`): back at the oldest end when its last
+child leaves, since its last use came before its child's, the oldest leaf's.
 """
 
 from __future__ import annotations
@@ -14,6 +12,7 @@ from itertools import repeat
 from typing import Callable, Sequence
 
 from kvstore.eviction.base import EvictionPolicy
+from kvstore.eviction.parking import park, unpark
 from kvstore.page_keys import PageKey
 
 
@@ -23,7 +22,7 @@ class LRUPolicy(EvictionPolicy):
     def __init__(self) -> None:
         # Oldest first; move_to_end on access keeps each operation O(1).
         self._order: OrderedDict[PageKey, None] = OrderedDict()
-        self._parked: set[PageKey] = set()
+        self._parked: dict[PageKey, int] = {}   # see kvstore.eviction.parking
 
     def on_insert(self, key: PageKey, parent: PageKey | None) -> None:
         self._order[key] = None
@@ -38,23 +37,17 @@ class LRUPolicy(EvictionPolicy):
         deque(map(order.move_to_end, keys), maxlen=0)  # the loop in C
 
     def park(self, key: PageKey) -> None:
-        """Take ``key`` out of the order until ``unpark`` (it has a cached child)."""
-        if self._order.pop(key, False) is None:
-            self._parked.add(key)
+        park(key, (self._order,), self._parked)
 
     def unpark(self, key: PageKey) -> None:
-        """Back at the oldest end: the next candidate."""
-        if key in self._parked:
-            self._parked.discard(key)
-            self._order[key] = None
-            self._order.move_to_end(key, last=False)
+        unpark(key, (self._order,), self._parked)
 
     def on_insert_run(self, keys: Sequence[PageKey], parent: PageKey | None) -> None:
         self._order.update(zip(keys, repeat(None)))  # new keys: appended in order
 
     def on_remove(self, key: PageKey) -> None:
         if self._order.pop(key, False) is not None:
-            self._parked.remove(key)
+            del self._parked[key]
 
     def choose_victims(self, n: int, is_evictable: Callable[[PageKey], bool]) -> list[PageKey]:
         victims: list[PageKey] = []

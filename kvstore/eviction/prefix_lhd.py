@@ -72,16 +72,16 @@ from __future__ import annotations
 
 import heapq
 import math
-import operator
 from collections import OrderedDict
 from itertools import repeat
+from operator import itemgetter
 from typing import Callable, Sequence
 
 import numpy as np
 
 from kvstore.eviction.base import EvictionPolicy
 from kvstore.eviction.use_runs import UseRun, UseRuns
-from kvstore.page_keys import PageKey
+from kvstore.page_keys import PageKey, num_matching, num_walked_back
 
 _BUCKETS_PER_OCTAVE = 4
 _NUM_BUCKETS = 40 * _BUCKETS_PER_OCTAVE  # intervals up to 2**40 references
@@ -226,7 +226,7 @@ class PrefixLHDPolicy(EvictionPolicy):
     def pages_by_recency(self) -> list[tuple[PageKey, PageKey | None]]:
         """(page, cached parent or None) of every cached page, least recently used
         first. Changes nothing."""
-        return [(key, parent) for _, key, parent in sorted(self._runs.iter_pages(), key=_first)]
+        return [(key, parent) for _, key, parent in sorted(self._runs.iter_pages(), key=itemgetter(0))]
 
     def check(self) -> str | None:
         """What is inconsistent in the runs, or None. O(pages); for tests."""
@@ -234,15 +234,7 @@ class PrefixLHDPolicy(EvictionPolicy):
 
     # ---- EvictionPolicy ------------------------------------------------------
     def on_insert(self, key: PageKey, parent: PageKey | None) -> None:
-        if self._ghost and key in self._ghost:
-            return self._insert_segment([key], parent)
-        used = self._clock = self._clock + 1
-        self._new_refs += 1
-        run = self._runs.add_one(key, parent, used, 0)
-        if not self._heap_is_stale:  # (the push of _push, inline: one page at a time is the replay's case)
-            heapq.heappush(self._heap, (used + self._retention[0], used, run.id))
-        if used >= self._next_fit:
-            self._fit()
+        self._insert_segment([key], parent)
 
     def on_insert_run(self, keys: Sequence[PageKey], parent: PageKey | None) -> None:
         """``on_insert`` of each key in order (each under the one before): one run per
@@ -261,52 +253,30 @@ class PrefixLHDPolicy(EvictionPolicy):
         self._runs.link(child, parent)
 
     def on_access(self, key: PageKey) -> None:
-        run = self._runs.where[key][0]
-        if len(run.keys) != 1:
-            return self.on_access_run((key,))
-        # A run of one page (the miniatures' and a replay's common case): on_access_run's
-        # steps without a split or a merge to consider.
-        clock, cls, top = self._clock, run.cls, self._num_classes - 1
-        bucket = _bucket(clock + 1 - run.used0)
-        run.used0, run.cls = clock + 1, cls + 1 if cls < top else top
-        if not run.children and not self._heap_is_stale:
-            heapq.heappush(self._heap, (clock + 1 + self._retention[run.cls], clock + 1, run.id))
-        if clock + 1 < self._next_fit:
-            self._new_counts[cls * _NUM_BUCKETS + bucket] += 1
-            self._clock = clock + 1
-            self._new_refs += 1
-        else:
-            self._count_uses(cls, bucket, 1)
+        self.on_access_run([key])
 
     def on_access_run(self, keys: Sequence[PageKey]) -> None:
         """``on_access`` of each key in order: a step per stretch of keys that lies in
         one run, not per key."""
+        keys = keys if isinstance(keys, list) else list(keys)   # (list slices compare with lists)
         runs, where, top = self._runs, self._runs.where, self._num_classes - 1
         i, n, previous = 0, len(keys), None
         while i < n:
             run, pos = where[keys[i]]
-            p, run_keys = pos - run.base, run.keys
-            m = min(len(run_keys) - p, n - i)
-            if m > 1 and run_keys[p:p + m] != keys[i:i + m]:
-                m = list(map(operator.ne, run_keys[p:p + m], keys[i:i + m])).index(True)
+            p = pos - run.base
+            m = num_matching(run.keys, p, keys, i)
             clock, cls = self._clock, run.cls
             bucket = _bucket(clock + 1 - run.used0 - p)  # one interval for all m
-            if p or m < len(run_keys):
+            if p or m < len(run.keys):
                 run = runs.isolate(run, p, m)
             run.used0, run.cls = clock + 1, cls + 1 if cls < top else top
             if run.parent is not None and run.parent is previous:
                 run = runs.merge_into_parent(run)
-            if not run.children and not self._heap_is_stale:
-                used = clock + m   # the run's tail is the stretch's last page (merged or not)
-                heapq.heappush(self._heap, (used + self._retention[run.cls], used, run.id))
+            if not run.children:
+                self._push(run)   # (its tail is the stretch's last page, merged or not)
             previous = run
             i += m
-            if clock + m < self._next_fit:   # (the common case of _count_uses)
-                self._new_counts[cls * _NUM_BUCKETS + bucket] += m
-                self._clock = clock + m
-                self._new_refs += m
-            else:
-                self._count_uses(cls, bucket, m)
+            self._count_uses(cls, bucket, m)
 
     def _count_uses(self, cls: int, bucket: int, m: int) -> None:
         """``m`` uses of class ``cls`` pages at one interval bucket, the clock moving past
@@ -333,11 +303,7 @@ class PrefixLHDPolicy(EvictionPolicy):
             run, p = runs.place(keys[i])
             m = 1
             if p == len(run.keys) - 1 and i + 1 < n:
-                m = min(p + 1, n - i)
-                behind = run.keys[p - m + 1:p + 1]
-                behind.reverse()
-                if behind != keys[i:i + m]:
-                    m = list(map(operator.ne, behind, keys[i:i + m])).index(True)
+                m = num_walked_back(run.keys, p, keys, i)
                 self._trim(run, m)
             else:
                 self._trim(runs.make_tail(keys[i]), 1)
@@ -454,12 +420,8 @@ class PrefixLHDPolicy(EvictionPolicy):
         self._new_censored[cls] += m  # until they come back (see _insert_segment)
         gone, leaf = self._runs.trim(run, m)
         if self._ghost_limit:
-            ghost = self._ghost
-            if m == 1:
-                ghost[gone[0]] = first_used * k + cls
-            else:
-                last_used = first_used + m - 1
-                ghost.update(zip(gone, range(last_used * k + cls, (first_used - 1) * k + cls, -k)))
+            ghost, last_used = self._ghost, first_used + m - 1
+            ghost.update(zip(gone, range(last_used * k + cls, (first_used - 1) * k + cls, -k)))
             for _ in range(len(ghost) - self._ghost_limit):
                 ghost.popitem(last=False)
         if leaf is not None:
@@ -512,7 +474,3 @@ class PrefixLHDPolicy(EvictionPolicy):
         heapq.heapify(heap)
         self._heap = heap
         self._heap_is_stale = False
-
-
-def _first(item: tuple) -> int:
-    return item[0]

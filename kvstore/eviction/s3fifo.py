@@ -13,8 +13,8 @@ reinserted with one hit fewer, so most one-hit pages leave after one pass
 through the small queue without flushing the pages that are reused.
 
 Under the prefix rule (adaptive's leaf guard) a page with a cached child is
-*parked*: out of its queue until its last child leaves, then back at that
-queue's oldest end, so it is looked at next. Without parking each eviction
+parked (:mod:`kvstore.eviction.parking`): out of its queue until its last
+child leaves, then back at that queue's oldest end. Without parking each eviction
 stepped past every parent in main, tens of thousands of pages in a large tier
 of long prompts (a store of 128 pages took ~110 ms at 32,768 pages).
 
@@ -29,6 +29,7 @@ from collections import OrderedDict
 from typing import Callable, Sequence
 
 from kvstore.eviction.base import EvictionPolicy
+from kvstore.eviction.parking import park, unpark
 from kvstore.page_keys import PageKey
 
 _MAX_FREQ = 3
@@ -47,7 +48,7 @@ class S3FIFOPolicy(EvictionPolicy):
         self._main: OrderedDict[PageKey, None] = OrderedDict()
         self._ghost: OrderedDict[PageKey, None] = OrderedDict()
         self._freq: dict[PageKey, int] = {}
-        self._parked: dict[PageKey, bool] = {}  # key -> it was in the small queue
+        self._parked: dict[PageKey, int] = {}  # key -> its queue: 0 small, 1 main
 
     def set_capacity(self, capacity: int) -> None:
         self._capacity = capacity
@@ -73,25 +74,16 @@ class S3FIFOPolicy(EvictionPolicy):
         freq.update(zip(keys, map(_BUMPED.__getitem__, map(freq.__getitem__, keys))))
 
     def park(self, key: PageKey) -> None:
-        """Take ``key`` out of its queue until ``unpark`` (it has a cached child)."""
-        if self._small.pop(key, False) is None:
-            self._parked[key] = True
-        elif self._main.pop(key, False) is None:
-            self._parked[key] = False
+        park(key, (self._small, self._main), self._parked)
 
     def unpark(self, key: PageKey) -> None:
-        """Back at the oldest end of its queue: looked at next."""
-        was_small = self._parked.pop(key, None)
-        if was_small is not None:
-            queue = self._small if was_small else self._main
-            queue[key] = None
-            queue.move_to_end(key, last=False)
+        unpark(key, (self._small, self._main), self._parked)
 
     def on_remove(self, key: PageKey) -> None:
         del self._freq[key]
-        was_small = self._parked.pop(key, None)
-        if was_small is not None:
-            if was_small:
+        queue = self._parked.pop(key, None)
+        if queue is not None:
+            if queue == 0:   # small: its key becomes a ghost, as below
                 self._remember(key)
             return
         if self._small.pop(key, False) is None:

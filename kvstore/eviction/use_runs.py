@@ -24,7 +24,6 @@ split or merge re-points only the keys of the smaller part.
 
 from __future__ import annotations
 
-import operator
 from itertools import repeat
 from typing import Callable, Iterator, Sequence
 
@@ -74,15 +73,6 @@ class UseRuns:
         run, pos = self.where[key]
         return run, pos - run.base
 
-    def segments(self, keys: Sequence[PageKey], start: int, limit: int) -> tuple[UseRun, int, int]:
-        """(run, place, length) of the longest stretch of ``keys[start:start+limit]`` that
-        lies in one run in order (at least one key: ``keys[start]`` must be cached)."""
-        run, p = self.place(keys[start])
-        m = min(len(run.keys) - p, limit)
-        if m > 1 and run.keys[p:p + m] != keys[start:start + m]:
-            m = list(map(operator.ne, run.keys[p:p + m], keys[start:start + m])).index(True)
-        return run, p, m
-
     def parent_key(self, run: UseRun) -> PageKey | None:
         return run.parent.keys[-1] if run.parent is not None else None
 
@@ -110,20 +100,6 @@ class UseRuns:
         run = self._new(keys, 0, used0, cls, parent)
         self._point(keys, run, 0)
         return run
-
-    def add_one(self, key: PageKey, parent_key: PageKey | None, used: int, cls: int) -> UseRun:
-        """``add([key], ...)``, with the common case (the parent ends a childless run whose
-        state goes on into the key's) in a few steps."""
-        entry = self.where.get(parent_key) if parent_key is not None else None
-        if entry is not None:
-            run, pos = entry
-            keys = run.keys
-            if (pos - run.base == len(keys) - 1 and not run.children and run.cls == cls
-                    and run.used0 + len(keys) == used):
-                self.where[key] = (run, pos + 1)
-                keys.append(key)
-                return run
-        return self.add([key], parent_key, used, cls)
 
     def link(self, child_key: PageKey, parent_key: PageKey) -> UseRun:
         """``child_key``'s run (it heads one: it had no cached parent) goes under the
@@ -207,16 +183,12 @@ class UseRuns:
         children become roots. Returns (the keys, last first; the run whose tail is a
         leaf now: ``run`` if pages are left, else its parent if that has no child left)."""
         keys, where = run.keys, self.where
-        if m == 1:
-            gone = [keys.pop()]
-            del where[gone[0]]
-        else:
-            cut = len(keys) - m
-            gone = keys[cut:]
-            for key in gone:
-                del where[key]
-            del keys[cut:]
-            gone.reverse()
+        cut = len(keys) - m
+        gone = keys[cut:]
+        for key in gone:
+            del where[key]
+        del keys[cut:]
+        gone.reverse()
         for child in run.children:
             child.parent = None
         run.children = set()

@@ -33,13 +33,12 @@ Python work follows the number of runs on the path, not the pages.
 
 from __future__ import annotations
 
-import operator
 from collections import deque
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from kvstore.page_keys import PageKey
+from kvstore.page_keys import PageKey, num_matching, num_walked_back
 
 
 _EMPTY = np.zeros(0, dtype=np.int64)
@@ -107,9 +106,7 @@ class RunTree:
                 return
             run = runs[int(run_id[e])]
             p = int(pos[e]) - run.base
-            m = min(len(run.keys) - p, n - i)
-            if m > 1 and run.keys[p:p + m] != keys[i:i + m]:
-                m = list(map(operator.ne, run.keys[p:p + m], keys[i:i + m])).index(True)
+            m = num_matching(run.keys, p, keys, i)
             yield run, p, m
             i += m
 
@@ -215,11 +212,7 @@ class RunTree:
             p = int(pos[e]) - run.base
             m = 1
             if p == len(run.keys) - 1 and i + 1 < n:   # the tail: how many next keys are the pages before it
-                m = min(p + 1, n - i)
-                behind = run.keys[p - m + 1:p + 1]
-                behind.reverse()
-                if behind != keys[i:i + m]:   # (one C-level compare in the common case)
-                    m = list(map(operator.ne, behind, keys[i:i + m])).index(True)
+                m = num_walked_back(run.keys, p, keys, i)
             freed.append(self.remove(key))   # the tail goes as remove does it (its children wait)
             if m > 1:   # then run.keys[p - m + 1 : p] go, last first; none has other children
                 cut = p - m + 1
